@@ -1,0 +1,725 @@
+#!/usr/bin/env python3
+"""Receive Kaspersky CyberTrace events over TCP and print them.
+
+CyberTrace connects to this listener (its OutputSettings > ConnectionString)
+and sends detection events and service alerts, each ending with a newline.
+Every event is printed whole, as it arrives; nothing a peer sends can stop
+the listener, and Ctrl+C or SIGTERM first writes out what was received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import sys
+import time
+from typing import Iterator, Optional
+
+__version__ = "1.0.0"
+
+LISTEN_ADDR = "127.0.0.1"
+LISTEN_PORT = 9998
+# Large reads keep the per-event cost in C: one recv, one split and one write
+# serve hundreds of events.  256 KiB matches what loopback hands over per call.
+RECV_SIZE = 256 * 1024
+MAX_EVENT_BYTES = 1024 * 1024
+MAX_CONNECTIONS = 512
+# Time allowed on stop to read what the kernel already acknowledged to peers.
+DRAIN_SECONDS = 2.0
+FORMATS = ("text", "raw", "json")
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit status 1."""
+
+
+# --- Framing, shared with send_events_cybertrace.py -------------------------
+
+class EventFramer:
+    """Cut a byte stream into events at b"\\n", holding at most one event.
+
+    feed() returns a block of whole events, each ending with exactly one
+    b"\\n" and without the b"\\r" that may precede it; events longer than
+    max_event_bytes come out as several pieces of at most that size.
+    """
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
+        self.pending = b""
+        self.split_events = 0
+        self._cutting = False  # pieces of the pending event were emitted
+
+    def feed(self, data: bytes) -> bytes:
+        """Add received bytes; return the events they complete."""
+        buf = self.pending + data if self.pending else data
+        end = buf.rfind(b"\n") + 1
+        if end == 0:
+            self.pending = buf
+            return self._cut_pending()
+        block, self.pending = buf[:end], buf[end:]
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n")
+        if len(block) > self.max_event_bytes:
+            block = self._cut_block(block)
+        self._cutting = False
+        if len(self.pending) > self.max_event_bytes + 1:
+            block += self._cut_pending()
+        return block
+
+    def close(self) -> bytes:
+        """Return the last event, which had no newline, if there is one."""
+        rest, self.pending = self.pending, b""
+        if not rest:
+            return b""
+        if len(rest) > self.max_event_bytes:
+            return self._cut_block(rest + b"\n")
+        return rest + b"\n"
+
+    def _cut_pending(self) -> bytes:
+        # Keep one byte beyond the limit: it may be the b"\r" of a b"\r\n"
+        # still in flight, which must not become an event of its own.
+        size = self.max_event_bytes
+        if len(self.pending) <= size + 1:
+            return b""
+        if not self._cutting:
+            self.split_events += 1
+            self._cutting = True
+        pieces = []
+        pending = self.pending
+        while len(pending) > size + 1:
+            pieces.append(pending[:size])
+            pending = pending[size:]
+        self.pending = pending
+        pieces.append(b"")
+        return b"\n".join(pieces)
+
+    def _cut_block(self, block: bytes) -> bytes:
+        size = self.max_event_bytes
+        lines = block.split(b"\n")
+        lines.pop()
+        if max(map(len, lines)) <= size:
+            return block
+        out = []
+        for index, line in enumerate(lines):
+            if len(line) <= size:
+                out.append(line)
+                continue
+            if index or not self._cutting:
+                self.split_events += 1
+            out.extend(line[i:i + size] for i in range(0, len(line), size))
+        out.append(b"")
+        return b"\n".join(out)
+
+
+def chunk_receive(connection: socket.socket) -> Iterator[bytes]:
+    """Yield data from the connection until the peer closes it."""
+    while True:
+        data = connection.recv(RECV_SIZE)
+        if not data:
+            return
+        yield data
+
+
+def parse_response(connection: socket.socket,
+                   max_event_bytes: int = MAX_EVENT_BYTES) -> Iterator[bytes]:
+    """Yield each event received on the connection, without its newline."""
+    framer = EventFramer(max_event_bytes)
+    for data in chunk_receive(connection):
+        block = framer.feed(data)
+        if block:
+            yield from block[:-1].split(b"\n")
+    block = framer.close()
+    if block:
+        yield from block[:-1].split(b"\n")
+
+
+# --- Fields -----------------------------------------------------------------
+
+# A key starts the line or follows a space or "|", and ends at "=".
+_FIELD_SPLIT = re.compile(r"(?:^|[ |])([^\s|=]+)=")
+
+
+def parse_fields(event: str) -> dict:
+    """Return the event's key=value pairs; a repeated key gets a list."""
+    parts = _FIELD_SPLIT.split(event)
+    keys = parts[1::2]
+    values = parts[2::2]
+    fields = dict(zip(keys, values))
+    if len(fields) == len(keys):
+        return fields
+    fields = {}
+    for key, value in zip(keys, values):
+        if key not in fields:
+            fields[key] = value
+        elif isinstance(fields[key], list):
+            fields[key].append(value)
+        else:
+            fields[key] = [fields[key], value]
+    return fields
+
+
+# --- Output formats ---------------------------------------------------------
+
+def _control_escapes() -> dict:
+    """Map characters that steer a terminal to visible escapes."""
+    table = {}
+    codes = [*range(0x00, 0x20), *range(0x7F, 0xA0),
+             0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+    for code in codes:
+        table[code] = "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+    del table[ord("\t")], table[ord("\n")]
+    return table
+
+
+_TERMINAL_ESCAPES = _control_escapes()
+_JSON_TERMINAL_ESCAPES = {code: "\\u%04x" % code
+                          for code in [*range(0x7F, 0xA0), 0x2028, 0x2029,
+                                       *range(0x202A, 0x202F),
+                                       *range(0x2066, 0x206A)]}
+
+
+def to_text(block: bytes) -> str:
+    """Decode a block, showing bytes that are not UTF-8 as \\xNN escapes."""
+    return block.decode("utf-8", "backslashreplace")
+
+
+def valid_utf8(block: bytes) -> bytes:
+    """Return block with bytes that are not UTF-8 replaced by \\xNN escapes."""
+    if block.isascii():
+        return block
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        return to_text(block).encode("utf-8")
+    return block
+
+
+def format_raw(block: bytes, peer: str, when: float, terminal: bool) -> bytes:
+    """Write each event on one line as received (escaped on a terminal)."""
+    if terminal:
+        return to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8")
+    return block
+
+
+def format_text(block: bytes, peer: str, when: float, terminal: bool) -> bytes:
+    """Write each event as the guide does: "Received:", then the event."""
+    if terminal:
+        block = to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8")
+    else:
+        block = valid_utf8(block)
+    return b"Received:\n" + block[:-1].replace(b"\n", b"\nReceived:\n") + b"\n"
+
+
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                                check_circular=False).encode
+
+
+def iso_time(when: float) -> str:
+    """Return when as ISO 8601 UTC with milliseconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + \
+        ".%03dZ" % (int(when * 1000) % 1000)
+
+
+def format_json(block: bytes, peer: str, when: float, terminal: bool) -> bytes:
+    """Write one JSON object per event: time, peer, event and fields."""
+    stamp = iso_time(when)
+    lines = []
+    for event in to_text(block)[:-1].split("\n"):
+        lines.append(_encode_json({"time": stamp, "peer": peer, "event": event,
+                                   "fields": parse_fields(event)}))
+    lines.append("")
+    text = "\n".join(lines)
+    if terminal:
+        text = text.translate(_JSON_TERMINAL_ESCAPES)
+    return text.encode("utf-8")
+
+
+FORMATTERS = {"raw": format_raw, "text": format_text, "json": format_json}
+
+
+# --- Command line -----------------------------------------------------------
+
+def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
+    """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
+    text = text.strip()
+    if text.isdigit():
+        host, port = default_host, text
+    elif text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError("expected [IPv6]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected ADDR:PORT")
+        if ":" in host:
+            raise ValueError("put an IPv6 address in brackets: [ADDR]:PORT")
+        host = host or default_host
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError("port must be a number from 0 to 65535")
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    """Return host and port as a ConnectionString, IPv6 in brackets."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def _argument(convert, name):
+    def parse(text):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError("%s: %s" % (text, exc)) from None
+    parse.__name__ = name
+    return parse
+
+
+def _positive(kind):
+    def convert(text):
+        value = kind(text)
+        if not value > 0:
+            raise ValueError("must be greater than 0")
+        return value
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Describe the command line."""
+    parser = argparse.ArgumentParser(
+        description="Listen for events from Kaspersky CyberTrace (set its "
+        "OutputSettings > ConnectionString to this address) and print them: "
+        "events to stdout, status to stderr.",
+        epilog="Ctrl+C or SIGTERM stops after writing out everything already "
+        "received; SIGHUP reopens --output (for logrotate). Exit status: 0 "
+        "on a normal stop, 1 on an error (or --count not reached before "
+        "--timeout), 2 on bad arguments.")
+    parser.add_argument(
+        "-l", "--listen", metavar="ADDR:PORT",
+        type=_argument(parse_address, "address"),
+        default=(LISTEN_ADDR, LISTEN_PORT),
+        help="address to listen on, as in CyberTrace's ConnectionString: "
+        "192.0.2.105:9998, [::1]:9998, a host name, or a bare PORT; port 0 "
+        "picks a free one (default: %s)" % format_address(LISTEN_ADDR,
+                                                          LISTEN_PORT))
+    parser.add_argument(
+        "-f", "--format", choices=FORMATS, default="text",
+        help="text: the guide's 'Received:' lines; raw: one event per line, "
+        "nothing else; json: JSON Lines with time, peer, event and its "
+        "key=value fields (default: text)")
+    parser.add_argument(
+        "-o", "--output", metavar="FILE",
+        help="append events to FILE instead of stdout; SIGHUP reopens it")
+    parser.add_argument(
+        "--allow", metavar="CIDR", action="append",
+        type=_argument(lambda text: ipaddress.ip_network(text, strict=False),
+                       "network"),
+        help="accept connections only from this network (repeatable), "
+        "e.g. 192.0.2.0/24 or ::1; others are closed and counted")
+    parser.add_argument(
+        "--max-connections", metavar="N", type=_argument(_positive(int), "N"),
+        default=MAX_CONNECTIONS,
+        help="connections served at once; more wait in the kernel's queue "
+        "until one closes (default: %d)" % MAX_CONNECTIONS)
+    parser.add_argument(
+        "--idle-timeout", metavar="SECONDS",
+        type=_argument(_positive(float), "seconds"),
+        help="close a connection that sends nothing for SECONDS "
+        "(default: never)")
+    parser.add_argument(
+        "--max-event-bytes", metavar="N", type=_argument(_positive(int), "N"),
+        default=MAX_EVENT_BYTES,
+        help="split a longer event into pieces of at most N bytes, each "
+        "printed as an event, with a warning (default: %d)" % MAX_EVENT_BYTES)
+    parser.add_argument(
+        "-n", "--count", metavar="N", type=_argument(_positive(int), "N"),
+        help="stop after N events (exit 0)")
+    parser.add_argument(
+        "-t", "--timeout", metavar="SECONDS",
+        type=_argument(_positive(float), "seconds"),
+        help="stop after SECONDS (exit 0; exit 1 if --count was given and "
+        "not reached)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print no status lines, only errors")
+    parser.add_argument("--version", action="version",
+                        version="%(prog)s " + __version__)
+    return parser
+
+
+# --- The server -------------------------------------------------------------
+
+class Output:
+    """Write whole batches to stdout or to a file that SIGHUP reopens."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self.fd = self._open() if path else sys.stdout.fileno()
+        self.terminal = os.isatty(self.fd)
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                           0o644)
+        except OSError as exc:
+            raise UserError("cannot open %s: %s" % (self.path, exc.strerror))
+
+    def reopen(self) -> None:
+        if self.path:
+            fd = self._open()
+            os.close(self.fd)
+            self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                raise UserError("cannot write to %s: %s" % (
+                    self.path or "stdout", exc.strerror))
+            view = view[written:]
+
+    def close(self) -> None:
+        if self.path:
+            os.close(self.fd)
+
+
+class Connection:
+    """One peer: its socket, its framing state and when it last sent."""
+
+    def __init__(self, sock: socket.socket, address: tuple,
+                 max_event_bytes: int) -> None:
+        self.sock = sock
+        self.address = address[:2]
+        self.peer = format_address(*self.address)
+        self.framer = EventFramer(max_event_bytes)
+        self.last_active = time.monotonic()
+
+
+class Listener:
+    """Accept any number of peers and write their events, never interleaved."""
+
+    backlog = 1024
+    drain_seconds = DRAIN_SECONDS
+
+    def __init__(self, args: argparse.Namespace, output: Output) -> None:
+        self.args = args
+        self.output = output
+        self.format = FORMATTERS[args.format]
+        self.selector = selectors.DefaultSelector()
+        self.connections = {}
+        self.pending_output = []
+        self.events = self.bytes = self.accepted = self.rejected = 0
+        self.stopping = False
+        self.reopen_requested = False
+        self.accepting = True
+        self.server = None
+
+    # Status lines go to stderr so that stdout carries only events.
+    def status(self, message: str) -> None:
+        if not self.args.quiet:
+            try:
+                print(message, file=sys.stderr, flush=True)
+            except OSError:
+                pass
+
+    def warn(self, message: str) -> None:
+        try:
+            print("warning: " + message, file=sys.stderr, flush=True)
+        except OSError:
+            pass
+
+    def bind(self) -> None:
+        host, port = self.args.listen
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise UserError("cannot resolve %s: %s" % (host, exc.strerror))
+        family, kind, proto, _, address = infos[0]
+        server = socket.socket(family, kind, proto)
+        try:
+            # A restarted listener must not wait for TIME_WAIT to expire.
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(address)
+            server.listen(self.backlog)
+        except OSError as exc:
+            server.close()
+            raise UserError("cannot listen on %s: %s" % (
+                format_address(host, port), exc.strerror))
+        server.setblocking(False)
+        self.server = server
+        self.selector.register(server, selectors.EVENT_READ, "accept")
+        self.status("Starting on " + format_address(*server.getsockname()[:2]))
+
+    def serve(self) -> int:
+        started = time.monotonic()
+        deadline = started + self.args.timeout if self.args.timeout else None
+        sweep_every = min(1.0, (self.args.idle_timeout or 4.0) / 4)
+        next_sweep = started + sweep_every
+        timed_out = False
+        while not self.stopping:
+            now = time.monotonic()
+            wakeups = [t for t in (deadline, self.args.idle_timeout and
+                                   next_sweep) if t]
+            wait = max(0.0, min(wakeups) - now) if wakeups else None
+            for key, _ in self.selector.select(wait):
+                if key.data == "accept":
+                    self.accept()
+                elif key.data == "signal":
+                    self.take_signals(key.fileobj)
+                else:
+                    self.receive(key.data)
+                if self.stopping:
+                    break
+            self.flush()
+            if self.reopen_requested:
+                self.reopen_requested = False
+                self.output.reopen()
+            now = time.monotonic()
+            if self.args.idle_timeout and now >= next_sweep:
+                self.close_idle(now)
+                next_sweep = now + sweep_every
+            if deadline is not None and now >= deadline:
+                self.stopping = timed_out = True
+        self.drain()
+        if timed_out and self.args.count and not self.done():
+            self.warn("timeout: received %d of %d events"
+                      % (self.events, self.args.count))
+            return 1
+        return 0
+
+    def accept(self) -> None:
+        while len(self.connections) < self.args.max_connections:
+            if not self.accept_one():
+                return
+        self.pause_accepting()
+
+    def accept_one(self) -> bool:
+        """Take one peer from the accept queue; return False when empty."""
+        try:
+            sock, address = self.server.accept()
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            # A peer that reset before we took it, or out of descriptors:
+            # either way the listener goes on.
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.warn("out of file descriptors; lower --max-connections")
+                self.args.max_connections = max(1, len(self.connections))
+            return False
+        if not self.allowed(address[0]):
+            self.rejected += 1
+            self.status("Rejected connection from %r" % (address[:2],))
+            sock.close()
+            return True
+        sock.setblocking(False)
+        conn = Connection(sock, address, self.args.max_event_bytes)
+        self.connections[sock] = conn
+        self.accepted += 1
+        self.selector.register(sock, selectors.EVENT_READ, conn)
+        self.status("Connection from %r" % (conn.address,))
+        return True
+
+    def allowed(self, host: str) -> bool:
+        if not self.args.allow:
+            return True
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.args.allow)
+
+    def pause_accepting(self) -> None:
+        if self.accepting and len(self.connections) >= \
+                self.args.max_connections:
+            self.accepting = False
+            self.selector.unregister(self.server)
+            self.warn("%d connections open (--max-connections); new ones "
+                      "wait until one closes" % len(self.connections))
+
+    def resume_accepting(self) -> None:
+        if not self.accepting and not self.stopping:
+            self.accepting = True
+            self.selector.register(self.server, selectors.EVENT_READ,
+                                   "accept")
+
+    def receive(self, conn: Connection) -> bool:
+        """Read once from conn; return True if more may be waiting."""
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            # A reset peer ends its own connection, nobody else's.
+            data = b""
+        if not data:
+            self.remove(conn)
+            return False
+        conn.last_active = time.monotonic()
+        self.bytes += len(data)
+        splits = conn.framer.split_events
+        block = conn.framer.feed(data)
+        if conn.framer.split_events != splits:
+            self.warn_split(conn)
+        if block:
+            self.emit(block, conn)
+        return not self.done()
+
+    def done(self) -> bool:
+        return bool(self.args.count) and self.events >= self.args.count
+
+    def warn_split(self, conn: Connection) -> None:
+        self.warn("event from %s longer than %d bytes, split into pieces"
+                  % (conn.peer, self.args.max_event_bytes))
+
+    def emit(self, block: bytes, conn: Connection) -> None:
+        count = block.count(b"\n")
+        limit = self.args.count
+        if limit and self.events + count >= limit:
+            keep = limit - self.events
+            block = b"\n".join(block.split(b"\n", keep)[:keep]) + b"\n"
+            count = keep
+            self.stopping = True
+        self.events += count
+        self.pending_output.append(
+            self.format(block, conn.peer, time.time(), self.output.terminal))
+
+    def remove(self, conn: Connection) -> None:
+        splits = conn.framer.split_events
+        block = conn.framer.close()
+        if conn.framer.split_events != splits:
+            self.warn_split(conn)
+        if block and not self.done():
+            self.emit(block, conn)
+        self.selector.unregister(conn.sock)
+        del self.connections[conn.sock]
+        conn.sock.close()
+        self.resume_accepting()
+
+    def close_idle(self, now: float) -> None:
+        limit = self.args.idle_timeout
+        for conn in list(self.connections.values()):
+            if now - conn.last_active >= limit:
+                self.status("Closing idle connection from %r" % (conn.address,))
+                self.remove(conn)
+
+    def flush(self) -> None:
+        if self.pending_output:
+            data = b"".join(self.pending_output)
+            self.pending_output = []
+            self.output.write(data)
+
+    def take_signals(self, wakeup: socket.socket) -> None:
+        try:
+            signals = wakeup.recv(512)
+        except OSError:
+            return
+        for number in signals:
+            if number == signal.SIGHUP:
+                self.reopen_requested = True
+            else:
+                self.stopping = True
+
+    def drain(self) -> None:
+        """Write out what the kernel already accepted for us, then close."""
+        deadline = time.monotonic() + self.drain_seconds
+        # Peers in the accept queue completed their handshake and what they
+        # sent was acknowledged: it counts as delivered, so take it too.
+        while not self.done() and time.monotonic() < deadline:
+            if not self.accept_one():
+                break
+        self.close_server()
+        for conn in list(self.connections.values()):
+            while time.monotonic() < deadline and self.receive(conn):
+                pass
+            if conn.sock in self.connections:
+                self.remove(conn)
+            self.flush()
+
+    def close_server(self) -> None:
+        if self.server is not None:
+            if self.accepting:
+                self.selector.unregister(self.server)
+            self.server.close()
+            self.server = None
+
+    def close(self) -> None:
+        self.close_server()
+        for conn in list(self.connections.values()):
+            self.selector.unregister(conn.sock)
+            conn.sock.close()
+        self.connections.clear()
+        self.selector.close()
+
+    def summary(self) -> str:
+        return ("Stopped: %d events, %d bytes, %d connections, %d rejected"
+                % (self.events, self.bytes, self.accepted, self.rejected))
+
+
+def install_signals(listener: Listener) -> tuple:
+    """Route SIGINT, SIGTERM and SIGHUP into the selector loop."""
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    listener.selector.register(reader, selectors.EVENT_READ, "signal")
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    # The handlers only need to exist: the wakeup fd carries the signal
+    # number into the loop, where it is acted on between two batches.
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, lambda *_: None)
+    return reader, writer
+
+
+def restore_signals(pair: tuple) -> None:
+    signal.set_wakeup_fd(-1)
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL if number != signal.SIGINT
+                      else signal.default_int_handler)
+    for sock in pair:
+        sock.close()
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run the listener; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    try:
+        output = Output(args.output)
+    except UserError as exc:
+        print("%s: error: %s" % (prog, exc), file=sys.stderr)
+        return 1
+    listener = Listener(args, output)
+    pair = install_signals(listener)
+    try:
+        listener.bind()
+        status = listener.serve()
+    except UserError as exc:
+        print("%s: error: %s" % (prog, exc), file=sys.stderr)
+        status = 1
+    except BrokenPipeError:
+        # Our reader went away (| head): stop quietly, as cat would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        status = 0
+    else:
+        listener.status(listener.summary())
+    finally:
+        listener.close()
+        restore_signals(pair)
+        output.close()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

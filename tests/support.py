@@ -1,0 +1,181 @@
+"""Run the scripts as a user does, with every wait bounded."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import unittest
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENER = ROOT / "listen_events_cybertrace.py"
+SENDER = ROOT / "send_events_cybertrace.py"
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+TIMEOUT = 15.0
+
+sys.path.insert(0, str(ROOT))
+
+# The guide's four example events, from its output section.
+GUIDE_EVENTS = [
+    "- category=KL_Malicious_Hash_MD5 matchedIndicator=776735A8CA96DB15B422879DA599F474 url=- src=- ip=- md5=776735A8CA96DB15B422879DA599F474 sha1=- sha256=- usrName=- confidence=100 MD5=776735A8CA96DB15B422879DA599F474 SHA1=3B66A1D70562E291DA023E87B349DD89DFE00213 SHA256=1963CBCBB9FDAAD45F782FAAA467EE2C115C3111C003AE14D01181880B03F6ED file_size=1431 first_seen=10.07.2015 23:53 last_seen=14.07.2020 13:35 popularity=1 threat=HEUR:Trojan.Win32.Generic",
+    "- category=KL_IP_Reputation matchedIndicator=192.0.2.1 url=- src=- ip=192.0.2.1 md5=- sha1=- sha256=- usrName=- confidence=100 category=test first_seen=01.01.2017 00:00 ip=192.0.2.1 ip_geo=ru last_seen=17.07.2020 09:02 popularity=1 threat_score=75",
+    "- category=KL_Malicious_Hash_MD5 matchedIndicator=FEAF2058298C1E174C2B79AFFC7CF4DF url=- src=- ip=- md5=FEAF2058298C1E174C2B79AFFC7CF4DF sha1=- sha256=- usrName=- confidence=100 MD5=FEAF2058298C1E174C2B79AFFC7CF4DF SHA1=D01D17F6B13C7255A234F558ED85078EA5DD3F3D SHA256=4CA914C9791CF2BF2AC69F9A2B21006F0361E247F2CE92F0A9F166DBC6B43670 file_size=1989 first_seen=10.07.2015 23:53 last_seen=14.07.2020 13:35 popularity=1 threat=HEUR:Trojan.Win32.Generic",
+    "- category=KL_IP_Reputation matchedIndicator=192.0.2.3 url=- src=- ip=192.0.2.3 md5=- sha1=- sha256=- usrName=- confidence=100 category=test first_seen=15.01.2017 00:00 ip=192.0.2.3 ip_geo=ru last_seen=17.07.2020 08:51 popularity=1 threat_score=75",
+]
+
+
+def user_env() -> dict:
+    """Return the environment of a user's shell: no PYTHONUNBUFFERED."""
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def require_tool(test: unittest.TestCase, name: str) -> str:
+    """Return the tool's path; skip without it, fail without it under CI."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            test.fail("%s is missing: .ci/run should install it" % name)
+        test.skipTest("%s is not installed" % name)
+    return path
+
+
+class Process:
+    """A script in a subprocess; threads collect its stdout and stderr."""
+
+    def __init__(self, argv: list, stdin=subprocess.DEVNULL,
+                 stdout=subprocess.PIPE, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout,
+                                     stderr=subprocess.PIPE,
+                                     env=env or user_env())
+        self.out = bytearray()
+        self.err = bytearray()
+        self.cond = threading.Condition()
+        self.threads = []
+        for pipe, buf in ((self.proc.stdout, self.out),
+                          (self.proc.stderr, self.err)):
+            if pipe is not None:
+                thread = threading.Thread(target=self._collect,
+                                          args=(pipe, buf), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def _collect(self, pipe, buf: bytearray) -> None:
+        while True:
+            data = os.read(pipe.fileno(), 65536)
+            with self.cond:
+                buf += data
+                self.cond.notify_all()
+            if not data:
+                return
+
+    def wait_for(self, predicate, timeout: float = TIMEOUT, what: str = ""):
+        """Wait until predicate() holds; fail with what was seen if not."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            # Output wakes us at once; other conditions (a file's size) are
+            # polled every few milliseconds.
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self.cond.wait(min(left, 0.02))
+                    continue
+                raise AssertionError("timed out waiting for %s; stdout=%r "
+                                     "stderr=%r" % (what or predicate,
+                                                    bytes(self.out[-2000:]),
+                                                    bytes(self.err[-2000:])))
+
+    def wait_stderr(self, pattern: str, timeout: float = TIMEOUT):
+        """Wait for a stderr match of the regular expression; return it."""
+        found = []
+
+        def match():
+            found[:] = [re.search(pattern, self.err.decode("utf-8",
+                                                           "replace"))]
+            return found[0] is not None
+        self.wait_for(match, timeout, "stderr matching %r" % pattern)
+        return found[0]
+
+    def wait_stdout(self, count: int, timeout: float = TIMEOUT) -> None:
+        """Wait until stdout holds count newlines."""
+        self.wait_for(lambda: self.out.count(b"\n") >= count, timeout,
+                      "%d lines on stdout" % count)
+
+    def signal(self, number: int) -> None:
+        self.proc.send_signal(number)
+
+    def finish(self, timeout: float = TIMEOUT) -> int:
+        """Wait for the exit and the last output; return the exit status."""
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+            raise AssertionError("process did not exit; stderr=%r"
+                                 % bytes(self.err[-2000:]))
+        for thread in self.threads:
+            thread.join(timeout)
+        return status
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def stderr_text(self) -> str:
+        return self.err.decode("utf-8", "replace")
+
+
+class Listener(Process):
+    """The listener on a free loopback port; .address is where it listens."""
+
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0", **kwargs):
+        super().__init__([sys.executable, str(LISTENER), "-l", listen,
+                          *args], **kwargs)
+        try:
+            found = self.wait_stderr(r"Starting on \[?([^\]\s]+?)\]?:(\d+)\n")
+        except AssertionError:
+            self.close()
+            raise
+        self.address = (found.group(1), int(found.group(2)))
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(self.address, timeout=TIMEOUT)
+
+    def send(self, *chunks: bytes) -> None:
+        """Send chunks on one connection and close it."""
+        with self.connect() as sock:
+            for chunk in chunks:
+                sock.sendall(chunk)
+
+    def stop(self, number: int = signal.SIGTERM) -> int:
+        self.signal(number)
+        return self.finish()
+
+
+def reset(sock: socket.socket) -> None:
+    """Close sock with a TCP reset instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                    struct.pack("ii", 1, 0))
+    sock.close()
