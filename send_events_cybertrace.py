@@ -1,0 +1,481 @@
+#!/usr/bin/env python3
+"""Send events to Kaspersky CyberTrace's input port.
+
+By default the events are sent and nothing is awaited: CyberTrace delivers
+its detections to its configured output (see listen_events_cybertrace.py).
+--reply-back asks CyberTrace to answer on the same connection instead, and
+--ping checks that the service is up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import sys
+import threading
+import time
+from typing import BinaryIO, Iterable, Iterator, List, Optional
+
+from listen_events_cybertrace import (
+    EventFramer, UserError, chunk_receive, format_address, format_raw,
+    parse_address, _argument, _positive, __version__)
+
+try:
+    from fcntl import ioctl
+    from termios import TIOCOUTQ
+except ImportError:  # not on Linux or BSD: count what the kernel took
+    ioctl = TIOCOUTQ = None
+
+CYBERTRACE_ADDR = "127.0.0.1"
+CYBERTRACE_PORT = 9999
+TIMEOUT = 5.0
+# Large reads and sends: a million events go out in a few hundred system
+# calls, which is what keeps a Python sender level with nc.
+READ_SIZE = 1024 * 1024
+REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
+PING = b"X-KF-ReplyBackPING"
+FINISHED = b"LookupFinished"
+
+# Indicators that Kaspersky keeps in its feeds so that CyberTrace always
+# detects them (cybertrace-protocol.md), with the field each belongs in.
+DEMO_INDICATORS = [
+    ("url", "http://fakess123.nu"),
+    ("url", "http://fakess123ap.nu"),
+    ("url", "http://fakess123r.nu"),
+    ("url", "http://a7396d61caffe18a4cffbb3b428c9b60.com"),
+    ("url", "http://5a015004f9fc05290d87e86d69c4b237.com"),
+    ("url", "http://b046f5b25458638f6705d53539c79f62.com"),
+    ("url", "http://e593461621ee0f9134c632d00bf108fd.com/.i"),
+    ("dst", "192.0.2.0"),
+    ("dst", "192.0.2.1"),
+    ("dst", "192.0.2.4"),
+    ("md5", "C912705B4BBB14EC7E78FA8B370532C9"),
+    ("md5", "776735A8CA96DB15B422879DA599F474"),
+    ("md5", "7A2E65A0F70EE0615EC0CA34240CF082"),
+    ("md5", "60300A92E1D0A55C7FDD360EE40A9DC1"),
+    ("md5", "001F6251169E6916C455495050A3FB8D"),
+    ("md5", "D8C1F5B4AD32296649FF46027177C594"),
+    ("md5", "7A8F30B40C6564EFF95E678F7C43346C"),
+]
+
+# A line of only white space is blank; finding one costs a scan per block.
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+
+
+class SendError(UserError):
+    """Sending failed; the message says how far it got."""
+
+
+def demo_events() -> List[bytes]:
+    """Return one realistic event line per test indicator."""
+    stamp = time.strftime("%b %d %H:%M:%S")
+    events = []
+    for number, (field, value) in enumerate(DEMO_INDICATORS, 1):
+        if field == "url":
+            detail = "act=allowed src=198.51.100.7 url=%s" % value
+        elif field == "dst":
+            detail = "act=blocked src=198.51.100.7 dst=%s dpt=443" % value
+        else:
+            detail = "act=detected src=198.51.100.7 md5=%s fname=sample%d.exe" \
+                % (value, number)
+        events.append(("%s demo-host cybertrace-demo[%d]: %s usrName=demo"
+                       % (stamp, number, detail)).encode())
+    return events
+
+
+def drop_blank_lines(block: bytes) -> bytes:
+    """Remove empty and white-space-only lines from a framed block."""
+    if not _BLANK_LINE.search(b"\n" + block):
+        return block
+    lines = [line for line in block.split(b"\n") if line.strip()]
+    return b"\n".join(lines) + b"\n" if lines else b""
+
+
+def frame_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Yield blocks of events, one per line, each ending with one b"\\n"."""
+    # Events are not split on the way out: CyberTrace splits long ones.
+    framer = EventFramer(sys.maxsize)
+    for chunk in chunks:
+        block = drop_blank_lines(framer.feed(chunk))
+        if block:
+            yield block
+    block = drop_blank_lines(framer.close())
+    if block:
+        yield block
+
+
+def read_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """Yield a file's bytes in large pieces."""
+    while True:
+        chunk = stream.read(READ_SIZE)
+        if not chunk:
+            return
+        yield chunk
+
+
+def open_sources(args: argparse.Namespace) -> list:
+    """Open every FILE now, so a missing one fails before anything is sent."""
+    sources = []
+    for name in args.files or ([] if args.event or args.demo else ["-"]):
+        if name == "-":
+            sources.append(("stdin", sys.stdin.buffer))
+            continue
+        try:
+            sources.append((name, open(name, "rb")))
+        except OSError as exc:
+            close_sources(sources)
+            raise UserError("cannot read %s: %s" % (name, exc.strerror))
+    if args.event:
+        sources.append(("--event", [e.encode("utf-8", "surrogateescape") +
+                                    b"\n" for e in args.event]))
+    if args.demo:
+        sources.append(("--demo", [e + b"\n" for e in demo_events()]))
+    return sources
+
+
+def close_sources(sources: list) -> None:
+    for _, source in sources:
+        if hasattr(source, "close") and source is not sys.stdin.buffer:
+            source.close()
+
+
+def event_blocks(sources: list, repeat: int) -> Iterator[bytes]:
+    """Yield the framed events of every source, repeat times over."""
+    kept = {}
+    for round_number in range(repeat):
+        for index, (name, source) in enumerate(sources):
+            if isinstance(source, list):
+                yield from frame_lines(source)
+            elif index in kept:
+                yield from kept[index]
+            elif repeat > 1 and not source.seekable():
+                # A pipe can be read once: keep it to send it again.
+                kept[index] = list(frame_lines(read_chunks_or_fail(name,
+                                                                   source)))
+                yield from kept[index]
+            else:
+                if round_number:
+                    source.seek(0)
+                yield from frame_lines(read_chunks_or_fail(name, source))
+
+
+def read_chunks_or_fail(name: str, source: BinaryIO) -> Iterator[bytes]:
+    try:
+        yield from read_chunks(source)
+    except OSError as exc:
+        raise UserError("cannot read %s: %s" % (name, exc.strerror))
+
+
+def connect(address: tuple, timeout: float) -> socket.socket:
+    """Connect to CyberTrace or raise a one-line UserError."""
+    where = format_address(*address)
+    try:
+        return socket.create_connection(address, timeout=timeout)
+    except socket.gaierror as exc:
+        raise UserError("cannot resolve %s: %s" % (address[0], exc.strerror))
+    except socket.timeout:
+        raise UserError("cannot connect to %s: timed out after %g s"
+                        % (where, timeout))
+    except OSError as exc:
+        raise UserError("cannot connect to %s: %s" % (where, exc.strerror))
+
+
+class Stream:
+    """A connection that counts what it sent and what the peer acknowledged."""
+
+    def __init__(self, sock: socket.socket, where: str) -> None:
+        self.sock = sock
+        self.where = where
+        self.events = 0  # events handed whole to the kernel
+        self.bytes = 0
+        self.acked = 0  # bytes the peer's TCP acknowledged, when last asked
+        # Blocks not yet acknowledged in full, as (end offset, events before
+        # the block, block); the kernel's send buffer bounds how many.
+        self.unacked = []
+
+    def send(self, block: bytes, events: int) -> None:
+        view = memoryview(block)
+        self.unacked.append((self.bytes + len(block), self.events, block))
+        try:
+            while view:
+                sent = self.sock.send(view)
+                view = view[sent:]
+                self.bytes += sent
+        except socket.timeout:
+            self.update_acked()
+            raise SendError("timed out sending to %s after %g s: %s"
+                            % (self.where, self.sock.gettimeout(),
+                               self.progress()))
+        except OSError as exc:
+            # After a reset the kernel forgets its queue: keep the count
+            # from before, a lower bound.
+            raise SendError("connection to %s lost: %s (%s)"
+                            % (self.where, exc.strerror, self.progress()))
+        self.events += events
+        self.update_acked()
+
+    def update_acked(self) -> None:
+        """Ask the kernel how much the peer acknowledged; forget those."""
+        queued = None
+        if ioctl is not None:
+            try:
+                answer = ioctl(self.sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
+                queued = int.from_bytes(answer, sys.byteorder)
+            except OSError:
+                pass
+        if queued is None:  # unknown: count what the kernel took
+            queued = 0
+        self.acked = max(self.acked, self.bytes - queued)
+        while self.unacked and self.unacked[0][0] <= self.acked:
+            self.unacked.pop(0)
+
+    def delivered(self) -> int:
+        """Return how many whole events the peer acknowledged."""
+        for end, before, block in self.unacked:
+            if self.acked <= end:
+                start = end - len(block)
+                return before + block.count(b"\n", 0, self.acked - start)
+        return self.events
+
+    def progress(self) -> str:
+        return "%d events sent, %d acknowledged by the peer" % (
+            self.events, self.delivered())
+
+    def wait_delivered(self, timeout: float) -> None:
+        """Wait until the peer acknowledged every byte sent, or fail."""
+        deadline = time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            self.update_acked()
+            if self.acked >= self.bytes:
+                return
+            if time.monotonic() >= deadline:
+                raise SendError("timed out after %g s: %s" % (
+                    timeout, self.progress()))
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
+def paced(blocks: Iterable[bytes], rate: float) -> Iterator[bytes]:
+    """Yield the events of blocks in batches, rate events per second."""
+    started = time.monotonic()
+    sent = 0
+    for block in blocks:
+        events = block[:-1].split(b"\n")
+        done = 0
+        while done < len(events):
+            elapsed = time.monotonic() - started
+            due = int(elapsed * rate) + 1 - sent
+            if due <= 0:
+                time.sleep(sent / rate - elapsed)
+                continue
+            batch = events[done:done + due]
+            done += len(batch)
+            sent += len(batch)
+            yield b"\n".join(batch) + b"\n"
+
+
+def send_all(stream: Stream, blocks: Iterable[bytes], verbose: bool) -> None:
+    """Send every block, echoing events to stderr when verbose."""
+    for block in blocks:
+        if verbose:
+            text = format_raw(block, "", 0.0, sys.stderr.isatty()).decode(
+                "utf-8", "backslashreplace")
+            sys.stderr.write("".join("Sending:\n%s\n" % line
+                                     for line in text[:-1].split("\n")))
+            sys.stderr.flush()
+        stream.send(block, block.count(b"\n"))
+
+
+class Replies:
+    """Read CyberTrace's answers in a thread and print them to stdout."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.events = 0
+        self.finished = 0
+        self.error = None
+        self.closed = False
+        self.cond = threading.Condition()
+        self.terminal = sys.stdout.isatty()
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+
+    def read(self) -> None:
+        framer = EventFramer()
+        out = sys.stdout.buffer
+        try:
+            for data in chunk_receive(self.sock):
+                self.take(framer.feed(data), out)
+            self.take(framer.close(), out)
+        except socket.timeout:
+            self.error = "timed out waiting for answers"
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def take(self, block: bytes, out: BinaryIO) -> None:
+        if not block:
+            return
+        out.write(format_raw(block, "", 0.0, self.terminal))
+        out.flush()
+        finished = block.count(FINISHED)
+        if finished:
+            finished = sum(FINISHED in line for line in block.split(b"\n"))
+        with self.cond:
+            self.events += block.count(b"\n")
+            self.finished += finished
+            self.cond.notify_all()
+
+    def wait_finished(self, expected: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.finished >= expected or
+                               self.closed)
+
+
+def ping(address: tuple, timeout: float) -> float:
+    """Send CyberTrace's ping; return seconds until PONG, or raise."""
+    where = format_address(*address)
+    started = time.monotonic()
+    with connect(address, timeout) as sock:
+        answer = b""
+        try:
+            sock.sendall(PING)
+            for data in chunk_receive(sock):
+                answer += data
+                if answer.strip() == b"PONG" or len(answer) > 64:
+                    break
+        except socket.timeout:
+            raise UserError("no PONG from %s within %g s" % (where, timeout))
+        except OSError as exc:
+            raise UserError("no PONG from %s: %s" % (where, exc.strerror))
+    if answer.strip() != b"PONG":
+        raise UserError("no PONG from %s: got %r" % (where, answer[:64]))
+    return time.monotonic() - started
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Describe the command line."""
+    default = format_address(CYBERTRACE_ADDR, CYBERTRACE_PORT)
+    parser = argparse.ArgumentParser(
+        description="Send events to Kaspersky CyberTrace's input port, one "
+        "line per event. With no FILE, --event or --demo, read stdin.",
+        epilog="Exit status: 0 when every event was sent (and, with "
+        "--reply-back, answered), 1 on an error, 2 on bad arguments.")
+    parser.add_argument("files", nargs="*", metavar="FILE",
+                        help="files of events, one per line ('-' is stdin)")
+    parser.add_argument("-e", "--event", action="append", metavar="TEXT",
+                        help="send TEXT as an event (repeatable)")
+    parser.add_argument("--demo", action="store_true",
+                        help="send one event per test indicator that "
+                        "CyberTrace always detects (http://fakess123.nu, "
+                        "192.0.2.1, 776735A8CA96DB15B422879DA599F474, ...)")
+    parser.add_argument(
+        "-c", "--connect", metavar="ADDR:PORT", default=(CYBERTRACE_ADDR,
+                                                         CYBERTRACE_PORT),
+        type=_argument(lambda text: parse_address(text, CYBERTRACE_ADDR),
+                       "address"),
+        help="CyberTrace's input address (InputSettings > ConnectionString)"
+        ": 192.0.2.10:9999, [::1]:9999 or a bare PORT (default: %s)"
+        % default)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--reply-back", action="store_true",
+                      help="ask CyberTrace to answer on this connection "
+                      "(X-KF-SendFinishedEventX-KF-ReplyBack), print its "
+                      "answers to stdout and wait for a LookupFinished per "
+                      "event")
+    mode.add_argument("--ping", action="store_true",
+                      help="check that CyberTrace is up: exit 0 on PONG")
+    parser.add_argument(
+        "-t", "--timeout", metavar="SECONDS", default=TIMEOUT,
+        type=_argument(_positive(float), "seconds"),
+        help="give up when connecting, sending or waiting for an answer "
+        "stalls this long (default: %g)" % TIMEOUT)
+    parser.add_argument("--rate", metavar="EPS",
+                        type=_argument(_positive(float), "EPS"),
+                        help="send at most EPS events per second")
+    parser.add_argument("--repeat", metavar="N", default=1,
+                        type=_argument(_positive(int), "N"),
+                        help="send the input N times")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("-v", "--verbose", action="store_true",
+                      help="print each event to stderr as the guide does "
+                      "('Sending:' then the event)")
+    talk.add_argument("-q", "--quiet", action="store_true",
+                      help="print nothing but errors")
+    parser.add_argument("--version", action="version",
+                        version="%(prog)s " + __version__)
+    return parser
+
+
+def run(args: argparse.Namespace) -> str:
+    """Send as the arguments say; return the summary line."""
+    where = format_address(*args.connect)
+    if args.ping:
+        took = ping(args.connect, args.timeout)
+        return "PONG from %s in %.1f ms" % (where, took * 1000)
+    sources = open_sources(args)
+    try:
+        blocks = event_blocks(sources, args.repeat)
+        if args.rate:
+            blocks = paced(blocks, args.rate)
+        started = time.monotonic()
+        with connect(args.connect, args.timeout) as sock:
+            stream = Stream(sock, where)
+            replies = None
+            if args.reply_back:
+                stream.send(REPLY_BACK_FLAGS, 0)
+                replies = Replies(sock)
+            try:
+                send_all(stream, blocks, args.verbose)
+                if replies is None:
+                    sock.shutdown(socket.SHUT_WR)
+                    stream.wait_delivered(args.timeout)
+                else:
+                    replies.wait_finished(stream.events)
+            finally:
+                if replies is not None:
+                    # Wake the reader if it is still waiting for data.
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    replies.thread.join()
+        took = time.monotonic() - started
+    finally:
+        close_sources(sources)
+    summary = "Sent %d events, %d bytes to %s in %.2f s" % (
+        stream.events, stream.bytes, where, took)
+    if replies is not None:
+        if replies.finished < stream.events:
+            raise SendError("%s: %d of %d events answered (%s)" % (
+                where, replies.finished, stream.events,
+                replies.error or "connection closed by CyberTrace"))
+        summary += "; %d events received back" % replies.events
+    return summary
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run the sender; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = run(args)
+    except UserError as exc:
+        print("%s: error: %s" % (parser.prog, exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("%s: interrupted" % parser.prog, file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    if not args.quiet:
+        print(summary, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
