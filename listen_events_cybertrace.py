@@ -45,32 +45,59 @@ class UserError(Exception):
 class EventFramer:
     """Cut a byte stream into events at b"\\n", holding at most one event.
 
-    feed() returns a block of whole events, each ending with exactly one
+    Each call returns a block of whole events, each ending with exactly one
     b"\\n" and without the b"\\r" that may precede it; events longer than
-    max_event_bytes come out as several pieces of at most that size.
+    max_event_bytes come out as several pieces of at most that size.  A
+    block is bytes, or a memoryview of the caller's buffer when nothing had
+    to change (no copy: the caller uses it before reading again).
     """
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.max_event_bytes = max_event_bytes
         self.pending = b""
+        self.received = 0
         self.split_events = 0
         self._cutting = False  # pieces of the pending event were emitted
 
-    def feed(self, data: bytes) -> bytes:
+    def read(self, readinto, buffer: bytearray, size: int = RECV_SIZE):
+        """Read once with readinto after the pending bytes; None at EOF.
+
+        buffer must hold the pending event and size more bytes; the
+        listener shares one such buffer between all its connections.
+        """
+        held = len(self.pending)
+        if held + size > len(buffer):  # only without a size limit
+            buffer = bytearray(held + size)
+        view = memoryview(buffer)
+        view[:held] = self.pending
+        got = readinto(view[held:held + size])
+        if not got:
+            return None
+        self.received += got
+        return self.frame(buffer, held + got)
+
+    def feed(self, data: bytes):
         """Add received bytes; return the events they complete."""
+        self.received += len(data)
         buf = self.pending + data if self.pending else data
-        end = buf.rfind(b"\n") + 1
+        return self.frame(buf, len(buf))
+
+    def frame(self, buf, total: int):
+        """Frame buf[:total], which starts with the pending bytes."""
+        end = buf.rfind(b"\n", 0, total) + 1
+        view = memoryview(buf)
         if end == 0:
-            self.pending = buf
+            self.pending = bytes(view[:total])
             return self._cut_pending()
-        block, self.pending = buf[:end], buf[end:]
-        if b"\r" in block:
-            block = block.replace(b"\r\n", b"\n")
-        if len(block) > self.max_event_bytes:
-            block = self._cut_block(block)
+        self.pending = bytes(view[end:total])
+        block = view[:end]
+        if buf.find(b"\r", 0, end) >= 0:
+            block = bytes(block).replace(b"\r\n", b"\n")
+        if end > self.max_event_bytes:
+            block = self._cut_block(bytes(block))
         self._cutting = False
         if len(self.pending) > self.max_event_bytes + 1:
-            block += self._cut_pending()
+            block = bytes(block) + self._cut_pending()
         return block
 
     def close(self) -> bytes:
@@ -118,6 +145,13 @@ class EventFramer:
         return b"\n".join(out)
 
 
+def count_events(block) -> int:
+    """Return how many events a block from EventFramer holds."""
+    if isinstance(block, memoryview):
+        return block.obj.count(b"\n", 0, len(block))
+    return block.count(b"\n")
+
+
 def chunk_receive(connection: socket.socket) -> Iterator[bytes]:
     """Yield data from the connection until the peer closes it."""
     while True:
@@ -132,7 +166,7 @@ def parse_response(connection: socket.socket,
     """Yield each event received on the connection, without its newline."""
     framer = EventFramer(max_event_bytes)
     for data in chunk_receive(connection):
-        block = framer.feed(data)
+        block = bytes(framer.feed(data))
         if block:
             yield from block[:-1].split(b"\n")
     block = framer.close()
@@ -185,13 +219,14 @@ _JSON_TERMINAL_ESCAPES = {code: "\\u%04x" % code
                                        *range(0x2066, 0x206A)]}
 
 
-def to_text(block: bytes) -> str:
+def to_text(block) -> str:
     """Decode a block, showing bytes that are not UTF-8 as \\xNN escapes."""
-    return block.decode("utf-8", "backslashreplace")
+    return bytes(block).decode("utf-8", "backslashreplace")
 
 
-def valid_utf8(block: bytes) -> bytes:
+def valid_utf8(block) -> bytes:
     """Return block with bytes that are not UTF-8 replaced by \\xNN escapes."""
+    block = bytes(block)
     if block.isascii():
         return block
     try:
@@ -417,7 +452,9 @@ class Listener:
         self.format = FORMATTERS[args.format]
         self.selector = selectors.DefaultSelector()
         self.connections = {}
-        self.pending_output = []
+        # One receive buffer for every connection: the loop reads one
+        # connection at a time, and a buffer per peer would cost megabytes.
+        self.buffer = bytearray(args.max_event_bytes + 1 + RECV_SIZE)
         self.events = self.bytes = self.accepted = self.rejected = 0
         self.stopping = False
         self.reopen_requested = False
@@ -478,10 +515,9 @@ class Listener:
                 elif key.data == "signal":
                     self.take_signals(key.fileobj)
                 else:
-                    self.receive(key.data)
+                    self.serve_peer(key.data)
                 if self.stopping:
                     break
-            self.flush()
             if self.reopen_requested:
                 self.reopen_requested = False
                 self.output.reopen()
@@ -552,22 +588,37 @@ class Listener:
             self.selector.register(self.server, selectors.EVENT_READ,
                                    "accept")
 
+    def serve_peer(self, conn: Connection) -> None:
+        """Receive from conn; a bug it triggers costs only that peer."""
+        try:
+            self.receive(conn)
+        except (UserError, BrokenPipeError):
+            raise
+        except Exception as exc:  # a last line of defence, not flow control
+            self.warn("dropping %s after an internal error: %r"
+                      % (conn.peer, exc))
+            if conn.sock in self.connections:
+                self.selector.unregister(conn.sock)
+                del self.connections[conn.sock]
+                conn.sock.close()
+                self.resume_accepting()
+
     def receive(self, conn: Connection) -> bool:
         """Read once from conn; return True if more may be waiting."""
+        splits = conn.framer.split_events
+        received = conn.framer.received
         try:
-            data = conn.sock.recv(RECV_SIZE)
+            block = conn.framer.read(conn.sock.recv_into, self.buffer)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
             # A reset peer ends its own connection, nobody else's.
-            data = b""
-        if not data:
+            block = None
+        if block is None:
             self.remove(conn)
             return False
         conn.last_active = time.monotonic()
-        self.bytes += len(data)
-        splits = conn.framer.split_events
-        block = conn.framer.feed(data)
+        self.bytes += conn.framer.received - received
         if conn.framer.split_events != splits:
             self.warn_split(conn)
         if block:
@@ -581,17 +632,18 @@ class Listener:
         self.warn("event from %s longer than %d bytes, split into pieces"
                   % (conn.peer, self.args.max_event_bytes))
 
-    def emit(self, block: bytes, conn: Connection) -> None:
-        count = block.count(b"\n")
+    def emit(self, block, conn: Connection) -> None:
+        """Format and write a block of events from conn at once."""
+        count = count_events(block)
         limit = self.args.count
         if limit and self.events + count >= limit:
             keep = limit - self.events
-            block = b"\n".join(block.split(b"\n", keep)[:keep]) + b"\n"
+            block = b"\n".join(bytes(block).split(b"\n", keep)[:keep]) + b"\n"
             count = keep
             self.stopping = True
         self.events += count
-        self.pending_output.append(
-            self.format(block, conn.peer, time.time(), self.output.terminal))
+        self.output.write(self.format(block, conn.peer, time.time(),
+                                      self.output.terminal))
 
     def remove(self, conn: Connection) -> None:
         splits = conn.framer.split_events
@@ -611,12 +663,6 @@ class Listener:
             if now - conn.last_active >= limit:
                 self.status("Closing idle connection from %r" % (conn.address,))
                 self.remove(conn)
-
-    def flush(self) -> None:
-        if self.pending_output:
-            data = b"".join(self.pending_output)
-            self.pending_output = []
-            self.output.write(data)
 
     def take_signals(self, wakeup: socket.socket) -> None:
         try:
@@ -643,8 +689,6 @@ class Listener:
                 pass
             if conn.sock in self.connections:
                 self.remove(conn)
-            self.flush()
-
     def close_server(self) -> None:
         if self.server is not None:
             if self.accepting:

@@ -10,7 +10,7 @@ its detections to its configured output (see listen_events_cybertrace.py).
 from __future__ import annotations
 
 import argparse
-import re
+import select
 import socket
 import sys
 import threading
@@ -59,10 +59,6 @@ DEMO_INDICATORS = [
     ("md5", "7A8F30B40C6564EFF95E678F7C43346C"),
 ]
 
-# A line of only white space is blank; finding one costs a scan per block.
-_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
-
-
 class SendError(UserError):
     """Sending failed; the message says how far it got."""
 
@@ -84,64 +80,78 @@ def demo_events() -> List[bytes]:
     return events
 
 
-def drop_blank_lines(block: bytes) -> bytes:
-    """Remove empty and white-space-only lines from a framed block."""
-    if not _BLANK_LINE.search(b"\n" + block):
-        return block
-    lines = [line for line in block.split(b"\n") if line.strip()]
-    return b"\n".join(lines) + b"\n" if lines else b""
+def drop_blank_lines(block) -> tuple:
+    """Return a framed block without blank lines, and its event count."""
+    lines = bytes(block).split(b"\n")
+    lines.pop()
+    # The least line starts with the lowest byte: above b" ", no line is
+    # empty or starts with white space, and the block goes out unchanged.
+    if not lines or min(lines)[:1] > b" ":
+        return block, len(lines)
+    lines = [line for line in lines if line.strip()]
+    return b"".join(line + b"\n" for line in lines), len(lines)
 
 
-def frame_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Yield blocks of events, one per line, each ending with one b"\\n"."""
+def frame_lines(lines: Iterable[bytes]) -> Iterator[tuple]:
+    """Yield (block, events) for events given one by one."""
+    framer = EventFramer(sys.maxsize)
+    for line in lines:
+        block, count = drop_blank_lines(framer.feed(line + b"\n"))
+        if count:
+            yield block, count
+
+
+def frame_stream(name: str, stream: BinaryIO) -> Iterator[tuple]:
+    """Yield (block, events) read from a file, one event per line."""
     # Events are not split on the way out: CyberTrace splits long ones.
     framer = EventFramer(sys.maxsize)
-    for chunk in chunks:
-        block = drop_blank_lines(framer.feed(chunk))
-        if block:
-            yield block
-    block = drop_blank_lines(framer.close())
-    if block:
-        yield block
-
-
-def read_chunks(stream: BinaryIO) -> Iterator[bytes]:
-    """Yield a file's bytes in large pieces."""
+    buffer = bytearray(2 * READ_SIZE)
     while True:
-        chunk = stream.read(READ_SIZE)
-        if not chunk:
-            return
-        yield chunk
+        try:
+            block = framer.read(stream.readinto, buffer, READ_SIZE)
+        except OSError as exc:
+            raise UserError("cannot read %s: %s" % (name, exc.strerror))
+        if block is None:
+            break
+        block, count = drop_blank_lines(block)
+        if count:
+            yield block, count
+    block, count = drop_blank_lines(framer.close())
+    if count:
+        yield block, count
 
 
 def open_sources(args: argparse.Namespace) -> list:
     """Open every FILE now, so a missing one fails before anything is sent."""
     sources = []
     for name in args.files or ([] if args.event or args.demo else ["-"]):
-        if name == "-":
-            sources.append(("stdin", sys.stdin.buffer))
-            continue
         try:
-            sources.append((name, open(name, "rb")))
+            if name == "-":
+                stream = open(sys.stdin.fileno(), "rb", buffering=0,
+                              closefd=False)
+            else:
+                stream = open(name, "rb", buffering=0)
         except OSError as exc:
             close_sources(sources)
-            raise UserError("cannot read %s: %s" % (name, exc.strerror))
+            raise UserError("cannot read %s: %s" % (
+                "stdin" if name == "-" else name, exc.strerror))
+        sources.append(("stdin" if name == "-" else name, stream))
     if args.event:
-        sources.append(("--event", [e.encode("utf-8", "surrogateescape") +
-                                    b"\n" for e in args.event]))
+        sources.append(("--event", [e.encode("utf-8", "surrogateescape")
+                                    for e in args.event]))
     if args.demo:
-        sources.append(("--demo", [e + b"\n" for e in demo_events()]))
+        sources.append(("--demo", demo_events()))
     return sources
 
 
 def close_sources(sources: list) -> None:
     for _, source in sources:
-        if hasattr(source, "close") and source is not sys.stdin.buffer:
+        if not isinstance(source, list):
             source.close()
 
 
-def event_blocks(sources: list, repeat: int) -> Iterator[bytes]:
-    """Yield the framed events of every source, repeat times over."""
+def event_blocks(sources: list, repeat: int) -> Iterator[tuple]:
+    """Yield (block, events) from every source, repeat times over."""
     kept = {}
     for round_number in range(repeat):
         for index, (name, source) in enumerate(sources):
@@ -151,20 +161,13 @@ def event_blocks(sources: list, repeat: int) -> Iterator[bytes]:
                 yield from kept[index]
             elif repeat > 1 and not source.seekable():
                 # A pipe can be read once: keep it to send it again.
-                kept[index] = list(frame_lines(read_chunks_or_fail(name,
-                                                                   source)))
+                kept[index] = [(bytes(block), count) for block, count in
+                               frame_stream(name, source)]
                 yield from kept[index]
             else:
                 if round_number:
                     source.seek(0)
-                yield from frame_lines(read_chunks_or_fail(name, source))
-
-
-def read_chunks_or_fail(name: str, source: BinaryIO) -> Iterator[bytes]:
-    try:
-        yield from read_chunks(source)
-    except OSError as exc:
-        raise UserError("cannot read %s: %s" % (name, exc.strerror))
+                yield from frame_stream(name, source)
 
 
 def connect(address: tuple, timeout: float) -> socket.socket:
@@ -181,6 +184,13 @@ def connect(address: tuple, timeout: float) -> socket.socket:
         raise UserError("cannot connect to %s: %s" % (where, exc.strerror))
 
 
+def count_lines(block, end: int) -> int:
+    """Count the events in the first end bytes of a block."""
+    if isinstance(block, memoryview):
+        return block.obj.count(b"\n", 0, min(end, len(block)))
+    return block.count(b"\n", 0, end)
+
+
 class Stream:
     """A connection that counts what it sent and what the peer acknowledged."""
 
@@ -190,13 +200,14 @@ class Stream:
         self.events = 0  # events handed whole to the kernel
         self.bytes = 0
         self.acked = 0  # bytes the peer's TCP acknowledged, when last asked
-        # Blocks not yet acknowledged in full, as (end offset, events before
-        # the block, block); the kernel's send buffer bounds how many.
-        self.unacked = []
+        # What the peer may not have acknowledged yet, to count the events
+        # that arrived if the connection fails: (offset, events before it,
+        # bytes).  Blocks are reused buffers, so only this tail is copied.
+        self.tails = []
 
-    def send(self, block: bytes, events: int) -> None:
+    def send(self, block, events: int) -> None:
+        start, before = self.bytes, self.events
         view = memoryview(block)
-        self.unacked.append((self.bytes + len(block), self.events, block))
         try:
             while view:
                 sent = self.sock.send(view)
@@ -206,46 +217,52 @@ class Stream:
             self.update_acked()
             raise SendError("timed out sending to %s after %g s: %s"
                             % (self.where, self.sock.gettimeout(),
-                               self.progress()))
+                               self.progress(block, start, before)))
         except OSError as exc:
             # After a reset the kernel forgets its queue: keep the count
             # from before, a lower bound.
             raise SendError("connection to %s lost: %s (%s)"
-                            % (self.where, exc.strerror, self.progress()))
+                            % (self.where, exc.strerror,
+                               self.progress(block, start, before)))
         self.events += events
         self.update_acked()
+        if self.acked < self.bytes:
+            cut = max(0, self.acked - start)
+            self.tails.append((start + cut, before + count_lines(block, cut),
+                               bytes(memoryview(block)[cut:])))
 
     def update_acked(self) -> None:
-        """Ask the kernel how much the peer acknowledged; forget those."""
-        queued = None
+        """Ask the kernel how much the peer acknowledged."""
+        queued = 0  # unknown without TIOCOUTQ: count what the kernel took
         if ioctl is not None:
             try:
                 answer = ioctl(self.sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
                 queued = int.from_bytes(answer, sys.byteorder)
             except OSError:
                 pass
-        if queued is None:  # unknown: count what the kernel took
-            queued = 0
         self.acked = max(self.acked, self.bytes - queued)
-        while self.unacked and self.unacked[0][0] <= self.acked:
-            self.unacked.pop(0)
+        while self.tails and \
+                self.tails[0][0] + len(self.tails[0][2]) <= self.acked:
+            self.tails.pop(0)
 
-    def delivered(self) -> int:
+    def delivered(self, block=None, start: int = 0, before: int = 0) -> int:
         """Return how many whole events the peer acknowledged."""
-        for end, before, block in self.unacked:
-            if self.acked <= end:
-                start = end - len(block)
-                return before + block.count(b"\n", 0, self.acked - start)
+        for offset, events, tail in self.tails:
+            if self.acked < offset + len(tail):
+                return events + tail.count(b"\n", 0, self.acked - offset)
+        if block is not None and self.acked < start + len(block):
+            return before + count_lines(block, max(0, self.acked - start))
         return self.events
 
-    def progress(self) -> str:
+    def progress(self, block=None, start: int = 0, before: int = 0) -> str:
         return "%d events sent, %d acknowledged by the peer" % (
-            self.events, self.delivered())
+            self.events, self.delivered(block, start, before))
 
     def wait_delivered(self, timeout: float) -> None:
         """Wait until the peer acknowledged every byte sent, or fail."""
         deadline = time.monotonic() + timeout
         pause = 0.001
+        watch = [self.sock]
         while True:
             self.update_acked()
             if self.acked >= self.bytes:
@@ -253,16 +270,28 @@ class Stream:
             if time.monotonic() >= deadline:
                 raise SendError("timed out after %g s: %s" % (
                     timeout, self.progress()))
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            # A peer that closes after reading everything wakes us at once;
+            # one that resets tells us the events did not all arrive.
+            if select.select(watch, [], [], pause)[0]:
+                try:
+                    if not self.sock.recv(65536, socket.MSG_DONTWAIT):
+                        watch = []
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise SendError("connection to %s lost: %s (%s)" % (
+                        self.where, exc.strerror, self.progress()))
+            elif not watch:
+                time.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
 
-def paced(blocks: Iterable[bytes], rate: float) -> Iterator[bytes]:
+def paced(blocks: Iterable[tuple], rate: float) -> Iterator[tuple]:
     """Yield the events of blocks in batches, rate events per second."""
     started = time.monotonic()
     sent = 0
-    for block in blocks:
-        events = block[:-1].split(b"\n")
+    for block, _ in blocks:
+        events = bytes(block)[:-1].split(b"\n")
         done = 0
         while done < len(events):
             elapsed = time.monotonic() - started
@@ -273,19 +302,19 @@ def paced(blocks: Iterable[bytes], rate: float) -> Iterator[bytes]:
             batch = events[done:done + due]
             done += len(batch)
             sent += len(batch)
-            yield b"\n".join(batch) + b"\n"
+            yield b"\n".join(batch) + b"\n", len(batch)
 
 
-def send_all(stream: Stream, blocks: Iterable[bytes], verbose: bool) -> None:
+def send_all(stream: Stream, blocks: Iterable[tuple], verbose: bool) -> None:
     """Send every block, echoing events to stderr when verbose."""
-    for block in blocks:
+    for block, count in blocks:
         if verbose:
-            text = format_raw(block, "", 0.0, sys.stderr.isatty()).decode(
-                "utf-8", "backslashreplace")
+            text = format_raw(block, "", 0.0, sys.stderr.isatty())
+            text = bytes(text).decode("utf-8", "backslashreplace")
             sys.stderr.write("".join("Sending:\n%s\n" % line
                                      for line in text[:-1].split("\n")))
             sys.stderr.flush()
-        stream.send(block, block.count(b"\n"))
+        stream.send(block, count)
 
 
 class Replies:
@@ -320,6 +349,7 @@ class Replies:
     def take(self, block: bytes, out: BinaryIO) -> None:
         if not block:
             return
+        block = bytes(block)
         out.write(format_raw(block, "", 0.0, self.terminal))
         out.flush()
         finished = block.count(FINISHED)

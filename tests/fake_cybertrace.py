@@ -172,7 +172,7 @@ class FakeCyberTrace:
 
     def respond(self, block: bytes, peer, send_finished: bool) -> None:
         lines = []
-        for event in block.decode("utf-8", "replace")[:-1].split("\n"):
+        for event in bytes(block).decode("utf-8", "replace")[:-1].split("\n"):
             found = detections(event)
             lines.extend(found)
             if send_finished:
