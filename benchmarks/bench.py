@@ -190,7 +190,7 @@ def measure(argv: list, parts: list, expected: int, workdir: str) -> tuple:
 
 
 def receivers(nc: str | None, count: int, py: str) -> list:
-    """Return (name, argv, connections, output size) for every receiver."""
+    """Return (name, argv, connections) for every receiver."""
     ours = [py, LISTENER, "-q", "-l", "127.0.0.1:PORT", "-f"]
     specs = []
     if nc:
@@ -217,6 +217,8 @@ def expected_size(name: str, data: bytes, count: int) -> int:
 def bench_receivers(args, data: bytes, workdir: str) -> dict:
     nc = shutil.which("nc")
     specs = receivers(nc, args.count, args.python)
+    if args.only:
+        specs = [spec for spec in specs if spec[0] in args.only.split(",")]
     sizes = {name: expected_size(name, data, args.count)
              for name, _, _ in specs}
     results = {name: [] for name, _, _ in specs}
@@ -382,6 +384,9 @@ def main(argv: list | None = None) -> int:
                         help="events per run (default: 500000)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of alternating runs (default: 3)")
+    parser.add_argument("--only", metavar="NAMES",
+                        help="measure only these receivers, e.g. 'nc -l,raw'"
+                        " (for profiling; the report needs them all)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for the Python receivers")
     args = parser.parse_args(argv)
@@ -393,6 +398,10 @@ def main(argv: list | None = None) -> int:
             f.write(data)
         print("Receivers, %d bytes:" % len(data), file=sys.stderr)
         rec = bench_receivers(args, data, workdir)
+        if args.only:
+            for name, times in rec["times"].items():
+                print("%-12s %s" % (name, " ".join("%.3f" % t for t in times)))
+            return 0
         big = bench_big_event(args, workdir)
         print("Sender:", file=sys.stderr)
         send = bench_sender(args, data_path)
