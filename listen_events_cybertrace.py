@@ -14,6 +14,7 @@ import errno
 import io
 import ipaddress
 import json
+import operator
 import os
 import re
 import selectors
@@ -28,8 +29,8 @@ __version__ = "1.0.0"
 LISTEN_ADDR = "127.0.0.1"
 LISTEN_PORT = 9998
 # Large reads keep the per-event cost in C: one recv, one split and one write
-# serve hundreds of events.  256 KiB matches what loopback hands over per call.
-RECV_SIZE = 256 * 1024
+# serve thousands of events; a loopback socket rarely holds more at once.
+RECV_SIZE = 1024 * 1024
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_CONNECTIONS = 512
 # Time allowed on stop to read what the kernel already acknowledged to peers.
@@ -94,7 +95,10 @@ class EventFramer:
         block = view[:end]
         if buf.find(b"\r", 0, end) >= 0:
             block = bytes(block).replace(b"\r\n", b"\n")
-        if end > self.max_event_bytes:
+        # Only the first line holds bytes from before; every other line is
+        # no longer than what this read brought.  Mostly, neither is long.
+        first = buf.find(b"\n", 0, end)
+        if max(first, end - first - 1) > self.max_event_bytes:
             block = self._cut_block(bytes(block))
         self._cutting = False
         if len(self.pending) > self.max_event_bytes + 1:
@@ -178,7 +182,9 @@ def parse_response(connection: socket.socket,
 # --- Fields -----------------------------------------------------------------
 
 # A key starts the line or follows a space or "|", and ends at "=".
-_FIELD_SPLIT = re.compile(r"(?:^|[ |])([^\s|=]+)=")
+# White space is ASCII's only, so that text and bytes (the JSON fast path)
+# are cut alike.
+_FIELD_SPLIT = re.compile(r"(?:^|[ |])([^\s|=]+)=", re.ASCII)
 
 
 def parse_fields(event: str) -> dict:
@@ -225,14 +231,12 @@ def to_text(block) -> str:
     return bytes(block).decode("utf-8", "backslashreplace")
 
 
-def valid_utf8(block) -> bool:
-    """Tell whether a block is valid UTF-8 (ASCII is, and is quick)."""
-    if isinstance(block, memoryview):
-        block = block.obj
-    if block.isascii():
+def valid_utf8(data: bytes) -> bool:
+    """Tell whether data is valid UTF-8 (ASCII is, and is quick to tell)."""
+    if data.isascii():
         return True
     try:
-        bytes(block).decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError:
         return False
     return True
@@ -252,9 +256,12 @@ def format_text(block, lines: list, peer: str, when: float,
     if terminal:
         lines = split_lines(
             to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8"))
-    elif not valid_utf8(block):
-        lines = split_lines(to_text(block).encode("utf-8"))
-    return b"Received:\n" + b"Received:\n".join(lines)
+    lines.insert(0, b"")
+    out = b"Received:\n".join(lines)
+    if terminal or valid_utf8(out):
+        return out
+    return format_text(block, split_lines(to_text(block).encode("utf-8")),
+                       peer, when, terminal)
 
 
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
@@ -267,19 +274,112 @@ def iso_time(when: float) -> str:
         ".%03dZ" % (int(when * 1000) % 1000)
 
 
+class JsonPlan:
+    """The shape of one event template, compiled to check and format fast.
+
+    CyberTrace writes every event from a few templates.  A plan matches an
+    event of its template with one regular expression that checks the whole
+    shape (the same keys, no "=" inside a value, nothing to escape), then
+    formats it with one %; anything else takes the general path.
+    """
+
+    # A value on the fast path holds no "=" (nor "\\n": the line's end).
+    # What JSON escapes is dealt with before, once per batch.
+    VALUE = rb"([^=\n]*)"
+
+    def __init__(self, event: bytes) -> None:
+        keys = list(_FIELD_SPLIT_BYTES.finditer(event))
+        pattern = [re.escape(m.group(0)) + self.VALUE for m in keys]
+        if not keys or keys[0].start():
+            pattern.insert(0, self.VALUE)  # the prefix: a group, not a field
+        self.match = re.compile(b"".join(pattern) + b"\n").fullmatch
+        first = len(pattern) - len(keys)
+        groups = {}
+        for index, m in enumerate(keys, first):
+            groups.setdefault(m.group(1), []).append(index)
+        fields, picks = [], []
+        for key, where in groups.items():
+            values = b",".join([b'"%s"'] * len(where))
+            fields.append(b'"%s":%s' % (key.replace(b"%", b"%%"), values
+                                        if len(where) == 1 else
+                                        b"[" + values + b"]"))
+            picks.extend(where)
+        self.format = (b'{"time":"%s","peer":"%s","event":"%s","fields":{'
+                       + b",".join(fields) + b"}}\n")
+        if len(picks) == 1:
+            self.pick = lambda groups: (groups[picks[0]],)
+        else:
+            self.pick = operator.itemgetter(*picks) if picks else \
+                (lambda groups: ())
+
+    @classmethod
+    def build(cls, line: bytes):
+        """Return a plan for line's template, or None if none can serve."""
+        event = line[:-1]
+        parts = _FIELD_SPLIT_BYTES.split(event)
+        if any(b"=" in text for text in parts[::2]):  # prefix and values
+            return None
+        return cls(event)
+
+
+_FIELD_SPLIT_BYTES = re.compile(rb"(?:^|[ |])([^\s|=]+)=")
+_CONTROLS = bytes(range(0x20)).replace(b"\n", b"")
+_json_plans = {}
+
+
+def has_controls(data: bytes) -> bool:
+    """Tell whether data holds a control character other than b"\\n"."""
+    return len(data.translate(None, _CONTROLS)) != len(data)
+
+
+def json_line(event: str, stamp: str, peer: str) -> bytes:
+    """Format one event the general way, for what no plan fits."""
+    return (_encode_json({"time": stamp, "peer": peer, "event": event,
+                          "fields": parse_fields(event)}) + "\n").encode()
+
+
 def format_json(block, lines: list, peer: str, when: float,
                 terminal: bool) -> bytes:
     """Write one JSON object per event: time, peer, event and fields."""
     stamp = iso_time(when)
-    lines = []
-    for event in to_text(block)[:-1].split("\n"):
-        lines.append(_encode_json({"time": stamp, "peer": peer, "event": event,
-                                   "fields": parse_fields(event)}))
-    lines.append("")
-    text = "\n".join(lines)
-    if terminal:
-        text = text.translate(_JSON_TERMINAL_ESCAPES)
-    return text.encode("utf-8")
+    data = bytes(block)
+    if terminal or not valid_utf8(data):
+        out = "".join(json_line(event, stamp, peer).decode() for event in
+                      to_text(data)[:-1].split("\n"))
+        if terminal:
+            out = out.translate(_JSON_TERMINAL_ESCAPES)
+        return out.encode("utf-8")
+    head = (stamp.encode(), peer.encode())
+    out = []
+    planned = False
+    clean = not has_controls(data) and b'"' not in data and b"\\" not in data
+    for original in lines:
+        line = original
+        if not clean:
+            if has_controls(line):
+                out.append(json_line(line[:-1].decode(), stamp, peer))
+                continue
+            if b'"' in line or b"\\" in line:
+                line = line.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+        for plan in _json_plans.get(line.count(b"="), ()):
+            found = plan.match(line)
+            if found is not None:
+                out.append(plan.format % (*head, line[:-1],
+                                          *plan.pick(found.groups())))
+                break
+        else:
+            # At most one new plan per batch: a stream of ever-new shapes
+            # costs a regular expression per batch, not one per event.
+            if not planned:
+                planned = True
+                plan = JsonPlan.build(line)
+                if plan is not None:
+                    if len(_json_plans) > 256:
+                        _json_plans.clear()
+                    _json_plans.setdefault(line.count(b"="), []).insert(
+                        0, plan)
+            out.append(json_line(original[:-1].decode(), stamp, peer))
+    return b"".join(out)
 
 
 FORMATTERS = {"raw": format_raw, "text": format_text, "json": format_json}
