@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterable, Iterator, List, Optional
 
 from listen_events_cybertrace import (
     EventFramer, UserError, chunk_receive, format_address, format_raw,
-    parse_address, _argument, _positive, __version__)
+    keep_freed_memory, parse_address, split_lines, _argument, _positive, __version__)
 
 try:
     from fcntl import ioctl
@@ -82,14 +82,13 @@ def demo_events() -> List[bytes]:
 
 def drop_blank_lines(block) -> tuple:
     """Return a framed block without blank lines, and its event count."""
-    lines = bytes(block).split(b"\n")
-    lines.pop()
+    lines = split_lines(block)
     # The least line starts with the lowest byte: above b" ", no line is
     # empty or starts with white space, and the block goes out unchanged.
     if not lines or min(lines)[:1] > b" ":
         return block, len(lines)
     lines = [line for line in lines if line.strip()]
-    return b"".join(line + b"\n" for line in lines), len(lines)
+    return b"".join(lines), len(lines)
 
 
 def frame_lines(lines: Iterable[bytes]) -> Iterator[tuple]:
@@ -228,8 +227,10 @@ class Stream:
         self.update_acked()
         if self.acked < self.bytes:
             cut = max(0, self.acked - start)
-            self.tails.append((start + cut, before + count_lines(block, cut),
-                               bytes(memoryview(block)[cut:])))
+            tail = bytes(memoryview(block)[cut:])
+            # Mostly a short tail is unacknowledged: count that, not the rest.
+            self.tails.append((start + cut, self.events - tail.count(b"\n"),
+                               tail))
 
     def update_acked(self) -> None:
         """Ask the kernel how much the peer acknowledged."""
@@ -492,6 +493,7 @@ def main(argv: Optional[list] = None) -> int:
     """Run the sender; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         summary = run(args)
     except UserError as exc:
