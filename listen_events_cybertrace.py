@@ -546,6 +546,17 @@ class Connection:
         self.last_active = time.monotonic()
 
 
+def queued_bytes(sock: socket.socket) -> Optional[int]:
+    """Return how many received bytes wait in sock's buffer, if known."""
+    try:
+        from fcntl import ioctl
+        from termios import FIONREAD
+        answer = ioctl(sock.fileno(), FIONREAD, b"\0\0\0\0")
+    except (ImportError, OSError):
+        return None
+    return int.from_bytes(answer, sys.byteorder)
+
+
 class Listener:
     """Accept any number of peers and write their events, never interleaved."""
 
@@ -789,11 +800,19 @@ class Listener:
             if not self.accept_one():
                 break
         self.close_server()
-        for conn in list(self.connections.values()):
-            while time.monotonic() < deadline and self.receive(conn):
-                pass
+        # Take what each socket holds now, not what peers keep sending.
+        queued = [(conn, queued_bytes(conn.sock))
+                  for conn in self.connections.values()]
+        for conn, left in queued:
+            while time.monotonic() < deadline and (left is None or left > 0):
+                received = conn.framer.received
+                if not self.receive(conn):
+                    break
+                if left is not None:
+                    left -= conn.framer.received - received
             if conn.sock in self.connections:
                 self.remove(conn)
+
     def close_server(self) -> None:
         if self.server is not None:
             if self.accepting:

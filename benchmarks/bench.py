@@ -211,7 +211,8 @@ def expected_size(name: str, data: bytes, count: int) -> int:
         return len(data) + 10 * count
     if fmt == "guide":
         return len(data) + 10 * count - GUIDE_SLACK
-    return len(lec.format_json(data, PEER, time.time(), False))
+    return len(lec.format_json(data, lec.split_lines(data), PEER, time.time(),
+                               False))
 
 
 def bench_receivers(args, data: bytes, workdir: str) -> dict:

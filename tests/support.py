@@ -32,6 +32,21 @@ GUIDE_EVENTS = [
 ]
 
 
+def reference_framing(data: bytes, size: int) -> list:
+    """Return the events of data: split on \\n, \\r before it dropped,
+    the last one kept without \\n, each cut into pieces of size bytes."""
+    events = data.split(b"\n")
+    last = events.pop()
+    events = [e[:-1] if e.endswith(b"\r") else e for e in events]
+    if last:
+        events.append(last)
+    out = []
+    for event in events:
+        out.extend([event[i:i + size] for i in range(0, len(event), size)]
+                   or [b""])
+    return out
+
+
 def user_env() -> dict:
     """Return the environment of a user's shell: no PYTHONUNBUFFERED."""
     env = dict(os.environ)
@@ -162,6 +177,10 @@ class Listener(Process):
 
     def connect(self) -> socket.socket:
         return socket.create_connection(self.address, timeout=TIMEOUT)
+
+    def address_args(self) -> list:
+        """Return [host, port] as a command line such as nc's wants them."""
+        return [self.address[0], str(self.address[1])]
 
     def send(self, *chunks: bytes) -> None:
         """Send chunks on one connection and close it."""

@@ -18,7 +18,7 @@ import unittest
 from collections import Counter
 
 from support import (GUIDE_EVENTS, LISTENER, TIMEOUT, Listener, Process,
-                     reset, user_env)
+                     reference_framing, reset, user_env)
 
 import listen_events_cybertrace as lec
 
@@ -103,6 +103,9 @@ class FramingTest(unittest.TestCase):
             with listener.connect() as sock:
                 for _ in range(64):
                     sock.sendall(chunk)
+                sock.shutdown(socket.SHUT_WR)
+                # The listener closes its end once it has read everything.
+                self.assertEqual(sock.recv(1), b"")
             self.assertEqual(listener.stop(), 0)
             self.assertIn("Stopped: 64 events, 67108864 bytes",
                           listener.stderr_text)
@@ -492,18 +495,6 @@ class AddressTest(unittest.TestCase):
 class FramerTest(unittest.TestCase):
     """The framing shared with the sender, fed byte by byte and at once."""
 
-    def reference(self, data: bytes, size: int) -> list:
-        events = data.split(b"\n")
-        last = events.pop()
-        events = [e[:-1] if e.endswith(b"\r") else e for e in events]
-        if last:
-            events.append(last)
-        out = []
-        for event in events:
-            out.extend([event[i:i + size] for i in range(0, len(event), size)]
-                       or [b""])
-        return out
-
     def test_random_streams_match_the_reference_framing(self):
         rng = random.Random(3)
         alphabet = b"ab\r\n\x00\xff"
@@ -519,7 +510,7 @@ class FramerTest(unittest.TestCase):
                 pos += step
             out += framer.close()
             self.assertEqual(out.split(b"\n")[:-1] if out else [],
-                             self.reference(data, size), data)
+                             reference_framing(data, size), data)
 
     def test_parse_fields(self):
         self.assertEqual(lec.parse_fields("x a=1 b=2 3 a=4|c=5=6"),

@@ -1,0 +1,187 @@
+"""Fuzzing with fixed seeds, so that a failure can be replayed.
+
+Random byte streams go through the real listener over concurrent
+connections, cut at random places; its output must be exactly the
+reference framing of the input, in every format.  Random lines built from
+CyberTrace's documented templates check the key=value parser, directly and
+through the listener's JSON output (where compiled plans serve most lines).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import unittest
+from collections import defaultdict
+
+from support import Listener, reference_framing
+
+import listen_events_cybertrace as lec
+
+SEEDS = (1, 2, 3)
+MAX_EVENT = 64
+
+PIECES = [b"\n", b"\r", b"\r\n", b"\n\n", b"\x00", b"\xff", b"\xe2\x82",
+          b"\xd0\x96", b"\xe2\x82\xac", b" ", b"|", b"=", b'"', b"\\",
+          b"\t", b"\x1b[2J", b"key=value ", b"a=1 b=2", b"x" * 70,
+          b"y" * 200, b"Received:", b"- category=KL_IP ip=192.0.2.1"]
+
+
+def random_stream(rng: random.Random) -> bytes:
+    """Return a stream of random pieces: any byte, odd and huge lines."""
+    stream = b"".join(rng.choice(PIECES) for _ in range(rng.randrange(80)))
+    if rng.random() < 0.5:
+        stream += b"\n"
+    return stream
+
+
+def send_concurrently(listener: Listener, streams: list,
+                      rng: random.Random) -> list:
+    """Send each stream on its own connection, interleaved in random
+    chunks; return each connection's local port."""
+    sockets = [listener.connect() for _ in streams]
+    try:
+        ports = [s.getsockname()[1] for s in sockets]
+        pending = [[sock, data] for sock, data in zip(sockets, streams)]
+        while pending:
+            item = rng.choice(pending)
+            step = rng.randrange(1, 40)
+            item[0].sendall(item[1][:step])
+            item[1] = item[1][step:]
+            if not item[1]:
+                pending.remove(item)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+def text(event: bytes) -> str:
+    return event.decode("utf-8", "backslashreplace")
+
+
+class StreamFuzzTest(unittest.TestCase):
+    def run_format(self, fmt: str, seed: int) -> None:
+        rng = random.Random(seed)
+        streams = [random_stream(rng) for _ in range(rng.randrange(1, 9))]
+        expected = [reference_framing(s, MAX_EVENT) for s in streams]
+        total = sum(map(len, expected))
+        with Listener("-f", fmt, "--max-event-bytes", str(MAX_EVENT)) \
+                as listener:
+            ports = send_concurrently(listener, streams, rng)
+            lines = total * (2 if fmt == "text" else 1)
+            listener.wait_stdout(lines)
+            # Alive and still serving after all that.
+            listener.send(b"still=alive\n")
+            listener.wait_stdout(lines + (2 if fmt == "text" else 1))
+            self.assertEqual(listener.stop(), 0)
+            out = bytes(listener.out).split(b"\n")[:-1]
+        getattr(self, "check_" + fmt)(out[:lines], expected, ports)
+
+    def check_raw(self, out: list, expected: list, ports: list) -> None:
+        self.assertEqual(sorted(out), sorted(e for events in expected
+                                             for e in events))
+
+    def check_text(self, out: list, expected: list, ports: list) -> None:
+        self.assertEqual(set(out[0::2]), {b"Received:"} if out else set())
+        self.assertEqual(sorted(out[1::2]), sorted(
+            text(e).encode() for events in expected for e in events))
+
+    def check_json(self, out: list, expected: list, ports: list) -> None:
+        by_peer = defaultdict(list)
+        for line in out:
+            record = json.loads(line)
+            by_peer[record["peer"]].append(record)
+        for port, events in zip(ports, expected):
+            records = by_peer.pop("127.0.0.1:%d" % port, [])
+            self.assertEqual([r["event"] for r in records],
+                             [text(e) for e in events])
+            for record in records:
+                self.assertEqual(record["fields"],
+                                 lec.parse_fields(record["event"]))
+        self.assertEqual(dict(by_peer), {})
+
+    def test_raw(self):
+        for seed in SEEDS:
+            with self.subTest(seed=seed):
+                self.run_format("raw", seed)
+
+    def test_text(self):
+        for seed in SEEDS:
+            with self.subTest(seed=seed):
+                self.run_format("text", seed)
+
+    def test_json(self):
+        for seed in SEEDS:
+            with self.subTest(seed=seed):
+                self.run_format("json", seed)
+
+
+KEYS = ["category", "matchedIndicator", "url", "src", "ip", "md5", "sha1",
+        "sha256", "usrName", "confidence", "MD5", "first_seen", "last_seen",
+        "popularity", "threat", "ip_geo", "feed", "records", "alert",
+        "reason", "msg", "eventName", "sent_events", "total", "cn1", "Geo"]
+VALUES = ["-", "", "KL_Malicious_Hash_MD5", "776735A8CA96DB15B422879DA599F474",
+          "192.0.2.1", "10.07.2015 23:53", "HEUR:Trojan.Win32.Generic",
+          "KL_Malicious_URL:1;", "http://fakess123.nu/?a=b&c=d",
+          "feed=Malicious_URL_Data_Feed.json", "Example Device",
+          "ru,br,ua,cz,us", "LookupFinished", "100", "x  y", "юникод",
+          'with "quotes"', "back\\slash", "a=b=c"]
+PREFIXES = ["-", "Apr 16 09:05:41", "", "CEF:0|Kaspersky Lab|Kaspersky "
+            "CyberTrace for ArcSight|2.0|1|CyberTrace Service Event|4|"]
+
+
+def random_template(rng: random.Random) -> tuple:
+    """Return (keys, separator, prefix) for a template CyberTrace could use."""
+    keys = [rng.choice(KEYS) for _ in range(rng.randrange(0, 12))]
+    return keys, rng.choice(" |"), rng.choice(PREFIXES)
+
+
+def render(template: tuple, rng: random.Random) -> tuple:
+    """Return an event of the template with random values, and its fields."""
+    keys, separator, prefix = template
+    pairs = [(key, rng.choice(VALUES)) for key in keys]
+    body = separator.join("%s=%s" % pair for pair in pairs)
+    line = (prefix + " " + body) if prefix and pairs else (prefix or body)
+    fields = {}
+    for key, value in pairs:
+        if key not in fields:
+            fields[key] = value
+        elif isinstance(fields[key], list):
+            fields[key].append(value)
+        else:
+            fields[key] = [fields[key], value]
+    return line, fields
+
+
+class FieldFuzzTest(unittest.TestCase):
+    def lines(self, seed: int, count: int) -> list:
+        rng = random.Random(seed)
+        templates = [random_template(rng) for _ in range(20)]
+        return [render(rng.choice(templates), rng) for _ in range(count)]
+
+    def test_parser_returns_every_key_and_value(self):
+        for seed in SEEDS:
+            for line, fields in self.lines(seed, 2000):
+                self.assertEqual(lec.parse_fields(line), fields, line)
+
+    def test_listener_json_matches_the_parser(self):
+        lines = self.lines(99, 3000)
+        with Listener("-f", "json") as listener:
+            with listener.connect() as sock:
+                sock.sendall("".join(line + "\n" for line, _ in
+                                     lines).encode())
+            listener.wait_stdout(len(lines))
+            self.assertEqual(listener.stop(), 0)
+            records = [json.loads(r) for r in
+                       bytes(listener.out).splitlines()]
+        self.assertEqual([r["event"] for r in records],
+                         [line for line, _ in lines])
+        for record, (line, fields) in zip(records, lines):
+            self.assertEqual(record["fields"], fields, line)
+
+
+if __name__ == "__main__":
+    unittest.main()
