@@ -325,6 +325,7 @@ class JsonPlan:
 _FIELD_SPLIT_BYTES = re.compile(rb"(?:^|[ |])([^\s|=]+)=")
 _CONTROLS = bytes(range(0x20)).replace(b"\n", b"")
 _json_plans = {}
+PLANS_PER_BATCH = 4
 
 
 def has_controls(data: bytes) -> bool:
@@ -351,7 +352,7 @@ def format_json(block, lines: list, peer: str, when: float,
         return out.encode("utf-8")
     head = (stamp.encode(), peer.encode())
     out = []
-    planned = False
+    plans_left = PLANS_PER_BATCH
     clean = not has_controls(data) and b'"' not in data and b"\\" not in data
     for original in lines:
         line = original
@@ -368,10 +369,10 @@ def format_json(block, lines: list, peer: str, when: float,
                                           *plan.pick(found.groups())))
                 break
         else:
-            # At most one new plan per batch: a stream of ever-new shapes
-            # costs a regular expression per batch, not one per event.
-            if not planned:
-                planned = True
+            # A few new plans per batch at most: a stream of ever-new shapes
+            # costs a few regular expressions per batch, not one per event.
+            if plans_left:
+                plans_left -= 1
                 plan = JsonPlan.build(line)
                 if plan is not None:
                     if len(_json_plans) > 256:

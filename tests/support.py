@@ -56,7 +56,9 @@ def user_env() -> dict:
 
 def require_tool(test: unittest.TestCase, name: str) -> str:
     """Return the tool's path; skip without it, fail without it under CI."""
-    path = shutil.which(name)
+    # Daemons live in sbin, which a CI job's PATH may leave out.
+    path = shutil.which(name, path=os.pathsep.join(
+        [os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
     if path is None:
         if os.environ.get("CI") == "true":
             test.fail("%s is missing: .ci/run should install it" % name)

@@ -125,6 +125,30 @@ class SignalMidStreamTest(unittest.TestCase):
                 self.assertIn("Stopped: %d events" % (30 * 101),
                               listener.stderr_text)
 
+    def test_peers_waiting_in_the_accept_queue_are_drained(self):
+        with Listener("-f", "raw", "--max-connections", "1") as listener:
+            served = listener.connect()
+            waiting = []
+            try:
+                served.sendall(b"served\n")
+                listener.wait_stdout(1)
+                # The listener takes no more peers now: these stay in the
+                # kernel's accept queue, their bytes acknowledged.
+                for index in range(5):
+                    sock = listener.connect()
+                    sock.sendall(b"queued %d\npartial %d" % (index, index))
+                    waiting.append(sock)
+                listener.wait_stderr("--max-connections")
+                listener.signal(signal.SIGTERM)
+                self.assertEqual(listener.finish(), 0)
+            finally:
+                served.close()
+                for sock in waiting:
+                    sock.close()
+            self.assertEqual(sorted(bytes(listener.out).splitlines()), sorted(
+                [b"served"] + [b"queued %d" % i for i in range(5)] +
+                [b"partial %d" % i for i in range(5)]))
+
     def test_streams_cut_by_sigterm_are_whole_in_order_prefixes(self):
         with Listener("-f", "json") as listener:
             stop = threading.Event()

@@ -7,6 +7,7 @@ import os
 import pty
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -413,6 +414,37 @@ class UserErrorTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             self.assert_one_line_error(1, ("-o", tmp),
                                        "error: cannot open .*: Is a directory")
+
+    def test_permission_denied(self):
+        """A port below 1024 and a read-only file, as an unprivileged user."""
+        kwargs, python = {}, sys.executable
+        if os.geteuid() == 0:
+            # Root may do both: run as nobody, with a Python nobody can run.
+            python = "/usr/bin/python3"
+            if not os.access(python, os.X_OK):
+                self.skipTest("no system python3 to run as nobody")
+            kwargs = {"user": 65534, "group": 65534, "extra_groups": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            os.chmod(tmp, 0o755)
+            script = shutil.copy(LISTENER, tmp)
+            readonly = os.path.join(tmp, "readonly.log")
+            with open(readonly, "w"):
+                pass
+            os.chmod(readonly, 0o444)
+            for args, pattern in (
+                    (["-l", "127.0.0.1:80"], "error: cannot listen on "
+                     "127.0.0.1:80: Permission denied"),
+                    (["-o", readonly], "error: cannot open .*readonly.log: "
+                     "Permission denied")):
+                with self.subTest(args=args):
+                    proc = subprocess.run([python, script, "-t", "5", *args],
+                                          capture_output=True, text=True,
+                                          timeout=TIMEOUT, env=user_env(),
+                                          **kwargs)
+                    self.assertEqual(proc.returncode, 1, proc.stderr)
+                    self.assertNotIn("Traceback", proc.stderr)
+                    self.assertEqual(len(proc.stderr.splitlines()), 1)
+                    self.assertRegex(proc.stderr, pattern)
 
     def test_bad_arguments_exit_2(self):
         for args in (("-l", "nothing"), ("-l", "127.0.0.1:70000"),
