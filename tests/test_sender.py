@@ -272,6 +272,20 @@ class ErrorTest(unittest.TestCase):
                                   proc.stderr).group(1))
         self.assertLess(delivered, 2000000)
 
+    def test_success_means_acknowledged_not_just_written(self):
+        # Small enough for the sender's kernel to take it all at once: only
+        # the peer's acknowledgement tells delivery from a write.
+        with Sink("stall") as sink:
+            proc = run_sender("-c", address(sink), "-t", "0.5",
+                              stdin=b"event\n" * 20000)
+        self.assert_error(proc, r"error: timed out after 0\.5 s: 20000 "
+                                r"events sent, \d+ acknowledged by the peer")
+        with Sink("reset") as sink:
+            proc = run_sender("-c", address(sink),
+                              stdin=b"event with some padding\n" * 9000)
+        self.assert_error(proc, r"error: connection to .* lost: .*\(\d+ "
+                                r"events sent, \d+ acknowledged by the peer\)")
+
     def test_bad_arguments_exit_2(self):
         for args in (("-c", "nowhere"), ("--rate", "0"), ("--repeat", "x"),
                      ("--ping", "--reply-back"), ("-v", "-q")):
