@@ -195,6 +195,16 @@ class Listener(Process):
         return self.finish()
 
 
+def queue_peers(listener: Listener, count: int) -> list:
+    """Connect count peers that each send an event and a partial one."""
+    sockets = []
+    for index in range(count):
+        sock = listener.connect()
+        sock.sendall(b"queued %d\nqueued partial %d" % (index, index))
+        sockets.append(sock)
+    return sockets
+
+
 def reset(sock: socket.socket) -> None:
     """Close sock with a TCP reset instead of a FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,

@@ -145,15 +145,11 @@ def render(template: tuple, rng: random.Random) -> tuple:
     pairs = [(key, rng.choice(VALUES)) for key in keys]
     body = separator.join("%s=%s" % pair for pair in pairs)
     line = (prefix + " " + body) if prefix and pairs else (prefix or body)
-    fields = {}
+    grouped = defaultdict(list)
     for key, value in pairs:
-        if key not in fields:
-            fields[key] = value
-        elif isinstance(fields[key], list):
-            fields[key].append(value)
-        else:
-            fields[key] = [fields[key], value]
-    return line, fields
+        grouped[key].append(value)
+    return line, {key: values[0] if len(values) == 1 else values
+                  for key, values in grouped.items()}
 
 
 class FieldFuzzTest(unittest.TestCase):

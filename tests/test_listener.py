@@ -19,7 +19,7 @@ import unittest
 from collections import Counter
 
 from support import (GUIDE_EVENTS, LISTENER, TIMEOUT, Listener, Process,
-                     reference_framing, reset, user_env)
+                     queue_peers, reference_framing, reset, user_env)
 
 import listen_events_cybertrace as lec
 
@@ -297,11 +297,7 @@ class StopTest(unittest.TestCase):
                     listener.wait_stdout(1)
                     listener.signal(signal.SIGSTOP)
                     served.sendall(b"buffered\nbuffered partial")
-                    for index in range(5):
-                        sock = listener.connect()
-                        sock.sendall(b"queued %d\nqueued partial %d"
-                                     % (index, index))
-                        sockets.append(sock)
+                    sockets = queue_peers(listener, 5)
                     listener.signal(number)
                     listener.signal(signal.SIGCONT)
                     self.assertEqual(listener.finish(), 0)

@@ -184,40 +184,33 @@ class FromSenderTest(unittest.TestCase):
                               env=user_env())
         self.assertEqual(proc.returncode, 0, proc.stderr)
 
+    def check_sink(self, argv: list, port: int, out: str) -> None:
+        """Run a one-shot sink writing to out; send into it; compare."""
+        with open(out, "wb") as f:
+            proc = subprocess.Popen(argv, stdout=f, stdin=subprocess.DEVNULL)
+        try:
+            self.wait_port(port, proc)
+            self.send(port)
+            proc.wait(TIMEOUT)
+        finally:
+            stop(proc)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), b"\n".join(EVENTS) + b"\n")
+
     def test_into_nc(self):
         nc = require_tool(self, "nc")
         port = free_port()
         with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "out")
-            with open(out, "wb") as f:
-                proc = subprocess.Popen([nc, "-l", "-N", "127.0.0.1",
-                                         str(port)], stdout=f,
-                                        stdin=subprocess.DEVNULL)
-            try:
-                self.wait_port(port, proc)
-                self.send(port)
-                proc.wait(TIMEOUT)
-            finally:
-                stop(proc)
-            with open(out, "rb") as f:
-                self.assertEqual(f.read(), b"\n".join(EVENTS) + b"\n")
+            self.check_sink([nc, "-l", "-N", "127.0.0.1", str(port)], port,
+                            os.path.join(tmp, "out"))
 
     def test_into_socat(self):
         socat = require_tool(self, "socat")
         port = free_port()
         with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "out")
-            proc = subprocess.Popen([socat, "-u", "TCP-LISTEN:%d,bind=127.0.0."
-                                     "1,reuseaddr" % port,
-                                     "CREATE:%s" % out])
-            try:
-                self.wait_port(port, proc)
-                self.send(port)
-                proc.wait(TIMEOUT)
-            finally:
-                stop(proc)
-            with open(out, "rb") as f:
-                self.assertEqual(f.read(), b"\n".join(EVENTS) + b"\n")
+            self.check_sink([socat, "-u", "TCP-LISTEN:%d,bind=127.0.0.1,"
+                             "reuseaddr" % port, "STDOUT"], port,
+                            os.path.join(tmp, "out"))
 
     def test_into_rsyslog_imtcp(self):
         rsyslog = Rsyslog(self)
