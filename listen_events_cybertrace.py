@@ -256,8 +256,7 @@ def format_text(block, lines: list, peer: str, when: float,
     if terminal:
         lines = split_lines(
             to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8"))
-    lines.insert(0, b"")
-    out = b"Received:\n".join(lines)
+    out = b"Received:\n".join([b""] + lines)
     if terminal or valid_utf8(out):
         return out
     return format_text(block, split_lines(to_text(block).encode("utf-8")),
@@ -502,7 +501,8 @@ class Output:
 
     def __init__(self, path: Optional[str]) -> None:
         self.path = path
-        self.fd = self._open() if path else sys.stdout.fileno()
+        # fd 1 itself: sys.stdout is None when the shell closed it (>&-).
+        self.fd = self._open() if path else 1
         self.terminal = os.isatty(self.fd)
 
     def _open(self) -> int:
@@ -512,11 +512,16 @@ class Output:
         except OSError as exc:
             raise UserError("cannot open %s: %s" % (self.path, exc.strerror))
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
+        """Open the file anew (after logrotate); keep the old one if not."""
         if self.path:
-            fd = self._open()
+            try:
+                fd = self._open()
+            except UserError:
+                return False
             os.close(self.fd)
             self.fd = fd
+        return True
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -638,7 +643,9 @@ class Listener:
                     break
             if self.reopen_requested:
                 self.reopen_requested = False
-                self.output.reopen()
+                if not self.output.reopen():
+                    self.warn("cannot reopen %s; still writing to the file "
+                              "it was" % self.args.output)
             now = time.monotonic()
             if self.args.idle_timeout and now >= next_sweep:
                 self.close_idle(now)

@@ -51,10 +51,10 @@ class PeerFaultTest(unittest.TestCase):
                     sock.close()
 
     def test_slowloris_with_and_without_idle_timeout(self):
-        with Listener("-f", "raw", "--idle-timeout", "0.3") as listener, \
+        with Listener("-f", "raw", "--idle-timeout", "0.5") as listener, \
                 listener.connect() as slow:
             slow.sendall(b"s")
-            time.sleep(0.1)
+            time.sleep(0.05)
             slow.sendall(b"l")
             listener.wait_stderr("Closing idle connection")
             listener.wait_stdout(1)
