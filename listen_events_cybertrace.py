@@ -785,7 +785,8 @@ class Listener:
         limit = self.args.idle_timeout
         for conn in list(self.connections.values()):
             if now - conn.last_active >= limit:
-                self.status("Closing idle connection from %r" % (conn.address,))
+                self.status("Closing idle connection from %r"
+                            % (conn.address,))
                 self.remove(conn)
 
     def take_signals(self, wakeup: socket.socket) -> None:

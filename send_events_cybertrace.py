@@ -19,7 +19,8 @@ from typing import BinaryIO, Iterable, Iterator, List, Optional
 
 from listen_events_cybertrace import (
     EventFramer, UserError, chunk_receive, format_address, format_raw,
-    keep_freed_memory, parse_address, split_lines, _argument, _positive, __version__)
+    keep_freed_memory, parse_address, split_lines, _argument, _positive,
+    __version__)
 
 try:
     from fcntl import ioctl
@@ -59,6 +60,7 @@ DEMO_INDICATORS = [
     ("md5", "7A8F30B40C6564EFF95E678F7C43346C"),
 ]
 
+
 class SendError(UserError):
     """Sending failed; the message says how far it got."""
 
@@ -73,8 +75,8 @@ def demo_events() -> List[bytes]:
         elif field == "dst":
             detail = "act=blocked src=198.51.100.7 dst=%s dpt=443" % value
         else:
-            detail = "act=detected src=198.51.100.7 md5=%s fname=sample%d.exe" \
-                % (value, number)
+            detail = ("act=detected src=198.51.100.7 md5=%s "
+                      "fname=sample%d.exe" % (value, number))
         events.append(("%s demo-host cybertrace-demo[%d]: %s usrName=demo"
                        % (stamp, number, detail)).encode())
     return events

@@ -1,4 +1,4 @@
-"""The tutorial's listener algorithm, unchanged but for the address: the baseline.
+"""The tutorial's listener, unchanged but for its address: the baseline.
 
 4096-byte recv, buff += data, split and print per event, one peer at a time.
 Run as: python3 guide_listener.py HOST PORT

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import threading
 import unittest
 from collections import defaultdict
 

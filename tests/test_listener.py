@@ -6,14 +6,12 @@ import json
 import os
 import pty
 import random
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 from collections import Counter
@@ -80,7 +78,8 @@ class FramingTest(unittest.TestCase):
                 if fmt == "json":
                     record = json.loads(listener.out)
                     self.assertEqual(record["event"],
-                                     "bad \\xff\\xfe byte \\xe2\\x82 and \u20ac")
+                                     "bad \\xff\\xfe byte \\xe2\\x82 "
+                                     "and \u20ac")
                 else:
                     self.assertEqual(bytes(listener.out), expected[fmt])
                 listener.send(b"still alive\n")
@@ -401,7 +400,8 @@ class UserErrorTest(unittest.TestCase):
 
     def test_unknown_host(self):
         self.assert_one_line_error(1, ("-l", "no-such-host.invalid:0"),
-                                   "error: cannot resolve no-such-host.invalid")
+                                   "error: cannot resolve "
+                                   "no-such-host.invalid")
 
     def test_unwritable_output(self):
         self.assert_one_line_error(1, ("-o", "/nonexistent/dir/x.log"),
@@ -527,7 +527,8 @@ class FramerTest(unittest.TestCase):
         rng = random.Random(3)
         alphabet = b"ab\r\n\x00\xff"
         for _ in range(300):
-            data = bytes(rng.choice(alphabet) for _ in range(rng.randrange(60)))
+            data = bytes(rng.choice(alphabet)
+                         for _ in range(rng.randrange(60)))
             size = rng.randrange(1, 8)
             framer = lec.EventFramer(size)
             out = b""
