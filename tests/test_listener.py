@@ -323,7 +323,11 @@ class StopTest(unittest.TestCase):
                     sock.sendall(b"first\n")
                     self.assertEqual(reader.stdout.readline(), b"first\n")
                     reader.wait(TIMEOUT)
-                    while listener.proc.poll() is None:
+                    # The listener learns of the closed pipe on its next
+                    # write: keep feeding it until it exits.
+                    deadline = time.monotonic() + TIMEOUT
+                    while listener.proc.poll() is None and \
+                            time.monotonic() < deadline:
                         try:
                             sock.sendall(b"more\n" * 1000)
                         except OSError:
