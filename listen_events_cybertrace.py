@@ -282,34 +282,37 @@ class JsonPlan:
     formats it with one %; anything else takes the general path.
     """
 
-    # A value on the fast path holds no "=" (nor "\\n": the line's end).
+    # A value on the fast path holds no "=".  (Nor "\\n", which ends the
+    # line, but a set of two would make sre test each byte twice as slowly.)
     # What JSON escapes is dealt with before, once per batch.
-    VALUE = rb"([^=\n]*)"
+    VALUE = rb"([^=]*)"
 
     def __init__(self, event: bytes) -> None:
         keys = list(_FIELD_SPLIT_BYTES.finditer(event))
         pattern = [re.escape(m.group(0)) + self.VALUE for m in keys]
         if not keys or keys[0].start():
             pattern.insert(0, self.VALUE)  # the prefix: a group, not a field
-        self.match = re.compile(b"".join(pattern) + b"\n").fullmatch
-        first = len(pattern) - len(keys)
+        # Group 1 is the whole event; a value's group number follows.
+        self.match = re.compile(b"(" + b"".join(pattern) + b")\n").fullmatch
+        first = 2 + len(pattern) - len(keys)
         groups = {}
-        for index, m in enumerate(keys, first):
-            groups.setdefault(m.group(1), []).append(index)
-        fields, picks = [], []
+        for number, m in enumerate(keys, first):
+            groups.setdefault(m.group(1), []).append(number)
+        fields, picks = [], [1]
         for key, where in groups.items():
-            values = b",".join([b'"%s"'] * len(where))
-            fields.append(b'"%s":%s' % (key.replace(b"%", b"%%"), values
+            values = b",".join([b'"%%s"'] * len(where))
+            fields.append(b'"%s":%s' % (key.replace(b"%", b"%%%%"), values
                                         if len(where) == 1 else
                                         b"[" + values + b"]"))
             picks.extend(where)
-        self.format = (b'{"time":"%s","peer":"%s","event":"%s","fields":{'
-                       + b",".join(fields) + b"}}\n")
-        if len(picks) == 1:
-            self.pick = lambda groups: (groups[picks[0]],)
-        else:
-            self.pick = operator.itemgetter(*picks) if picks else \
-                (lambda groups: ())
+        # Formatted twice: once a batch with its time and peer, then once
+        # an event, with the groups that match() found, in the key order.
+        self.template = (b'{"time":"%s","peer":"%s","event":"%%s",'
+                         b'"fields":{' + b",".join(fields) + b"}}\n")
+        self.values = operator.methodcaller("group", *picks) \
+            if len(picks) > 1 else (lambda found: (found.group(1),))
+        self.batch = None
+        self.format = b""
 
     @classmethod
     def build(cls, line: bytes):
@@ -350,6 +353,7 @@ def format_json(block, lines: list, peer: str, when: float,
             out = out.translate(_JSON_TERMINAL_ESCAPES)
         return out.encode("utf-8")
     head = (stamp.encode(), peer.encode())
+    batch = object()
     out = []
     plans_left = PLANS_PER_BATCH
     clean = not has_controls(data) and b'"' not in data and b"\\" not in data
@@ -364,8 +368,9 @@ def format_json(block, lines: list, peer: str, when: float,
         for plan in _json_plans.get(line.count(b"="), ()):
             found = plan.match(line)
             if found is not None:
-                out.append(plan.format % (*head, line[:-1],
-                                          *plan.pick(found.groups())))
+                if plan.batch is not batch:
+                    plan.batch, plan.format = batch, plan.template % head
+                out.append(plan.format % plan.values(found))
                 break
         else:
             # A few new plans per batch at most: a stream of ever-new shapes
