@@ -352,7 +352,9 @@ def format_json(block, lines: list, peer: str, when: float,
         if terminal:
             out = out.translate(_JSON_TERMINAL_ESCAPES)
         return out.encode("utf-8")
-    head = (stamp.encode(), peer.encode())
+    # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
+    # second formatting.
+    head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
     batch = object()
     out = []
     plans_left = PLANS_PER_BATCH

@@ -545,6 +545,17 @@ class FramerTest(unittest.TestCase):
             self.assertEqual(out.split(b"\n")[:-1] if out else [],
                              reference_framing(data, size), data)
 
+    def test_json_plans_keep_percent_signs_in_peer_keys_and_values(self):
+        block = b"- k%s=%d x=%%\n" * 3
+        for _ in range(3):  # the first batch builds the plan, later use it
+            out = lec.format_json(block, lec.split_lines(block),
+                                  "[fe80::1%eth0]:5", 0.0, False)
+            for line in out.splitlines():
+                record = json.loads(line)
+                self.assertEqual(record["peer"], "[fe80::1%eth0]:5")
+                self.assertEqual(record["event"], "- k%s=%d x=%%")
+                self.assertEqual(record["fields"], {"k%s": "%d", "x": "%%"})
+
     def test_parse_fields(self):
         self.assertEqual(lec.parse_fields("x a=1 b=2 3 a=4|c=5=6"),
                          {"a": ["1", "4"], "b": "2 3", "c": "5=6"})
