@@ -29,8 +29,11 @@ __version__ = "1.0.0"
 LISTEN_ADDR = "127.0.0.1"
 LISTEN_PORT = 9998
 # Large reads keep the per-event cost in C: one recv, one split and one write
-# serve thousands of events; a loopback socket rarely holds more at once.
-RECV_SIZE = 1024 * 1024
+# serve a thousand events.  Not larger: the events of one read must fit in
+# one of Python's 1 MiB small-object arenas, which is then kept for the next
+# read; more, and an arena is unmapped and mapped anew (page faults) each
+# time.
+RECV_SIZE = 512 * 1024
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_CONNECTIONS = 512
 # Time allowed on stop to read what the kernel already acknowledged to peers.

@@ -32,8 +32,9 @@ CYBERTRACE_ADDR = "127.0.0.1"
 CYBERTRACE_PORT = 9999
 TIMEOUT = 5.0
 # Large reads and sends: a million events go out in a few hundred system
-# calls, which is what keeps a Python sender level with nc.
-READ_SIZE = 1024 * 1024
+# calls.  As for the listener's reads, a block's lines must fit in one of
+# Python's 1 MiB arenas, or each block maps and faults in a fresh one.
+READ_SIZE = 512 * 1024
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 PING = b"X-KF-ReplyBackPING"
 FINISHED = b"LookupFinished"
