@@ -687,6 +687,8 @@ class Listener:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 self.warn("out of file descriptors; lower --max-connections")
                 self.args.max_connections = max(1, len(self.connections))
+                if not self.connections:
+                    time.sleep(0.1)  # no close will wake us: do not spin
             return False
         if not self.allowed(address[0]):
             self.rejected += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +13,8 @@ import time
 import unittest
 from collections import defaultdict
 
-from support import ROOT, SENDER, TIMEOUT, Listener, queue_peers, user_env
+from support import (LISTENER, ROOT, SENDER, TIMEOUT, Listener, Process,
+                     queue_peers, user_env)
 
 
 class PeerFaultTest(unittest.TestCase):
@@ -87,6 +89,31 @@ class PeerFaultTest(unittest.TestCase):
             self.assertEqual(sorted(bytes(listener.out).splitlines()),
                              sorted(b"peer=%d seq=%d" % (n, s)
                                     for n in range(12) for s in range(5)))
+
+
+    def test_more_peers_than_file_descriptors(self):
+        # 12 descriptors: the listener runs out after a few peers.
+        code = ("import os, resource, sys\n"
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))\n"
+                "os.execv(sys.executable, [sys.executable, %r, '-l', "
+                "'127.0.0.1:0', '-f', 'raw'])\n" % str(LISTENER))
+        with Process([sys.executable, "-c", code]) as listener:
+            found = listener.wait_stderr(r"Starting on 127\.0\.0\.1:(\d+)")
+            address = ("127.0.0.1", int(found.group(1)))
+            peers = [socket.create_connection(address, timeout=TIMEOUT)
+                     for _ in range(20)]
+            try:
+                for index, sock in enumerate(peers):
+                    sock.sendall(b"peer %d\n" % index)
+                listener.wait_stderr("out of file descriptors")
+            finally:
+                for sock in peers:
+                    sock.close()
+            listener.wait_stdout(20)
+            listener.signal(signal.SIGTERM)
+            self.assertEqual(listener.finish(), 0)
+            self.assertEqual(sorted(bytes(listener.out).splitlines()),
+                             sorted(b"peer %d" % i for i in range(20)))
 
 
 class SignalMidStreamTest(unittest.TestCase):
