@@ -175,7 +175,7 @@ class ConcurrencyTest(unittest.TestCase):
                 first.close()
                 listener.wait_stdout(2)
             self.assertEqual(bytes(listener.out), b"first\nwaited\n")
-            self.assertIn("--max-connections", listener.stderr_text)
+            listener.wait_stderr("--max-connections")
 
     def test_idle_timeout_closes_a_silent_peer_keeping_its_partial_event(self):
         with Listener("-f", "raw", "--idle-timeout", "0.3") as listener, \
@@ -185,7 +185,7 @@ class ConcurrencyTest(unittest.TestCase):
             self.assertEqual(sock.recv(1), b"")
             listener.wait_stdout(1)
             self.assertEqual(bytes(listener.out), b"partial\n")
-            self.assertIn("idle", listener.stderr_text)
+            listener.wait_stderr("idle")
 
 
 class FormatTest(unittest.TestCase):
