@@ -423,6 +423,42 @@ def format_address(host: str, port: int) -> str:
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
+def format_peer(address: tuple) -> str:
+    """Return a socket address (from accept or getpeername) as a
+    ConnectionString: 127.0.0.1:41882, [::1]:41882."""
+    return format_address(*address[:2])
+
+
+# --- Numbers for people ------------------------------------------------------
+
+def format_count(number: int) -> str:
+    """Return number with thousands separators: 1,204."""
+    return "{:,}".format(number)
+
+
+def plural(number: int, word: str, words: Optional[str] = None) -> str:
+    """Return "1 event" or "1,204 events" (words: an irregular plural)."""
+    if number == 1:
+        return "1 " + word
+    return "%s %s" % (format_count(number), words or word + "s")
+
+
+def format_bytes(number: int) -> str:
+    """Return a size as people read it: 245 bytes, 530.2 KiB, 1.5 GiB."""
+    if number < 1024:
+        return plural(number, "byte")
+    size = float(number)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    # 1023.96 KiB would round up to "1024.0 KiB": say 1.0 MiB instead.
+    if round(size, 1) >= 1024 and unit != "TiB":
+        size /= 1024
+        unit = {"KiB": "MiB", "MiB": "GiB", "GiB": "TiB"}[unit]
+    return "%s %s" % ("{:,.1f}".format(size), unit)
+
+
 def _argument(convert, name):
     def parse(text):
         try:
@@ -557,8 +593,9 @@ class Connection:
                  max_event_bytes: int) -> None:
         self.sock = sock
         self.address = address[:2]
-        self.peer = format_address(*self.address)
+        self.peer = format_peer(address)
         self.framer = EventFramer(max_event_bytes)
+        self.events = 0
         self.last_active = time.monotonic()
 
 
@@ -589,6 +626,8 @@ class Listener:
         # connection at a time, and a buffer per peer would cost megabytes.
         self.buffer = bytearray(args.max_event_bytes + 1 + RECV_SIZE)
         self.events = self.bytes = self.accepted = self.rejected = 0
+        # Events received beyond --count: read, but not written.
+        self.unwritten = 0
         self.stopping = False
         self.reopen_requested = False
         self.accepting = True
@@ -692,7 +731,7 @@ class Listener:
             return False
         if not self.allowed(address[0]):
             self.rejected += 1
-            self.status("Rejected connection from %r" % (address[:2],))
+            self.status("Rejected connection from " + format_peer(address))
             sock.close()
             return True
         sock.setblocking(False)
@@ -700,7 +739,7 @@ class Listener:
         self.connections[sock] = conn
         self.accepted += 1
         self.selector.register(sock, selectors.EVENT_READ, conn)
-        self.status("Connection from %r" % (conn.address,))
+        self.status("Connection from " + conn.peer)
         return True
 
     def allowed(self, host: str) -> bool:
@@ -750,7 +789,8 @@ class Listener:
             return False
         except OSError:
             # A reset peer ends its own connection, nobody else's.
-            block = None
+            self.remove(conn, "reset by peer")
+            return False
         if block is None:
             self.remove(conn)
             return False
@@ -774,32 +814,36 @@ class Listener:
         lines = split_lines(block)
         limit = self.args.count
         if limit and self.events + len(lines) >= limit:
+            self.unwritten += len(lines) - (limit - self.events)
             del lines[limit - self.events:]
             block = b"".join(lines)
             self.stopping = True
         self.events += len(lines)
+        conn.events += len(lines)
         self.output.write(self.format(block, lines, conn.peer, time.time(),
                                       self.output.terminal))
 
-    def remove(self, conn: Connection) -> None:
+    def remove(self, conn: Connection, why: str = "") -> None:
         splits = conn.framer.split_events
         block = conn.framer.close()
         if conn.framer.split_events != splits:
             self.warn_split(conn)
         if block and not self.done():
             self.emit(block, conn)
+        elif block:
+            self.unwritten += block.count(b"\n")
         self.selector.unregister(conn.sock)
         del self.connections[conn.sock]
         conn.sock.close()
+        self.status("Closed %s%s: %s" % (conn.peer, " (%s)" % why if why
+                                         else "", plural(conn.events, "event")))
         self.resume_accepting()
 
     def close_idle(self, now: float) -> None:
         limit = self.args.idle_timeout
         for conn in list(self.connections.values()):
             if now - conn.last_active >= limit:
-                self.status("Closing idle connection from %r"
-                            % (conn.address,))
-                self.remove(conn)
+                self.remove(conn, "idle for %g s" % limit)
 
     def take_signals(self, wakeup: socket.socket) -> None:
         try:
@@ -850,8 +894,12 @@ class Listener:
         self.selector.close()
 
     def summary(self) -> str:
-        return ("Stopped: %d events, %d bytes, %d connections, %d rejected"
-                % (self.events, self.bytes, self.accepted, self.rejected))
+        """Say what was written, and what came in that was not."""
+        extra = (" (%s more received, not written)" % format_count(
+            self.unwritten)) if self.unwritten else ""
+        return "Stopped: %s%s, %s received, %s, %s rejected" % (
+            plural(self.events, "event"), extra, format_bytes(self.bytes),
+            plural(self.accepted, "connection"), format_count(self.rejected))
 
 
 def keep_freed_memory() -> None:

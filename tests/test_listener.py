@@ -29,17 +29,21 @@ def received(events) -> bytes:
 class GuideOutputTest(unittest.TestCase):
     def test_guide_events_print_exactly_as_the_guide_shows(self):
         with Listener() as listener:
-            listener.send("".join(e + "\n" for e in GUIDE_EVENTS).encode())
+            with listener.connect() as sock:
+                sock.sendall("".join(e + "\n" for e in GUIDE_EVENTS).encode())
+                port = sock.getsockname()[1]
             listener.wait_stdout(8)
+            listener.wait_stderr("Closed")
             self.assertEqual(listener.stop(), 0)
             self.assertEqual(bytes(listener.out), received(GUIDE_EVENTS))
             lines = listener.stderr_text.splitlines()
             self.assertEqual(lines[0], "Starting on 127.0.0.1:%d"
                              % listener.address[1])
-            self.assertRegex(lines[1], r"^Connection from \('127\.0\.0\.1', "
-                                       r"\d+\)$")
-            self.assertRegex(lines[-1], r"^Stopped: 4 events, \d+ bytes, "
-                                        r"1 connections, 0 rejected$")
+            self.assertEqual(lines[1], "Connection from 127.0.0.1:%d" % port)
+            self.assertEqual(lines[2], "Closed 127.0.0.1:%d: 4 events" % port)
+            self.assertEqual(lines[-1], "Stopped: 4 events, %s received, "
+                             "1 connection, 0 rejected" % lec.format_bytes(
+                                 sum(len(e) + 1 for e in GUIDE_EVENTS)))
 
     def test_events_reach_a_pipe_while_the_peer_stays_connected(self):
         with Listener("-f", "raw") as listener, listener.connect() as sock:
@@ -107,7 +111,7 @@ class FramingTest(unittest.TestCase):
                 # The listener closes its end once it has read everything.
                 self.assertEqual(sock.recv(1), b"")
             self.assertEqual(listener.stop(), 0)
-            self.assertIn("Stopped: 64 events, 67108864 bytes",
+            self.assertIn("Stopped: 64 events, 64.0 MiB received",
                           listener.stderr_text)
 
 
@@ -185,7 +189,8 @@ class ConcurrencyTest(unittest.TestCase):
             self.assertEqual(sock.recv(1), b"")
             listener.wait_stdout(1)
             self.assertEqual(bytes(listener.out), b"partial\n")
-            listener.wait_stderr("idle")
+            listener.wait_stderr(r"Closed 127\.0\.0\.1:%d \(idle for 0\.3 s\)"
+                                 r": 1 event\n" % sock.getsockname()[1])
 
 
 class FormatTest(unittest.TestCase):
@@ -272,9 +277,25 @@ class FormatTest(unittest.TestCase):
 class StopTest(unittest.TestCase):
     def test_count_stops_after_exactly_n_events(self):
         with Listener("-f", "raw", "-n", "2") as listener:
-            listener.send(b"one\ntwo\nthree\n")
+            listener.send(b"one\ntwo\nthree\nfour\n")
             self.assertEqual(listener.finish(), 0)
             self.assertEqual(bytes(listener.out), b"one\ntwo\n")
+            self.assertRegex(listener.stderr_text,
+                             r"Stopped: 2 events \(2 more received, not "
+                             r"written\), 19 bytes received")
+
+    def test_count_reports_a_trailing_event_not_written(self):
+        with Listener("-f", "raw", "-n", "1") as listener:
+            listener.send(b"one")
+            self.assertEqual(listener.finish(), 0)
+            self.assertEqual(bytes(listener.out), b"one\n")
+            self.assertNotIn("more received", listener.stderr_text)
+        with Listener("-f", "raw", "-n", "1") as listener, \
+                listener.connect() as sock:
+            sock.sendall(b"one\ntrailing")
+            self.assertEqual(listener.finish(), 0)
+            self.assertIn("Stopped: 1 event (1 more received, not written)",
+                          listener.stderr_text)
 
     def test_timeout_exits_0_or_1_when_count_is_not_reached(self):
         with Listener("-t", "0.2") as listener:
@@ -500,17 +521,21 @@ class AddressTest(unittest.TestCase):
                 listener.wait_stdout(1)
             self.assertEqual(json.loads(listener.out)["peer"],
                              "[::1]:%d" % port)
+            listener.wait_stderr(r"Connection from \[::1\]:%d\n" % port)
+            listener.wait_stderr(r"Closed \[::1\]:%d: 1 event\n" % port)
 
     def test_allow_rejects_and_counts_other_networks(self):
         with Listener("-f", "raw", "--allow", "192.0.2.0/24",
                       "--allow", "10.0.0.0/8") as listener:
             with listener.connect() as sock:
                 sock.settimeout(TIMEOUT)
+                port = sock.getsockname()[1]
                 try:
                     self.assertEqual(sock.recv(1), b"")
                 except ConnectionResetError:
                     pass
-            listener.wait_stderr("Rejected connection from")
+            listener.wait_stderr(r"Rejected connection from 127\.0\.0\.1:%d\n"
+                                 % port)
             self.assertEqual(listener.stop(), 0)
             self.assertIn("1 rejected", listener.stderr_text)
         with Listener("-f", "raw", "--allow", "127.0.0.0/8") as listener:
@@ -522,6 +547,30 @@ class AddressTest(unittest.TestCase):
                       "-t", "0.2"]) as proc:
             self.assertEqual(proc.finish(), 0)
             self.assertEqual(proc.stderr_text, "")
+
+
+class HelperTest(unittest.TestCase):
+    """The formatting helpers both scripts use for people."""
+
+    def test_format_count_plural_and_bytes(self):
+        self.assertEqual(lec.format_count(1204), "1,204")
+        self.assertEqual(lec.format_count(0), "0")
+        self.assertEqual(lec.plural(1, "event"), "1 event")
+        self.assertEqual(lec.plural(0, "event"), "0 events")
+        self.assertEqual(lec.plural(1204, "event"), "1,204 events")
+        self.assertEqual(lec.plural(2, "entry", "entries"), "2 entries")
+        self.assertEqual(lec.format_bytes(1), "1 byte")
+        self.assertEqual(lec.format_bytes(1023), "1,023 bytes")
+        self.assertEqual(lec.format_bytes(1024), "1.0 KiB")
+        self.assertEqual(lec.format_bytes(542924), "530.2 KiB")
+        self.assertEqual(lec.format_bytes((1 << 20) - 1), "1.0 MiB")
+        self.assertEqual(lec.format_bytes(3 << 29), "1.5 GiB")
+
+    def test_format_peer_speaks_connection_string(self):
+        self.assertEqual(lec.format_peer(("127.0.0.1", 41882)),
+                         "127.0.0.1:41882")
+        self.assertEqual(lec.format_peer(("::1", 41882, 0, 0)),
+                         "[::1]:41882")
 
 
 class FramerTest(unittest.TestCase):
