@@ -10,6 +10,7 @@ its detections to its configured output (see listen_events_cybertrace.py).
 from __future__ import annotations
 
 import argparse
+import itertools
 import select
 import socket
 import sys
@@ -66,6 +67,15 @@ class SendError(UserError):
     """Sending failed; the message says how far it got."""
 
 
+class NothingToSend(UserError):
+    """The sources hold no event: nothing is worth a connection."""
+
+
+def warn(message: str) -> None:
+    """Print a warning on stderr; -q does not silence it."""
+    print("warning: " + message, file=sys.stderr, flush=True)
+
+
 def demo_events() -> List[bytes]:
     """Return one realistic event line per test indicator."""
     stamp = time.strftime("%b %d %H:%M:%S")
@@ -103,7 +113,8 @@ def frame_lines(lines: Iterable[bytes]) -> Iterator[tuple]:
             yield block, count
 
 
-def frame_stream(name: str, stream: BinaryIO) -> Iterator[tuple]:
+def frame_stream(name: str, stream: BinaryIO,
+                 check_binary: bool = True) -> Iterator[tuple]:
     """Yield (block, events) read from a file, one event per line."""
     # Events are not split on the way out: CyberTrace splits long ones.
     framer = EventFramer(sys.maxsize)
@@ -115,6 +126,12 @@ def frame_stream(name: str, stream: BinaryIO) -> Iterator[tuple]:
             raise UserError("cannot read %s: %s" % (name, exc.strerror))
         if block is None:
             break
+        if check_binary:
+            check_binary = False
+            # The first read is still whole at the start of the buffer.
+            if buffer.find(b"\0", 0, framer.received) >= 0:
+                warn("%s looks binary (NUL bytes in its first %d KiB); "
+                     "sending it as it is" % (name, READ_SIZE // 1024))
         block, count = drop_blank_lines(block)
         if count:
             yield block, count
@@ -169,7 +186,17 @@ def event_blocks(sources: list, repeat: int) -> Iterator[tuple]:
             else:
                 if round_number:
                     source.seek(0)
-                yield from frame_stream(name, source)
+                yield from frame_stream(name, source, not round_number)
+
+
+def some_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
+    """Return blocks unchanged, or raise NothingToSend if there are none."""
+    # Read the first event before connecting: an empty source then costs
+    # the peer no connection.
+    first = next(blocks, None)
+    if first is None:
+        raise NothingToSend("no events to send")
+    return itertools.chain([first], blocks)
 
 
 def connect(address: tuple, timeout: float) -> socket.socket:
@@ -184,6 +211,10 @@ def connect(address: tuple, timeout: float) -> socket.socket:
                         % (where, timeout))
     except OSError as exc:
         raise UserError("cannot connect to %s: %s" % (where, exc.strerror))
+
+
+def count_of(number: int, noun: str) -> str:
+    return "%s %s%s" % (f"{number:,}", noun, "" if number == 1 else "s")
 
 
 def count_lines(block, end: int) -> int:
@@ -397,8 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Send events to Kaspersky CyberTrace's input port, one "
         "line per event. With no FILE, --event or --demo, read stdin.",
-        epilog="Exit status: 0 when every event was sent (and, with "
-        "--reply-back, answered), 1 on an error, 2 on bad arguments.")
+        epilog="Exit status: 0 when the peer acknowledged every event (and, "
+        "with --reply-back, answered it), 1 on an error or when there are no "
+        "events to send, 2 on bad arguments, 130 on Ctrl+C. "
+        "'Acknowledged by the peer' means that the peer's TCP stack "
+        "received the bytes, not that a program read or processed them: a "
+        "listener that rejects the connection after the TCP handshake still "
+        "acknowledges what arrived before it closed. Only --reply-back's "
+        "LookupFinished answers show that CyberTrace processed each event.")
     parser.add_argument("files", nargs="*", metavar="FILE",
                         help="files of events, one per line ('-' is stdin)")
     parser.add_argument("-e", "--event", action="append", metavar="TEXT",
@@ -439,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print each event to stderr as the guide does "
                       "('Sending:' then the event)")
     talk.add_argument("-q", "--quiet", action="store_true",
-                      help="print nothing but errors")
+                      help="print nothing but errors and warnings")
     parser.add_argument("--version", action="version",
                         version="%(prog)s " + __version__)
     return parser
@@ -453,7 +490,7 @@ def run(args: argparse.Namespace) -> str:
         return "PONG from %s in %.1f ms" % (where, took * 1000)
     sources = open_sources(args)
     try:
-        blocks = event_blocks(sources, args.repeat)
+        blocks = some_events(event_blocks(sources, args.repeat))
         if args.rate:
             blocks = paced(blocks, args.rate)
         started = time.monotonic()
@@ -488,17 +525,40 @@ def run(args: argparse.Namespace) -> str:
             raise SendError("%s: %d of %d events answered (%s)" % (
                 where, replies.finished, stream.events,
                 replies.error or "connection closed by CyberTrace"))
-        summary += "; %d events received back" % replies.events
+        summary += "; %s answered: %s" % (
+            count_of(replies.finished, "event"),
+            count_of(replies.events - replies.finished, "detection"))
     return summary
+
+
+def refuse_ignored(parser: argparse.ArgumentParser,
+                   args: argparse.Namespace) -> None:
+    """Exit 2 on arguments that this combination would silently ignore."""
+    if args.ping:
+        ignored = [("FILE", args.files), ("-e/--event", args.event),
+                   ("--demo", args.demo), ("--rate", args.rate),
+                   ("--repeat", args.repeat != 1),
+                   ("-v/--verbose", args.verbose)]
+        for name, given in ignored:
+            if given:
+                parser.error("argument --ping: not allowed with %s (a ping "
+                             "sends no events)" % name)
+    if args.files.count("-") > 1:
+        # The first '-' reads stdin to its end: the others would get nothing.
+        parser.error("argument FILE: '-' (stdin) given more than once")
 
 
 def main(argv: Optional[list] = None) -> int:
     """Run the sender; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    refuse_ignored(parser, args)
     keep_freed_memory()
     try:
         summary = run(args)
+    except NothingToSend as exc:
+        warn(str(exc))
+        return 1
     except UserError as exc:
         print("%s: error: %s" % (parser.prog, exc), file=sys.stderr)
         return 1
