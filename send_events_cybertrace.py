@@ -19,9 +19,9 @@ import time
 from typing import BinaryIO, Iterable, Iterator, List, Optional
 
 from listen_events_cybertrace import (
-    EventFramer, UserError, chunk_receive, format_address, format_raw,
-    keep_freed_memory, parse_address, split_lines, _argument, _positive,
-    __version__)
+    EventFramer, UserError, chunk_receive, format_address, format_bytes,
+    format_count, format_raw, keep_freed_memory, parse_address, plural,
+    split_lines, _argument, _positive, __version__)
 
 try:
     from fcntl import ioctl
@@ -213,10 +213,6 @@ def connect(address: tuple, timeout: float) -> socket.socket:
         raise UserError("cannot connect to %s: %s" % (where, exc.strerror))
 
 
-def count_of(number: int, noun: str) -> str:
-    return "%s %s%s" % (f"{number:,}", noun, "" if number == 1 else "s")
-
-
 def count_lines(block, end: int) -> int:
     """Count the events in the first end bytes of a block."""
     if isinstance(block, memoryview):
@@ -290,8 +286,9 @@ class Stream:
         return self.events
 
     def progress(self, block=None, start: int = 0, before: int = 0) -> str:
-        return "%d events sent, %d acknowledged by the peer" % (
-            self.events, self.delivered(block, start, before))
+        return "%s sent, %s acknowledged by the peer" % (
+            plural(self.events, "event"),
+            format_count(self.delivered(block, start, before)))
 
     def wait_delivered(self, timeout: float) -> None:
         """Wait until the peer acknowledged every byte sent, or fail."""
@@ -518,16 +515,18 @@ def run(args: argparse.Namespace) -> str:
         took = time.monotonic() - started
     finally:
         close_sources(sources)
-    summary = "Sent %d events, %d bytes to %s in %.2f s" % (
-        stream.events, stream.bytes, where, took)
+    summary = "Sent %s, %s to %s in %.2f s" % (
+        plural(stream.events, "event"), format_bytes(stream.bytes), where,
+        took)
     if replies is not None:
         if replies.finished < stream.events:
-            raise SendError("%s: %d of %d events answered (%s)" % (
-                where, replies.finished, stream.events,
+            raise SendError("%s: %s of %s answered (%s)" % (
+                where, format_count(replies.finished),
+                plural(stream.events, "event"),
                 replies.error or "connection closed by CyberTrace"))
         summary += "; %s answered: %s" % (
-            count_of(replies.finished, "event"),
-            count_of(replies.events - replies.finished, "detection"))
+            plural(replies.finished, "event"),
+            plural(replies.events - replies.finished, "detection"))
     return summary
 
 

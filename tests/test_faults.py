@@ -236,10 +236,10 @@ class SenderFaultTest(unittest.TestCase):
             self.assertLess(took, 5)
             err = proc.stderr.decode()
             self.assertNotIn("Traceback", err)
-            found = re.search(r"timed out .*: (\d+) events sent, (\d+) "
+            found = re.search(r"timed out .*: ([\d,]+) events sent, ([\d,]+) "
                               r"acknowledged by the peer", err)
             self.assertIsNotNone(found, err)
-            acknowledged = int(found.group(2))
+            acknowledged = int(found.group(2).replace(",", ""))
             self.assertGreater(acknowledged, 0)
             self.assertLess(acknowledged, len(events))
             listener.wait_stdout(acknowledged)

@@ -180,7 +180,7 @@ class ReplyBackTest(unittest.TestCase):
             self.assertLess(time.monotonic() - started, TIMEOUT)
         self.assertEqual(proc.returncode, 1)
         self.assertRegex(proc.stderr.decode(),
-                         r"^\S+: error: .*0 of 1 events answered "
+                         r"^\S+: error: .*0 of 1 event answered "
                          r"\(timed out waiting for answers\)\n$")
 
     def test_flags_glued_to_the_first_event_are_parsed(self):
@@ -256,7 +256,7 @@ class ErrorTest(unittest.TestCase):
             proc = run_sender("-c", address(sink), "--repeat", "50",
                               stdin=b"event with some padding\n" * 10000)
         self.assert_error(proc, r"error: connection to 127\.0\.0\.1:\d+ lost:"
-                                r" .* \(\d+ events sent, \d+ acknowledged "
+                                r" .* \([\d,]+ events sent, [\d,]+ acknowledged "
                                 r"by the peer\)")
 
     def test_a_peer_that_stops_reading_times_out_with_a_count(self):
@@ -265,10 +265,11 @@ class ErrorTest(unittest.TestCase):
             proc = run_sender("-c", address(sink), "-t", "0.5",
                               stdin=b"event\n" * 2000000)
             self.assertLess(time.monotonic() - started, TIMEOUT)
-        self.assert_error(proc, r"error: timed out sending to .*: \d+ events "
-                                r"sent, \d+ acknowledged by the peer")
-        delivered = int(re.search(rb"(\d+) acknowledged",
-                                  proc.stderr).group(1))
+        self.assert_error(proc, r"error: timed out sending to .*: [\d,]+ "
+                                r"events sent, [\d,]+ acknowledged by the "
+                                r"peer")
+        delivered = int(re.search(rb"([\d,]+) acknowledged",
+                                  proc.stderr).group(1).replace(b",", b""))
         self.assertLess(delivered, 2000000)
 
     def test_success_means_acknowledged_not_just_written(self):
@@ -277,13 +278,15 @@ class ErrorTest(unittest.TestCase):
         with Sink("stall") as sink:
             proc = run_sender("-c", address(sink), "-t", "0.5",
                               stdin=b"event\n" * 20000)
-        self.assert_error(proc, r"error: timed out after 0\.5 s: 20000 "
-                                r"events sent, \d+ acknowledged by the peer")
+        self.assert_error(proc, r"error: timed out after 0\.5 s: 20,000 "
+                                r"events sent, [\d,]+ acknowledged by the "
+                                r"peer")
         with Sink("reset") as sink:
             proc = run_sender("-c", address(sink),
                               stdin=b"event with some padding\n" * 9000)
-        self.assert_error(proc, r"error: connection to .* lost: .*\(\d+ "
-                                r"events sent, \d+ acknowledged by the peer\)")
+        self.assert_error(proc, r"error: connection to .* lost: .*\([\d,]+ "
+                                r"events sent, [\d,]+ acknowledged by the "
+                                r"peer\)")
 
     def test_bad_arguments_exit_2(self):
         for args in (("-c", "nowhere"), ("--rate", "0"), ("--repeat", "x"),
