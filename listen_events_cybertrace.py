@@ -46,6 +46,10 @@ TURN_SECONDS = 0.002
 # fixed buffer this large holds a full turn at loopback and LAN speeds.
 RECV_BUFFER = 2 * 1024 * 1024
 MAX_CONNECTIONS = 512
+# Every peer may hold an event of up to MAX_EVENT_BYTES without its newline:
+# 512 such peers would hold half a GiB.  Past this budget for them all, the
+# largest held events go out in pieces instead.
+MAX_BUFFER_BYTES = 64 * 1024 * 1024
 # Time allowed on stop to read what the kernel already acknowledged to peers.
 DRAIN_SECONDS = 2.0
 FORMATS = ("text", "raw", "json")
@@ -126,6 +130,21 @@ class EventFramer:
         if len(rest) > self.max_event_bytes:
             return self._cut_block(rest + b"\n")
         return rest + b"\n"
+
+    def release(self) -> bytes:
+        """Give up the pending bytes as a piece of their event, with b"\\n"."""
+        # The last byte stays, so that the event's last piece is not empty
+        # when its b"\n" comes next; a b"\r" stays with it, lest its
+        # b"\n" make it a piece of its own.
+        keep = 2 if self.pending.endswith(b"\r") else 1
+        piece = self.pending[:len(self.pending) - keep]
+        if not piece:
+            return b""
+        self.pending = self.pending[len(piece):]
+        if not self._cutting:
+            self.split_events += 1
+            self._cutting = True
+        return piece + b"\n"
 
     def _cut_pending(self) -> bytes:
         # Keep one byte beyond the limit: it may be the b"\r" of a b"\r\n"
@@ -536,6 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="split a longer event into pieces of at most N bytes, each "
         "printed as an event, with a warning (default: %d)" % MAX_EVENT_BYTES)
     parser.add_argument(
+        "--max-buffer-bytes", metavar="N",
+        type=_argument(_positive(int), "N"), default=MAX_BUFFER_BYTES,
+        help="hold at most N bytes of unfinished events (no newline yet) "
+        "across all connections; past it, the largest are printed in "
+        "pieces, with a warning, as --max-event-bytes does; this keeps "
+        "memory bounded whatever peers send (default: %d, 64 MiB)"
+        % MAX_BUFFER_BYTES)
+    parser.add_argument(
         "-n", "--count", metavar="N", type=_argument(_positive(int), "N"),
         help="stop after N events (exit 0)")
     parser.add_argument(
@@ -652,6 +679,8 @@ class Listener:
         self.events = self.bytes = self.accepted = self.rejected = 0
         # Events received beyond --count: read, but not written.
         self.unwritten = 0
+        # Bytes of unfinished events held by all connections' framers.
+        self.held = 0
         self.stopping = False
         self.reopen_requested = False
         self.accepting = True
@@ -822,6 +851,7 @@ class Listener:
         """Read once from conn; return True if more may be waiting."""
         splits = conn.framer.split_events
         received = conn.framer.received
+        held = len(conn.framer.pending)
         try:
             block = conn.framer.read(conn.sock.recv_into, self.buffer)
         except (BlockingIOError, InterruptedError):
@@ -839,7 +869,31 @@ class Listener:
             self.warn_split(conn)
         if block:
             self.emit(block, conn)
+        self.held += len(conn.framer.pending) - held
+        if self.held > self.args.max_buffer_bytes:
+            self.keep_within_budget()
         return not self.done()
+
+    def keep_within_budget(self) -> None:
+        """Write out the largest unfinished events until the rest fit."""
+        # Counted afresh: a connection dropped on an internal error left
+        # its bytes in the running total.
+        self.held = sum(len(conn.framer.pending)
+                        for conn in self.connections.values())
+        while self.held > self.args.max_buffer_bytes and not self.done():
+            conn = max(self.connections.values(),
+                       key=lambda conn: len(conn.framer.pending))
+            splits = conn.framer.split_events
+            piece = conn.framer.release()
+            if not piece:
+                return
+            self.held -= len(piece) - 1
+            if conn.framer.split_events != splits:
+                self.warn("event from %s split into pieces: unfinished "
+                          "events held reached --max-buffer-bytes (%s)"
+                          % (conn.peer, format_bytes(
+                              self.args.max_buffer_bytes)))
+            self.emit(piece, conn)
 
     def done(self) -> bool:
         return bool(self.args.count) and self.events >= self.args.count
@@ -864,6 +918,7 @@ class Listener:
 
     def remove(self, conn: Connection, why: str = "") -> None:
         splits = conn.framer.split_events
+        self.held -= len(conn.framer.pending)
         block = conn.framer.close()
         if conn.framer.split_events != splits:
             self.warn_split(conn)
