@@ -50,9 +50,19 @@ MAX_CONNECTIONS = 512
 # 512 such peers would hold half a GiB.  Past this budget for them all, the
 # largest held events go out in pieces instead.
 MAX_BUFFER_BYTES = 64 * 1024 * 1024
+# select(), the only selector on Windows, watches at most 512 sockets there
+# (CPython's FD_SETSIZE), the listening and signal sockets included.
+WINDOWS_SELECT_SOCKETS = 512
 # Time allowed on stop to read what the kernel already acknowledged to peers.
 DRAIN_SECONDS = 2.0
 FORMATS = ("text", "raw", "json")
+# The signals the loop acts on, by name: a platform lacks some (Windows has
+# no SIGHUP or SIGUSR1, and Ctrl+Break raises SIGBREAK, which only it has),
+# so they are looked up by name (signal_numbers(), getattr), never assumed.
+LOOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP")
+# accept() fails with these when descriptors run out (WSAEMFILE: Windows).
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE,
+                      getattr(errno, "WSAEMFILE", errno.EMFILE))
 
 
 class UserError(Exception):
@@ -513,10 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Listen for events from Kaspersky CyberTrace (set its "
         "OutputSettings > ConnectionString to this address) and print them: "
         "events to stdout, status to stderr.",
-        epilog="Ctrl+C or SIGTERM stops after writing out everything already "
-        "received; SIGHUP reopens --output (for logrotate). Exit status: 0 "
-        "on a normal stop, 1 on an error (or --count not reached before "
-        "--timeout), 2 on bad arguments.")
+        epilog="Ctrl+C or SIGTERM (on Windows: Ctrl+C or Ctrl+Break) stops "
+        "after writing out everything already received; SIGHUP reopens "
+        "--output (for logrotate; Windows has no SIGHUP: restart the "
+        "listener instead). Exit status: 0 on a normal stop, 1 on an error "
+        "(or --count not reached before --timeout), 2 on bad arguments.")
     parser.add_argument(
         "-l", "--listen", metavar="ADDR:PORT",
         type=_argument(parse_address, "address"),
@@ -532,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
         "key=value fields (default: text)")
     parser.add_argument(
         "-o", "--output", metavar="FILE",
-        help="append events to FILE instead of stdout; SIGHUP reopens it")
+        help="append events to FILE instead of stdout; SIGHUP reopens it "
+        "(not on Windows)")
     parser.add_argument(
         "--allow", metavar="CIDR", action="append",
         type=_argument(lambda text: ipaddress.ip_network(text, strict=False),
@@ -543,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections", metavar="N", type=_argument(_positive(int), "N"),
         default=MAX_CONNECTIONS,
         help="connections served at once; more wait in the kernel's queue "
-        "until one closes (default: %d)" % MAX_CONNECTIONS)
+        "until one closes (default: %d; on Windows at most %d, all that "
+        "select() watches there)" % (MAX_CONNECTIONS,
+                                     WINDOWS_SELECT_SOCKETS - 2))
     parser.add_argument(
         "--idle-timeout", metavar="SECONDS",
         type=_argument(_positive(float), "seconds"),
@@ -585,13 +599,20 @@ class Output:
     def __init__(self, path: Optional[str]) -> None:
         self.path = path
         # fd 1 itself: sys.stdout is None when the shell closed it (>&-).
-        self.fd = self._open() if path else 1
+        self.fd = self._open() if path else binary_stdout()
         self.terminal = os.isatty(self.fd)
+        # A Windows console shows UTF-8 only through sys.stdout, which
+        # writes wide characters; os.write would use its code page.
+        self.console = None
+        if os.name == "nt" and self.terminal and not path:
+            self.console = getattr(sys.stdout, "buffer", None)
 
     def _open(self) -> int:
+        # O_BINARY: on Windows, a file opened without it gets "\r\n".
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | \
+            getattr(os, "O_BINARY", 0)
         try:
-            return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                           0o644)
+            return os.open(self.path, flags, 0o644)
         except OSError as exc:
             raise UserError("cannot open %s: %s" % (self.path, exc.strerror))
 
@@ -607,6 +628,13 @@ class Output:
         return True
 
     def write(self, data: bytes) -> None:
+        if self.console is not None:
+            try:
+                self.console.write(data)
+                self.console.flush()
+            except OSError as exc:
+                raise UserError("cannot write to stdout: %s" % exc.strerror)
+            return
         view = memoryview(data)
         while view:
             try:
@@ -621,6 +649,16 @@ class Output:
     def close(self) -> None:
         if self.path:
             os.close(self.fd)
+
+
+def binary_stdout() -> int:
+    """Return fd 1, set to write bytes untranslated (no "\\r\\n" on Windows)."""
+    try:
+        import msvcrt
+        msvcrt.setmode(1, os.O_BINARY)
+    except (ImportError, OSError):
+        pass  # not Windows (always binary), or no stdout at all
+    return 1
 
 
 class Connection:
@@ -648,6 +686,19 @@ def receive_buffer_granted() -> bool:
                                     socket.SO_RCVBUF) >= RECV_BUFFER
     except OSError:
         return False
+
+
+def claim_port(server: socket.socket) -> None:
+    """Let a restarted listener bind at once, but no other program."""
+    if os.name == "nt":
+        # Windows' SO_REUSEADDR would let a second program take the port;
+        # it never holds a port in TIME_WAIT against a new listener anyway.
+        exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
+        if exclusive is not None:
+            server.setsockopt(socket.SOL_SOCKET, exclusive, 1)
+    else:
+        # A restarted listener must not wait for TIME_WAIT to expire.
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
 def queued_bytes(sock: socket.socket) -> Optional[int]:
@@ -710,8 +761,7 @@ class Listener:
         family, kind, proto, _, address = infos[0]
         server = socket.socket(family, kind, proto)
         try:
-            # A restarted listener must not wait for TIME_WAIT to expire.
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            claim_port(server)
             # Set before listen(): accepted sockets inherit it, and the
             # window scale they offer in the handshake follows from it.
             if receive_buffer_granted():
@@ -781,7 +831,7 @@ class Listener:
         except OSError as exc:
             # A peer that reset before we took it, or out of descriptors:
             # either way the listener goes on.
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
+            if exc.errno in OUT_OF_DESCRIPTORS:
                 self.warn("out of file descriptors; lower --max-connections")
                 self.args.max_connections = max(1, len(self.connections))
                 if not self.connections:
@@ -945,7 +995,7 @@ class Listener:
         except OSError:
             return
         for number in signals:
-            if number == signal.SIGHUP:
+            if number == getattr(signal, "SIGHUP", None):
                 self.reopen_requested = True
             else:
                 self.stopping = True
@@ -1003,17 +1053,45 @@ def keep_freed_memory() -> None:
     # costs a page fault per 4 KiB: a fifth of the time of a text batch.
     # Memory stays bounded: the batches are.
     try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return  # not glibc (musl): nothing to tune
         import ctypes
         mallopt = ctypes.CDLL(None).mallopt
-    except (ImportError, OSError, AttributeError):
-        return  # not glibc: nothing to tune
+    except (AttributeError, ValueError, OSError, ImportError):
+        # No os.confstr (Windows), no such name (macOS), or no ctypes.
+        return
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_trim_threshold, 16 << 20)
     mallopt(m_mmap_threshold, 16 << 20)
 
 
+def signal_numbers(names: tuple = LOOP_SIGNALS) -> list:
+    """Return the numbers of the named signals this platform has."""
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
+def selector_capacity(selector: selectors.BaseSelector) -> Optional[int]:
+    """Return how many peers the selector can watch, or None if unbounded."""
+    if os.name == "nt" and isinstance(selector, selectors.SelectSelector):
+        return WINDOWS_SELECT_SOCKETS - 2  # the listening and signal sockets
+    return None
+
+
+def fit_connections(listener: Listener) -> None:
+    """Lower --max-connections to what the selector can watch."""
+    most = selector_capacity(listener.selector)
+    asked = listener.args.max_connections
+    if most is None or asked <= most:
+        return
+    if asked != MAX_CONNECTIONS:  # the default is no one's request
+        listener.warn("--max-connections %d: select() here watches at most "
+                      "%d connections; serving %d at once" % (asked, most,
+                                                               most))
+    listener.args.max_connections = most
+
+
 def install_signals(listener: Listener) -> tuple:
-    """Route SIGINT, SIGTERM and SIGHUP into the selector loop."""
+    """Route the LOOP_SIGNALS this platform has into the selector loop."""
     reader, writer = socket.socketpair()
     reader.setblocking(False)
     writer.setblocking(False)
@@ -1021,14 +1099,14 @@ def install_signals(listener: Listener) -> tuple:
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     # The handlers only need to exist: the wakeup fd carries the signal
     # number into the loop, where it is acted on between two batches.
-    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for number in signal_numbers():
         signal.signal(number, lambda *_: None)
     return reader, writer
 
 
 def restore_signals(pair: tuple) -> None:
     signal.set_wakeup_fd(-1)
-    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for number in signal_numbers():
         signal.signal(number, signal.SIG_DFL if number != signal.SIGINT
                       else signal.default_int_handler)
     for sock in pair:
@@ -1047,6 +1125,7 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     keep_freed_memory()
     listener = Listener(args, output)
+    fit_connections(listener)
     pair = install_signals(listener)
     try:
         listener.bind()
