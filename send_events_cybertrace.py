@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import select
+import signal
 import socket
 import sys
 import threading
@@ -26,8 +27,11 @@ from listen_events_cybertrace import (
 try:
     from fcntl import ioctl
     from termios import TIOCOUTQ
-except ImportError:  # not on Linux or BSD: count what the kernel took
+except ImportError:  # not on Linux: see unacknowledged_bytes()
     ioctl = TIOCOUTQ = None
+# macOS tells the same through a socket option its headers name SO_NWRITE.
+SO_NWRITE = getattr(socket, "SO_NWRITE",
+                    0x1024 if sys.platform == "darwin" else None)
 
 CYBERTRACE_ADDR = "127.0.0.1"
 CYBERTRACE_PORT = 9999
@@ -36,6 +40,9 @@ TIMEOUT = 5.0
 # calls.  As for the listener's reads, a block's lines must fit in one of
 # Python's 1 MiB arenas, or each block maps and faults in a fresh one.
 READ_SIZE = 512 * 1024
+# select() said the socket is readable, so even without this flag
+# (Windows) the read does not block.
+DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 PING = b"X-KF-ReplyBackPING"
 FINISHED = b"LookupFinished"
@@ -213,6 +220,23 @@ def connect(address: tuple, timeout: float) -> socket.socket:
         raise UserError("cannot connect to %s: %s" % (where, exc.strerror))
 
 
+def unacknowledged_bytes(sock: socket.socket) -> int:
+    """Return how many sent bytes the peer has not acknowledged yet.
+
+    Where the kernel cannot tell (Windows), 0: what it took counts as
+    delivered.
+    """
+    try:
+        if ioctl is not None:
+            answer = ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
+            return int.from_bytes(answer, sys.byteorder)
+        if SO_NWRITE is not None:
+            return sock.getsockopt(socket.SOL_SOCKET, SO_NWRITE)
+    except OSError:
+        pass
+    return 0
+
+
 def count_lines(block, end: int) -> int:
     """Count the events in the first end bytes of a block."""
     if isinstance(block, memoryview):
@@ -264,13 +288,7 @@ class Stream:
 
     def update_acked(self) -> None:
         """Ask the kernel how much the peer acknowledged."""
-        queued = 0  # unknown without TIOCOUTQ: count what the kernel took
-        if ioctl is not None:
-            try:
-                answer = ioctl(self.sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
-                queued = int.from_bytes(answer, sys.byteorder)
-            except OSError:
-                pass
+        queued = unacknowledged_bytes(self.sock)
         self.acked = max(self.acked, self.bytes - queued)
         while self.tails and \
                 self.tails[0][0] + len(self.tails[0][2]) <= self.acked:
@@ -306,7 +324,7 @@ class Stream:
             # one that resets tells us the events did not all arrive.
             if select.select(watch, [], [], pause)[0]:
                 try:
-                    if not self.sock.recv(65536, socket.MSG_DONTWAIT):
+                    if not self.sock.recv(65536, DONTWAIT):
                         watch = []
                 except BlockingIOError:
                     pass
@@ -553,6 +571,9 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     refuse_ignored(parser, args)
     keep_freed_memory()
+    if hasattr(signal, "SIGBREAK"):
+        # Ctrl+Break in a Windows console stops the sender as Ctrl+C does.
+        signal.signal(signal.SIGBREAK, signal.default_int_handler)
     try:
         summary = run(args)
     except NothingToSend as exc:
