@@ -79,6 +79,7 @@ class Process:
         self.err = bytearray()
         self.cond = threading.Condition()
         self.threads = []
+        self.ended = 0  # pipes at end of file
         for pipe, buf in ((self.proc.stdout, self.out),
                           (self.proc.stderr, self.err)):
             if pipe is not None:
@@ -92,6 +93,7 @@ class Process:
             data = os.read(pipe.fileno(), 65536)
             with self.cond:
                 buf += data
+                self.ended += not data
                 self.cond.notify_all()
             if not data:
                 return
@@ -104,10 +106,15 @@ class Process:
             # polled every few milliseconds.
             while not predicate():
                 left = deadline - time.monotonic()
+                # A process that closed its output (it crashed, say) will
+                # not change its mind: fail now, not at the deadline.
+                if self.ended == len(self.threads) and self.proc.poll() \
+                        is not None:
+                    left = 0
                 if left > 0:
                     self.cond.wait(min(left, 0.02))
                     continue
-                raise AssertionError("timed out waiting for %s; stdout=%r "
+                raise AssertionError("gave up waiting for %s; stdout=%r "
                                      "stderr=%r" % (what or predicate,
                                                     bytes(self.out[-2000:]),
                                                     bytes(self.err[-2000:])))
