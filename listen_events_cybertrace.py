@@ -652,7 +652,7 @@ class Output:
 
 
 def binary_stdout() -> int:
-    """Return fd 1, set to write bytes untranslated (no "\\r\\n" on Windows)."""
+    """Return fd 1, set to write bytes as they are (no "\\r\\n" on Windows)."""
     try:
         import msvcrt
         msvcrt.setmode(1, os.O_BINARY)

@@ -179,7 +179,8 @@ class Listener(Process):
         super().__init__([sys.executable, str(LISTENER), "-l", listen,
                           *args], **kwargs)
         try:
-            found = self.wait_stderr(r"Starting on \[?([^\]\s]+?)\]?:(\d+)\n")
+            found = self.wait_stderr(
+                r"Starting on \[?([^\]\s]+?)\]?:(\d+)\r?\n")
         except AssertionError:
             self.close()
             raise

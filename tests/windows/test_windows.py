@@ -1,0 +1,366 @@
+"""Both scripts on a real Windows Python: run by tests/windows/run.py.
+
+run.py starts this module under wine with the official embeddable CPython
+(python.exe), after it ran the same capture() on Linux into a reference
+folder (CYBERTRACE_LINUX_REFERENCE), so that every format is compared
+byte for byte with the Linux run.  Each script runs as a Windows process
+of that python.exe; the test's sockets are Windows sockets too.
+
+What wine cannot do is skipped with the exact reason; everything else is
+a real check.  Not part of `unittest discover -s tests` (this folder is no
+package): it needs Windows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from fake_cybertrace import FakeCyberTrace  # noqa: E402
+from support import (GUIDE_EVENTS, LISTENER, SENDER, TIMEOUT,  # noqa: E402
+                     Listener, Process, user_env)
+
+WINDOWS = os.name == "nt"
+FORMATS = ("text", "raw", "json")
+REFERENCE = os.environ.get("CYBERTRACE_LINUX_REFERENCE")
+CTRL_C_EVENT, CTRL_BREAK_EVENT = 0, 1
+
+# Each peer's events, sent on a connection of its own, one peer after the
+# other so that the output's order is fixed.  They hold what a platform
+# could mangle: \r\n, bytes that are not UTF-8, controls, quotes and
+# backslashes for JSON, non-ASCII text, a long event, and a last event
+# without its newline.
+PEERS = [
+    [GUIDE_EVENTS[0].encode() + b"\r\n", GUIDE_EVENTS[1].encode() + b"\n"],
+    [b'quote " and backslash \\ key=va"l\\ue\n',
+     b"not UTF-8 \xff\xfe key=\xc3(\n",
+     b"ESC \x1b[31m BEL \x07 key=v\r\n",
+     "Привет key=значение | k2=v2\n".encode()],
+    [b"x" * 200000 + b" key=long\n", b"last without newline key=1"],
+]
+EVENTS = sum(len(events) for events in PEERS)
+LINES_PER_EVENT = {"text": 2, "raw": 1, "json": 1}
+JSON_HEAD = re.compile(rb'^\{"time":"(\d{4}-\d\d-\d\dT[\d:]{8}\.\d{3}Z)",'
+                       rb'"peer":"127\.0\.0\.1:(\d+)"', re.M)
+
+
+def is_wine() -> bool:
+    """Tell whether this Windows is wine."""
+    try:
+        import ctypes
+        return hasattr(ctypes.WinDLL("ntdll"), "wine_get_version")
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
+def send_peers(listener: Listener, lines_per_event: int,
+               path: str | None = None) -> list:
+    """Send PEERS in turn, each once printed; return their local ports."""
+    ports = []
+    done = 0
+    for events in PEERS:
+        with listener.connect() as sock:
+            ports.append(sock.getsockname()[1])
+            sock.sendall(b"".join(events))
+        done += len(events) * lines_per_event
+        if path is None:
+            listener.wait_stdout(done)
+        else:
+            listener.wait_for(lambda: os.path.exists(path) and
+                              read(path).count(b"\n") >= done,
+                              what="%d lines in %s" % (done, path))
+    return ports
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def normalize_json(out: bytes, ports: list) -> bytes:
+    """Put the n-th peer as PEERn and the reception time as TIME."""
+    def replace(found):
+        port = int(found.group(2))
+        peer = b"PEER%d" % ports.index(port) if port in ports else \
+            found.group(0)
+        return b'{"time":"TIME","peer":"' + peer + b'"'
+    return JSON_HEAD.sub(replace, out)
+
+
+def capture(fmt: str, to_file: bool = False) -> tuple:
+    """Run the listener on PEERS in fmt; return (stdout, stderr, status)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "events.out") if to_file else None
+        args = ["-f", fmt, "-n", str(EVENTS)]
+        with Listener(*args, *(["-o", path] if path else [])) as listener:
+            ports = send_peers(listener, LINES_PER_EVENT[fmt], path)
+            status = listener.finish()
+            out = read(path) if path else bytes(listener.out)
+            err = listener.stderr_text
+    if fmt == "json":
+        out = normalize_json(out, ports)
+    return out, err, status
+
+
+def write_reference(folder: str) -> None:
+    """Write capture()'s output of each format into folder (the Linux run)."""
+    os.makedirs(folder, exist_ok=True)
+    for fmt in FORMATS:
+        out, err, status = capture(fmt)
+        if status != 0:
+            raise SystemExit("reference run of -f %s failed: %s" % (fmt, err))
+        with open(os.path.join(folder, fmt + ".out"), "wb") as file:
+            file.write(out)
+
+
+def run_script(script: Path, *args: str, timeout: float = TIMEOUT):
+    return subprocess.run([sys.executable, str(script), *args],
+                          stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=timeout, env=user_env())
+
+
+def setUpModule():
+    if not WINDOWS:
+        raise unittest.SkipTest("needs Windows: run tests/windows/run.py")
+    # Console events reach every process on the console, this one too.
+    signal.signal(signal.SIGINT, lambda *_: None)
+    signal.signal(signal.SIGBREAK, lambda *_: None)
+
+
+def tearDownModule():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGBREAK, signal.SIG_DFL)
+
+
+class WindowsTest(unittest.TestCase):
+
+    def assertNoTraceback(self, stderr) -> None:
+        if isinstance(stderr, str):
+            stderr = stderr.encode()
+        self.assertNotIn(b"Traceback", stderr)
+
+    def assertOneErrorLine(self, done, status: int, pattern: bytes) -> None:
+        self.assertEqual(done.returncode, status, done.stderr)
+        self.assertNoTraceback(done.stderr)
+        self.assertRegex(done.stderr, pattern)
+        if status == 1:
+            self.assertEqual(done.stderr.count(b"\n"), 1, done.stderr)
+
+
+class ListenerTest(WindowsTest):
+
+    def test_formats_are_byte_identical_to_linux(self):
+        if REFERENCE is None:
+            if os.environ.get("CI") == "true":
+                self.fail("CYBERTRACE_LINUX_REFERENCE is not set: run "
+                          "this module through tests/windows/run.py")
+            self.skipTest("no Linux run to compare with: run this module "
+                          "through tests/windows/run.py")
+        for fmt in FORMATS:
+            with self.subTest(format=fmt):
+                out, err, status = capture(fmt)
+                self.assertEqual(status, 0, err)
+                self.assertIn("Stopped: %d events" % EVENTS, err)
+                self.assertNoTraceback(err)
+                expected = read(os.path.join(REFERENCE, fmt + ".out"))
+                self.assertEqual(out.count(b"\n"),
+                                 EVENTS * LINES_PER_EVENT[fmt])
+                self.assertEqual(out, expected)
+        with self.subTest(output="-o FILE"):
+            out, err, status = capture("raw", to_file=True)
+            self.assertEqual(status, 0, err)
+            self.assertEqual(out, read(os.path.join(REFERENCE, "raw.out")))
+
+    def test_count_stops_at_once_and_timeout_reports(self):
+        with Listener("-f", "raw", "-n", "2", "-t", "60") as listener:
+            listener.send(b"one\ntwo\nthree\n")
+            self.assertEqual(listener.finish(), 0)
+            self.assertEqual(bytes(listener.out), b"one\ntwo\n")
+            self.assertIn("Stopped: 2 events", listener.stderr_text)
+        with Listener("-f", "raw", "-n", "5", "-t", "1") as listener:
+            listener.send(b"only one\n")
+            self.assertEqual(listener.finish(), 1)
+            self.assertIn("timeout: received 1 of 5 events",
+                          listener.stderr_text)
+        with Listener("-t", "0.5") as listener:
+            self.assertEqual(listener.finish(), 0)
+            self.assertIn("Stopped: 0 events", listener.stderr_text)
+
+    def console_event(self, event: int) -> None:
+        """Send a console control event to every process on the console."""
+        import ctypes
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        if not kernel32.GetConsoleWindow() and \
+                not kernel32.GetConsoleOutputCP():
+            self.skipTest("no console to send Ctrl+C on: run this module "
+                          "through tests/windows/run.py (it gives wine one)")
+        if not kernel32.GenerateConsoleCtrlEvent(event, 0):
+            error = ctypes.get_last_error()
+            if is_wine():
+                self.skipTest("wine cannot generate this console event "
+                              "(GenerateConsoleCtrlEvent(%d, 0) fails with "
+                              "%s); the signal path is tested with "
+                              "signal.raise_signal" % (event,
+                                                       ctypes.FormatError(
+                                                           error)))
+            raise ctypes.WinError(error)
+
+    def stop_with(self, stop) -> None:
+        with Listener("-f", "raw") as listener:
+            for peer in range(3):
+                listener.send(b"peer %d one\r\npeer %d two\n"
+                              % (peer, peer))
+            listener.wait_stdout(6)
+            with listener.connect() as held:
+                held.sendall(b"still open\n")
+                listener.wait_stdout(7)
+                stop(listener)
+                self.assertEqual(listener.finish(), 0)
+            self.assertIn("Stopped: 7 events", listener.stderr_text)
+            self.assertNoTraceback(listener.err)
+            self.assertEqual(sorted(bytes(listener.out).split(b"\n")),
+                             sorted([b""] + [b"peer %d %s" % (p, w)
+                                             for p in range(3)
+                                             for w in (b"one", b"two")] +
+                                    [b"still open"]))
+
+    def test_ctrl_c_stops_with_the_summary(self):
+        self.stop_with(lambda _: self.console_event(CTRL_C_EVENT))
+
+    def test_ctrl_break_stops_with_the_summary(self):
+        self.stop_with(lambda _: self.console_event(CTRL_BREAK_EVENT))
+
+    def test_sigint_and_sigbreak_stop_through_the_wakeup_socket(self):
+        # The listener's own stop path, driven from inside: the handler
+        # that install_signals() set gets the signal, as from a console.
+        for name in ("SIGINT", "SIGBREAK"):
+            with self.subTest(signal=name):
+                code = ("import sys, threading, signal\n"
+                        "import listen_events_cybertrace as lec\n"
+                        "def stop():\n"
+                        "    sys.stdin.readline()\n"
+                        "    signal.raise_signal(signal.%s)\n"
+                        "threading.Thread(target=stop, daemon=True).start()\n"
+                        "sys.exit(lec.main(['-l', '127.0.0.1:0', '-f', "
+                        "'raw']))\n" % name)
+                with Process([sys.executable, "-c", code],
+                             stdin=subprocess.PIPE) as proc:
+                    found = proc.wait_stderr(r"Starting on [\d.]+:(\d+)")
+                    address = ("127.0.0.1", int(found.group(1)))
+                    with socket.create_connection(address, TIMEOUT) as sock:
+                        sock.sendall(b"before stop\n")
+                    proc.wait_stdout(1)
+                    proc.proc.stdin.write(b"stop\n")
+                    proc.proc.stdin.flush()
+                    self.assertEqual(proc.finish(), 0, proc.stderr_text)
+                    self.assertEqual(bytes(proc.out), b"before stop\n")
+                    self.assertIn("Stopped: 1 events", proc.stderr_text)
+
+    def test_help_says_what_windows_lacks(self):
+        done = run_script(LISTENER, "--help")
+        self.assertEqual(done.returncode, 0)
+        text = b" ".join(done.stdout.split())
+        self.assertIn(b"Windows has no SIGHUP", text)
+        self.assertIn(b"Ctrl+Break", text)
+
+    def test_max_connections_capped_to_what_select_watches(self):
+        with Listener("--max-connections", "1000", "-t", "0.5") as listener:
+            self.assertEqual(listener.finish(), 0)
+            self.assertIn("warning: --max-connections 1000: select() here "
+                          "watches at most 510 connections",
+                          listener.stderr_text)
+
+    def test_one_peer_more_than_select_watches_waits_its_turn(self):
+        with Listener("-f", "raw") as listener:
+            socks = []
+            try:
+                # One more than select() may watch: the last one waits.
+                for index in range(511):
+                    sock = listener.connect()
+                    socks.append(sock)
+                    sock.sendall(b"peer %d\n" % index)
+                listener.wait_stderr(r"warning: 510 connections open")
+                listener.wait_stdout(510)
+                socks.pop(0).close()
+                listener.wait_stdout(511)
+            finally:
+                for sock in socks:
+                    sock.close()
+            listener.signal(signal.SIGTERM)
+            listener.finish()
+            self.assertNotIn("--max-connections 512", listener.stderr_text)
+            self.assertNoTraceback(listener.err)
+
+    def test_port_in_use_and_bad_addresses(self):
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            done = run_script(LISTENER, "-l", "127.0.0.1:%d" % port)
+            self.assertOneErrorLine(done, 1, rb"error: cannot listen on "
+                                    rb"127\.0\.0\.1:%d: " % port)
+        done = run_script(LISTENER, "-l", "192.0.2.1:0")
+        self.assertOneErrorLine(done, 1, rb"error: cannot listen on "
+                                rb"192\.0\.2\.1:0: ")
+        for bad in ("nonsense", "127.0.0.1:99999", "[::1:9998"):
+            with self.subTest(address=bad):
+                done = run_script(LISTENER, "-l", bad)
+                self.assertOneErrorLine(done, 2, rb"error: argument -l")
+        done = run_script(SENDER, "-c", "127.0.0.1:%d" % port, "-e", "x")
+        self.assertOneErrorLine(done, 1, rb"error: cannot connect to ")
+        done = run_script(SENDER, "-c", "nonsense")
+        self.assertOneErrorLine(done, 2, rb"error: argument -c")
+
+
+class SenderTest(WindowsTest):
+
+    def test_file_event_and_demo_reach_the_listener(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "events.log")
+            with open(path, "wb") as file:
+                file.write(b"from a file\r\n\r\nits second line\n")
+            with Listener("-f", "raw") as listener:
+                where = "%s:%d" % listener.address
+                for args, count in (([path], 2), (["-e", "one event"], 1),
+                                    (["--demo"], 17)):
+                    done = run_script(SENDER, "-c", where, *args)
+                    self.assertEqual(done.returncode, 0, done.stderr)
+                    self.assertRegex(done.stderr, rb"^Sent %d events" % count)
+                listener.wait_stdout(20)
+                listener.signal(signal.SIGTERM)
+                listener.finish()
+                lines = bytes(listener.out).split(b"\n")
+        self.assertEqual(lines[:3], [b"from a file", b"its second line",
+                                     b"one event"])
+        self.assertEqual(sum(b"cybertrace-demo" in x for x in lines), 17)
+
+    def test_ping_and_reply_back_against_the_stand_in(self):
+        with FakeCyberTrace() as ct:
+            where = "%s:%d" % ct.address
+            done = run_script(SENDER, "--ping", "-c", where)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertRegex(done.stderr, rb"^PONG from ")
+            done = run_script(SENDER, "--demo", "--reply-back", "-c", where)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(done.stdout.count(b"LookupFinished"), 17)
+            self.assertEqual(done.stdout.count(b"matchedIndicator="), 17)
+            self.assertNotIn(b"\r\n", done.stdout)
+        with FakeCyberTrace(pong=b"") as ct:
+            done = run_script(SENDER, "--ping", "-c", "%s:%d" % ct.address)
+            self.assertOneErrorLine(done, 1, rb"error: no PONG from ")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--reference"]:
+        write_reference(sys.argv[2])
+    else:
+        unittest.main()
