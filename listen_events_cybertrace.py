@@ -55,11 +55,13 @@ MAX_BUFFER_BYTES = 64 * 1024 * 1024
 WINDOWS_SELECT_SOCKETS = 512
 # Time allowed on stop to read what the kernel already acknowledged to peers.
 DRAIN_SECONDS = 2.0
+# The live status line on a terminal is redrawn at most this often.
+LIVE_SECONDS = 0.25
 FORMATS = ("text", "raw", "json")
 # The signals the loop acts on, by name: a platform lacks some (Windows has
 # no SIGHUP or SIGUSR1, and Ctrl+Break raises SIGBREAK, which only it has),
 # so they are looked up by name (signal_numbers(), getattr), never assumed.
-LOOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP")
+LOOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP", "SIGUSR1")
 # accept() fails with these when descriptors run out (WSAEMFILE: Windows).
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE,
                       getattr(errno, "WSAEMFILE", errno.EMFILE))
@@ -227,13 +229,16 @@ def parse_response(connection: socket.socket,
 # White space is ASCII's only, so that text and bytes (the JSON fast path)
 # are cut alike.
 _FIELD_SPLIT = re.compile(r"(?:^|[ |])([^\s|=]+)=", re.ASCII)
+# A value ends before the white space that precedes the next key or the end
+# of the event: "k=a  b   c=d" gives "a  b".  The event keeps every byte.
+_WHITE = " \t\n\r\x0b\x0c"
 
 
 def parse_fields(event: str) -> dict:
     """Return the event's key=value pairs; a repeated key gets a list."""
     parts = _FIELD_SPLIT.split(event)
     keys = parts[1::2]
-    values = parts[2::2]
+    values = [value.rstrip(_WHITE) for value in parts[2::2]]
     fields = dict(zip(keys, values))
     if len(fields) == len(keys):
         return fields
@@ -331,11 +336,20 @@ class JsonPlan:
 
     def __init__(self, event: bytes) -> None:
         keys = list(_FIELD_SPLIT_BYTES.finditer(event))
-        pattern = [re.escape(m.group(0)) + self.VALUE for m in keys]
+        # A value that ends with white space, which parse_fields trims, is
+        # left to the general path: a look back after each later key (and
+        # at the end) refuses it; the prefix is no field.  After the key,
+        # not before: sre still finds the key by its first byte, and looks
+        # back once per field.
+        pattern = [re.escape(m.group(0)) + (b"(?<!\\s%s)" % re.escape(
+            m.group(0)) if index else b"") + self.VALUE
+            for index, m in enumerate(keys)]
+        end = b"(?<!\\s)\n" if keys else b"\n"
         if not keys or keys[0].start():
             pattern.insert(0, self.VALUE)  # the prefix: a group, not a field
         # Group 1 is the whole event; a value's group number follows.
-        self.match = re.compile(b"(" + b"".join(pattern) + b")\n").fullmatch
+        self.match = re.compile(b"(" + b"".join(pattern) + b")" + end
+                                ).fullmatch
         first = 2 + len(pattern) - len(keys)
         groups = {}
         for number, m in enumerate(keys, first):
@@ -363,6 +377,8 @@ class JsonPlan:
         parts = _FIELD_SPLIT_BYTES.split(event)
         if any(b"=" in text for text in parts[::2]):  # prefix and values
             return None
+        if any(value[-1:].isspace() for value in parts[2::2]):
+            return None  # the plan would refuse its own template
         return cls(event)
 
 
@@ -508,13 +524,42 @@ def _argument(convert, name):
     return parse
 
 
+def _number(kind, text: str):
+    """Convert text to an int or a finite float, in words when it fails."""
+    # Python's own words ("invalid literal for int() with base 10") are
+    # meant for programmers.
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError("not a whole number" if kind is int
+                         else "not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("not a finite number")
+    return value
+
+
 def _positive(kind):
     def convert(text):
-        value = kind(text)
+        value = _number(kind, text)
         if not value > 0:
             raise ValueError("must be greater than 0")
         return value
     return convert
+
+
+def _network(text: str):
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError("not a network (such as 192.0.2.0/24, 10.0.0.5 or "
+                         "2001:db8::/32)") from None
+
+
+def _file_name(text: str) -> str:
+    if not text:
+        # An empty name is a slip (an unset shell variable), not stdout.
+        raise argparse.ArgumentTypeError("empty file name")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -543,12 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
         "key=value fields (default: text)")
     parser.add_argument(
         "-o", "--output", metavar="FILE",
+        type=_file_name,
         help="append events to FILE instead of stdout; SIGHUP reopens it "
         "(not on Windows)")
     parser.add_argument(
         "--allow", metavar="CIDR", action="append",
-        type=_argument(lambda text: ipaddress.ip_network(text, strict=False),
-                       "network"),
+        type=_argument(_network, "network"),
         help="accept connections only from this network (repeatable), "
         "e.g. 192.0.2.0/24 or ::1; others are closed and counted")
     parser.add_argument(
@@ -584,8 +629,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_argument(_positive(float), "seconds"),
         help="stop after SECONDS (exit 0; exit 1 if --count was given and "
         "not reached)")
+    parser.add_argument(
+        "--stats", metavar="SECONDS",
+        type=_argument(_positive(float), "seconds"),
+        help="print a status line with the counters (events, bytes, events/s, "
+        "open connections) every SECONDS, for logs; even with -q. SIGUSR1 "
+        "prints one at once")
     parser.add_argument("-q", "--quiet", action="store_true",
-                        help="print no status lines, only errors")
+                        help="print no status lines (and no live line on a "
+                        "terminal), only errors, warnings and --stats")
     parser.add_argument("--version", action="version",
                         version="%(prog)s " + __version__)
     return parser
@@ -661,6 +713,148 @@ def binary_stdout() -> int:
     return 1
 
 
+class Console:
+    """Write status lines to stderr, and on a terminal one live line.
+
+    The live line rewrites itself in place, as pv's does; any other line,
+    and events written to a terminal, first clear it, so it never mixes
+    with them.  stdout never sees it.
+    """
+
+    def __init__(self, quiet: bool = False, live: bool = False) -> None:
+        self.quiet = quiet
+        self.live = live
+        self.shown = ""  # the live line now on the screen
+
+    @classmethod
+    def for_stderr(cls, quiet: bool) -> "Console":
+        """Show a live line only where a person watches stderr."""
+        try:
+            live = not quiet and sys.stderr is not None and \
+                os.isatty(sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):
+            live = False
+        return cls(quiet, live)
+
+    def write(self, text: str) -> None:
+        # With stderr closed (2>&-), print(file=None) would go to stdout.
+        if sys.stderr is None:
+            return
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def line(self, message: str) -> None:
+        """Print a line even with -q (errors, warnings, asked-for stats)."""
+        self.clear()
+        self.write(message + "\n")
+
+    def status(self, message: str) -> None:
+        if not self.quiet:
+            self.line(message)
+
+    def warn(self, message: str) -> None:
+        self.line("warning: " + message)
+
+    def show(self, text: str) -> None:
+        """Rewrite the live line with text, cut to the terminal's width."""
+        if not self.live:
+            return
+        try:
+            # A line that wraps could no longer be rewritten with \r.
+            width = os.get_terminal_size(sys.stderr.fileno()).columns - 1
+        except (OSError, ValueError, AttributeError):
+            width = 0
+        text = text[:width if width > 0 else 79]  # 0: size unknown
+        if text != self.shown:
+            self.shown = text
+            self.write("\r" + text + "\x1b[K")
+
+    def clear(self) -> None:
+        if self.shown:
+            self.shown = ""
+            self.write("\r\x1b[K")
+
+
+class Stats:
+    """Report the counters: live on a terminal, every --stats SECONDS, and
+    at once on SIGUSR1 (as dd does).
+
+    The serving loop only calls tick() when due comes, on the wake-ups it
+    has anyway; the counters are the listener's own.
+    """
+
+    def __init__(self, listener: "Listener", console: Console,
+                 every: Optional[float] = None) -> None:
+        now = time.monotonic()
+        self.listener = listener
+        self.console = console
+        self.started = now
+        self.every = every
+        self.next_line = now + every if every else float("inf")
+        self.next_draw = now + LIVE_SECONDS if console.live else float("inf")
+        self.due = self._due()
+        # (time, events) of the last few draws: the live rate is over ~1 s.
+        self.samples = [(now, 0)]
+        self.last_line = (now, 0)
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_draw:
+            self.draw(now)
+            self.next_draw = now + LIVE_SECONDS
+        if now >= self.next_line:
+            self.print_line(now)
+            self.next_line = max(self.next_line + self.every, now)
+        self.due = self._due()
+
+    def _due(self) -> Optional[float]:
+        """Return when tick() is next needed; None for never."""
+        due = min(self.next_line, self.next_draw)
+        return None if due == float("inf") else due
+
+    def draw(self, now: float) -> None:
+        listener = self.listener
+        self.samples.append((now, listener.events))
+        del self.samples[:-5]
+        since, events = self.samples[0]
+        rate = (listener.events - events) / (now - since) if now > since \
+            else 0.0
+        self.console.show("%s  %s  %s/s  %s open  %s" % (
+            plural(listener.events, "event"), format_bytes(listener.bytes),
+            format_count(round(rate)),
+            plural(len(listener.connections), "connection"),
+            format_duration(now - self.started)))
+
+    def print_line(self, now: Optional[float] = None) -> None:
+        """Print the counters as an ordinary line (for logs)."""
+        now = time.monotonic() if now is None else now
+        listener = self.listener
+        since, events = self.last_line
+        self.last_line = (now, listener.events)
+        rate = (listener.events - events) / (now - since) if now > since \
+            else 0.0
+        self.console.line("Stats after %s: %s, %s received, %s/s over the "
+                          "last %s, %s open" % (
+                              format_duration(now - self.started),
+                              plural(listener.events, "event"),
+                              format_bytes(listener.bytes),
+                              format_count(round(rate)),
+                              format_duration(now - since),
+                              plural(len(listener.connections),
+                                     "connection")))
+
+
+def format_duration(seconds: float) -> str:
+    """Return a duration as H:MM:SS, or as seconds below a minute."""
+    if seconds < 60:
+        return "%.1f s" % seconds if seconds < 10 else "%d s" % seconds
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return "%d:%02d:%02d" % (hours, minutes, secs)
+
+
 class Connection:
     """One peer: its socket, its framing state and when it last sent."""
 
@@ -701,6 +895,89 @@ def claim_port(server: socket.socket) -> None:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
+def reachable_hosts(server: socket.socket) -> Optional[list]:
+    """Return the addresses a wildcard-bound server can be reached at.
+
+    None when it is bound to one address; [] when they cannot be found.
+    """
+    host = server.getsockname()[0]
+    if not ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified:
+        return None
+    versions = peer_ip_versions(server)
+    found = [ip for ip in interface_addresses() if ip.version in versions
+             and not ip.is_link_local and not ip.is_unspecified]
+    if not found:
+        found = resolved_addresses()
+        found = [ip for ip in found if ip.version in versions]
+    # Loopback only serves a CyberTrace on this very host: list it last.
+    found = sorted(set(found), key=lambda ip: (ip.is_loopback, ip.version,
+                                               found.index(ip)))
+    if any(not ip.is_loopback for ip in found):
+        found = [ip for ip in found if not ip.is_loopback]
+    return [str(ip) for ip in found]
+
+
+def peer_ip_versions(server: socket.socket) -> set:
+    """Return the IP versions of the peers server can accept."""
+    if server.family != getattr(socket, "AF_INET6", None):
+        return {4}
+    host = server.getsockname()[0].split("%", 1)[0]
+    if not ipaddress.ip_address(host).is_unspecified:
+        return {6} if not ipaddress.ip_address(host).ipv4_mapped else {4}
+    try:
+        v6only = server.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    except (OSError, AttributeError):
+        v6only = 0
+    # "::" takes IPv4 peers too, as ::ffff:a.b.c.d, unless IPV6_V6ONLY.
+    return {6} if v6only else {4, 6}
+
+
+def interface_addresses() -> list:
+    """Return this host's interface addresses (Linux); [] elsewhere."""
+    found = []
+    if not sys.platform.startswith("linux"):
+        return found
+    try:
+        import fcntl
+        import struct
+        siocgifaddr = 0x8915
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            for _, name in socket.if_nameindex():
+                try:
+                    answer = fcntl.ioctl(probe.fileno(), siocgifaddr,
+                                         struct.pack("256s",
+                                                     name.encode()[:15]))
+                except OSError:
+                    continue  # no IPv4 address on this interface
+                found.append(ipaddress.ip_address(answer[20:24]))
+    except (ImportError, OSError):
+        pass
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for row in table:
+                found.append(ipaddress.ip_address(bytes.fromhex(
+                    row.split()[0])))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+def resolved_addresses() -> list:
+    """Return the addresses this host's name resolves to."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None,
+                                   type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    found = []
+    for info in infos:
+        try:
+            found.append(ipaddress.ip_address(info[4][0].split("%", 1)[0]))
+        except ValueError:
+            pass
+    return found
+
+
 def queued_bytes(sock: socket.socket) -> Optional[int]:
     """Return how many received bytes wait in sock's buffer, if known."""
     try:
@@ -718,9 +995,12 @@ class Listener:
     backlog = 1024
     drain_seconds = DRAIN_SECONDS
 
-    def __init__(self, args: argparse.Namespace, output: Output) -> None:
+    def __init__(self, args: argparse.Namespace, output: Output,
+                 console: Optional[Console] = None) -> None:
         self.args = args
         self.output = output
+        self.console = console or Console(args.quiet)
+        self.stats = Stats(self, self.console)
         self.format = FORMATTERS[args.format]
         self.selector = selectors.DefaultSelector()
         self.connections = {}
@@ -739,17 +1019,10 @@ class Listener:
 
     # Status lines go to stderr so that stdout carries only events.
     def status(self, message: str) -> None:
-        if not self.args.quiet:
-            try:
-                print(message, file=sys.stderr, flush=True)
-            except OSError:
-                pass
+        self.console.status(message)
 
     def warn(self, message: str) -> None:
-        try:
-            print("warning: " + message, file=sys.stderr, flush=True)
-        except OSError:
-            pass
+        self.console.warn(message)
 
     def bind(self) -> None:
         host, port = self.args.listen
@@ -776,7 +1049,42 @@ class Listener:
         server.setblocking(False)
         self.server = server
         self.selector.register(server, selectors.EVENT_READ, "accept")
-        self.status("Starting on " + format_address(*server.getsockname()[:2]))
+        where = self.announce()
+        self.check_allow()
+        self.status("Waiting for CyberTrace (OutputSettings > "
+                    "ConnectionString = %s); Ctrl+C to stop" % where)
+
+    def announce(self) -> str:
+        """Say where we listen; return what to set in CyberTrace for it."""
+        host, port = self.server.getsockname()[:2]
+        where = format_address(host, port)
+        hosts = reachable_hosts(self.server)
+        if hosts is None:
+            self.status("Starting on " + where)
+        elif hosts:
+            shown = [format_address(h, port) for h in hosts[:6]]
+            if len(hosts) > 6:
+                shown.append("and %d more" % (len(hosts) - 6))
+            self.status("Starting on %s (this host: %s)"
+                        % (where, ", ".join(shown)))
+            where = shown[0]
+        else:
+            self.status("Starting on %s (all interfaces)" % where)
+            where = "this host's address:%d" % port
+        return where
+
+    def check_allow(self) -> None:
+        """Warn of --allow networks no peer of this socket can come from."""
+        if not self.args.allow:
+            return
+        versions = peer_ip_versions(self.server)
+        for network in self.args.allow:
+            if network.version not in versions:
+                self.warn("--allow %s can never match: this socket (%s) "
+                          "only takes IPv%d peers" % (
+                              network, format_peer(
+                                  self.server.getsockname()),
+                              min(versions)))
 
     def serve(self) -> int:
         started = time.monotonic()
@@ -787,7 +1095,7 @@ class Listener:
         while not self.stopping:
             now = time.monotonic()
             wakeups = [t for t in (deadline, self.args.idle_timeout and
-                                   next_sweep) if t]
+                                   next_sweep, self.stats.due) if t]
             wait = max(0.0, min(wakeups) - now) if wakeups else None
             for key, _ in self.selector.select(wait):
                 if key.data == "accept":
@@ -803,12 +1111,19 @@ class Listener:
                 if not self.output.reopen():
                     self.warn("cannot reopen %s; still writing to the file "
                               "it was" % self.args.output)
+                elif self.args.output:
+                    self.status("Reopened " + self.args.output)
+                else:
+                    self.status("SIGHUP: writing to stdout, no file to "
+                                "reopen")
             now = time.monotonic()
             if self.args.idle_timeout and now >= next_sweep:
                 self.close_idle(now)
                 next_sweep = now + sweep_every
             if deadline is not None and now >= deadline:
                 self.stopping = timed_out = True
+            if self.stats.due is not None and now >= self.stats.due:
+                self.stats.tick(now)
         self.drain()
         if timed_out and self.args.count and not self.done():
             self.warn("timeout: received %d of %d events"
@@ -963,6 +1278,8 @@ class Listener:
             self.stopping = True
         self.events += len(lines)
         conn.events += len(lines)
+        if self.console.shown and self.output.terminal:
+            self.console.clear()
         self.output.write(self.format(block, lines, conn.peer, time.time(),
                                       self.output.terminal))
 
@@ -997,6 +1314,8 @@ class Listener:
         for number in signals:
             if number == getattr(signal, "SIGHUP", None):
                 self.reopen_requested = True
+            elif number == getattr(signal, "SIGUSR1", None):
+                self.stats.print_line()  # as dd does
             else:
                 self.stopping = True
 
@@ -1124,16 +1443,20 @@ def main(argv: Optional[list] = None) -> int:
         print("%s: error: %s" % (prog, exc), file=sys.stderr)
         return 1
     keep_freed_memory()
-    listener = Listener(args, output)
+    console = Console.for_stderr(args.quiet)
+    listener = Listener(args, output, console)
+    # The live line, --stats and SIGUSR1 all report through this.
+    listener.stats = Stats(listener, console, args.stats)
     fit_connections(listener)
     pair = install_signals(listener)
     try:
         listener.bind()
         status = listener.serve()
     except UserError as exc:
-        print("%s: error: %s" % (prog, exc), file=sys.stderr)
+        console.line("%s: error: %s" % (prog, exc))
         status = 1
     except BrokenPipeError:
+        console.clear()
         # Our reader went away (| head): stop quietly, as cat would.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

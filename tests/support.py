@@ -71,10 +71,10 @@ class Process:
     """A script in a subprocess; threads collect its stdout and stderr."""
 
     def __init__(self, argv: list, stdin=subprocess.DEVNULL,
-                 stdout=subprocess.PIPE, env: dict | None = None) -> None:
+                 stdout=subprocess.PIPE, env: dict | None = None,
+                 stderr=subprocess.PIPE) -> None:
         self.proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout,
-                                     stderr=subprocess.PIPE,
-                                     env=env or user_env())
+                                     stderr=stderr, env=env or user_env())
         self.out = bytearray()
         self.err = bytearray()
         self.cond = threading.Condition()
@@ -180,7 +180,7 @@ class Listener(Process):
                           *args], **kwargs)
         try:
             found = self.wait_stderr(
-                r"Starting on \[?([^\]\s]+?)\]?:(\d+)\r?\n")
+                r"Starting on \[?([^\]\s]+?)\]?:(\d+)(?:\r?\n| \()")
         except AssertionError:
             self.close()
             raise

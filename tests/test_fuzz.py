@@ -126,7 +126,8 @@ VALUES = ["-", "", "KL_Malicious_Hash_MD5", "776735A8CA96DB15B422879DA599F474",
           "KL_Malicious_URL:1;", "http://fakess123.nu/?a=b&c=d",
           "feed=Malicious_URL_Data_Feed.json", "Example Device",
           "ru,br,ua,cz,us", "LookupFinished", "100", "x  y", "юникод",
-          'with "quotes"', "back\\slash", "a=b=c"]
+          'with "quotes"', "back\\slash", "a=b=c", "trailing ", "a  b   ",
+          " "]
 PREFIXES = ["-", "Apr 16 09:05:41", "", "CEF:0|Kaspersky Lab|Kaspersky "
             "CyberTrace for ArcSight|2.0|1|CyberTrace Service Event|4|"]
 
@@ -145,7 +146,8 @@ def render(template: tuple, rng: random.Random) -> tuple:
     line = (prefix + " " + body) if prefix and pairs else (prefix or body)
     grouped = defaultdict(list)
     for key, value in pairs:
-        grouped[key].append(value)
+        # A value ends before the white space that follows it.
+        grouped[key].append(value.rstrip(" "))
     return line, {key: values[0] if len(values) == 1 else values
                   for key, values in grouped.items()}
 

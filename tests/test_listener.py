@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import random
+import re
 import shutil
 import signal
 import socket
@@ -39,8 +40,11 @@ class GuideOutputTest(unittest.TestCase):
             lines = listener.stderr_text.splitlines()
             self.assertEqual(lines[0], "Starting on 127.0.0.1:%d"
                              % listener.address[1])
-            self.assertEqual(lines[1], "Connection from 127.0.0.1:%d" % port)
-            self.assertEqual(lines[2], "Closed 127.0.0.1:%d: 4 events" % port)
+            self.assertEqual(lines[1], "Waiting for CyberTrace (OutputSettings"
+                             " > ConnectionString = 127.0.0.1:%d); Ctrl+C to "
+                             "stop" % listener.address[1])
+            self.assertEqual(lines[2], "Connection from 127.0.0.1:%d" % port)
+            self.assertEqual(lines[3], "Closed 127.0.0.1:%d: 4 events" % port)
             self.assertEqual(lines[-1], "Stopped: 4 events, %s received, "
                              "1 connection, 0 rejected" % lec.format_bytes(
                                  sum(len(e) + 1 for e in GUIDE_EVENTS)))
@@ -372,7 +376,8 @@ class OutputFileTest(unittest.TestCase):
                 listener.wait_for(lambda: os.path.getsize(path) == 8)
                 os.rename(path, path + ".1")
                 listener.signal(signal.SIGHUP)
-                listener.wait_for(lambda: os.path.exists(path))
+                listener.wait_stderr("Reopened %s\n" % re.escape(path))
+                self.assertTrue(os.path.exists(path))
                 listener.send(b"two\n")
                 listener.wait_for(lambda: os.path.getsize(path) == 4)
                 self.assertEqual(listener.stop(), 0)
@@ -604,6 +609,43 @@ class FramerTest(unittest.TestCase):
                 self.assertEqual(record["peer"], "[fe80::1%eth0]:5")
                 self.assertEqual(record["event"], "- k%s=%d x=%%")
                 self.assertEqual(record["fields"], {"k%s": "%d", "x": "%%"})
+
+    def test_json_values_end_without_white_space(self):
+        cases = [(b"trail=1 \n", {"trail": "1"}),
+                 (b"k=a  b   c=d\n", {"k": "a  b", "c": "d"}),
+                 (b"- a=1 |b=2  \n", {"a": "1", "b": "2"}),
+                 (b"- a=  b=x\n", {"a": "", "b": "x"})]
+        for line, fields in cases:
+            self.assertEqual(lec.parse_fields(line[:-1].decode()), fields)
+        # The compiled plans too: one is built from a template's clean event,
+        # then meets events of the same keys whose values end with spaces.
+        for clean, spaced, fields in (
+                (b"- a=1 b=2\n", b"- a=1   b=2 \n", {"a": "1", "b": "2"}),
+                (b"k=a c=d\n", b"k=a  b   c=d\n", {"k": "a  b", "c": "d"}),
+                (b"x=1|y=2\n", b"x=1 |y=2\n", {"x": "1", "y": "2"})):
+            for block in (clean, clean, spaced + clean, spaced):
+                out = lec.format_json(block, lec.split_lines(block), "p",
+                                      0.0, False)
+                for line, record in zip(lec.split_lines(block),
+                                        map(json.loads, out.splitlines())):
+                    self.assertEqual(record["event"], line[:-1].decode())
+                    if line == spaced:
+                        self.assertEqual(record["fields"], fields, line)
+                    else:
+                        self.assertEqual(record["fields"], lec.parse_fields(
+                            record["event"]), line)
+
+    def test_json_values_are_trimmed_by_the_listener(self):
+        with Listener("-f", "json") as listener:
+            for _ in range(3):  # the later batches meet a compiled plan
+                listener.send(b"- trail=1 next=x \n- trail=1  next=x\n")
+            listener.wait_stdout(6)
+            records = [json.loads(line) for line in
+                       bytes(listener.out).splitlines()]
+        self.assertEqual([r["event"] for r in records],
+                         ["- trail=1 next=x ", "- trail=1  next=x"] * 3)
+        for record in records:
+            self.assertEqual(record["fields"], {"trail": "1", "next": "x"})
 
     def test_parse_fields(self):
         self.assertEqual(lec.parse_fields("x a=1 b=2 3 a=4|c=5=6"),
