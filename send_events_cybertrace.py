@@ -10,10 +10,13 @@ its detections to its configured output (see listen_events_cybertrace.py).
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import os
 import select
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -46,6 +49,12 @@ DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 PING = b"X-KF-ReplyBackPING"
 FINISHED = b"LookupFinished"
+EOF_KEY = "Ctrl+Z then Enter" if sys.platform == "win32" else "Ctrl+D"
+TERMINAL_NOTICE = ("Reading events from the terminal, one per line; %s to "
+                   "send and finish" % EOF_KEY)
+# Files smaller than this go out before a progress line could mean anything.
+PROGRESS_MIN_BYTES = 4 * 1024 * 1024
+PROGRESS_INTERVAL = 0.25  # seconds between redraws, as pv's few a second
 
 # Indicators that Kaspersky keeps in its feeds so that CyberTrace always
 # detects them (cybertrace-protocol.md), with the field each belongs in.
@@ -78,9 +87,17 @@ class NothingToSend(UserError):
     """The sources hold no event: nothing is worth a connection."""
 
 
+class Interrupted(Exception):
+    """Ctrl+C: the message says what got through."""
+
+
 def warn(message: str) -> None:
-    """Print a warning on stderr; -q does not silence it."""
-    print("warning: " + message, file=sys.stderr, flush=True)
+    """Print a warning on stderr, above the progress line; -q keeps it."""
+    line = "warning: " + message
+    if Progress.showing is not None:
+        Progress.showing.print_above(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def demo_events() -> List[bytes]:
@@ -120,15 +137,21 @@ def frame_lines(lines: Iterable[bytes]) -> Iterator[tuple]:
             yield block, count
 
 
-def frame_stream(name: str, stream: BinaryIO,
-                 check_binary: bool = True) -> Iterator[tuple]:
-    """Yield (block, events) read from a file, one event per line."""
+def frame_stream(name: str, stream: BinaryIO, check_binary: bool = True,
+                 tally: Optional[list] = None) -> Iterator[tuple]:
+    """Yield (block, events) read from a file, one event per line.
+
+    tally[0] grows by the bytes read, for the progress line's percentage.
+    """
     # Events are not split on the way out: CyberTrace splits long ones.
     framer = EventFramer(sys.maxsize)
     buffer = bytearray(2 * READ_SIZE)
+    tally = [0] if tally is None else tally
     while True:
         try:
+            before = framer.received
             block = framer.read(stream.readinto, buffer, READ_SIZE)
+            tally[0] += framer.received - before
         except OSError as exc:
             raise UserError("cannot read %s: %s" % (name, exc.strerror))
         if block is None:
@@ -176,7 +199,8 @@ def close_sources(sources: list) -> None:
             source.close()
 
 
-def event_blocks(sources: list, repeat: int) -> Iterator[tuple]:
+def event_blocks(sources: list, repeat: int,
+                 tally: Optional[list] = None) -> Iterator[tuple]:
     """Yield (block, events) from every source, repeat times over."""
     kept = {}
     for round_number in range(repeat):
@@ -188,12 +212,13 @@ def event_blocks(sources: list, repeat: int) -> Iterator[tuple]:
             elif repeat > 1 and not source.seekable():
                 # A pipe can be read once: keep it to send it again.
                 kept[index] = [(bytes(block), count) for block, count in
-                               frame_stream(name, source)]
+                               frame_stream(name, source, True, tally)]
                 yield from kept[index]
             else:
                 if round_number:
                     source.seek(0)
-                yield from frame_stream(name, source, not round_number)
+                yield from frame_stream(name, source, not round_number,
+                                        tally)
 
 
 def some_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
@@ -257,9 +282,11 @@ class Stream:
         # that arrived if the connection fails: (offset, events before it,
         # bytes).  Blocks are reused buffers, so only this tail is copied.
         self.tails = []
+        self.sending = None  # (block, offset, events before it) in flight
 
     def send(self, block, events: int) -> None:
         start, before = self.bytes, self.events
+        self.sending = block, start, before
         view = memoryview(block)
         try:
             while view:
@@ -278,6 +305,7 @@ class Stream:
                             % (self.where, exc.strerror,
                                self.progress(block, start, before)))
         self.events += events
+        self.sending = None
         self.update_acked()
         if self.acked < self.bytes:
             cut = max(0, self.acked - start)
@@ -307,6 +335,18 @@ class Stream:
         return "%s sent, %s acknowledged by the peer" % (
             plural(self.events, "event"),
             format_count(self.delivered(block, start, before)))
+
+    def interrupted(self) -> str:
+        """Say what got through when Ctrl+C stopped us, anywhere."""
+        self.update_acked()
+        sent, acked = self.events, self.delivered()
+        if self.sending is not None:
+            # Stopped within a block: count its events the kernel took whole.
+            block, start, before = self.sending
+            sent = before + count_lines(block, self.bytes - start)
+            acked = self.delivered(block, start, before)
+        return "%s sent, %s acknowledged" % (plural(sent, "event"),
+                                              format_count(min(acked, sent)))
 
     def wait_delivered(self, timeout: float) -> None:
         """Wait until the peer acknowledged every byte sent, or fail."""
@@ -416,6 +456,119 @@ class Replies:
                                self.closed)
 
 
+class Progress:
+    """A pv-like line on stderr: events, rate, and for files percent and ETA.
+
+    A thread redraws it a few times a second from the stream's counters, so
+    the send loop pays nothing for it; stop() erases it.
+    """
+
+    showing = None  # the line on screen: warn() prints above it
+
+    def __init__(self, stream: Stream, tally: list,
+                 total: Optional[int]) -> None:
+        self.stream = stream
+        self.tally = tally  # tally[0]: bytes read from the sources
+        self.total = total  # bytes the sources hold, if known
+        self.started = time.monotonic()
+        # The rate is over the last second or so, as pv's.
+        self.samples = collections.deque([(self.started, 0)],
+                                         int(1 / PROGRESS_INTERVAL) + 1)
+        self.drawn = False
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        Progress.showing = self
+        self.thread.start()
+
+    @classmethod
+    def start_for(cls, args: argparse.Namespace, sources: list,
+                  stream: Stream, tally: list) -> Optional["Progress"]:
+        """Start a progress line if this is a long send watched on a tty."""
+        if args.quiet or args.verbose or not sys.stderr.isatty() or \
+                args.reply_back and sys.stdout.isatty():
+            return None  # other lines would tear it
+        total = 0
+        for _, source in sources:
+            if isinstance(source, list):
+                continue
+            if source.isatty():
+                return None  # the person is typing on this line
+            info = os.fstat(source.fileno())
+            if total is not None and stat.S_ISREG(info.st_mode):
+                total += info.st_size - source.tell()
+            else:
+                total = None  # a pipe: no percentage, but maybe long
+        if total is not None:
+            total *= args.repeat
+            if total < PROGRESS_MIN_BYTES and not args.rate:
+                return None
+        return cls(stream, tally, total or None)
+
+    def run(self) -> None:
+        while not self.done.wait(PROGRESS_INTERVAL):
+            with self.lock:
+                self.draw(self.line())
+
+    def line(self) -> str:
+        now = time.monotonic()
+        events = self.stream.events
+        self.samples.append((now, events))
+        then, before = self.samples[0]
+        rate = (events - before) / (now - then) if now > then else 0.0
+        text = "Sending: %s, %s/s, %s" % (
+            plural(events, "event"), format_count(int(rate)),
+            format_bytes(self.stream.bytes))
+        if self.total:
+            done = min(self.tally[0], self.total)
+            text += ", %d%%" % (100 * done // self.total)
+            speed = done / (now - self.started)
+            if speed > 0:
+                text += ", ETA %s" % format_duration(
+                    (self.total - done) / speed)
+        return text
+
+    def draw(self, text: str) -> None:
+        try:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns
+        except OSError:
+            width = 80
+        # A line as wide as the terminal would wrap, and \r not undo it.
+        sys.stderr.write("\r" + text[:width - 1] + "\033[K")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def print_above(self, line: str) -> None:
+        with self.lock:
+            if self.drawn:
+                sys.stderr.write("\r\033[K")
+                self.drawn = False
+            print(line, file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        """Stop redrawing and erase the line."""
+        self.done.set()
+        self.thread.join()
+        Progress.showing = None
+        if self.drawn:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.drawn = False
+
+
+def format_duration(seconds: float) -> str:
+    """Return seconds as pv's ETA shows them: 0:01:05."""
+    seconds = int(seconds + 0.5)
+    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60,
+                             seconds % 60)
+
+
+def reading_terminal(sources: list) -> bool:
+    """Return whether a source is the terminal a person types on."""
+    return any(not isinstance(source, list) and source.isatty()
+               for _, source in sources)
+
+
 def ping(address: tuple, timeout: float) -> float:
     """Send CyberTrace's ping; return seconds until PONG, or raise."""
     where = format_address(*address)
@@ -503,26 +656,35 @@ def run(args: argparse.Namespace) -> str:
     if args.ping:
         took = ping(args.connect, args.timeout)
         return "PONG from %s in %.1f ms" % (where, took * 1000)
-    sources = open_sources(args)
+    sources = []
     try:
-        blocks = some_events(event_blocks(sources, args.repeat))
+        sources = open_sources(args)
+        if reading_terminal(sources) and not args.quiet:
+            print(TERMINAL_NOTICE, file=sys.stderr, flush=True)
+        tally = [0]
+        blocks = some_events(event_blocks(sources, args.repeat, tally))
         if args.rate:
             blocks = paced(blocks, args.rate)
         started = time.monotonic()
         with connect(args.connect, args.timeout) as sock:
             stream = Stream(sock, where)
-            replies = None
-            if args.reply_back:
-                stream.send(REPLY_BACK_FLAGS, 0)
-                replies = Replies(sock)
+            replies = progress = None
             try:
+                if args.reply_back:
+                    stream.send(REPLY_BACK_FLAGS, 0)
+                    replies = Replies(sock)
+                progress = Progress.start_for(args, sources, stream, tally)
                 send_all(stream, blocks, args.verbose)
                 if replies is None:
                     sock.shutdown(socket.SHUT_WR)
                     stream.wait_delivered(args.timeout)
                 else:
                     replies.wait_finished(stream.events)
+            except KeyboardInterrupt:
+                raise Interrupted(interrupted(stream, replies)) from None
             finally:
+                if progress is not None:
+                    progress.stop()
                 if replies is not None:
                     # Wake the reader if it is still waiting for data.
                     try:
@@ -531,6 +693,9 @@ def run(args: argparse.Namespace) -> str:
                         pass
                     replies.thread.join()
         took = time.monotonic() - started
+    except KeyboardInterrupt:
+        # Before the connection: nothing went out.
+        raise Interrupted("0 events sent, 0 acknowledged") from None
     finally:
         close_sources(sources)
     summary = "Sent %s, %s to %s in %.2f s" % (
@@ -546,6 +711,16 @@ def run(args: argparse.Namespace) -> str:
             plural(replies.finished, "event"),
             plural(replies.events - replies.finished, "detection"))
     return summary
+
+
+def interrupted(stream: Stream, replies: Optional[Replies]) -> str:
+    """Say what got through before Ctrl+C."""
+    text = stream.interrupted()
+    if replies is not None:
+        text += "; %s answered: %s" % (
+            plural(replies.finished, "event"),
+            plural(replies.events - replies.finished, "detection"))
+    return text
 
 
 def refuse_ignored(parser: argparse.ArgumentParser,
@@ -579,6 +754,9 @@ def main(argv: Optional[list] = None) -> int:
     except NothingToSend as exc:
         warn(str(exc))
         return 1
+    except Interrupted as exc:
+        print("%s: interrupted: %s" % (parser.prog, exc), file=sys.stderr)
+        return 130
     except UserError as exc:
         print("%s: error: %s" % (parser.prog, exc), file=sys.stderr)
         return 1

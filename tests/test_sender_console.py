@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import unittest
 
 from fake_cybertrace import FakeCyberTrace
 from support import SENDER, TIMEOUT, user_env
+from test_sender import Sink
+
+try:
+    import fcntl
+    import pty
+    import termios
+except ImportError:  # not a POSIX system: no pseudo-terminals
+    pty = None
+
+CLEAR = b"\r\x1b[K"
+NOTICE = (b"Reading events from the terminal, one per line; Ctrl+D to send "
+          b"and finish")
 
 
 def run_sender(*args: str, stdin: bytes = b"", timeout: float = TIMEOUT):
@@ -162,6 +180,334 @@ class WordsTest(unittest.TestCase):
             self.assertEqual(proc.returncode, 0, proc.stderr)
             self.assertRegex(proc.stderr.decode(),
                              r"^Sent \d+ events?, .*; %s\n$" % summary)
+
+
+def wait_until(predicate, what: str, timeout: float = TIMEOUT) -> None:
+    """Wait until predicate() holds, polling; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.01)
+
+
+def tcp_states(port: int) -> set:
+    """Return the TCP states of this host's sockets connected to port."""
+    states = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                states.add(int(fields[3], 16))
+    return states
+
+
+SYN_SENT, FIN_WAIT1 = 2, 4
+
+
+def take_terminal() -> None:
+    # In the child, a session leader after setsid(): make the pty on its
+    # stderr the controlling terminal, so that Ctrl+C there sends SIGINT.
+    fcntl.ioctl(2, termios.TIOCSCTTY, 0)
+
+
+class Console:
+    """The sender run at a terminal: stderr (and stdin) on a pty."""
+
+    def __init__(self, *args: str, stdin=None) -> None:
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ,
+                    struct.pack("HHHH", 40, 132, 0, 0))
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SENDER), *args],
+                stdin=slave if stdin is None else stdin,
+                stdout=subprocess.PIPE, stderr=slave, env=user_env(),
+                start_new_session=True, preexec_fn=take_terminal)
+        finally:
+            os.close(slave)
+        self.started = time.monotonic()
+        self.screen = bytearray()  # all the terminal got, echo included
+        self.out = bytearray()
+        self.cond = threading.Condition()
+        self.threads = [threading.Thread(target=self.collect, args=(
+            lambda: os.read(self.master, 65536), self.screen), daemon=True),
+            threading.Thread(target=self.collect, args=(
+                lambda: os.read(self.proc.stdout.fileno(), 65536),
+                self.out), daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def collect(self, read, buf: bytearray) -> None:
+        while True:
+            try:
+                data = read()
+            except OSError:  # EIO: the terminal's last user closed it
+                data = b""
+            with self.cond:
+                buf += data
+                self.cond.notify_all()
+            if not data:
+                return
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def wait_screen(self, pattern: bytes, timeout: float = TIMEOUT):
+        """Wait until the terminal shows pattern; return the match."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = re.search(pattern, self.screen)
+                if found:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("timed out waiting for %r on the "
+                                         "terminal; it shows %r" % (
+                                             pattern, bytes(self.screen[-500:])))
+                self.cond.wait(min(left, 0.05))
+
+    def finish(self) -> int:
+        """Wait for the exit and the terminal's last bytes."""
+        try:
+            status = self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+            raise AssertionError("sender did not exit; terminal: %r"
+                                 % bytes(self.screen[-500:]))
+        self.took = time.monotonic() - self.started
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+        return status
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+        self.proc.stdout.close()
+        os.close(self.master)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def last_line(self) -> bytes:
+        """Return what follows the last progress line: a cleared line."""
+        return bytes(self.screen).rsplit(b"Sending: ", 1)[-1]
+
+
+@unittest.skipIf(pty is None, "no pseudo-terminals here")
+class TerminalTest(unittest.TestCase):
+    def test_typing_events_at_the_terminal_says_how_to_finish(self):
+        with FakeCyberTrace() as ct, Console("-c", address(ct)) as console:
+            console.wait_screen(re.escape(NOTICE + b"\r\n"))
+            console.type(b"first event\n")
+            wait_until(lambda: ct.received() == b"first event\n",
+                       "the first event, sent as typed")
+            console.type(b"second event\n\x04")
+            self.assertEqual(console.finish(), 0)
+            self.assertEqual(ct.received(), b"first event\nsecond event\n")
+        screen = bytes(console.screen)
+        self.assertEqual(screen.count(NOTICE), 1)
+        self.assertTrue(screen.startswith(NOTICE), screen)
+        self.assertRegex(screen, rb"\r\nSent 2 events, 25 bytes to .*\r\n$")
+
+    def test_no_notice_when_stdin_is_not_read_or_not_a_terminal(self):
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(b"from a file\n")
+            f.flush()
+            for args, stdin in (((f.name,), None), (("-e", "x"), None),
+                                ((), f.name)):
+                with self.subTest(args=args, stdin=stdin), \
+                        FakeCyberTrace() as ct, open(stdin or os.devnull) \
+                        as source, Console("-c", address(ct), *args,
+                                           stdin=source if stdin else None) \
+                        as console:
+                    self.assertEqual(console.finish(), 0)
+                    self.assertNotIn(b"terminal", bytes(console.screen))
+                    self.assertRegex(bytes(console.screen), rb"^Sent 1 event")
+
+    def test_quiet_says_nothing_at_the_terminal(self):
+        with FakeCyberTrace() as ct, Console("-q", "-c", address(ct)) \
+                as console:
+            console.type(b"typed\n\x04")
+            self.assertEqual(console.finish(), 0)
+            self.assertEqual(ct.received(), b"typed\n")
+        # The terminal echoes what was typed, and shows nothing else.
+        self.assertEqual(bytes(console.screen).replace(b"^D\x08\x08", b""),
+                         b"typed\r\n")
+
+
+INTERRUPTED = (rb"send_events_cybertrace\.py: interrupted: ([\d,]+) events?"
+               rb" sent, ([\d,]+) acknowledged")
+
+
+def number(text: bytes) -> int:
+    return int(text.replace(b",", b""))
+
+
+@unittest.skipIf(pty is None, "no pseudo-terminals here")
+class InterruptTest(unittest.TestCase):
+    """Ctrl+C, typed on the terminal, at every stage of a send."""
+
+    def interrupt(self, console: Console, tail: bytes = b"") -> tuple:
+        """Type Ctrl+C; check the one line it prints; return its counts."""
+        console.type(b"\x03")
+        self.assertEqual(console.finish(), 130)
+        screen = bytes(console.screen)
+        self.assertNotIn(b"Traceback", screen)
+        # The terminal echoes ^C; our line follows, alone, and is the last.
+        found = re.search(rb"(?:^|\n|\^C|\x1b\[K)" + INTERRUPTED + tail +
+                          rb"\r\n$", screen)
+        self.assertIsNotNone(found, screen[-300:])
+        self.assertEqual(screen.count(b"interrupted"), 1, screen[-300:])
+        sent, acked = number(found.group(1)), number(found.group(2))
+        self.assertLessEqual(acked, sent)
+        return sent, acked
+
+    @unittest.skipUnless(os.path.exists("/proc/net/tcp"), "needs Linux")
+    def test_while_connecting(self):
+        with socket.create_server(("127.0.0.1", 0), backlog=0) as server, \
+                socket.create_connection(server.getsockname()):
+            # The queue is full: the kernel drops the next SYNs, and the
+            # sender waits in connect().
+            port = server.getsockname()[1]
+            with Console("-e", "x", "-t", "30", "-c",
+                         "127.0.0.1:%d" % port) as console:
+                wait_until(lambda: SYN_SENT in tcp_states(port),
+                           "the sender's SYN")
+                self.assertEqual(self.interrupt(console), (0, 0))
+
+    def test_while_typing_before_and_after_connecting(self):
+        with Server() as server, Console("-c", address(server)) as console:
+            console.wait_screen(re.escape(NOTICE))
+            self.assertEqual(self.interrupt(console), (0, 0))
+            self.assertFalse(server.connected())
+        with FakeCyberTrace() as ct, Console("-c", address(ct)) as console:
+            console.type(b"one\n")
+            wait_until(lambda: ct.received() == b"one\n", "the event")
+            self.assertEqual(self.interrupt(console), (1, 1))
+
+    def test_while_sending_at_a_rate(self):
+        with tempfile.NamedTemporaryFile() as f, Sink() as sink:
+            f.write(b"".join(b"event %d\n" % i for i in range(1000)))
+            f.flush()
+            with Console("--rate", "20", f.name, "-c", address(sink)) \
+                    as console:
+                console.wait_screen(rb"Sending: [3-9]\d* events, ")
+                arrived = bytes(sink.data).count(b"\n")
+                sent, acked = self.interrupt(console)
+            self.assertTrue(sink.done.wait(TIMEOUT))
+        # What the peer had read was acknowledged, and what was handed to
+        # the kernel arrived: the counts bracket the truth.
+        self.assertGreaterEqual(arrived, 3)
+        self.assertGreaterEqual(acked, arrived)
+        self.assertEqual(bytes(sink.data),
+                         b"".join(b"event %d\n" % i for i in range(sent)))
+        # The progress line was erased before the message took its place.
+        self.assertIn(CLEAR, console.last_line())
+
+    def test_while_blocked_sending_to_a_peer_that_stopped_reading(self):
+        with tempfile.NamedTemporaryFile() as f, Sink("stall") as sink:
+            f.write(b"event\n" * 2000000)
+            f.flush()
+            with Console(f.name, "-t", "30", "-c", address(sink)) as console:
+                console.wait_screen(rb"Sending: .*, \d+%, ETA ")
+                sent, acked = self.interrupt(console)
+        self.assertLess(sent, 2000000)
+        self.assertIn(CLEAR, console.last_line())
+
+    @unittest.skipUnless(os.path.exists("/proc/net/tcp"), "needs Linux")
+    def test_while_waiting_for_acknowledgements(self):
+        with tempfile.NamedTemporaryFile() as f, Sink("stall") as sink:
+            f.write(b"event\n" * 20000)
+            f.flush()
+            port = sink.address[1]
+            with Console(f.name, "-t", "30", "-c", address(sink)) as console:
+                # After its last send the sender shuts down its side: the
+                # FIN waits behind the bytes the peer has not acknowledged.
+                wait_until(lambda: FIN_WAIT1 in tcp_states(port),
+                           "the sender's FIN")
+                sent, acked = self.interrupt(console)
+        self.assertEqual(sent, 20000)
+        self.assertLess(acked, 20000)
+
+    def test_while_waiting_for_answers(self):
+        with FakeCyberTrace(answer=False) as ct, Console(
+                "--reply-back", "-t", "30", "-c", address(ct), "-e",
+                "url=http://fakess123.nu", "-e", "two") as console:
+            wait_until(lambda: ct.received() == b"url=http://fakess123.nu\n"
+                       b"two\n", "both events")
+            counts = self.interrupt(
+                console, rb"; 0 events answered: 0 detections")
+        self.assertEqual(counts, (2, 2))
+
+
+@unittest.skipIf(pty is None, "no pseudo-terminals here")
+class ProgressTest(unittest.TestCase):
+    LINE = rb"\r(Sending: [\d,]+ events?, [\d,]+/s, [\d.,]+ (?:bytes?|KiB|MiB))"
+
+    def test_a_large_file_shows_percent_and_eta_then_clears(self):
+        with tempfile.NamedTemporaryFile() as f, Sink("stall") as sink:
+            f.write(b"event\n" * 2000000)
+            f.flush()
+            with Console(f.name, "-t", "30", "-c", address(sink)) as console:
+                console.wait_screen(self.LINE + rb", \d+%, ETA \d+:\d\d:\d\d"
+                                    rb"\x1b\[K")
+                sink.release.set()
+                self.assertEqual(console.finish(), 0)
+            self.assertTrue(sink.done.wait(TIMEOUT))
+            self.assertEqual(len(sink.data), 12000000)
+        screen = bytes(console.screen)
+        self.assertRegex(console.last_line(), rb"^[^\n]*\r\x1b\[KSent "
+                         rb"2,000,000 events, 11\.4 MiB to .*\r\n$")
+        # A few redraws a second at most, whatever the load.
+        draws = screen.count(b"\rSending: ")
+        self.assertLessEqual(draws, console.took / 0.2 + 2)
+        self.assertNotIn(b"\n", screen[:screen.rindex(b"Sent ")])
+
+    def test_a_rate_shows_events_and_rate(self):
+        with Sink() as sink, tempfile.NamedTemporaryFile() as f:
+            f.write(b"\x00 binary\n")
+            f.flush()
+            with Console("--rate", "40", "-c", address(sink), "-", f.name,
+                         stdin=subprocess.PIPE) as console:
+                console.proc.stdin.write(b"event\n" * 30)
+                console.proc.stdin.flush()
+                console.wait_screen(self.LINE + rb"\x1b\[K")
+                # The file's warning goes above the line, erased first.
+                console.proc.stdin.close()
+                self.assertEqual(console.finish(), 0)
+        screen = bytes(console.screen)
+        self.assertRegex(screen, rb"\x1b\[K\r\x1b\[Kwarning: \S+ looks "
+                         rb"binary [^\n]*\r\n")
+        self.assertRegex(console.last_line(), rb"^[^\n]*\r\x1b\[KSent 31 "
+                         rb"events, .*\r\n$")
+        self.assertNotIn(b"%", screen)  # a pipe's length is unknown
+
+    def test_none_when_quiet_or_not_a_terminal(self):
+        with Sink() as sink, Console("-q", "--rate", "20", "-c",
+                                     address(sink), "-e", "a", "-e", "b",
+                                     "-e", "c", "-e", "d", "-e", "e",
+                                     "-e", "f", "-e", "g") as console:
+            self.assertEqual(console.finish(), 0)
+            self.assertEqual(bytes(console.screen), b"")
+        with Sink() as sink:
+            proc = run_sender("--rate", "20", "-c", address(sink),
+                              stdin=b"event\n" * 8)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertRegex(proc.stderr.decode(), r"^Sent 8 events, [^\r]*\n$")
 
 
 if __name__ == "__main__":
