@@ -25,7 +25,6 @@ try:
 except ImportError:  # not a POSIX system: no pseudo-terminals
     pty = None
 
-CLEAR = b"\r\x1b[K"
 NOTICE = (b"Reading events from the terminal, one per line; Ctrl+D to send "
           b"and finish")
 
@@ -302,9 +301,21 @@ class Console:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def last_line(self) -> bytes:
-        """Return what follows the last progress line: a cleared line."""
-        return bytes(self.screen).rsplit(b"Sending: ", 1)[-1]
+    def visible(self) -> list:
+        """Return the lines a person sees, the cursor's line last."""
+        lines, line, column = [], bytearray(), 0
+        for token in re.split(rb"(\r|\n|\x1b\[K)", bytes(self.screen)):
+            if token == b"\r":
+                column = 0
+            elif token == b"\n":
+                lines.append(bytes(line))
+                line, column = bytearray(), 0
+            elif token == b"\x1b[K":
+                del line[column:]
+            else:
+                line[column:column + len(token)] = token
+                column += len(token)
+        return lines + [bytes(line)]
 
 
 @unittest.skipIf(pty is None, "no pseudo-terminals here")
@@ -405,7 +416,9 @@ class InterruptTest(unittest.TestCase):
             f.flush()
             with Console("--rate", "20", f.name, "-c", address(sink)) \
                     as console:
-                console.wait_screen(rb"Sending: [3-9]\d* events, ")
+                console.wait_screen(rb"Sending: [1-9][\d,]* events?, ")
+                wait_until(lambda: bytes(sink.data).count(b"\n") >= 3,
+                           "3 events at the peer")
                 arrived = bytes(sink.data).count(b"\n")
                 sent, acked = self.interrupt(console)
             self.assertTrue(sink.done.wait(TIMEOUT))
@@ -416,7 +429,7 @@ class InterruptTest(unittest.TestCase):
         self.assertEqual(bytes(sink.data),
                          b"".join(b"event %d\n" % i for i in range(sent)))
         # The progress line was erased before the message took its place.
-        self.assertIn(CLEAR, console.last_line())
+        self.assertRegex(console.visible()[-2], b"^" + INTERRUPTED + b"$")
 
     def test_while_blocked_sending_to_a_peer_that_stopped_reading(self):
         with tempfile.NamedTemporaryFile() as f, Sink("stall") as sink:
@@ -426,7 +439,8 @@ class InterruptTest(unittest.TestCase):
                 console.wait_screen(rb"Sending: .*, \d+%, ETA ")
                 sent, acked = self.interrupt(console)
         self.assertLess(sent, 2000000)
-        self.assertIn(CLEAR, console.last_line())
+        self.assertEqual(console.visible()[-1], b"")
+        self.assertRegex(console.visible()[-2], b"^" + INTERRUPTED + b"$")
 
     @unittest.skipUnless(os.path.exists("/proc/net/tcp"), "needs Linux")
     def test_while_waiting_for_acknowledgements(self):
@@ -470,8 +484,10 @@ class ProgressTest(unittest.TestCase):
             self.assertTrue(sink.done.wait(TIMEOUT))
             self.assertEqual(len(sink.data), 12000000)
         screen = bytes(console.screen)
-        self.assertRegex(console.last_line(), rb"^[^\n]*\r\x1b\[KSent "
-                         rb"2,000,000 events, 11\.4 MiB to .*\r\n$")
+        self.assertEqual(len(console.visible()), 2, console.visible())
+        self.assertRegex(console.visible()[0], rb"^Sent 2,000,000 events, "
+                         rb"11\.4 MiB to [^\r]* s$")
+        self.assertEqual(console.visible()[1], b"")
         # A few redraws a second at most, whatever the load.
         draws = screen.count(b"\rSending: ")
         self.assertLessEqual(draws, console.took / 0.2 + 2)
@@ -492,8 +508,12 @@ class ProgressTest(unittest.TestCase):
         screen = bytes(console.screen)
         self.assertRegex(screen, rb"\x1b\[K\r\x1b\[Kwarning: \S+ looks "
                          rb"binary [^\n]*\r\n")
-        self.assertRegex(console.last_line(), rb"^[^\n]*\r\x1b\[KSent 31 "
-                         rb"events, .*\r\n$")
+        lines = console.visible()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertRegex(lines[0], rb"^warning: \S+ looks binary \(NUL bytes "
+                         rb"in its first 512 KiB\); sending it as it is$")
+        self.assertRegex(lines[1], rb"^Sent 31 events, 189 bytes to [^\r]* s$")
+        self.assertEqual(lines[2], b"")
         self.assertNotIn(b"%", screen)  # a pipe's length is unknown
 
     def test_none_when_quiet_or_not_a_terminal(self):
