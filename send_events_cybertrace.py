@@ -91,6 +91,52 @@ class Interrupted(Exception):
     """Ctrl+C: the message says what got through."""
 
 
+class HoldInterrupts:
+    """Hold Ctrl+C while a count is updated; raise it when done.
+
+    A Ctrl+C just after the kernel took some bytes, before the count says
+    so, would report fewer events sent than the peer gets.
+    """
+
+    holding = False
+    held = False
+
+    def __enter__(self) -> None:
+        HoldInterrupts.holding = True
+
+    def __exit__(self, *exc) -> None:
+        HoldInterrupts.holding = False
+        if HoldInterrupts.held:
+            HoldInterrupts.held = False
+            raise KeyboardInterrupt
+
+    @staticmethod
+    def on_interrupt(number, frame) -> None:
+        if HoldInterrupts.holding:
+            HoldInterrupts.held = True
+        else:
+            raise KeyboardInterrupt
+
+
+HOLD_INTERRUPTS = HoldInterrupts()
+
+
+def install_interrupt_handler():
+    """Route Ctrl+C through HoldInterrupts; return what to restore."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None  # Ctrl+C is ignored (nohup, cron) or not ours to take
+    return signal.signal(signal.SIGINT, HoldInterrupts.on_interrupt)
+
+
+def leave_signals_to_main() -> None:
+    """Block Ctrl+C in this helper thread: the main thread must get it."""
+    # A signal that lands here would not wake the main thread from select
+    # or send, and Ctrl+C would seem to do nothing for a while.
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
 def warn(message: str) -> None:
     """Print a warning on stderr, above the progress line; -q keeps it."""
     line = "warning: " + message
@@ -290,9 +336,15 @@ class Stream:
         view = memoryview(block)
         try:
             while view:
-                sent = self.sock.send(view)
-                view = view[sent:]
-                self.bytes += sent
+                # Wait here, where Ctrl+C is harmless, so that the send
+                # itself returns at once and its count is never lost.
+                if not select.select([], [self.sock], [],
+                                     self.sock.gettimeout())[1]:
+                    raise socket.timeout
+                with HOLD_INTERRUPTS:
+                    sent = self.sock.send(view)
+                    view = view[sent:]
+                    self.bytes += sent
         except socket.timeout:
             self.update_acked()
             raise SendError("timed out sending to %s after %g s: %s"
@@ -304,15 +356,16 @@ class Stream:
             raise SendError("connection to %s lost: %s (%s)"
                             % (self.where, exc.strerror,
                                self.progress(block, start, before)))
-        self.events += events
-        self.sending = None
-        self.update_acked()
-        if self.acked < self.bytes:
-            cut = max(0, self.acked - start)
-            tail = bytes(memoryview(block)[cut:])
-            # Mostly a short tail is unacknowledged: count that, not the rest.
-            self.tails.append((start + cut, self.events - tail.count(b"\n"),
-                               tail))
+        with HOLD_INTERRUPTS:
+            self.events += events
+            self.sending = None
+            self.update_acked()
+            if self.acked < self.bytes:
+                cut = max(0, self.acked - start)
+                tail = bytes(memoryview(block)[cut:])
+                # Mostly a short tail is unacknowledged: count that only.
+                self.tails.append((start + cut,
+                                   self.events - tail.count(b"\n"), tail))
 
     def update_acked(self) -> None:
         """Ask the kernel how much the peer acknowledged."""
@@ -422,6 +475,7 @@ class Replies:
         self.thread.start()
 
     def read(self) -> None:
+        leave_signals_to_main()
         framer = EventFramer()
         out = sys.stdout.buffer
         try:
@@ -506,6 +560,7 @@ class Progress:
         return cls(stream, tally, total or None)
 
     def run(self) -> None:
+        leave_signals_to_main()
         while not self.done.wait(PROGRESS_INTERVAL):
             with self.lock:
                 self.draw(self.line())
@@ -748,7 +803,8 @@ def main(argv: Optional[list] = None) -> int:
     keep_freed_memory()
     if hasattr(signal, "SIGBREAK"):
         # Ctrl+Break in a Windows console stops the sender as Ctrl+C does.
-        signal.signal(signal.SIGBREAK, signal.default_int_handler)
+        signal.signal(signal.SIGBREAK, HoldInterrupts.on_interrupt)
+    previous = install_interrupt_handler()
     try:
         summary = run(args)
     except NothingToSend as exc:
@@ -765,6 +821,9 @@ def main(argv: Optional[list] = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if not args.quiet:
         print(summary, file=sys.stderr)
     return 0
