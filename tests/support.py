@@ -48,6 +48,22 @@ def reference_framing(data: bytes, size: int) -> list:
     return out
 
 
+def wait_until(predicate, timeout: float = TIMEOUT, what: str = "",
+               seen=None) -> None:
+    """Wait until predicate() holds, polling; fail with seen() if not.
+
+    For state that another thread or process changes without telling us
+    (a stand-in server's records): never assert on it once, right after
+    waiting for something else.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out waiting for %s%s" % (
+                what or predicate, "; saw %r" % (seen(),) if seen else ""))
+        time.sleep(0.01)
+
+
 def user_env() -> dict:
     """Return the environment of a user's shell: no PYTHONUNBUFFERED."""
     env = dict(os.environ)

@@ -61,10 +61,12 @@ class PeerFaultTest(unittest.TestCase):
             listener.wait_stdout(1)
             self.assertEqual(bytes(listener.out), b"sl\n")
         with Listener("-f", "raw") as listener, listener.connect() as slow:
-            for byte in b"slow":
+            for number, byte in enumerate(b"slow", 1):
                 slow.sendall(bytes([byte]))
                 listener.send(b"fast %c\n" % byte)
-                time.sleep(0.05)
+                # Each fast event comes out while the slow one is unfinished
+                # (and in this order: each waits for the one before).
+                listener.wait_stdout(number)
             slow.sendall(b"\n")
             listener.wait_stdout(5)
             lines = bytes(listener.out).splitlines()

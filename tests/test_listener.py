@@ -7,6 +7,7 @@ import os
 import pty
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -346,6 +347,10 @@ class StopTest(unittest.TestCase):
                 reader.stdin.close()
                 with listener.connect() as sock:
                     sock.sendall(b"first\n")
+                    # head writes its line whole; never block for ever.
+                    ready, _, _ = select.select([reader.stdout], [], [],
+                                                TIMEOUT)
+                    self.assertTrue(ready, "head printed nothing")
                     self.assertEqual(reader.stdout.readline(), b"first\n")
                     reader.wait(TIMEOUT)
                     # The listener learns of the closed pipe on its next

@@ -12,7 +12,7 @@ import time
 import unittest
 
 from fake_cybertrace import FakeCyberTrace, INDICATORS, read_flags
-from support import SENDER, TIMEOUT, Listener, reset, user_env
+from support import SENDER, TIMEOUT, Listener, reset, user_env, wait_until
 
 import send_events_cybertrace as sec
 
@@ -103,6 +103,10 @@ class FramingTest(unittest.TestCase):
         with FakeCyberTrace() as ct:
             proc = run_sender("-c", address(ct), "-e", "a=1", "-e", "b=2")
             self.assertEqual(proc.returncode, 0, proc.stderr)
+            # The sender is done once the bytes are acknowledged; the
+            # stand-in's thread may not have taken them yet.
+            wait_until(lambda: len(ct.received()) >= 8, what="the events",
+                       seen=ct.received)
             self.assertEqual(ct.received(), b"a=1\nb=2\n")
             self.assertEqual(ct.flags(), [[]])
 
@@ -145,6 +149,9 @@ class FramingTest(unittest.TestCase):
         with FakeCyberTrace() as ct:
             proc = run_sender("--demo", "-c", address(ct))
             self.assertEqual(proc.returncode, 0, proc.stderr)
+            wait_until(lambda: ct.received().count(b"\n") >=
+                       len(sec.DEMO_INDICATORS), what="the demo events",
+                       seen=ct.received)
             events = ct.received().decode().splitlines()
         self.assertEqual(len(events), len(sec.DEMO_INDICATORS))
         for (_, indicator), event in zip(sec.DEMO_INDICATORS, events):

@@ -15,7 +15,7 @@ import time
 import unittest
 
 from fake_cybertrace import FakeCyberTrace
-from support import SENDER, TIMEOUT, user_env
+from support import SENDER, TIMEOUT, user_env, wait_until
 from test_sender import Sink
 
 try:
@@ -139,7 +139,10 @@ class BinaryTest(unittest.TestCase):
             proc = run_sender("-c", address(ct), "--repeat", "2", f.name,
                               "-", stdin=b"\x00stdin\n")
             self.assertEqual(proc.returncode, 0, proc.stderr)
-            self.assertEqual(ct.received(), (content + b"\x00stdin\n") * 2)
+            want = (content + b"\x00stdin\n") * 2
+            wait_until(lambda: len(ct.received()) >= len(want),
+                       what="the events", seen=ct.received)
+            self.assertEqual(ct.received(), want)
         lines = proc.stderr.decode().splitlines()
         self.assertEqual(lines[:2], [
             "warning: %s looks binary (NUL bytes in its first 512 KiB); "
