@@ -299,7 +299,7 @@ def format_raw(block, lines: list, peer: str, when: float,
 
 def format_text(block, lines: list, peer: str, when: float,
                 terminal: bool) -> bytes:
-    """Write each event as the guide does: "Received:", then the event."""
+    """Write each event as the tutorial does: "Received:", then the event."""
     if terminal:
         lines = split_lines(
             to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8"))
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Ctrl+C or SIGTERM (on Windows: Ctrl+C or Ctrl+Break) stops "
         "after writing out everything already received; SIGHUP reopens "
         "--output (for logrotate; Windows has no SIGHUP: restart the "
-        "listener instead). Exit status: 0 on a normal stop, 1 on an error "
+        "listener instead); SIGUSR1 prints the counters. Exit status: 0 on a normal stop, 1 on an error "
         "(or --count not reached before --timeout), 2 on bad arguments.")
     parser.add_argument(
         "-l", "--listen", metavar="ADDR:PORT",
@@ -583,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           LISTEN_PORT))
     parser.add_argument(
         "-f", "--format", choices=FORMATS, default="text",
-        help="text: the guide's 'Received:' lines; raw: one event per line, "
-        "nothing else; json: JSON Lines with time, peer, event and its "
+        help="text: 'Received:' lines, as Kaspersky's tutorial prints them; "
+        "raw: one event per line, nothing else; json: JSON Lines with time, peer, event and its "
         "key=value fields (default: text)")
     parser.add_argument(
         "-o", "--output", metavar="FILE",

@@ -1,0 +1,71 @@
+"""The README and --help: what a new user reads first."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import unittest
+
+from support import LISTENER, ROOT, SENDER, TIMEOUT, user_env
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def section(title: str) -> str:
+    """Return a top-level README section's text, up to the next one."""
+    found = re.search(r"^## %s\n(.*?)(?=^## |\Z)" % re.escape(title), README,
+                      re.MULTILINE | re.DOTALL)
+    if found is None:
+        raise AssertionError("no top-level section %r in README.md" % title)
+    return found.group(1)
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], capture_output=True,
+                          text=True, timeout=TIMEOUT * 4, cwd=ROOT,
+                          env=user_env())
+
+
+class ReadmeTest(unittest.TestCase):
+    def test_troubleshooting_is_a_top_level_section(self):
+        self.assertIn("Address already in use", section("Troubleshooting"))
+
+    def test_speed_speaks_to_a_user(self):
+        speed = section("Speed")
+        for word in ("target", "MISSED", "issue"):
+            self.assertNotIn(word, speed)
+        self.assertIn("What that means for you", speed)
+
+    def test_one_name_for_kaspersky_s_tutorial(self):
+        helps = [run(str(script), "--help").stdout
+                 for script in (LISTENER, SENDER)]
+        for text in [README] + helps:
+            self.assertNotRegex(text, r"(?i)\bguide\b")
+        for text in helps:
+            self.assertIn("tutorial", text)
+
+    def test_the_single_test_command_works_from_the_root(self):
+        commands = re.findall(r"^    (python3 -m unittest tests\.\S+)$",
+                              README, re.MULTILINE)
+        self.assertTrue(commands, "README shows no single-test command")
+        self.assertIn("the tests", README[:README.index(commands[0])])
+        for command in commands:
+            with self.subTest(command):
+                target = command.split()[-1]
+                if target.count(".") < 3:
+                    # A whole module or class runs long; load it only.
+                    loaded = run("-c", "import sys, unittest\n"
+                                 "loader = unittest.TestLoader()\n"
+                                 "found = loader.loadTestsFromName(%r)\n"
+                                 "sys.exit(loader.errors or not "
+                                 "found.countTestCases())" % target)
+                    self.assertEqual(loaded.returncode, 0, loaded.stderr)
+                    continue
+                proc = run("-m", "unittest", target)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertIn("Ran 1 test", proc.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
