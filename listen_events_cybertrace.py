@@ -769,13 +769,15 @@ class Console:
             width = 0
         text = text[:width if width > 0 else 79]  # 0: size unknown
         if text != self.shown:
+            # Spaces, not an ANSI erase: every console understands them.
+            gone = len(self.shown) - len(text)
             self.shown = text
-            self.write("\r" + text + "\x1b[K")
+            self.write("\r" + text + " " * gone + "\b" * max(gone, 0))
 
     def clear(self) -> None:
         if self.shown:
+            self.write("\r" + " " * len(self.shown) + "\r")
             self.shown = ""
-            self.write("\r\x1b[K")
 
 
 class Stats:

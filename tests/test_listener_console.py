@@ -193,12 +193,12 @@ class LiveLineTest(unittest.TestCase):
             term.wait_for(rb"\r0 events  0 bytes  0/s  0 connections open  ")
             with listener.connect() as sock:
                 # A status line first clears the live line.
-                term.wait_for(rb"\r\x1b\[K(Connection from [^\r]*)\r\n")
+                term.wait_for(rb"\r +\r(Connection from [^\r]*)\r\n")
                 sock.sendall(b"one\ntwo\nthree\n")
                 term.wait_for(rb"\r3 events  14 bytes  \S+/s  1 connection "
-                              rb"open  \S+ s\x1b\[K")
+                              rb"open  \S+ s")
                 listener.proc.wait_stdout(3)
-            term.wait_for(rb"\r\x1b\[KClosed 127\.0\.0\.1:\d+: 3 events\r\n")
+            term.wait_for(rb"\r +\rClosed 127\.0\.0\.1:\d+: 3 events\r\n")
             self.assertEqual(listener.stop(), 0)
             term.wait_for(rb"\nStopped: 3 events, 14 bytes received, "
                           rb"1 connection, 0 rejected\r\n")
@@ -206,7 +206,7 @@ class LiveLineTest(unittest.TestCase):
         # Every line on the screen starts clean: nothing but a clear (or
         # the start) before each status line.
         for line in bytes(term.data).split(b"\r\n")[:-1]:
-            status = line.rsplit(b"\x1b[K", 1)[-1]
+            status = line.rsplit(b"\r", 1)[-1]
             self.assertRegex(status, rb"^(Starting|Waiting|Connection|Closed|"
                                      rb"Stopped)", line)
 
@@ -222,8 +222,7 @@ class LiveLineTest(unittest.TestCase):
                     time.sleep(0.01)
             elapsed = time.monotonic() - start
             self.assertEqual(listener.stop(), 0)
-        draws = len(re.findall(rb"\r\d[^\r]*events [^\r]*\x1b\[K",
-                               bytes(term.data)))
+        draws = len(re.findall(rb"\r[\d,]+ events? ", bytes(term.data)))
         self.assertGreaterEqual(draws, 1)
         self.assertLessEqual(draws, elapsed / lec.LIVE_SECONDS + 2)
 
@@ -232,7 +231,7 @@ class LiveLineTest(unittest.TestCase):
                               stdout_on_terminal=True) as listener:
             term = listener.terminal
             with listener.connect() as sock:
-                term.wait_for(rb"1 connection open  [^\r]*\x1b\[K")
+                term.wait_for(rb"\r[^\r]*1 connection open  ")
                 sock.sendall(b"first event\n")
                 term.wait_for(rb"first event")
                 sock.sendall(b"second event\n")
@@ -241,8 +240,7 @@ class LiveLineTest(unittest.TestCase):
         screen = bytes(term.data)
         for event in (b"first event", b"second event"):
             before = screen[:screen.index(event)]
-            self.assertTrue(before.endswith(b"\r\x1b[K") or
-                            before.endswith(b"\n"), before[-80:])
+            self.assertRegex(before[-200:], rb"(\r +\r|\n)$")
 
     def test_a_live_line_is_cut_to_the_terminal_width(self):
         console = Recorder()
@@ -250,14 +248,26 @@ class LiveLineTest(unittest.TestCase):
         with mock.patch("os.get_terminal_size",
                         return_value=os.terminal_size((20, 5))):
             console.show("x" * 50)
-        self.assertEqual(console.text, "\r" + "x" * 19 + "\x1b[K")
+        self.assertEqual(console.text, "\r" + "x" * 19)
+
+    def test_a_shorter_live_line_blanks_the_rest_and_clear_blanks_all(self):
+        console = Recorder()
+        console.live = True
+        console.show("10 events")
+        console.show("9 events")
+        console.show("9 events")  # no news: nothing written
+        console.clear()
+        console.clear()  # nothing shown: nothing written
+        self.assertEqual(console.text, "\r10 events" "\r9 events \b"
+                         "\r        \r")
+        self.assertNotIn("\x1b", console.text)
 
     def test_no_live_line_with_quiet(self):
         with TerminalListener("-q", "--stats", "0.1") as listener:
             term = listener.terminal
             term.wait_for(rb"(Stats after [^\n]*\n.*){3}")
             self.assertEqual(listener.stop(), 0)
-        self.assertNotIn(b"\x1b[K", bytes(term.data))
+        self.assertNotRegex(bytes(term.data), rb"\r[\d,]+ events? ")
         self.assertNotIn(b"Starting", bytes(term.data))
 
     def test_no_live_line_on_a_pipe(self):
