@@ -15,7 +15,7 @@ import time
 import unittest
 
 from fake_cybertrace import FakeCyberTrace
-from support import SENDER, TIMEOUT, user_env, wait_until
+from support import SENDER, TIMEOUT, user_env
 from test_sender import Sink
 
 try:
@@ -140,8 +140,7 @@ class BinaryTest(unittest.TestCase):
                               "-", stdin=b"\x00stdin\n")
             self.assertEqual(proc.returncode, 0, proc.stderr)
             want = (content + b"\x00stdin\n") * 2
-            wait_until(lambda: len(ct.received()) >= len(want),
-                       what="the events", seen=ct.received)
+            wait_until(lambda: len(ct.received()) >= len(want), "the events")
             self.assertEqual(ct.received(), want)
         lines = proc.stderr.decode().splitlines()
         self.assertEqual(lines[:2], [
