@@ -81,6 +81,14 @@ class PosixlessTest(unittest.TestCase):
                                          for p in range(3)
                                          for w in (b"one", b"two")))
 
+    def test_listening_on_every_interface_without_fcntl(self):
+        # Listing this host's addresses uses ioctl where it can.
+        with Listener("-t", "0.2", listen="0.0.0.0:0",
+                      env=posixless_env()) as listener:
+            self.assertEqual(listener.finish(), 0)
+            listener.wait_stderr(r"Waiting for CyberTrace")
+            self.assertClean(listener.err)
+
     def test_sender_file_event_and_demo_reach_the_listener(self):
         with tempfile.NamedTemporaryFile("wb", suffix=".log",
                                          delete=False) as file:

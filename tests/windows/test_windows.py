@@ -267,6 +267,12 @@ class ListenerTest(WindowsTest):
                     self.assertEqual(bytes(proc.out), b"before stop\n")
                     self.assertIn("Stopped: 1 event,", proc.stderr_text)
 
+    def test_listening_on_every_interface(self):
+        with Listener("-t", "0.5", listen="0.0.0.0:0") as listener:
+            self.assertEqual(listener.finish(), 0)
+            listener.wait_stderr(r"Waiting for CyberTrace")
+            self.assertNoTraceback(listener.err)
+
     def test_help_says_what_windows_lacks(self):
         done = run_script(LISTENER, "--help")
         self.assertEqual(done.returncode, 0)
