@@ -22,7 +22,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 __version__ = "1.0.0"
 
@@ -1365,6 +1365,60 @@ class Listener:
         return "Stopped: %s%s, %s received, %s, %s rejected" % (
             plural(self.events, "event"), extra, format_bytes(self.bytes),
             plural(self.accepted, "connection"), format_count(self.rejected))
+
+
+class EmbeddedListener(Listener):
+    """A quiet listener inside another program (the sender's --check).
+
+    Same framing and connection handling as the command line's; each block
+    of whole events (bytes, one b"\\n" each) goes to take(block) instead of
+    stdout, and stop() ends serve() from another thread.
+    """
+
+    drain_seconds = 0.5
+
+    def __init__(self, address: tuple,
+                 take: Callable[[bytes], None]) -> None:
+        args = build_parser().parse_args(["--quiet", "--format", "raw"])
+        args.listen = address
+        super().__init__(args, _Handover(take))
+        # The loop already wakes for signal numbers on a socket: stop() uses
+        # the same way in, so serve() needs no second one.
+        self.waker = socket.socketpair()
+        for sock in self.waker:
+            sock.setblocking(False)
+        self.selector.register(self.waker[0], selectors.EVENT_READ, "signal")
+
+    def stop(self) -> None:
+        """Make serve() write out what arrived and return, from any thread."""
+        try:
+            self.waker[1].send(bytes([signal.SIGTERM]))
+        except OSError:
+            pass  # a full socket already holds a wake-up
+
+    def close(self) -> None:
+        super().close()
+        for sock in self.waker:
+            sock.close()
+
+
+class _Handover:
+    """The Output of an EmbeddedListener: blocks go to a function."""
+
+    path = None
+    terminal = False
+
+    def __init__(self, take: Callable[[bytes], None]) -> None:
+        self.take = take
+
+    def write(self, data) -> None:
+        self.take(bytes(data))
+
+    def reopen(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 def keep_freed_memory() -> None:

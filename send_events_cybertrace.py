@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ipaddress
 import itertools
 import os
+import re
 import select
 import signal
 import socket
@@ -20,11 +22,12 @@ import stat
 import sys
 import threading
 import time
-from typing import BinaryIO, Iterable, Iterator, List, Optional
+from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional
 
 from listen_events_cybertrace import (
-    EventFramer, UserError, chunk_receive, format_address, format_bytes,
-    format_count, format_raw, keep_freed_memory, parse_address, plural,
+    LISTEN_ADDR, LISTEN_PORT, EmbeddedListener, EventFramer, UserError, chunk_receive,
+    format_address, format_bytes, format_count, format_raw,
+    keep_freed_memory, parse_address, parse_fields, parse_response, plural,
     split_lines, _argument, _positive, __version__)
 
 try:
@@ -39,6 +42,10 @@ SO_NWRITE = getattr(socket, "SO_NWRITE",
 CYBERTRACE_ADDR = "127.0.0.1"
 CYBERTRACE_PORT = 9999
 TIMEOUT = 5.0
+CHECK_TIMEOUT = 30.0
+# How long --check waits for a refused input port to open (see
+# connect_patiently).
+CONNECT_PATIENCE = 2.0
 # Large reads and sends: a million events go out in a few hundred system
 # calls.  As for the listener's reads, a block's lines must fit in one of
 # Python's 1 MiB arenas, or each block maps and faults in a fresh one.
@@ -57,26 +64,30 @@ PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 PROGRESS_INTERVAL = 0.25  # seconds between redraws, as pv's few a second
 
 # Indicators that Kaspersky keeps in its feeds so that CyberTrace always
-# detects them (cybertrace-protocol.md), with the field each belongs in.
-DEMO_INDICATORS = [
-    ("url", "http://fakess123.nu"),
-    ("url", "http://fakess123ap.nu"),
-    ("url", "http://fakess123r.nu"),
-    ("url", "http://a7396d61caffe18a4cffbb3b428c9b60.com"),
-    ("url", "http://5a015004f9fc05290d87e86d69c4b237.com"),
-    ("url", "http://b046f5b25458638f6705d53539c79f62.com"),
-    ("url", "http://e593461621ee0f9134c632d00bf108fd.com/.i"),
-    ("dst", "192.0.2.0"),
-    ("dst", "192.0.2.1"),
-    ("dst", "192.0.2.4"),
-    ("md5", "C912705B4BBB14EC7E78FA8B370532C9"),
-    ("md5", "776735A8CA96DB15B422879DA599F474"),
-    ("md5", "7A2E65A0F70EE0615EC0CA34240CF082"),
-    ("md5", "60300A92E1D0A55C7FDD360EE40A9DC1"),
-    ("md5", "001F6251169E6916C455495050A3FB8D"),
-    ("md5", "D8C1F5B4AD32296649FF46027177C594"),
-    ("md5", "7A8F30B40C6564EFF95E678F7C43346C"),
+# detects them, with the field each belongs in and the kind of record that
+# Kaspersky's test tables list it as (what --check expects).
+TEST_RECORDS = [
+    ("url", "http://fakess123.nu", "Malicious URL"),
+    ("url", "http://fakess123ap.nu", "Phishing URL"),
+    ("url", "http://fakess123r.nu", "Ransomware URL"),
+    ("url", "http://a7396d61caffe18a4cffbb3b428c9b60.com", "Botnet C&C URL"),
+    ("url", "http://5a015004f9fc05290d87e86d69c4b237.com",
+     "Botnet C&C URL (demo feed)"),
+    ("url", "http://b046f5b25458638f6705d53539c79f62.com", "APT URL"),
+    ("url", "http://e593461621ee0f9134c632d00bf108fd.com/.i", "IoT URL"),
+    ("dst", "192.0.2.0", "IP reputation"),
+    ("dst", "192.0.2.1", "IP reputation (demo feed)"),
+    ("dst", "192.0.2.4", "APT IP"),
+    ("md5", "C912705B4BBB14EC7E78FA8B370532C9", "Malicious hash (MD5)"),
+    ("md5", "776735A8CA96DB15B422879DA599F474",
+     "Malicious hash (MD5, demo feed)"),
+    ("md5", "7A2E65A0F70EE0615EC0CA34240CF082", "APT hash"),
+    ("md5", "60300A92E1D0A55C7FDD360EE40A9DC1", "Mobile malicious hash"),
+    ("md5", "001F6251169E6916C455495050A3FB8D", "Mobile botnet hash"),
+    ("md5", "D8C1F5B4AD32296649FF46027177C594", "Vulnerability hash"),
+    ("md5", "7A8F30B40C6564EFF95E678F7C43346C", "ICS hash"),
 ]
+DEMO_INDICATORS = [(field, value) for field, value, _ in TEST_RECORDS]
 
 
 class SendError(UserError):
@@ -645,15 +656,435 @@ def ping(address: tuple, timeout: float) -> float:
     return time.monotonic() - started
 
 
+# --- The lab check (--check) ------------------------------------------------
+#
+# One process plays the whole lab: it listens where CyberTrace delivers
+# detections (with the listener's own code), sends the test events to
+# CyberTrace's input, and matches what comes back.  Alongside, a second
+# connection asks CyberTrace directly (reply-back) which indicators it
+# detects: that tells a broken delivery from missing feeds, and lets the
+# check end as soon as everything CyberTrace detects has arrived.
+
+def token_pattern(indicators: List[str]) -> "re.Pattern":
+    """Match any of indicators as a whole token, in any letter case."""
+    # A token ends where no character could go on with it: 192.0.2.1 is
+    # not in 192.0.2.10, 10.192.0.2.1 or 192.0.2.1/24.  A URL may come
+    # without its scheme or with a final "/", as feeds and templates vary.
+    alternatives = []
+    for number, indicator in enumerate(indicators):
+        scheme, sep, rest = indicator.partition("://")
+        text = (r"(?:[a-z]+://)?%s/?" % re.escape(rest) if sep
+                else re.escape(indicator))
+        alternatives.append("(?P<i%d>%s)" % (number, text))
+    return re.compile(r"(?<![\w.\-])(?:%s)(?![\w.\-]|/[\w.\-~%%])"
+                      % "|".join(alternatives), re.IGNORECASE)
+
+
+TEST_INDICATORS = [value for _, value, _ in TEST_RECORDS]
+_TEST_TOKEN = token_pattern(TEST_INDICATORS)
+
+
+def named_indicators(event: str) -> set:
+    """Return the test indicators that event names, wherever they are."""
+    return {TEST_INDICATORS[int(found.lastgroup[1:])]
+            for found in _TEST_TOKEN.finditer(event)}
+
+
+def carried_category(event: str) -> Optional[str]:
+    """Return the event's category= (or Category=) field, if it has one."""
+    for key, value in parse_fields(event).items():
+        if key.lower() == "category":
+            value = (value[0] if isinstance(value, list) else value).strip()
+            return value if value not in ("", "-") else None
+    return None
+
+
+def visible(event: str, width: int = 0) -> str:
+    """Return event safe to print on a terminal, cut to width if given."""
+    if width and len(event) > width:
+        event = event[:width - 3] + "..."
+    return bytes(format_raw(event.encode("utf-8", "surrogateescape"), [],
+                            "", 0.0, True)).decode("utf-8", "replace")
+
+
+class Arrivals:
+    """The events that reach the check's listener, sorted as they come."""
+
+    def __init__(self, sent: List[bytes]) -> None:
+        self.cond = threading.Condition()
+        self.sent = {event.decode() for event in sent}
+        self.sent_at = None  # monotonic time the test events went out
+        self.latency = {}  # indicator: seconds from sending to arrival
+        self.categories = {}  # indicator: categories its events carried
+        self.events = 0
+        self.others = 0
+        self.first_other = None
+        self.connections = 0  # set when the listener is done
+
+    def take(self, block: bytes) -> None:
+        """Sort a block of events (called by the listener's thread)."""
+        now = time.monotonic()
+        with self.cond:
+            for line in split_lines(block):
+                event = line[:-1].decode("utf-8", "replace")
+                self.events += 1
+                # Before the test events went out, or one of them coming
+                # back unchanged, it cannot be a detection of them.
+                named = set()
+                if self.sent_at is not None and event not in self.sent:
+                    named = named_indicators(event)
+                if not named:
+                    self.others += 1
+                    if self.first_other is None:
+                        self.first_other = event
+                category = carried_category(event)
+                for indicator in named:
+                    self.latency.setdefault(indicator, now - self.sent_at)
+                    kinds = self.categories.setdefault(indicator, [])
+                    if category and category not in kinds:
+                        kinds.append(category)
+            self.cond.notify_all()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait(self, probe: "Probe", deadline: float) -> None:
+        """Wait until every indicator CyberTrace detects came, or deadline."""
+        def complete() -> bool:
+            if len(self.latency) == len(TEST_INDICATORS):
+                return True
+            return probe.answered_all() and probe.detected <= set(
+                self.latency)
+        with self.cond:
+            while not complete():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
+
+
+class Probe:
+    """Ask CyberTrace directly which test indicators it detects.
+
+    A connection of its own sends the test events with
+    X-KF-SendFinishedEventX-KF-ReplyBack: the detections come back on it,
+    whatever the output ConnectionString says, then one LookupFinished
+    event per event.
+    """
+
+    def __init__(self, address: tuple, events: List[bytes], deadline: float,
+                 wake: Callable[[], None]) -> None:
+        self.address = address
+        self.events = events
+        self.deadline = deadline
+        self.wake = wake
+        self.detected = set()
+        self.answered = 0
+        self.error = None
+        self.done = False
+        self.sock = None
+        self.aborted = False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def answered_all(self) -> bool:
+        return self.done and self.answered >= len(self.events)
+
+    def run(self) -> None:
+        try:
+            self.ask()
+        except UserError as exc:
+            self.error = str(exc)
+        except socket.timeout:
+            self.error = "no answer within the timeout"
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+        finally:
+            with self.lock:
+                self.done = True
+                if self.sock is not None:
+                    self.sock.close()
+            self.wake()
+
+    def ask(self) -> None:
+        sock = connect(self.address, self.left())
+        with self.lock:
+            self.sock = sock
+            if self.aborted:
+                return
+        sock.settimeout(self.left())
+        # The flags go alone, as Kaspersky's own clients send them.
+        sock.sendall(REPLY_BACK_FLAGS)
+        sock.sendall(b"".join(event + b"\n" for event in self.events))
+        for event in parse_response(sock):
+            if FINISHED in event:
+                # Counted apart: a finished event may quote the event.
+                self.answered += 1
+                if self.answered >= len(self.events):
+                    return
+            else:
+                self.detected |= named_indicators(
+                    event.decode("utf-8", "replace"))
+            sock.settimeout(self.left())
+        if not self.aborted:
+            self.error = "CyberTrace closed the connection after %s" % (
+                plural(self.answered, "answer"))
+
+    def left(self) -> float:
+        return max(0.001, self.deadline - time.monotonic())
+
+    def stop(self, patience: float) -> None:
+        """Let the probe finish for patience seconds, then cut it short."""
+        self.thread.join(patience)
+        with self.lock:
+            self.aborted = True
+            if self.sock is not None and not self.done:
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.thread.join()
+
+    def finding(self) -> str:
+        """Say what the probe found, for a diagnosis."""
+        total = len(self.events)
+        if self.answered_all():
+            if not self.detected:
+                return ("its feeds detect none of the test indicators: "
+                        "check that feeds are loaded (CyberTrace answered "
+                        "all %d when asked directly)" % total)
+            return "CyberTrace detects %d of %d when asked directly" % (
+                len(self.detected), total)
+        if self.aborted and self.error is None:
+            return "CyberTrace did not answer in time when asked directly " \
+                   "(%d of %d answered)" % (self.answered, total)
+        return "CyberTrace did not answer when asked directly: %s" % (
+            self.error or "no answer")
+
+
+def connect_patiently(address: tuple, deadline: float) -> socket.socket:
+    """Connect to CyberTrace's input; a refusal is tried again briefly."""
+    # Started on one command line with the check (stand-in & check), a
+    # CyberTrace or its stand-in may not listen yet for a moment.
+    patience = min(deadline, time.monotonic() + CONNECT_PATIENCE)
+    while time.monotonic() < patience:
+        try:
+            return socket.create_connection(
+                address, timeout=max(0.001, deadline - time.monotonic()))
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+        except OSError:
+            break
+    return connect(address, max(0.001, deadline - time.monotonic()))
+
+
+def send_test_events(args: argparse.Namespace, events: List[bytes],
+                     arrivals: Arrivals, deadline: float) -> None:
+    """Send the test events to CyberTrace's input as the step-5 mode does."""
+    where = format_address(*args.connect)
+    with connect_patiently(args.connect, deadline) as sock:
+        stream = Stream(sock, where)
+        with arrivals.cond:
+            arrivals.sent_at = time.monotonic()
+        send_all(stream, frame_lines(events), args.verbose)
+        sock.shutdown(socket.SHUT_WR)
+        stream.wait_delivered(max(0.001, deadline - time.monotonic()))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check(args: argparse.Namespace, prog: str) -> int:
+    """Run the lab check; print the table and return the exit status."""
+    started = time.monotonic()
+    deadline = started + args.timeout
+    events = demo_events()
+    arrivals = Arrivals(events)
+    listener = EmbeddedListener(args.check, arrivals.take)
+    serving = None
+    try:
+        try:
+            listener.bind()
+        except UserError as exc:
+            if "in use" in str(exc):
+                raise UserError("%s (stop the listener there while the "
+                                "check runs: the check listens in its place)"
+                                % exc)
+            raise
+        here = format_address(*listener.server.getsockname()[:2])
+        failure = []
+        serving = threading.Thread(target=serve_check, daemon=True,
+                                   args=(listener, failure))
+        serving.start()
+        say(args, "Listening on %s for CyberTrace's detections (its "
+                  "OutputSettings > ConnectionString)" % here)
+        if is_loopback(args.check[0]) and not is_loopback(args.connect[0]):
+            warn("CyberTrace at %s cannot reach %s: use --check 0.0.0.0:%d "
+                 "and point its ConnectionString at this host"
+                 % (args.connect[0], here, args.check[1]))
+        send_test_events(args, events, arrivals, deadline)
+        say(args, "Sent %d test events to %s; waiting up to %.0f s for "
+                  "their detections" % (len(events),
+                                        format_address(*args.connect),
+                                        deadline - time.monotonic()))
+        probe = Probe(args.connect, events, deadline, arrivals.wake)
+        interrupted = False
+        try:
+            arrivals.wait(probe, deadline)
+        except KeyboardInterrupt:
+            interrupted = True
+        ended = time.monotonic()
+        probe.stop(0 if interrupted else min(0.2, max(0.0, deadline - ended)))
+    finally:
+        listener.stop()
+        if serving is not None:
+            serving.join()
+        arrivals.connections = listener.accepted
+        listener.close()
+    if failure:
+        raise UserError("the check's listener failed: %r" % failure[0])
+    print_check_table(arrivals, here, ended)
+    if interrupted:
+        print("%s: interrupted" % prog, file=sys.stderr)
+        return 130
+    found = len(arrivals.latency)
+    for line in diagnose(args, arrivals, probe, here, ended):
+        print(line, file=sys.stderr)
+    if found == len(TEST_INDICATORS) or (found and not args.strict):
+        return 0
+    return 1
+
+
+def serve_check(listener: EmbeddedListener, failure: list) -> None:
+    """Run the check's listener; keep what stopped it, if not stop()."""
+    try:
+        listener.serve()
+    except Exception as exc:  # reported by check(), not lost in a thread
+        failure.append(exc)
+
+
+def say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def print_check_table(arrivals: Arrivals, here: str, ended: float) -> None:
+    """Print one row per test indicator, the count and the other events."""
+    rows = [("indicator", "expected", "carried", "latency")]
+    for _, indicator, expected in TEST_RECORDS:
+        if indicator in arrivals.latency:
+            latency = "{:,.1f} ms".format(arrivals.latency[indicator] * 1000)
+            carried = ", ".join(arrivals.categories[indicator]) or "-"
+        else:
+            latency, carried = "not detected", "-"
+        rows.append((indicator, expected, visible(carried, 40), latency))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(text.ljust(width) for text, width in
+                       zip(row, widths)) + "  " + row[3] for row in rows]
+    found = len(arrivals.latency)
+    took = max(arrivals.latency.values()) if found else \
+        ended - (arrivals.sent_at or ended)
+    lines.append("%d of %d test indicators detected and delivered to %s in "
+                 "%.1f s" % (found, len(TEST_INDICATORS), here, took))
+    if arrivals.others:
+        lines.append("%s (service alerts, detections of events this check "
+                     "did not send); the first: %s" % (
+                         plural(arrivals.others, "other event"),
+                         visible(arrivals.first_other, 300)))
+    else:
+        lines.append("no other events")
+    try:
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (| head): as cat, say nothing more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def diagnose(args: argparse.Namespace, arrivals: Arrivals, probe: Probe,
+             here: str, ended: float) -> List[str]:
+    """Say which link is broken, in a line or two, if one is."""
+    total = len(TEST_INDICATORS)
+    found = len(arrivals.latency)
+    waited = ended - (arrivals.sent_at or ended)
+    if found == total:
+        return []
+    directly = probe.answered_all() and probe.detected
+    lost = directly and not probe.detected <= set(arrivals.latency)
+    if found:
+        lines = []
+        if lost:
+            lines.append("CyberTrace detects %d of %d when asked directly, "
+                         "but only %d reached %s in %.1f s" % (
+                             len(probe.detected), total, found, here,
+                             waited))
+        elif args.strict:
+            lines.append(probe.finding() + (
+                ": its feeds lack the others" if directly else ""))
+        if args.strict:
+            lines.insert(0, "--strict: %d of %d test indicators did not "
+                            "come back" % (total - found, total))
+            return lines
+        return ["warning: " + line for line in lines]
+    if probe.answered_all() and not probe.detected:
+        first = probe.finding()
+        if not arrivals.events:
+            return [first, "nothing reached %s either, as nothing was "
+                           "detected: run the check again once feeds are "
+                           "loaded" % here]
+        return [first]
+    if not arrivals.connections:
+        line = ("no connection reached %s in %.1f s: check that CyberTrace's"
+                " OutputSettings > ConnectionString points here and that no "
+                "firewall blocks the port" % (here, waited))
+        if is_loopback(args.check[0]) and not is_loopback(args.connect[0]):
+            line += " (%s is loopback: use --check 0.0.0.0:%d)" % (
+                here, args.check[1])
+    elif not arrivals.events:
+        line = "%s reached %s but sent no events" % (
+            plural(arrivals.connections, "connection"), here)
+    else:
+        line = "%s reached %s with %s, none naming a test indicator; the " \
+               "first: %s" % (plural(arrivals.connections, "connection"),
+                              here, plural(arrivals.events, "event"),
+                              visible(arrivals.first_other, 200))
+    if directly:
+        if arrivals.connections and arrivals.events:
+            second = ("CyberTrace detects %d of %d when asked directly, but "
+                      "sent no detection here: point OutputSettings > "
+                      "ConnectionString (not only AlertConnectionString) "
+                      "at %s" % (len(probe.detected), total, here))
+        else:
+            second = ("CyberTrace detects %d of %d when asked directly: "
+                      "detection works, delivery to %s does not"
+                      % (len(probe.detected), total, here))
+    else:
+        second = probe.finding()
+    return [line, second]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     default = format_address(CYBERTRACE_ADDR, CYBERTRACE_PORT)
     parser = argparse.ArgumentParser(
         description="Send events to Kaspersky CyberTrace's input port, one "
-        "line per event. With no FILE, --event or --demo, read stdin.",
+        "line per event. With no FILE, --event or --demo, read stdin. "
+        "--check ADDR:PORT runs the lab check instead: it listens at ADDR:PORT"
+        " (where CyberTrace's output ConnectionString points), sends the 17 "
+        "test events and prints a table of the detections that came back.",
         epilog="Exit status: 0 when the peer acknowledged every event (and, "
         "with --reply-back, answered it), 1 on an error or when there are no "
-        "events to send, 2 on bad arguments, 130 on Ctrl+C. "
+        "events to send, 2 on bad arguments, 130 on Ctrl+C; with --check, 0 "
+        "when at least one test indicator came back (--strict: all 17), "
+        "else 1. "
         "'Acknowledged by the peer' means that the peer's TCP stack "
         "received the bytes, not that a program read or processed them: a "
         "listener that rejects the connection after the TCP handshake still "
@@ -683,11 +1114,25 @@ def build_parser() -> argparse.ArgumentParser:
                       "event")
     mode.add_argument("--ping", action="store_true",
                       help="check that CyberTrace is up: exit 0 on PONG")
+    mode.add_argument(
+        "--check", metavar="ADDR:PORT",
+        type=_argument(lambda text: parse_address(text, LISTEN_ADDR),
+                       "address"),
+        help="the lab check: listen at ADDR:PORT (CyberTrace's OutputSettings"
+        " > ConnectionString, same syntax as the listener's --listen: 9998 "
+        "is 127.0.0.1:9998; 0.0.0.0:9998 when CyberTrace runs on another "
+        "host), send the test events to --connect and print which came back "
+        "detected, with their latency; on failure, say which link is broken")
+    parser.add_argument("--strict", action="store_true",
+                        help="with --check, exit 0 only if all 17 test "
+                        "indicators came back (the demo feeds detect 3)")
     parser.add_argument(
-        "-t", "--timeout", metavar="SECONDS", default=TIMEOUT,
+        "-t", "--timeout", metavar="SECONDS",
         type=_argument(_positive(float), "seconds"),
         help="give up when connecting, sending or waiting for an answer "
-        "stalls this long (default: %g)" % TIMEOUT)
+        "stalls this long (default: %g); with --check, how long to wait for "
+        "the detections, all included (default: %g)" % (TIMEOUT,
+                                                         CHECK_TIMEOUT))
     parser.add_argument("--rate", metavar="EPS",
                         type=_argument(_positive(float), "EPS"),
                         help="send at most EPS events per second")
@@ -795,17 +1240,45 @@ def refuse_ignored(parser: argparse.ArgumentParser,
         parser.error("argument FILE: '-' (stdin) given more than once")
 
 
+def check_arguments(parser: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> None:
+    """Exit 2 on what --check cannot take; give -t its default."""
+    if args.timeout is None:
+        args.timeout = CHECK_TIMEOUT if args.check else TIMEOUT
+    if not args.check:
+        if args.strict:
+            parser.error("argument --strict: only with --check")
+        return
+    # The check sends its own 17 test events, once, at once.
+    for name, given in [("FILE", args.files), ("-e/--event", args.event),
+                        ("--rate", args.rate),
+                        ("--repeat", args.repeat != 1)]:
+        if given:
+            parser.error("argument --check: not allowed with %s (the check "
+                         "sends the test events)" % name)
+    host, port = args.check
+    if port == args.connect[1] and (host == args.connect[0] or host in (
+            "0.0.0.0", "::") or is_loopback(host) and
+            is_loopback(args.connect[0])):
+        parser.error("argument --check: %s is CyberTrace's input (-c); "
+                     "--check takes where CyberTrace delivers detections, "
+                     "e.g. %d" % (format_address(host, port), LISTEN_PORT))
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the sender; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_ignored(parser, args)
+    check_arguments(parser, args)
     keep_freed_memory()
     if hasattr(signal, "SIGBREAK"):
         # Ctrl+Break in a Windows console stops the sender as Ctrl+C does.
         signal.signal(signal.SIGBREAK, HoldInterrupts.on_interrupt)
     previous = install_interrupt_handler()
     try:
+        if args.check:
+            return check(args, parser.prog)
         summary = run(args)
     except NothingToSend as exc:
         warn(str(exc))

@@ -1,24 +1,58 @@
-"""A stand-in for CyberTrace's input port, built from cybertrace-protocol.md.
+#!/usr/bin/env python3
+"""A stand-in for Kaspersky CyberTrace, to try the tools without one.
 
-It reads the X-KF- flags from the first bytes of a connection (they may
-arrive glued to the first event), answers X-KF-ReplyBackPING with PONG,
-detects the documented test indicators, and sends its detections back on
-the connection (X-KF-ReplyBack) or to an output address, followed by one
-LookupFinished event per event when X-KF-SendFinishedEvent is set.
+    python3 tests/fake_cybertrace.py [--input ADDR:PORT] [--output ADDR:PORT]
+                                     [--demo-feeds | --detect-all | --no-feeds]
+
+It takes events on its input port (default 127.0.0.1:9999) and delivers
+its detections to its output address (default 127.0.0.1:9998), where
+listen_events_cybertrace.py or send_events_cybertrace.py --check listens,
+speaking CyberTrace's protocol as its documentation describes it:
+
+- A connection may start with flags, glued together with no separator:
+  X-KF-ReplyBack sends the detections back on that connection instead of
+  to the output; X-KF-SendFinishedEvent adds one LookupFinished event after
+  the detections of each event; X-KF-SaveStatistic is accepted.
+  X-KF-ReplyBackPING is answered with PONG.
+- Events are lines ending with \\n (a \\r before it is ignored).
+- A detection uses the default detection template: the event's date, then
+  category, matchedIndicator, url, src, ip, md5, sha1, sha256 and usrName,
+  then the indicator's context.
+- A failed delivery to the output is tried again 3 times, 10 s apart.
+- On start, a KL_ALERT_ServiceStarted service alert goes to the output.
+
+It detects the 17 indicators Kaspersky keeps for tests (--detect-all), by
+default only the 3 of them that the demo feeds carry (--demo-feeds), or
+none (--no-feeds: feeds not loaded).  Status goes to stderr; Ctrl+C stops.
+The tests import FakeCyberTrace to run it in-process on a free port.
 """
 
 from __future__ import annotations
 
+import argparse
+import heapq
+import itertools
 import re
+import select
+import signal
 import socket
+import sys
 import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
 
-import support  # noqa: F401  (puts the scripts on sys.path)
-import listen_events_cybertrace as lec
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import listen_events_cybertrace as lec  # noqa: E402
 
+INPUT = ("127.0.0.1", 9999)
+OUTPUT = ("127.0.0.1", 9998)
+RETRIES = 3
+RETRY_INTERVAL = 10.0
 FLAGS = (b"X-KF-SendFinishedEvent", b"X-KF-ReplyBack", b"X-KF-SaveStatistic")
 PING = b"PING"  # only right after X-KF-ReplyBack
 
+# The test indicators and the category of the feed that has each.
 INDICATORS = {
     "http://fakess123.nu": "KL_Malicious_URL",
     "http://fakess123ap.nu": "KL_Phishing_URL",
@@ -38,11 +72,23 @@ INDICATORS = {
     "D8C1F5B4AD32296649FF46027177C594": "KL_Vulnerable_File_Hash",
     "7A8F30B40C6564EFF95E678F7C43346C": "KL_ICS_Hash",
 }
+DEMO_FEEDS = ("192.0.2.1", "776735A8CA96DB15B422879DA599F474",
+              "http://5a015004f9fc05290d87e86d69c4b237.com")
+# What --noise adds to each connection's deliveries, as a busy site would:
+# an alert, and the detection of an event someone else sent.
+NOISE = ("%s alert=KL_ALERT_UpdatedFeed feed=Demo_Botnet_CnC_URL_Data_Feed.json"
+         " records=200",
+         "- category=KL_IP_Reputation matchedIndicator=192.0.2.10 url=- "
+         "src=198.51.100.9 ip=192.0.2.10 md5=- sha1=- sha256=- usrName=- "
+         "confidence=100 first_seen=01.01.2017 00:00 popularity=1")
+
 _INDICATOR = re.compile(
     r"(?<![\w.])(%s)(?![\w.])" % "|".join(
         re.escape(i) for i in sorted(INDICATORS, key=len, reverse=True)),
     re.IGNORECASE)
 _CANONICAL = {i.lower(): i for i in INDICATORS}
+_DATE = re.compile(r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d")
+_FIELD = re.compile(r"(?:^| )(url|src|dst|ip|md5|usrName)=(\S+)")
 
 
 def read_flags(sock: socket.socket) -> tuple:
@@ -68,24 +114,38 @@ def read_flags(sock: socket.socket) -> tuple:
         buf += data
 
 
-def detections(event: str) -> list:
-    """Return the detection events CyberTrace would emit for event."""
+def now_date() -> str:
+    """Return the time as CyberTrace's %Date%: Apr 16 09:05:41."""
+    return time.strftime("%b %d %H:%M:%S")
+
+
+def detections(event: str, detect: Iterable[str] = INDICATORS) -> list:
+    """Return the detection events CyberTrace would send for event."""
+    date = _DATE.match(event)
+    fields = dict(_FIELD.findall(event))
     found = []
     for match in _INDICATOR.finditer(event):
         indicator = _CANONICAL[match.group(1).lower()]
+        if indicator not in detect:
+            continue
         kind = "url" if indicator.startswith("http") else \
-            "ip" if indicator[0].isdigit() and "." in indicator else "md5"
-        values = {"url": "-", "ip": "-", "md5": "-"}
+            "ip" if "." in indicator else "md5"
+        values = {"url": fields.get("url", "-"),
+                  "ip": fields.get("dst", fields.get("ip", "-")),
+                  "md5": fields.get("md5", "-")}
         values[kind] = indicator
         found.append(
-            "- category=%s matchedIndicator=%s url=%s src=- ip=%s md5=%s "
-            "sha1=- sha256=- usrName=- confidence=100"
-            % (INDICATORS[indicator], indicator, values["url"], values["ip"],
-               values["md5"]))
+            "%s category=%s matchedIndicator=%s url=%s src=%s ip=%s md5=%s "
+            "sha1=- sha256=- usrName=%s confidence=100 first_seen=10.07.2015 "
+            "23:53 last_seen=14.07.2020 13:35 popularity=1"
+            % (date.group(0) if date else "-", INDICATORS[indicator],
+               indicator, values["url"], fields.get("src", "-"), values["ip"],
+               values["md5"], fields.get("usrName", "-")))
     return found
 
 
 def finished_event(found: list) -> str:
+    """Return the LookupFinished event that closes one event's answer."""
     totals = {}
     for detection in found:
         category = detection.split("category=")[1].split()[0]
@@ -94,91 +154,243 @@ def finished_event(found: list) -> str:
         len(found), "".join("%s:%d;" % item for item in totals.items()))
 
 
-class FakeCyberTrace:
-    """Serve CyberTrace's input protocol on a free loopback port."""
+class Delivery:
+    """Send events to the output address, trying a failed batch again.
 
-    def __init__(self, output: tuple | None = None, pong: bytes = b"PONG",
-                 answer: bool = True) -> None:
-        self.output = output
+    One connection is kept while it works; a batch that cannot be sent is
+    tried again `retries` times, `interval` seconds apart, while newer
+    batches go out at once.
+    """
+
+    def __init__(self, address: tuple, retries: int, interval: float,
+                 status: Callable[[str], None]) -> None:
+        self.address = address
+        self.where = lec.format_address(*address)
+        self.retries = retries
+        self.interval = interval
+        self.status = status
+        self.sock = None
+        self.queue = []  # (when due, order, data, attempts so far)
+        self.order = itertools.count()
+        self.delivered = 0
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def put(self, lines: list) -> None:
+        data = "".join(line + "\n" for line in lines).encode()
+        with self.cond:
+            heapq.heappush(self.queue, (time.monotonic(), next(self.order),
+                                        data, 0))
+            self.cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and (
+                        not self.queue or
+                        self.queue[0][0] > time.monotonic()):
+                    self.cond.wait(self.queue[0][0] - time.monotonic()
+                                   if self.queue else None)
+                if self.closed:
+                    return
+                _, _, data, attempts = heapq.heappop(self.queue)
+            error = self.send(data)
+            events = data.count(b"\n")
+            if error is None:
+                self.delivered += events
+            elif attempts < self.retries:
+                self.status("cannot deliver %s to %s: %s; retry %d of %d in "
+                            "%g s" % (lec.plural(events, "event"), self.where,
+                                      error, attempts + 1, self.retries,
+                                      self.interval))
+                with self.cond:
+                    heapq.heappush(self.queue, (
+                        time.monotonic() + self.interval, next(self.order),
+                        data, attempts + 1))
+            else:
+                self.status("gave up delivering %s to %s: %s" % (
+                    lec.plural(events, "event"), self.where, error))
+
+    def send(self, data: bytes) -> Optional[str]:
+        """Send data on the kept connection or a new one; return an error."""
+        try:
+            if self.sock is not None and not self.alive():
+                self.drop()
+            if self.sock is None:
+                self.sock = socket.create_connection(self.address, timeout=5)
+            self.sock.sendall(data)
+        except OSError as exc:
+            self.drop()
+            return exc.strerror or str(exc)
+        return None
+
+    def alive(self) -> bool:
+        """Tell whether the peer still holds the kept connection open."""
+        # A listener never writes: something to read means it closed.
+        if not select.select([self.sock], [], [], 0)[0]:
+            return True
+        try:
+            return bool(self.sock.recv(65536))
+        except OSError:
+            return False
+
+    def drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(15)
+        self.drop()
+
+
+class FakeCyberTrace:
+    """Serve CyberTrace's input protocol; by default on a free port."""
+
+    def __init__(self, output: Optional[tuple] = None, pong: bytes = b"PONG",
+                 answer: bool = True, input: tuple = ("127.0.0.1", 0),
+                 detect: Optional[Iterable[str]] = None, alert: bool = False,
+                 noise: bool = False, retries: int = RETRIES,
+                 retry_interval: float = RETRY_INTERVAL,
+                 status: Optional[Callable[[str], None]] = None,
+                 record: bool = True, idle_timeout: Optional[float] = 15,
+                 alert_output: Optional[tuple] = None) -> None:
         self.pong = pong
         self.answer = answer
+        self.detect = set(INDICATORS if detect is None else detect)
+        self.noise = noise
+        self.record = record  # keep what each connection sent
+        self.idle_timeout = idle_timeout
+        self.status = status or (lambda message: None)
         self.lock = threading.Lock()
         self.connections = []  # (flags, raw bytes after the flags)
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.address = self.server.getsockname()[:2]
+        self.accepted = 0
         self.threads = []
         self.open = []
+        self.server = self.bind(input)
+        self.address = self.server.getsockname()[:2]
+        self.status("Listening on %s (input); detections go to %s (output)%s;"
+                    " detecting %d of %d test indicators" % (
+                        lec.format_address(*self.address),
+                        lec.format_address(*output) if output else "nowhere",
+                        ", alerts to %s" % lec.format_address(*alert_output)
+                        if alert_output else "", len(self.detect),
+                        len(INDICATORS)))
+        self.delivery = self.alerts = None
+        if output is not None:
+            self.delivery = self.alerts = Delivery(
+                output, retries, retry_interval, self.status)
+        if alert_output is not None:
+            self.alerts = Delivery(alert_output, retries, retry_interval,
+                                   self.status)
+        if alert and self.alerts is not None:
+            self.alerts.put(["%s alert=KL_ALERT_ServiceStarted" % now_date()])
         self.acceptor = threading.Thread(target=self.accept_loop, daemon=True)
         self.acceptor.start()
+
+    @staticmethod
+    def bind(address: tuple) -> socket.socket:
+        try:
+            family = socket.getaddrinfo(address[0], address[1],
+                                        type=socket.SOCK_STREAM)[0][0]
+            return socket.create_server(address, family=family, backlog=128)
+        except OSError as exc:
+            raise lec.UserError("cannot listen on %s: %s" % (
+                lec.format_address(*address), exc.strerror or exc))
 
     def accept_loop(self) -> None:
         while True:
             try:
-                sock, _ = self.server.accept()
+                sock, peer = self.server.accept()
             except OSError:
                 return
             with self.lock:
                 self.open.append(sock)
-            thread = threading.Thread(target=self.handle, args=(sock,),
+            thread = threading.Thread(target=self.handle, args=(sock, peer),
                                       daemon=True)
             thread.start()
+            self.threads = [t for t in self.threads if t.is_alive()]
             self.threads.append(thread)
 
-    def handle(self, sock: socket.socket) -> None:
-        sock.settimeout(15)
+    def handle(self, sock: socket.socket, peer: tuple) -> None:
+        peer = lec.format_peer(peer)
+        sock.settimeout(self.idle_timeout)
         record = [[], bytearray()]
         with self.lock:
             self.connections.append(record)
+            self.accepted += 1
         try:
             flags, rest = read_flags(sock)
             record[0] = flags
             if PING in flags:
                 sock.sendall(self.pong)
+                self.status("%s: PING, answered %r" % (peer, self.pong))
                 return
-            self.serve_events(sock, flags, rest, record[1])
-        except OSError:
-            pass
+            events, found = self.serve_events(sock, flags, rest, record[1])
+            self.status("%s%s: %s, %s" % (
+                peer, " (%s)" % b"".join(flags).decode() if flags else "",
+                lec.plural(events, "event"), lec.plural(found, "detection")))
+        except OSError as exc:
+            self.status("%s: %s" % (peer, exc.strerror or exc))
         finally:
+            with self.lock:
+                self.open.remove(sock)
+                if not self.record:
+                    self.connections.remove(record)
             sock.close()
 
-    def serve_events(self, sock, flags, rest, raw) -> None:
+    def serve_events(self, sock: socket.socket, flags: list, rest: bytes,
+                     raw: bytearray) -> tuple:
+        """Answer each event; return (events, detections)."""
         reply_back = b"X-KF-ReplyBack" in flags
         send_finished = b"X-KF-SendFinishedEvent" in flags
-        out = None
-        if not reply_back and self.output is not None:
-            out = socket.create_connection(self.output, timeout=15)
-        try:
-            framer = lec.EventFramer()
-            chunks = [rest] if rest else []
-            for data in self.chunks(sock, chunks):
+        if self.noise and self.delivery is not None and not reply_back:
+            self.alerts.put([NOISE[0] % now_date()])
+            self.delivery.put([NOISE[1]])
+        framer = lec.EventFramer()
+        events = found = 0
+        for data in itertools.chain([rest] if rest else [],
+                                    lec.chunk_receive(sock)):
+            if self.record:
                 with self.lock:
                     raw += data
-                block = framer.feed(data)
-                if block and self.answer:
-                    self.respond(block, sock if reply_back else out,
-                                 send_finished)
-            block = framer.close()
-            if block and self.answer:
-                self.respond(block, sock if reply_back else out,
-                             send_finished)
-        finally:
-            if out is not None:
-                out.close()
+            block = framer.feed(data)
+            if block:
+                count, lines = self.respond(block, send_finished)
+                events, found = events + count, found + len(lines)
+                self.send(lines, sock if reply_back else None)
+        block = framer.close()
+        if block:
+            count, lines = self.respond(block, send_finished)
+            events, found = events + count, found + len(lines)
+            self.send(lines, sock if reply_back else None)
+        if send_finished:
+            found -= events
+        return events, found
 
-    @staticmethod
-    def chunks(sock, first):
-        yield from first
-        yield from lec.chunk_receive(sock)
-
-    def respond(self, block: bytes, peer, send_finished: bool) -> None:
+    def respond(self, block, send_finished: bool) -> tuple:
+        """Return (events in block, the lines that answer them)."""
         lines = []
-        for event in bytes(block).decode("utf-8", "replace")[:-1].split("\n"):
-            found = detections(event)
+        events = bytes(block).decode("utf-8", "replace")[:-1].split("\n")
+        for event in events:
+            found = detections(event, self.detect)
             lines.extend(found)
             if send_finished:
                 lines.append(finished_event(found))
-        if lines and peer is not None:
-            peer.sendall("".join(line + "\n" for line in lines).encode())
+        return len(events), lines
+
+    def send(self, lines: list, sock: Optional[socket.socket]) -> None:
+        if not lines or not self.answer:
+            return
+        if sock is not None:
+            sock.sendall("".join(line + "\n" for line in lines).encode())
+        elif self.delivery is not None:
+            self.delivery.put(lines)
 
     def received(self) -> bytes:
         """Return every byte received after the flags, all connections."""
@@ -205,9 +417,107 @@ class FakeCyberTrace:
         self.acceptor.join(15)
         for thread in self.threads:
             thread.join(15)
+        for delivery in {self.delivery, self.alerts} - {None}:
+            delivery.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Describe the command line."""
+    address = lec._argument(lec.parse_address, "address")
+    parser = argparse.ArgumentParser(
+        description="A stand-in for Kaspersky CyberTrace: takes events on "
+        "its input port, detects Kaspersky's test indicators in them and "
+        "delivers the detections to its output address, as CyberTrace does. "
+        "Status goes to stderr.",
+        epilog="Try it: run this, then 'python3 send_events_cybertrace.py "
+        "--check 9998'. Ctrl+C stops it (exit 0).")
+    parser.add_argument(
+        "--input", metavar="ADDR:PORT", type=address, default=INPUT,
+        help="where to take events (CyberTrace's InputSettings > "
+        "ConnectionString); port 0 picks a free one (default: %s)"
+        % lec.format_address(*INPUT))
+    parser.add_argument(
+        "--output", metavar="ADDR:PORT", type=address, default=OUTPUT,
+        help="where to deliver detections and alerts (OutputSettings > "
+        "ConnectionString; default: %s)" % lec.format_address(*OUTPUT))
+    feeds = parser.add_mutually_exclusive_group()
+    feeds.add_argument(
+        "--demo-feeds", dest="feeds", action="store_const", const="demo",
+        help="detect what the demo feeds carry: %s (the default)"
+        % ", ".join(DEMO_FEEDS))
+    feeds.add_argument("--detect-all", dest="feeds", action="store_const",
+                       const="all", help="detect all 17 test indicators")
+    feeds.add_argument("--no-feeds", dest="feeds", action="store_const",
+                       const="none", help="detect nothing, as when no feed "
+                       "is loaded")
+    parser.add_argument(
+        "--alert-output", metavar="ADDR:PORT", type=address,
+        help="deliver service alerts here instead (OutputSettings > "
+        "AlertConnectionString; default: with the detections)")
+    parser.add_argument(
+        "--noise", action="store_true",
+        help="with each connection's detections, also deliver a service "
+        "alert and the detection of an event nobody here sent (192.0.2.10), "
+        "as a busy site would")
+    parser.add_argument(
+        "--retries", metavar="N", type=lec._argument(int, "N"),
+        default=RETRIES, help="try a failed delivery again N times "
+        "(default: %d)" % RETRIES)
+    parser.add_argument(
+        "--retry-interval", metavar="SECONDS",
+        type=lec._argument(lec._positive(float), "seconds"),
+        default=RETRY_INTERVAL,
+        help="between tries (default: %g)" % RETRY_INTERVAL)
+    parser.set_defaults(feeds="demo")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run the stand-in until Ctrl+C or SIGTERM; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.retries < 0:
+        parser.error("argument --retries: must be 0 or more")
+    detect = {"all": INDICATORS, "demo": DEMO_FEEDS, "none": ()}[args.feeds]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stand_in = FakeCyberTrace(
+            output=args.output, input=args.input, detect=detect, alert=True,
+            noise=args.noise, retries=args.retries,
+            retry_interval=args.retry_interval, status=status,
+            record=False, idle_timeout=None, alert_output=args.alert_output)
+    except lec.UserError as exc:
+        print("%s: error: %s" % (parser.prog, exc), file=sys.stderr)
+        return 1
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stand_in.close()
+    status("Stopped: %s, %s delivered" % (
+        lec.plural(stand_in.accepted, "connection"),
+        lec.plural(stand_in.delivery.delivered + (
+            stand_in.alerts.delivered if args.alert_output else 0),
+            "event")))
+    return 0
+
+
+def status(message: str) -> None:
+    """Print a status line to stderr, if stderr is still there."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
