@@ -928,19 +928,23 @@ def check(args: argparse.Namespace, prog: str) -> int:
             warn("CyberTrace at %s cannot reach %s: use --check 0.0.0.0:%d "
                  "and point its ConnectionString at this host"
                  % (args.connect[0], here, args.check[1]))
-        send_test_events(args, events, arrivals, deadline)
-        say(args, "Sent %d test events to %s; waiting up to %.0f s for "
-                  "their detections" % (len(events),
-                                        format_address(*args.connect),
-                                        deadline - time.monotonic()))
-        probe = Probe(args.connect, events, deadline, arrivals.wake)
+        probe = None
         interrupted = False
         try:
+            send_test_events(args, events, arrivals, deadline)
+            probe = Probe(args.connect, events, deadline, arrivals.wake)
+            say(args, "Sent %d test events to %s; waiting up to %.0f s for "
+                      "their detections" % (len(events),
+                                            format_address(*args.connect),
+                                            deadline - time.monotonic()))
             arrivals.wait(probe, deadline)
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted = True  # still say what came
         ended = time.monotonic()
-        probe.stop(0 if interrupted else min(0.2, max(0.0, deadline - ended)))
+        if probe is not None:
+            # A probe about to finish may; its answers are not needed.
+            probe.stop(0 if interrupted else
+                       min(0.2, max(0.0, deadline - ended)))
     finally:
         listener.stop()
         if serving is not None:

@@ -486,7 +486,12 @@ def main(argv: Optional[list] = None) -> int:
         parser.error("argument --retries: must be 0 or more")
     detect = {"all": INDICATORS, "demo": DEMO_FEEDS, "none": ()}[args.feeds]
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl+C and SIGTERM only set an event: no exception can then cut the
+    # start or the shutdown short.  (A SIGINT ignored by the shell, as for
+    # "&" in a script, stays ignored.)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, lambda *_: stop.set())
     try:
         stand_in = FakeCyberTrace(
             output=args.output, input=args.input, detect=detect, alert=True,
@@ -496,13 +501,9 @@ def main(argv: Optional[list] = None) -> int:
     except lec.UserError as exc:
         print("%s: error: %s" % (parser.prog, exc), file=sys.stderr)
         return 1
-    try:
+    with stand_in:
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stand_in.close()
     status("Stopped: %s, %s delivered" % (
         lec.plural(stand_in.accepted, "connection"),
         lec.plural(stand_in.delivery.delivered + (

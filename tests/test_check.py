@@ -1,0 +1,421 @@
+"""The lab check (--check) and the stand-in, as a user runs them."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+from support import (ROOT, SENDER, TIMEOUT, Listener, Process, user_env)
+
+import send_events_cybertrace as sec
+
+STAND_IN = ROOT / "tests" / "fake_cybertrace.py"
+DEMO_FEEDS = {"192.0.2.1", "776735A8CA96DB15B422879DA599F474",
+              "http://5a015004f9fc05290d87e86d69c4b237.com"}
+SUMMARY = (r"(?m)^(\d+) of 17 test indicators detected and delivered to "
+           r"127\.0\.0\.1:(\d+) in (\d+\.\d) s$")
+
+
+def free_port() -> int:
+    """Return a port that nothing listens on (for the check to take)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class StandIn(Process):
+    """tests/fake_cybertrace.py on a free input port."""
+
+    def __init__(self, *args: str) -> None:
+        super().__init__([sys.executable, "-X", "dev", "-W", "error",
+                          str(STAND_IN), "--input", "127.0.0.1:0", *args])
+        try:
+            found = self.wait_stderr(r"Listening on 127\.0\.0\.1:(\d+) "
+                                     r"\(input\)")
+        except AssertionError:
+            self.close()
+            raise
+        self.port = int(found.group(1))
+
+    def stop(self) -> int:
+        self.signal(signal.SIGTERM)
+        return self.finish()
+
+
+def run_check(*args: str, timeout: float = TIMEOUT):
+    """Run the sender to its end; return the process and its run time."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-X", "dev", "-W", "error",
+                           str(SENDER), *args], stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout,
+                          env=user_env())
+    return proc, time.monotonic() - started
+
+
+class Table:
+    """The check's stdout, read back: rows, summary and other events."""
+
+    def __init__(self, test: unittest.TestCase, out: bytes) -> None:
+        text = out.decode()
+        lines = text.splitlines()
+        test.assertEqual(lines[0].split(), ["indicator", "expected",
+                                            "carried", "latency"], text)
+        self.rows = {}
+        for line in lines[1:18]:
+            cells = re.split(r"\s{2,}", line.strip())
+            self.rows[cells[0]] = cells
+        test.assertEqual(list(self.rows), [i for _, i, _ in
+                                           sec.TEST_RECORDS], text)
+        summary = re.search(SUMMARY, text)
+        test.assertIsNotNone(summary, text)
+        test.assertEqual(lines[18], summary.group(0))
+        self.found = int(summary.group(1))
+        self.port = int(summary.group(2))
+        self.seconds = float(summary.group(3))
+        self.others_line = lines[19]
+        test.assertEqual(len(lines), 20, text)
+
+    def detected(self) -> set:
+        return {indicator for indicator, cells in self.rows.items()
+                if cells[-1] != "not detected"}
+
+
+class CheckTest(unittest.TestCase):
+    def check(self, stand_in_args: list, *args: str, status: int = 0,
+              output: bool = True):
+        """Run --check against a stand-in; return (table, stderr, took)."""
+        port = free_port()
+        stand_in_args = list(stand_in_args)
+        if output:
+            stand_in_args += ["--output", "127.0.0.1:%d" % port]
+        with StandIn(*stand_in_args) as stand_in:
+            proc, took = run_check("--check", str(port), "-c",
+                                   "127.0.0.1:%d" % stand_in.port, *args)
+            self.assertEqual(stand_in.stop(), 0, stand_in.stderr_text)
+            self.assertNotIn("Traceback", stand_in.stderr_text)
+        err = proc.stderr.decode()
+        self.assertEqual(proc.returncode, status, err + proc.stdout.decode())
+        self.assertNotIn("Traceback", err)
+        self.assertNotIn("Warning", err)
+        table = Table(self, proc.stdout)
+        self.assertEqual(table.port, port)
+        return table, err, took
+
+    def test_demo_feeds_3_of_17_exit_0(self):
+        table, err, _ = self.check([])
+        self.assertEqual(table.found, 3)
+        self.assertEqual(table.detected(), DEMO_FEEDS)
+        for indicator, cells in table.rows.items():
+            expected = dict((i, e) for _, i, e in sec.TEST_RECORDS)
+            self.assertEqual(cells[1], expected[indicator])
+            if indicator in DEMO_FEEDS:
+                self.assertRegex(cells[3], r"^[\d,]+\.\d ms$")
+                self.assertRegex(cells[2], r"^KL_\w+$")
+            else:
+                self.assertEqual(cells[2:], ["-", "not detected"])
+        self.assertEqual(table.rows["192.0.2.1"][2], "KL_IP_Reputation")
+        # Ended once the 3 that CyberTrace detects had arrived, not at -t.
+        self.assertLess(table.seconds, 30)
+        self.assertRegex(err, r"Listening on 127\.0\.0\.1:\d+ for "
+                              r"CyberTrace's detections")
+
+    def test_detect_all_17_of_17_exit_0_also_strict(self):
+        for args in ([], ["--strict"]):
+            with self.subTest(args=args):
+                table, err, _ = self.check(["--detect-all"], *args)
+                self.assertEqual(table.found, 17)
+                self.assertEqual(table.detected(),
+                                 {i for _, i, _ in sec.TEST_RECORDS})
+                self.assertNotIn("not detected", err)
+
+    def test_strict_with_demo_feeds_exit_1(self):
+        table, err, _ = self.check([], "--strict", status=1)
+        self.assertEqual(table.found, 3)
+        self.assertIn("--strict: 14 of 17 test indicators did not come back",
+                      err)
+        self.assertIn("CyberTrace detects 3 of 17 when asked directly: its "
+                      "feeds lack the others", err)
+
+    def test_output_elsewhere_names_the_connection_string_and_probes(self):
+        elsewhere = free_port()
+        table, err, took = self.check(
+            ["--output", "127.0.0.1:%d" % elsewhere], "-t", "2", status=1,
+            output=False)
+        self.assertEqual(table.found, 0)
+        self.assertEqual(set(table.rows), set(table.rows) - table.detected())
+        # Waited the whole timeout, and no more.
+        self.assertGreaterEqual(table.seconds, 1.5)
+        self.assertLessEqual(table.seconds, 2.0)
+        lines = err.splitlines()
+        self.assertRegex(lines[-2], r"^no connection reached 127\.0\.0\.1:"
+                                    r"%d in \d\.\d s: check that CyberTrace's"
+                                    r" OutputSettings > ConnectionString "
+                                    r"points here and that no firewall "
+                                    % table.port)
+        self.assertEqual(lines[-1], "CyberTrace detects 3 of 17 when asked "
+                         "directly: detection works, delivery to "
+                         "127.0.0.1:%d does not" % table.port)
+
+    def test_feeds_not_loaded(self):
+        table, err, _ = self.check(["--no-feeds"], status=1)
+        self.assertEqual(table.found, 0)
+        self.assertIn("its feeds detect none of the test indicators: check "
+                      "that feeds are loaded", err)
+
+    def test_alerts_only_name_the_detection_connection_string(self):
+        port = free_port()
+        with StandIn("--output", "127.0.0.1:%d" % free_port(),
+                     "--alert-output", "127.0.0.1:%d" % port,
+                     "--noise") as stand_in:
+            proc, _ = run_check("--check", str(port), "-c", "127.0.0.1:%d"
+                                % stand_in.port, "-t", "2")
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        table = Table(self, proc.stdout)
+        self.assertEqual(table.found, 0)
+        self.assertRegex(table.others_line, r"^1 other event .*the first: "
+                                            r".*alert=KL_ALERT_UpdatedFeed")
+        err = proc.stderr.decode().splitlines()
+        self.assertRegex(err[-2], r"^1 connection reached 127\.0\.0\.1:\d+ "
+                                  r"with 1 event, none naming a test "
+                                  r"indicator; the first: .*alert=")
+        self.assertRegex(err[-1], r"^CyberTrace detects 3 of 17 when asked "
+                                  r"directly, but sent no detection here: "
+                                  r"point OutputSettings > ConnectionString")
+
+    def test_input_port_closed_exit_1(self):
+        proc, took = run_check("--check", str(free_port()), "-c",
+                               "127.0.0.1:%d" % free_port(), "-t", "1")
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr.decode(), r"error: cannot connect to "
+                         r"127\.0\.0\.1:\d+: Connection refused\n$")
+        self.assertNotIn(b"Traceback", proc.stderr)
+        self.assertEqual(proc.stdout, b"")
+
+    def test_alerts_and_unrelated_events_are_counted_not_matched(self):
+        table, err, _ = self.check(["--noise", "--retries", "0"])
+        self.assertEqual(table.detected(), DEMO_FEEDS)
+        # The stand-in's 192.0.2.10 detection is not 192.0.2.1's.
+        self.assertRegex(table.others_line,
+                         r"^2 other events \(service alerts, detections of "
+                         r"events this check did not send\); the first: "
+                         r"\w{3} [ \d]\d \d\d:\d\d:\d\d alert=KL_ALERT_"
+                         r"UpdatedFeed ")
+
+    def test_address_in_use(self):
+        with Listener() as listener:
+            port = listener.address[1]
+            proc, _ = run_check("--check", str(port), "-c", str(free_port()))
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr.decode(),
+                         r"^\S+: error: cannot listen on 127\.0\.0\.1:%d: "
+                         r"Address already in use \(stop the listener there"
+                         % port)
+
+    def test_ctrl_c_prints_what_came_and_exits_130(self):
+        port = free_port()
+        with StandIn("--output", "127.0.0.1:%d" % free_port()) as stand_in, \
+                Process([sys.executable, str(SENDER), "--check", str(port),
+                         "-c", str(stand_in.port)]) as check:
+            check.wait_stderr(r"waiting up to \d+ s")
+            check.signal(signal.SIGINT)
+            self.assertEqual(check.finish(), 130)
+            Table(self, bytes(check.out))
+            self.assertRegex(check.stderr_text, r"interrupted\n$")
+            self.assertNotIn("Traceback", check.stderr_text)
+
+
+class TokenTest(unittest.TestCase):
+    """A peer playing CyberTrace sends events that name indicators nearly."""
+
+    EVENTS = [
+        # Not 192.0.2.1, nor 192.0.2.0, nor 192.0.2.4:
+        b"- category=KL_IP_Reputation matchedIndicator=192.0.2.10 ip=192.0.2.10",
+        b"net=192.0.2.0/24 host=10.192.0.2.4 other=192.0.2.1.5",
+        b"url=http://fakess123.nu.example.com/ http://www.fakess123r.nu",
+        b"md5=C912705B4BBB14EC7E78FA8B370532C9AA",
+        # These name one each, whatever the key, in any case:
+        b"- category=KL_Malicious_Hash_MD5 md5=776735a8ca96db15b422879da599f474",
+        b"Category=KL_Phishing_URL|MatchedIndicator=http://fakess123ap.nu|x=1",
+        b"CEF:0|x|y|1|1|z|4| cs1:192.0.2.4 msg=seen",
+    ]
+
+    def serve(self, server: socket.socket, port: int) -> None:
+        """Take the check's connections; deliver EVENTS to port once."""
+        delivered = False
+        while True:
+            try:
+                sock, _ = server.accept()
+            except OSError:
+                return
+            with sock:
+                sock.settimeout(TIMEOUT)
+                data = b""
+                try:
+                    while data.count(b"\n") < 17:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    if data.startswith(b"X-KF-"):
+                        sock.sendall(b"eventName=LookupFinished\n" * 17)
+                    elif not delivered:
+                        delivered = True
+                        with socket.create_connection(
+                                ("127.0.0.1", port), TIMEOUT) as out:
+                            out.sendall(b"\n".join(self.EVENTS) + b"\n")
+                except OSError:
+                    pass
+
+    def test_whole_tokens_any_key_any_case(self):
+        port = free_port()
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            thread = threading.Thread(target=self.serve, daemon=True,
+                                      args=(server, port))
+            thread.start()
+            proc, _ = run_check("--check", str(port), "-c", "127.0.0.1:%d"
+                                % server.getsockname()[1], "-t", "3")
+            server.shutdown(socket.SHUT_RDWR)
+            thread.join(TIMEOUT)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        table = Table(self, proc.stdout)
+        self.assertEqual(table.detected(), {
+            "776735A8CA96DB15B422879DA599F474", "http://fakess123ap.nu",
+            "192.0.2.4"})
+        self.assertEqual(table.rows["http://fakess123ap.nu"][2],
+                         "KL_Phishing_URL")
+        self.assertEqual(table.rows["192.0.2.4"][2], "-")
+        self.assertRegex(table.others_line, r"^4 other events .*the first: "
+                                            r"- category=KL_IP_Reputation "
+                                            r"matchedIndicator=192\.0\.2\.10")
+
+    def test_token_pattern(self):
+        named = sec.named_indicators
+        self.assertEqual(named("ip=192.0.2.10"), set())
+        self.assertEqual(named("ip=192.0.2.1"), {"192.0.2.1"})
+        self.assertEqual(named("dst=192.0.2.1:443"), {"192.0.2.1"})
+        self.assertEqual(named("x=fakess123.nu/ y"), {"http://fakess123.nu"})
+        self.assertEqual(named("x=https://fakess123.nu/a"), set())
+        self.assertEqual(named("HTTP://E593461621EE0F9134C632D00BF108FD.COM/.I"
+                               ), {"http://e593461621ee0f9134c632d00bf108fd"
+                                   ".com/.i"})
+
+
+class ArgumentTest(unittest.TestCase):
+    def test_bad_combinations_exit_2(self):
+        for args in (("--check", "9998", "--reply-back"),
+                     ("--check", "9998", "--ping"),
+                     ("--check", "9998", "events.txt"),
+                     ("--check", "9998", "-e", "x"),
+                     ("--check", "9998", "--repeat", "2"),
+                     ("--check", "9999"),
+                     ("--check", "0.0.0.0:9999", "-c", "127.0.0.1:9999"),
+                     ("--strict", "-e", "x"),
+                     ("--check", "nowhere")):
+            with self.subTest(args=args):
+                proc, _ = run_check(*args)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertNotIn(b"Traceback", proc.stderr)
+                self.assertEqual(proc.stdout, b"")
+
+    def test_help_documents_the_check_and_its_timeout(self):
+        proc, _ = run_check("--help")
+        self.assertEqual(proc.returncode, 0)
+        text = " ".join(proc.stdout.decode().split())
+        self.assertIn("--check ADDR:PORT", text)
+        self.assertIn("with --check, how long to wait for the detections, "
+                      "all included (default: 30)", text)
+        self.assertIn("--strict", text)
+
+
+class StandInTest(unittest.TestCase):
+    """tests/fake_cybertrace.py from its command line."""
+
+    def test_help_and_bad_arguments(self):
+        proc = subprocess.run([sys.executable, str(STAND_IN), "--help"],
+                              capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0)
+        self.assertIn(b"--detect-all", proc.stdout)
+        for args in (["--input", "nowhere"], ["--detect-all", "--no-feeds"],
+                     ["--retries", "-1"]):
+            with self.subTest(args=args):
+                proc = subprocess.run([sys.executable, str(STAND_IN), *args],
+                                      capture_output=True, timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 2)
+                self.assertNotIn(b"Traceback", proc.stderr)
+
+    def test_input_in_use_is_exit_1(self):
+        with StandIn() as first:
+            proc = subprocess.run([sys.executable, str(STAND_IN), "--input",
+                                   "127.0.0.1:%d" % first.port],
+                                  capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr.decode(), r"^\S+: error: cannot listen "
+                                               r"on 127\.0\.0\.1:\d+: ")
+
+    def test_alert_at_start_detections_in_the_default_template(self):
+        with Listener("-f", "raw") as listener, \
+                StandIn("--output", "%s:%d" % listener.address) as stand_in:
+            listener.wait_stdout(1)
+            proc, _ = run_check("--demo", "-c", str(stand_in.port))
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            listener.wait_stdout(4)
+            self.assertEqual(stand_in.stop(), 0)
+            self.assertRegex(stand_in.stderr_text, r"Stopped: 1 connection, "
+                                                   r"4 events delivered\n$")
+        lines = bytes(listener.out).decode().splitlines()
+        self.assertRegex(lines[0], r"^\w{3} [ \d]\d \d\d:\d\d:\d\d "
+                                   r"alert=KL_ALERT_ServiceStarted$")
+        template = (r"^\w{3} [ \d]\d \d\d:\d\d:\d\d category=KL_\w+ "
+                    r"matchedIndicator=(\S+) url=\S+ src=198\.51\.100\.7 "
+                    r"ip=\S+ md5=\S+ sha1=- sha256=- usrName=demo "
+                    r"confidence=100 ")
+        matched = {re.match(template, line).group(1) for line in lines[1:]}
+        self.assertEqual(matched, DEMO_FEEDS)
+
+    def test_ping_reply_back_and_lookup_finished(self):
+        with StandIn("--output", "127.0.0.1:%d" % free_port()) as stand_in:
+            proc, _ = run_check("--ping", "-c", str(stand_in.port))
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertIn(b"PONG", proc.stderr)
+            proc, _ = run_check("--demo", "--reply-back", "-c",
+                                str(stand_in.port))
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+        lines = proc.stdout.decode().splitlines()
+        self.assertEqual(sum("LookupFinished" in line for line in lines), 17)
+        self.assertEqual({re.search(r"matchedIndicator=(\S+)", line).group(1)
+                          for line in lines if "matchedIndicator" in line},
+                         DEMO_FEEDS)
+
+    def test_retries_until_the_output_listens(self):
+        port = free_port()
+        with StandIn("--output", "127.0.0.1:%d" % port,
+                     "--retry-interval", "0.2") as stand_in:
+            stand_in.wait_stderr(r"cannot deliver 1 event to 127\.0\.0\.1:%d:"
+                                 r" Connection refused; retry 1 of 3 in "
+                                 r"0\.2 s" % port)
+            with Listener("-f", "raw", listen="127.0.0.1:%d" % port) as out:
+                out.wait_stdout(1)
+                self.assertIn(b"alert=KL_ALERT_ServiceStarted", out.out)
+
+    def test_gives_up_after_the_retries(self):
+        with StandIn("--output", "127.0.0.1:%d" % free_port(), "--retries",
+                     "1", "--retry-interval", "0.1") as stand_in:
+            stand_in.wait_stderr(r"gave up delivering 1 event to ")
+            self.assertEqual(stand_in.stop(), 0)
+
+    def test_ctrl_c_exits_0(self):
+        with StandIn() as stand_in:
+            stand_in.signal(signal.SIGINT)
+            self.assertEqual(stand_in.finish(), 0)
+            self.assertRegex(stand_in.stderr_text, r"Stopped: 0 connections")
+            self.assertNotIn("Traceback", stand_in.stderr_text)
+
+
+if __name__ == "__main__":
+    unittest.main()
