@@ -25,8 +25,8 @@ import time
 from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional
 
 from listen_events_cybertrace import (
-    LISTEN_ADDR, LISTEN_PORT, EmbeddedListener, EventFramer, UserError, chunk_receive,
-    format_address, format_bytes, format_count, format_raw,
+    LISTEN_ADDR, LISTEN_PORT, EmbeddedListener, EventFramer, UserError,
+    chunk_receive, format_address, format_bytes, format_count, format_raw,
     keep_freed_memory, parse_address, parse_fields, parse_response, plural,
     split_lines, _argument, _positive, __version__)
 
@@ -737,6 +737,7 @@ class Arrivals:
                     self.others += 1
                     if self.first_other is None:
                         self.first_other = event
+                    continue
                 category = carried_category(event)
                 for indicator in named:
                     self.latency.setdefault(indicator, now - self.sent_at)
@@ -845,7 +846,8 @@ class Probe:
                     self.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        self.thread.join()
+        # Only a connect() still waiting could hold it, until the deadline.
+        self.thread.join(max(0.0, self.deadline - time.monotonic()) + 1)
 
     def finding(self) -> str:
         """Say what the probe found, for a diagnosis."""
@@ -869,15 +871,15 @@ def connect_patiently(address: tuple, deadline: float) -> socket.socket:
     # Started on one command line with the check (stand-in & check), a
     # CyberTrace or its stand-in may not listen yet for a moment.
     patience = min(deadline, time.monotonic() + CONNECT_PATIENCE)
-    while time.monotonic() < patience:
+    while True:
         try:
-            return socket.create_connection(
-                address, timeout=max(0.001, deadline - time.monotonic()))
-        except ConnectionRefusedError:
-            time.sleep(0.05)
-        except OSError:
-            break
-    return connect(address, max(0.001, deadline - time.monotonic()))
+            return connect(address, max(0.1, round(
+                deadline - time.monotonic(), 1)))
+        except UserError as exc:
+            refused = isinstance(exc.__context__, ConnectionRefusedError)
+            if not refused or time.monotonic() + 0.05 >= patience:
+                raise
+        time.sleep(0.05)
 
 
 def send_test_events(args: argparse.Namespace, events: List[bytes],
@@ -1135,8 +1137,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_argument(_positive(float), "seconds"),
         help="give up when connecting, sending or waiting for an answer "
         "stalls this long (default: %g); with --check, how long to wait for "
-        "the detections, all included (default: %g)" % (TIMEOUT,
-                                                         CHECK_TIMEOUT))
+        "the detections, all included (default: %g)"
+        % (TIMEOUT, CHECK_TIMEOUT))
     parser.add_argument("--rate", metavar="EPS",
                         type=_argument(_positive(float), "EPS"),
                         help="send at most EPS events per second")

@@ -76,8 +76,8 @@ DEMO_FEEDS = ("192.0.2.1", "776735A8CA96DB15B422879DA599F474",
               "http://5a015004f9fc05290d87e86d69c4b237.com")
 # What --noise adds to each connection's deliveries, as a busy site would:
 # an alert, and the detection of an event someone else sent.
-NOISE = ("%s alert=KL_ALERT_UpdatedFeed feed=Demo_Botnet_CnC_URL_Data_Feed.json"
-         " records=200",
+NOISE = ("%s alert=KL_ALERT_UpdatedFeed "
+         "feed=Demo_Botnet_CnC_URL_Data_Feed.json records=200",
          "- category=KL_IP_Reputation matchedIndicator=192.0.2.10 url=- "
          "src=198.51.100.9 ip=192.0.2.10 md5=- sha1=- sha256=- usrName=- "
          "confidence=100 first_seen=01.01.2017 00:00 popularity=1")

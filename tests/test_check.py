@@ -235,12 +235,14 @@ class TokenTest(unittest.TestCase):
 
     EVENTS = [
         # Not 192.0.2.1, nor 192.0.2.0, nor 192.0.2.4:
-        b"- category=KL_IP_Reputation matchedIndicator=192.0.2.10 ip=192.0.2.10",
+        b"- category=KL_IP_Reputation matchedIndicator=192.0.2.10 "
+        b"ip=192.0.2.10",
         b"net=192.0.2.0/24 host=10.192.0.2.4 other=192.0.2.1.5",
         b"url=http://fakess123.nu.example.com/ http://www.fakess123r.nu",
         b"md5=C912705B4BBB14EC7E78FA8B370532C9AA",
         # These name one each, whatever the key, in any case:
-        b"- category=KL_Malicious_Hash_MD5 md5=776735a8ca96db15b422879da599f474",
+        b"- category=KL_Malicious_Hash_MD5 "
+        b"md5=776735a8ca96db15b422879da599f474",
         b"Category=KL_Phishing_URL|MatchedIndicator=http://fakess123ap.nu|x=1",
         b"CEF:0|x|y|1|1|z|4| cs1:192.0.2.4 msg=seen",
     ]
