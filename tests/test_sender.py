@@ -35,8 +35,11 @@ class Sink:
         self.mode = mode
         self.data = bytearray()
         self.server = socket.create_server(("127.0.0.1", 0))
-        if mode == "stall":
-            # A small receive window fills fast, so the sender stalls soon.
+        if mode in ("stall", "reset"):
+            # A small receive window fills fast, so the sender stalls soon;
+            # and a reset always finds bytes not yet acknowledged, however
+            # late this thread reads (a large window let the kernel take
+            # everything before the reset on a busy machine).
             self.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.address = self.server.getsockname()[:2]
         self.done = threading.Event()
