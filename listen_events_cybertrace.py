@@ -1109,15 +1109,7 @@ class Listener:
                 if self.stopping:
                     break
             if self.reopen_requested:
-                self.reopen_requested = False
-                if not self.output.reopen():
-                    self.warn("cannot reopen %s; still writing to the file "
-                              "it was" % self.args.output)
-                elif self.args.output:
-                    self.status("Reopened " + self.args.output)
-                else:
-                    self.status("SIGHUP: writing to stdout, no file to "
-                                "reopen")
+                self.reopen_output()
             now = time.monotonic()
             if self.args.idle_timeout and now >= next_sweep:
                 self.close_idle(now)
@@ -1128,10 +1120,21 @@ class Listener:
                 self.stats.tick(now)
         self.drain()
         if timed_out and self.args.count and not self.done():
-            self.warn("timeout: received %d of %d events"
-                      % (self.events, self.args.count))
+            self.warn("timeout: received %s of %s" % (
+                format_count(self.events), plural(self.args.count, "event")))
             return 1
         return 0
+
+    def reopen_output(self) -> None:
+        """Act on SIGHUP: open --output anew (after logrotate), and say so."""
+        self.reopen_requested = False
+        if not self.output.reopen():
+            self.warn("cannot reopen %s; still writing to the file it was"
+                      % self.args.output)
+        elif self.args.output:
+            self.status("Reopened " + self.args.output)
+        else:
+            self.status("SIGHUP: writing to stdout, no file to reopen")
 
     def accept(self) -> None:
         while len(self.connections) < self.args.max_connections:
