@@ -198,7 +198,8 @@ def frame_stream(name: str, stream: BinaryIO, check_binary: bool = True,
                  tally: Optional[list] = None) -> Iterator[tuple]:
     """Yield (block, events) read from a file, one event per line.
 
-    tally[0] grows by the bytes read, for the progress line's percentage.
+    tally[0] grows by the bytes read and not sent (a CR, a blank line, the
+    start of an unfinished line): with the bytes sent, how far the file went.
     """
     # Events are not split on the way out: CyberTrace splits long ones.
     framer = EventFramer(sys.maxsize)
@@ -208,7 +209,6 @@ def frame_stream(name: str, stream: BinaryIO, check_binary: bool = True,
         try:
             before = framer.received
             block = framer.read(stream.readinto, buffer, READ_SIZE)
-            tally[0] += framer.received - before
         except OSError as exc:
             raise UserError("cannot read %s: %s" % (name, exc.strerror))
         if block is None:
@@ -220,9 +220,11 @@ def frame_stream(name: str, stream: BinaryIO, check_binary: bool = True,
                 warn("%s looks binary (NUL bytes in its first %d KiB); "
                      "sending it as it is" % (name, READ_SIZE // 1024))
         block, count = drop_blank_lines(block)
+        tally[0] += framer.received - before - len(block)
         if count:
             yield block, count
     block, count = drop_blank_lines(framer.close())
+    tally[0] -= len(block)  # the newline added to the last line
     if count:
         yield block, count
 
@@ -533,7 +535,8 @@ class Progress:
     def __init__(self, stream: Stream, tally: list,
                  total: Optional[int]) -> None:
         self.stream = stream
-        self.tally = tally  # tally[0]: bytes read from the sources
+        self.base = stream.bytes  # the reply-back flags are no event
+        self.tally = tally  # tally[0]: bytes read from files and not sent
         self.total = total  # bytes the sources hold, if known
         self.started = time.monotonic()
         # The rate is over the last second or so, as pv's.
@@ -546,29 +549,16 @@ class Progress:
         Progress.showing = self
         self.thread.start()
 
-    @classmethod
-    def start_for(cls, args: argparse.Namespace, sources: list,
-                  stream: Stream, tally: list) -> Optional["Progress"]:
-        """Start a progress line if this is a long send watched on a tty."""
+    @staticmethod
+    def wanted(args: argparse.Namespace, sources: list) -> bool:
+        """Return whether a send is long enough and watched on a terminal."""
         if args.quiet or args.verbose or not sys.stderr.isatty() or \
-                args.reply_back and sys.stdout.isatty():
-            return None  # other lines would tear it
-        total = 0
-        for _, source in sources:
-            if isinstance(source, list):
-                continue
-            if source.isatty():
-                return None  # the person is typing on this line
-            info = os.fstat(source.fileno())
-            if total is not None and stat.S_ISREG(info.st_mode):
-                total += info.st_size - source.tell()
-            else:
-                total = None  # a pipe: no percentage, but maybe long
-        if total is not None:
-            total *= args.repeat
-            if total < PROGRESS_MIN_BYTES and not args.rate:
-                return None
-        return cls(stream, tally, total or None)
+                args.reply_back and sys.stdout.isatty() or \
+                reading_terminal(sources):
+            return False  # other lines would tear it
+        total = source_bytes(sources, args.repeat)
+        return bool(args.rate) or total is None or \
+            total >= PROGRESS_MIN_BYTES
 
     def run(self) -> None:
         leave_signals_to_main()
@@ -586,7 +576,8 @@ class Progress:
             plural(events, "event"), format_count(int(rate)),
             format_bytes(self.stream.bytes))
         if self.total:
-            done = min(self.tally[0], self.total)
+            done = self.stream.bytes - self.base + self.tally[0]
+            done = max(0, min(done, self.total))
             text += ", %d%%" % (100 * done // self.total)
             speed = done / (now - self.started)
             if speed > 0:
@@ -627,6 +618,20 @@ def format_duration(seconds: float) -> str:
     seconds = int(seconds + 0.5)
     return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60,
                              seconds % 60)
+
+
+def source_bytes(sources: list, repeat: int) -> Optional[int]:
+    """Return how many bytes the sources hold, or None if one is a pipe."""
+    total = 0
+    for _, source in sources:
+        if isinstance(source, list):
+            total += sum(len(event) + 1 for event in source)
+            continue
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        total += info.st_size - source.tell()
+    return total * repeat
 
 
 def reading_terminal(sources: list) -> bool:
@@ -1168,6 +1173,9 @@ def run(args: argparse.Namespace) -> str:
         if reading_terminal(sources) and not args.quiet:
             print(TERMINAL_NOTICE, file=sys.stderr, flush=True)
         tally = [0]
+        # Sizes are known before anything is read.
+        watched = Progress.wanted(args, sources)
+        total = watched and source_bytes(sources, args.repeat)
         blocks = some_events(event_blocks(sources, args.repeat, tally))
         if args.rate:
             blocks = paced(blocks, args.rate)
@@ -1179,7 +1187,8 @@ def run(args: argparse.Namespace) -> str:
                 if args.reply_back:
                     stream.send(REPLY_BACK_FLAGS, 0)
                     replies = Replies(sock)
-                progress = Progress.start_for(args, sources, stream, tally)
+                if watched:
+                    progress = Progress(stream, tally, total or None)
                 send_all(stream, blocks, args.verbose)
                 if replies is None:
                     sock.shutdown(socket.SHUT_WR)

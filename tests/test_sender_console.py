@@ -370,10 +370,7 @@ def number(text: bytes) -> int:
     return int(text.replace(b",", b""))
 
 
-@unittest.skipIf(pty is None, "no pseudo-terminals here")
-class InterruptTest(unittest.TestCase):
-    """Ctrl+C, typed on the terminal, at every stage of a send."""
-
+class ConsoleTestCase(unittest.TestCase):
     def interrupt(self, console: Console, tail: bytes = b"") -> tuple:
         """Type Ctrl+C; check the one line it prints; return its counts."""
         console.type(b"\x03")
@@ -388,6 +385,11 @@ class InterruptTest(unittest.TestCase):
         sent, acked = number(found.group(1)), number(found.group(2))
         self.assertLessEqual(acked, sent)
         return sent, acked
+
+
+@unittest.skipIf(pty is None, "no pseudo-terminals here")
+class InterruptTest(ConsoleTestCase):
+    """Ctrl+C, typed on the terminal, at every stage of a send."""
 
     @unittest.skipUnless(os.path.exists("/proc/net/tcp"), "needs Linux")
     def test_while_connecting(self):
@@ -471,7 +473,7 @@ class InterruptTest(unittest.TestCase):
 
 
 @unittest.skipIf(pty is None, "no pseudo-terminals here")
-class ProgressTest(unittest.TestCase):
+class ProgressTest(ConsoleTestCase):
     LINE = rb"\r(Sending: [\d,]+ events?, [\d,]+/s, [\d.,]+ (?:bytes?|KiB|MiB))"
 
     def test_a_large_file_shows_percent_and_eta_then_clears(self):
@@ -517,6 +519,20 @@ class ProgressTest(unittest.TestCase):
         self.assertRegex(lines[1], rb"^Sent 31 events, 189 bytes to [^\r]* s$")
         self.assertEqual(lines[2], b"")
         self.assertNotIn(b"%", screen)  # a pipe's length is unknown
+
+    def test_a_small_file_at_a_rate_shows_how_far_the_send_went(self):
+        # The file is read at once, but sent over ten seconds: the
+        # percentage follows what was sent, not what was read.
+        with tempfile.NamedTemporaryFile() as f, Sink() as sink:
+            f.write(b"".join(b"event %d\r\n\n" % i for i in range(1000)))
+            f.flush()
+            with Console("--rate", "100", f.name, "-c", address(sink)) \
+                    as console:
+                found = console.wait_screen(
+                    self.LINE + rb", (\d+)%, ETA \d+:\d\d:\d\d\x1b\[K")
+                self.assertLess(int(found.group(2)), 90)
+                sent, _ = self.interrupt(console)
+        self.assertLess(sent, 1000)
 
     def test_none_when_quiet_or_not_a_terminal(self):
         with Sink() as sink, Console("-q", "--rate", "20", "-c",
