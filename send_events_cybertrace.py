@@ -1299,7 +1299,10 @@ def main(argv: Optional[list] = None) -> int:
         warn(str(exc))
         return 1
     except Interrupted as exc:
-        print("%s: interrupted: %s" % (parser.prog, exc), file=sys.stderr)
+        # On a terminal, write over the ^C it echoed.
+        erase = "\r\033[K" if sys.stderr.isatty() else ""
+        print("%s%s: interrupted: %s" % (erase, parser.prog, exc),
+              file=sys.stderr)
         return 130
     except UserError as exc:
         print("%s: error: %s" % (parser.prog, exc), file=sys.stderr)

@@ -410,9 +410,14 @@ class InterruptTest(ConsoleTestCase):
             self.assertEqual(self.interrupt(console), (0, 0))
             self.assertFalse(server.connected())
         with FakeCyberTrace() as ct, Console("-c", address(ct)) as console:
+            console.wait_screen(re.escape(NOTICE))
             console.type(b"one\n")
             wait_until(lambda: ct.received() == b"one\n", "the event")
             self.assertEqual(self.interrupt(console), (1, 1))
+        # The message writes over the ^C the terminal echoed.
+        self.assertEqual(console.visible()[-3:], [
+            b"one", b"send_events_cybertrace.py: interrupted: 1 event sent, "
+            b"1 acknowledged", b""])
 
     def test_while_sending_at_a_rate(self):
         with tempfile.NamedTemporaryFile() as f, Sink() as sink:
