@@ -26,8 +26,9 @@ from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional
 
 from listen_events_cybertrace import (
     LISTEN_ADDR, LISTEN_PORT, EmbeddedListener, EventFramer, UserError,
-    chunk_receive, format_address, format_bytes, format_count, format_raw,
-    keep_freed_memory, parse_address, parse_fields, parse_response, plural,
+    chunk_receive, format_address, format_bytes, format_count,
+    format_duration, format_raw, keep_freed_memory, parse_address,
+    parse_fields, parse_response, plural,
     split_lines, _argument, _positive, __version__)
 
 try:
@@ -542,7 +543,8 @@ class Progress:
         # The rate is over the last second or so, as pv's.
         self.samples = collections.deque([(self.started, 0)],
                                          int(1 / PROGRESS_INTERVAL) + 1)
-        self.drawn = False
+        self.shown = ""  # the text on screen
+        self.width = 80
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -572,34 +574,45 @@ class Progress:
         self.samples.append((now, events))
         then, before = self.samples[0]
         rate = (events - before) / (now - then) if now > then else 0.0
-        text = "Sending: %s, %s/s, %s" % (
-            plural(events, "event"), format_count(int(rate)),
-            format_bytes(self.stream.bytes))
-        if self.total:
-            done = self.stream.bytes - self.base + self.tally[0]
-            done = max(0, min(done, self.total))
-            text += ", %d%%" % (100 * done // self.total)
-            speed = done / (now - self.started)
-            if speed > 0:
-                text += ", ETA %s" % format_duration(
-                    (self.total - done) / speed)
+        # As the listener's live line, with pv's percentage and ETA.
+        text = "%s  %s  %s/s" % (plural(events, "event"),
+                                 format_bytes(self.stream.bytes),
+                                 format_count(int(rate)))
+        if not self.total:
+            return text + "  " + format_duration(now - self.started)
+        done = self.stream.bytes - self.base + self.tally[0]
+        done = max(0, min(done, self.total))
+        text += "  %d%%" % (100 * done // self.total)
+        speed = done / (now - self.started)
+        if speed > 0:
+            text += "  ETA " + format_duration((self.total - done) / speed)
         return text
 
     def draw(self, text: str) -> None:
         try:
-            width = os.get_terminal_size(sys.stderr.fileno()).columns
+            self.width = os.get_terminal_size(sys.stderr.fileno()).columns
         except OSError:
-            width = 80
+            pass
         # A line as wide as the terminal would wrap, and \r not undo it.
-        sys.stderr.write("\r" + text[:width - 1] + "\033[K")
+        text = text[:self.width - 1]
+        # Spaces, not an ANSI erase, as the listener's live line: every
+        # console understands them.
+        gone = max(0, len(self.shown) - len(text))
+        sys.stderr.write("\r" + text + " " * gone + "\b" * gone)
         sys.stderr.flush()
-        self.drawn = True
+        self.shown = text
+
+    def erase(self) -> None:
+        if self.shown:
+            # Two more for the ^C a terminal echoes after the line.
+            blank = " " * min(len(self.shown) + 2, self.width - 1)
+            sys.stderr.write("\r" + blank + "\r")
+            sys.stderr.flush()
+            self.shown = ""
 
     def print_above(self, line: str) -> None:
         with self.lock:
-            if self.drawn:
-                sys.stderr.write("\r\033[K")
-                self.drawn = False
+            self.erase()
             print(line, file=sys.stderr, flush=True)
 
     def stop(self) -> None:
@@ -607,17 +620,7 @@ class Progress:
         self.done.set()
         self.thread.join()
         Progress.showing = None
-        if self.drawn:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-            self.drawn = False
-
-
-def format_duration(seconds: float) -> str:
-    """Return seconds as pv's ETA shows them: 0:01:05."""
-    seconds = int(seconds + 0.5)
-    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60,
-                             seconds % 60)
+        self.erase()
 
 
 def source_bytes(sources: list, repeat: int) -> Optional[int]:
@@ -1300,7 +1303,7 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     except Interrupted as exc:
         # On a terminal, write over the ^C it echoed.
-        erase = "\r\033[K" if sys.stderr.isatty() else ""
+        erase = "\r" if sys.stderr.isatty() else ""
         print("%s%s: interrupted: %s" % (erase, parser.prog, exc),
               file=sys.stderr)
         return 130

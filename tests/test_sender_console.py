@@ -306,18 +306,18 @@ class Console:
     def visible(self) -> list:
         """Return the lines a person sees, the cursor's line last."""
         lines, line, column = [], bytearray(), 0
-        for token in re.split(rb"(\r|\n|\x1b\[K)", bytes(self.screen)):
+        for token in re.split(rb"(\r|\n|\x08)", bytes(self.screen)):
             if token == b"\r":
                 column = 0
+            elif token == b"\x08":
+                column = max(0, column - 1)
             elif token == b"\n":
                 lines.append(bytes(line))
                 line, column = bytearray(), 0
-            elif token == b"\x1b[K":
-                del line[column:]
             else:
                 line[column:column + len(token)] = token
                 column += len(token)
-        return lines + [bytes(line)]
+        return [text.rstrip(b" ") for text in lines + [bytes(line)]]
 
 
 @unittest.skipIf(pty is None, "no pseudo-terminals here")
@@ -366,6 +366,11 @@ INTERRUPTED = (rb"send_events_cybertrace\.py: interrupted: ([\d,]+) events?"
                rb" sent, ([\d,]+) acknowledged")
 
 
+# The progress line: events, bytes, rate, then a percentage and an ETA.
+PROGRESS = rb"\r([\d,]+ events?  [\d.,]+ (?:bytes?|KiB|MiB)  [\d,]+/s)"
+PERCENT_ETA = rb"  (\d+)%  ETA (?:\d+:\d\d:\d\d|[\d.]+ s)"
+
+
 def number(text: bytes) -> int:
     return int(text.replace(b",", b""))
 
@@ -378,7 +383,7 @@ class ConsoleTestCase(unittest.TestCase):
         screen = bytes(console.screen)
         self.assertNotIn(b"Traceback", screen)
         # The terminal echoes ^C; our line follows, alone, and is the last.
-        found = re.search(rb"(?:^|\n|\^C|\x1b\[K)" + INTERRUPTED + tail +
+        found = re.search(rb"(?:^|\n|\r)" + INTERRUPTED + tail +
                           rb"\r\n$", screen)
         self.assertIsNotNone(found, screen[-300:])
         self.assertEqual(screen.count(b"interrupted"), 1, screen[-300:])
@@ -425,16 +430,15 @@ class InterruptTest(ConsoleTestCase):
             f.flush()
             with Console("--rate", "20", f.name, "-c", address(sink)) \
                     as console:
-                console.wait_screen(rb"Sending: [1-9][\d,]* events?, ")
+                console.wait_screen(rb"\r[1-9][\d,]* events?  ")
                 wait_until(lambda: bytes(sink.data).count(b"\n") >= 3,
                            "3 events at the peer")
                 arrived = bytes(sink.data).count(b"\n")
                 sent, acked = self.interrupt(console)
             self.assertTrue(sink.done.wait(TIMEOUT))
-        # What the peer had read was acknowledged, and what was handed to
-        # the kernel arrived: the counts bracket the truth.
-        self.assertGreaterEqual(arrived, 3)
-        self.assertGreaterEqual(acked, arrived)
+        # Every event counted as sent arrived, no more.  (The peer may have
+        # read events it had not acknowledged yet: delayed ACKs.)
+        self.assertGreaterEqual(sent, arrived)
         self.assertEqual(bytes(sink.data),
                          b"".join(b"event %d\n" % i for i in range(sent)))
         # The progress line was erased before the message took its place.
@@ -445,7 +449,7 @@ class InterruptTest(ConsoleTestCase):
             f.write(b"event\n" * 2000000)
             f.flush()
             with Console(f.name, "-t", "30", "-c", address(sink)) as console:
-                console.wait_screen(rb"Sending: .*, \d+%, ETA ")
+                console.wait_screen(PROGRESS + PERCENT_ETA)
                 sent, acked = self.interrupt(console)
         self.assertLess(sent, 2000000)
         self.assertEqual(console.visible()[-1], b"")
@@ -479,15 +483,15 @@ class InterruptTest(ConsoleTestCase):
 
 @unittest.skipIf(pty is None, "no pseudo-terminals here")
 class ProgressTest(ConsoleTestCase):
-    LINE = rb"\r(Sending: [\d,]+ events?, [\d,]+/s, [\d.,]+ (?:bytes?|KiB|MiB))"
+    LINE = PROGRESS
+    ETA = PERCENT_ETA
 
     def test_a_large_file_shows_percent_and_eta_then_clears(self):
         with tempfile.NamedTemporaryFile() as f, Sink("stall") as sink:
             f.write(b"event\n" * 2000000)
             f.flush()
             with Console(f.name, "-t", "30", "-c", address(sink)) as console:
-                console.wait_screen(self.LINE + rb", \d+%, ETA \d+:\d\d:\d\d"
-                                    rb"\x1b\[K")
+                console.wait_screen(self.LINE + self.ETA)
                 sink.release.set()
                 self.assertEqual(console.finish(), 0)
             self.assertTrue(sink.done.wait(TIMEOUT))
@@ -498,7 +502,7 @@ class ProgressTest(ConsoleTestCase):
                          rb"11\.4 MiB to [^\r]* s$")
         self.assertEqual(console.visible()[1], b"")
         # A few redraws a second at most, whatever the load.
-        draws = screen.count(b"\rSending: ")
+        draws = len(re.findall(self.LINE, screen))
         self.assertLessEqual(draws, console.took / 0.2 + 2)
         self.assertNotIn(b"\n", screen[:screen.rindex(b"Sent ")])
 
@@ -510,12 +514,13 @@ class ProgressTest(ConsoleTestCase):
                          stdin=subprocess.PIPE) as console:
                 console.proc.stdin.write(b"event\n" * 30)
                 console.proc.stdin.flush()
-                console.wait_screen(self.LINE + rb"\x1b\[K")
+                console.wait_screen(self.LINE + rb"  [\d.]+ s")
                 # The file's warning goes above the line, erased first.
                 console.proc.stdin.close()
                 self.assertEqual(console.finish(), 0)
         screen = bytes(console.screen)
-        self.assertRegex(screen, rb"\x1b\[K\r\x1b\[Kwarning: \S+ looks "
+        # Erased with spaces, then written over.
+        self.assertRegex(screen, rb"/s  [^\r]*\r +\rwarning: \S+ looks "
                          rb"binary [^\n]*\r\n")
         lines = console.visible()
         self.assertEqual(len(lines), 3, lines)
@@ -533,8 +538,7 @@ class ProgressTest(ConsoleTestCase):
             f.flush()
             with Console("--rate", "100", f.name, "-c", address(sink)) \
                     as console:
-                found = console.wait_screen(
-                    self.LINE + rb", (\d+)%, ETA \d+:\d\d:\d\d\x1b\[K")
+                found = console.wait_screen(self.LINE + self.ETA)
                 self.assertLess(int(found.group(2)), 90)
                 sent, _ = self.interrupt(console)
         self.assertLess(sent, 1000)
