@@ -221,13 +221,15 @@ def frame_stream(name: str, stream: BinaryIO, check_binary: bool = True,
                 warn("%s looks binary (NUL bytes in its first %d KiB); "
                      "sending it as it is" % (name, READ_SIZE // 1024))
         block, count = drop_blank_lines(block)
-        tally[0] += framer.received - before - len(block)
+        dropped = framer.received - before - len(block)
         if count:
             yield block, count
+        # Counted once the block went out (it may go out slowly, --rate).
+        tally[0] += dropped
     block, count = drop_blank_lines(framer.close())
-    tally[0] -= len(block)  # the newline added to the last line
     if count:
         yield block, count
+    tally[0] -= len(block)  # the newline added to the last line
 
 
 def open_sources(args: argparse.Namespace) -> list:
