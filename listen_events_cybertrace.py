@@ -1183,8 +1183,9 @@ class Listener:
                 self.args.max_connections:
             self.accepting = False
             self.selector.unregister(self.server)
-            self.warn("%d connections open (--max-connections); new ones "
-                      "wait until one closes" % len(self.connections))
+            self.warn("%s open (--max-connections); new ones wait until "
+                      "one closes" % plural(len(self.connections),
+                                            "connection"))
 
     def resume_accepting(self) -> None:
         if not self.accepting and not self.stopping:
@@ -1269,8 +1270,8 @@ class Listener:
         return bool(self.args.count) and self.events >= self.args.count
 
     def warn_split(self, conn: Connection) -> None:
-        self.warn("event from %s longer than %d bytes, split into pieces"
-                  % (conn.peer, self.args.max_event_bytes))
+        self.warn("event from %s longer than %s, split into pieces" % (
+            conn.peer, plural(self.args.max_event_bytes, "byte")))
 
     def emit(self, block, conn: Connection) -> None:
         """Format and write a block of events from conn at once."""

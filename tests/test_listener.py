@@ -184,7 +184,8 @@ class ConcurrencyTest(unittest.TestCase):
                 first.close()
                 listener.wait_stdout(2)
             self.assertEqual(bytes(listener.out), b"first\nwaited\n")
-            listener.wait_stderr("--max-connections")
+            listener.wait_stderr(r"warning: 1 connection open "
+                                 r"\(--max-connections\)")
 
     def test_idle_timeout_closes_a_silent_peer_keeping_its_partial_event(self):
         with Listener("-f", "raw", "--idle-timeout", "0.3") as listener, \
