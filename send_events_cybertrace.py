@@ -804,6 +804,7 @@ class Probe:
         return self.done and self.answered >= len(self.events)
 
     def run(self) -> None:
+        leave_signals_to_main()
         try:
             self.ask()
         except UserError as exc:
@@ -979,6 +980,7 @@ def check(args: argparse.Namespace, prog: str) -> int:
 
 def serve_check(listener: EmbeddedListener, failure: list) -> None:
     """Run the check's listener; keep what stopped it, if not stop()."""
+    leave_signals_to_main()
     try:
         listener.serve()
     except Exception as exc:  # reported by check(), not lost in a thread
