@@ -55,6 +55,8 @@ MAX_BUFFER_BYTES = 64 * 1024 * 1024
 WINDOWS_SELECT_SOCKETS = 512
 # Time allowed on stop to read what the kernel already acknowledged to peers.
 DRAIN_SECONDS = 2.0
+# Stopping, a peer silent this long after our FIN is taken to be done.
+DRAIN_QUIET_SECONDS = 0.25
 # The live status line on a terminal is redrawn at most this often.
 LIVE_SECONDS = 0.25
 FORMATS = ("text", "raw", "json")
@@ -980,22 +982,12 @@ def resolved_addresses() -> list:
     return found
 
 
-def queued_bytes(sock: socket.socket) -> Optional[int]:
-    """Return how many received bytes wait in sock's buffer, if known."""
-    try:
-        from fcntl import ioctl
-        from termios import FIONREAD
-        answer = ioctl(sock.fileno(), FIONREAD, b"\0\0\0\0")
-    except (ImportError, OSError):
-        return None
-    return int.from_bytes(answer, sys.byteorder)
-
-
 class Listener:
     """Accept any number of peers and write their events, never interleaved."""
 
     backlog = 1024
     drain_seconds = DRAIN_SECONDS
+    drain_quiet_seconds = DRAIN_QUIET_SECONDS
 
     def __init__(self, args: argparse.Namespace, output: Output,
                  console: Optional[Console] = None) -> None:
@@ -1334,18 +1326,40 @@ class Listener:
             if not self.accept_one():
                 break
         self.close_server()
-        # Take what each socket holds now, not what peers keep sending.
-        queued = [(conn, queued_bytes(conn.sock))
-                  for conn in self.connections.values()]
-        for conn, left in queued:
-            while time.monotonic() < deadline and (left is None or left > 0):
-                received = conn.framer.received
-                if not self.receive(conn):
-                    break
-                if left is not None:
-                    left -= conn.framer.received - received
-            if conn.sock in self.connections:
-                self.remove(conn)
+        # Bytes that reach a socket before close() are acknowledged to the
+        # sender, and close() throws away those still unread: so say we
+        # are closing (FIN) and read on until each peer closes its side,
+        # as a sender that resends does at once (--reconnect), or falls
+        # silent for a moment, or the deadline comes.
+        now = time.monotonic()
+        for conn in self.connections.values():
+            conn.last_active = now
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        while self.connections and not self.done():
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if now - conn.last_active >= self.drain_quiet_seconds:
+                    self.remove(conn)
+            quiet = [conn.last_active + self.drain_quiet_seconds
+                     for conn in self.connections.values()]
+            if not quiet or now >= deadline:
+                break
+            for key, _ in self.selector.select(min(quiet + [deadline]) - now):
+                if key.data == "signal":
+                    # Asked to stop again (not SIGHUP or SIGUSR1): now.
+                    self.stopping = False
+                    self.take_signals(key.fileobj)
+                    if self.stopping:
+                        deadline = now
+                    self.stopping = True
+                elif isinstance(key.data, Connection) and \
+                        key.data.sock in self.connections:
+                    self.serve_peer(key.data)
+        for conn in list(self.connections.values()):
+            self.remove(conn)
 
     def close_server(self) -> None:
         if self.server is not None:
