@@ -15,6 +15,7 @@ import ipaddress
 import itertools
 import os
 import re
+import random
 import select
 import signal
 import socket
@@ -47,6 +48,9 @@ CHECK_TIMEOUT = 30.0
 # How long --check waits for a refused input port to open (see
 # connect_patiently).
 CONNECT_PATIENCE = 2.0
+# --reconnect retries at once, then after 0.5 s, doubling up to 30 s.
+RECONNECT_FIRST = 0.5
+RECONNECT_MAX = 30.0
 # Large reads and sends: a million events go out in a few hundred system
 # calls.  As for the listener's reads, a block's lines must fit in one of
 # Python's 1 MiB arenas, or each block maps and faults in a fresh one.
@@ -92,7 +96,11 @@ DEMO_INDICATORS = [(field, value) for field, value, _ in TEST_RECORDS]
 
 
 class SendError(UserError):
-    """Sending failed; the message says how far it got."""
+    """Sending failed; the message says how far it got, reason why."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class NothingToSend(UserError):
@@ -100,7 +108,7 @@ class NothingToSend(UserError):
 
 
 class Interrupted(Exception):
-    """Ctrl+C: the message says what got through."""
+    """Ctrl+C or SIGTERM: the message says what got through."""
 
 
 class HoldInterrupts:
@@ -112,6 +120,7 @@ class HoldInterrupts:
 
     holding = False
     held = False
+    number = None  # the signal that stopped us: SIGINT, SIGTERM, SIGBREAK
 
     def __enter__(self) -> None:
         HoldInterrupts.holding = True
@@ -124,6 +133,7 @@ class HoldInterrupts:
 
     @staticmethod
     def on_interrupt(number, frame) -> None:
+        HoldInterrupts.number = number
         if HoldInterrupts.holding:
             HoldInterrupts.held = True
         else:
@@ -141,12 +151,22 @@ def install_interrupt_handler():
     return signal.signal(signal.SIGINT, HoldInterrupts.on_interrupt)
 
 
+def install_terminate_handler():
+    """Make SIGTERM (systemctl stop, kill) stop us as Ctrl+C does, counts
+    and all; return what to restore."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, HoldInterrupts.on_interrupt)
+
+
 def leave_signals_to_main() -> None:
     """Block Ctrl+C in this helper thread: the main thread must get it."""
     # A signal that lands here would not wake the main thread from select
     # or send, and Ctrl+C would seem to do nothing for a while.
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT,
+                                                  signal.SIGTERM})
 
 
 def warn(message: str) -> None:
@@ -307,12 +327,9 @@ def connect(address: tuple, timeout: float) -> socket.socket:
         raise UserError("cannot connect to %s: %s" % (where, exc.strerror))
 
 
-def unacknowledged_bytes(sock: socket.socket) -> int:
-    """Return how many sent bytes the peer has not acknowledged yet.
-
-    Where the kernel cannot tell (Windows), 0: what it took counts as
-    delivered.
-    """
+def unacknowledged_bytes(sock: socket.socket) -> Optional[int]:
+    """Return how many sent bytes the peer has not acknowledged yet, or
+    None where the kernel cannot tell (Windows)."""
     try:
         if ioctl is not None:
             answer = ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
@@ -321,7 +338,19 @@ def unacknowledged_bytes(sock: socket.socket) -> int:
             return sock.getsockopt(socket.SOL_SOCKET, SO_NWRITE)
     except OSError:
         pass
-    return 0
+    return None
+
+
+def event_start(block, offset: int) -> int:
+    """Return where the event holding a block's byte at offset starts."""
+    if isinstance(block, memoryview):
+        return block.obj.rfind(b"\n", 0, min(offset, len(block))) + 1
+    return block.rfind(b"\n", 0, offset) + 1
+
+
+def say_sent(sent: int, acknowledged: int) -> str:
+    return "%s sent, %s acknowledged" % (plural(sent, "event"),
+                                          format_count(acknowledged))
 
 
 def count_lines(block, end: int) -> int:
@@ -340,11 +369,17 @@ class Stream:
         self.events = 0  # events handed whole to the kernel
         self.bytes = 0
         self.acked = 0  # bytes the peer's TCP acknowledged, when last asked
-        # What the peer may not have acknowledged yet, to count the events
-        # that arrived if the connection fails: (offset, events before it,
-        # bytes).  Blocks are reused buffers, so only this tail is copied.
+        # What the peer may not have acknowledged yet, from the start of an
+        # event, to count the events that arrived if the connection fails
+        # and to send them again: (offset, events before it, bytes).
+        # Blocks are reused buffers, so only this tail is copied.
         self.tails = []
         self.sending = None  # (block, offset, events before it) in flight
+        # Where the kernel cannot tell what the peer acknowledged, what it
+        # took counts as delivered, but the last `keep` bytes (a send
+        # buffer's worth, for --reconnect) are kept to send again.
+        self.measured = True
+        self.keep = 0
 
     def send(self, block, events: int) -> None:
         start, before = self.bytes, self.events
@@ -365,19 +400,22 @@ class Stream:
             self.update_acked()
             raise SendError("timed out sending to %s after %g s: %s"
                             % (self.where, self.sock.gettimeout(),
-                               self.progress(block, start, before)))
+                               self.progress(block, start, before)),
+                            "no progress for %g s" % self.sock.gettimeout())
         except OSError as exc:
             # After a reset the kernel forgets its queue: keep the count
             # from before, a lower bound.
             raise SendError("connection to %s lost: %s (%s)"
                             % (self.where, exc.strerror,
-                               self.progress(block, start, before)))
+                               self.progress(block, start, before)),
+                            exc.strerror)
         with HOLD_INTERRUPTS:
             self.events += events
             self.sending = None
             self.update_acked()
-            if self.acked < self.bytes:
-                cut = max(0, self.acked - start)
+            kept = self.kept_from()
+            if kept < self.bytes:
+                cut = event_start(block, max(0, kept - start))
                 tail = bytes(memoryview(block)[cut:])
                 # Mostly a short tail is unacknowledged: count that only.
                 self.tails.append((start + cut,
@@ -386,10 +424,20 @@ class Stream:
     def update_acked(self) -> None:
         """Ask the kernel how much the peer acknowledged."""
         queued = unacknowledged_bytes(self.sock)
+        if queued is None:
+            self.measured = False
+            queued = 0
         self.acked = max(self.acked, self.bytes - queued)
+        kept = self.kept_from()
         while self.tails and \
-                self.tails[0][0] + len(self.tails[0][2]) <= self.acked:
+                self.tails[0][0] + len(self.tails[0][2]) <= kept:
             self.tails.pop(0)
+
+    def kept_from(self) -> int:
+        """Return the offset from which sent bytes are kept to resend."""
+        if self.measured:
+            return self.acked
+        return max(0, self.bytes - self.keep)
 
     def delivered(self, block=None, start: int = 0, before: int = 0) -> int:
         """Return how many whole events the peer acknowledged."""
@@ -407,6 +455,10 @@ class Stream:
 
     def interrupted(self) -> str:
         """Say what got through when Ctrl+C stopped us, anywhere."""
+        return say_sent(*self.counts())
+
+    def counts(self) -> tuple:
+        """Return the events sent and acknowledged, even within a send."""
         self.update_acked()
         sent, acked = self.events, self.delivered()
         if self.sending is not None:
@@ -414,8 +466,7 @@ class Stream:
             block, start, before = self.sending
             sent = before + count_lines(block, self.bytes - start)
             acked = self.delivered(block, start, before)
-        return "%s sent, %s acknowledged" % (plural(sent, "event"),
-                                              format_count(min(acked, sent)))
+        return sent, min(acked, sent)
 
     def wait_delivered(self, timeout: float) -> None:
         """Wait until the peer acknowledged every byte sent, or fail."""
@@ -428,7 +479,8 @@ class Stream:
                 return
             if time.monotonic() >= deadline:
                 raise SendError("timed out after %g s: %s" % (
-                    timeout, self.progress()))
+                    timeout, self.progress()),
+                    "not acknowledged within %g s" % timeout)
             # A peer that closes after reading everything wakes us at once;
             # one that resets tells us the events did not all arrive.
             if select.select(watch, [], [], pause)[0]:
@@ -439,21 +491,31 @@ class Stream:
                     pass
                 except OSError as exc:
                     raise SendError("connection to %s lost: %s (%s)" % (
-                        self.where, exc.strerror, self.progress()))
+                        self.where, exc.strerror, self.progress()),
+                        exc.strerror)
             elif not watch:
+                # After its FIN, recv() says nothing more: a reset that
+                # follows shows only here.
+                error = self.sock.getsockopt(socket.SOL_SOCKET,
+                                             socket.SO_ERROR)
+                if error:
+                    raise SendError("connection to %s lost: %s (%s)" % (
+                        self.where, os.strerror(error), self.progress()),
+                        os.strerror(error))
                 time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
 
-def paced(blocks: Iterable[tuple], rate: float) -> Iterator[tuple]:
+def paced(blocks: Iterable[tuple], rate: float,
+          clock=time.monotonic) -> Iterator[tuple]:
     """Yield the events of blocks in batches, rate events per second."""
-    started = time.monotonic()
+    started = clock()
     sent = 0
     for block, _ in blocks:
         events = bytes(block)[:-1].split(b"\n")
         done = 0
         while done < len(events):
-            elapsed = time.monotonic() - started
+            elapsed = clock() - started
             due = int(elapsed * rate) + 1 - sent
             if due <= 0:
                 time.sleep(sent / rate - elapsed)
@@ -464,16 +526,264 @@ def paced(blocks: Iterable[tuple], rate: float) -> Iterator[tuple]:
             yield b"\n".join(batch) + b"\n", len(batch)
 
 
+def echo(block) -> None:
+    """Print a block's events to stderr as the guide does."""
+    text = format_raw(block, [], "", 0.0, sys.stderr.isatty())
+    text = bytes(text).decode("utf-8", "backslashreplace")
+    sys.stderr.write("".join("Sending:\n%s\n" % line
+                             for line in text[:-1].split("\n")))
+    sys.stderr.flush()
+
+
 def send_all(stream: Stream, blocks: Iterable[tuple], verbose: bool) -> None:
     """Send every block, echoing events to stderr when verbose."""
     for block, count in blocks:
         if verbose:
-            text = format_raw(block, [], "", 0.0, sys.stderr.isatty())
-            text = bytes(text).decode("utf-8", "backslashreplace")
-            sys.stderr.write("".join("Sending:\n%s\n" % line
-                                     for line in text[:-1].split("\n")))
-            sys.stderr.flush()
+            echo(block)
         stream.send(block, count)
+
+
+# --- --reconnect: connections that come and go, nothing lost ---------------
+
+def peer_gone(sock: socket.socket) -> str:
+    """Return why the peer is gone if it closed or reset, else ""."""
+    # As rsyslog's omfwd does before a send: a peer that closed while we
+    # waited for input must not get events only its kernel would take.
+    try:
+        if not select.select([sock], [], [], 0)[0] or \
+                sock.recv(1, socket.MSG_PEEK):
+            return ""
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return ""
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "closed by the peer"
+
+
+def touched(block, sent: int) -> int:
+    """Count the events of a block whose first byte is among sent bytes."""
+    return count_lines(block, sent - 1) + 1 if sent > 0 else 0
+
+
+def unacknowledged(stream: Stream, first: int) -> list:
+    """Return (block, events, number) for what the peer may not have
+    acknowledged, from the start of its first event; first numbers the
+    stream's first event."""
+    kept = stream.kept_from()
+    window = []
+    for offset, before, tail in stream.tails:
+        if offset + len(tail) <= kept:
+            continue
+        if offset < kept:
+            cut = tail.rfind(b"\n", 0, kept - offset) + 1
+            before += tail.count(b"\n", 0, cut)
+            tail = tail[cut:]
+        window.append((tail, tail.count(b"\n"), first + before))
+    return window
+
+
+class Resender:
+    """Send over connections that come and go (--reconnect), resending
+    from the first event the peer's TCP did not acknowledge.
+
+    Events are numbered from 0 in input order; the connection in use
+    carries events from number self.first on, so its Stream counts from
+    there.  What is held is that stream's unacknowledged tails plus the
+    block being sent: input is not read while no connection takes it.
+    """
+
+    first_delay = RECONNECT_FIRST
+    max_delay = RECONNECT_MAX
+
+    def __init__(self, address: tuple, timeout: float, where: str) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.where = where
+        self.stream = None
+        self.first = 0
+        self.taken = self.bytes = 0  # events and bytes read from the input
+        self.sent = 0  # events handed to a kernel, whole or in part
+        self.resent = self.reconnects = 0
+        # Blocks to send before reading on: (block, events, number).
+        self.pending = collections.deque()
+        self.failures = 0  # attempts and connections that got nowhere
+        self.lost = None  # (when, why) the outage began
+        self.offline = 0.0  # seconds of outages, kept out of --rate's clock
+        self.connected = False  # ever
+
+    def clock(self) -> float:
+        """Return a monotonic clock that stops during outages."""
+        # --rate paces by it: after an outage it goes on at the same rate
+        # instead of catching up in a burst.
+        return time.monotonic() - self.offline
+
+    def send_all(self, blocks: Iterable[tuple], verbose: bool) -> None:
+        """Send every block, then wait until the peer acknowledged all."""
+        for block, count in blocks:
+            if verbose:
+                echo(block)
+            self.pending.append((block, count, self.taken))
+            self.taken += count
+            self.bytes += len(block)
+            self.flush()
+        self.finish()
+
+    def flush(self) -> None:
+        """Send the pending blocks over as many connections as it takes."""
+        while self.pending:
+            if self.stream is None:
+                self.connect()
+            block, count, number = self.pending[0]
+            why = self.check()
+            if why:
+                self.lose(why)
+                continue
+            before = self.stream.bytes
+            try:
+                self.stream.send(block, count)
+            except SendError as exc:
+                self.count_sent(number, touched(block, self.stream.bytes -
+                                                before))
+                self.lose(exc.reason)
+                continue
+            with HOLD_INTERRUPTS:
+                self.count_sent(number, count)
+                self.pending.popleft()
+            if not self.stream.measured:
+                self.stream.keep = max(self.stream.keep, send_buffer(
+                    self.stream.sock))
+
+    def finish(self) -> None:
+        """Wait until the peer acknowledged every event sent."""
+        while True:
+            self.flush()
+            if self.stream is None:
+                self.connect()
+                continue
+            why = self.check()
+            if why:
+                self.lose(why)
+                continue
+            try:
+                self.stream.sock.shutdown(socket.SHUT_WR)
+                self.stream.wait_delivered(self.timeout)
+                return
+            except SendError as exc:
+                self.lose(exc.reason)
+            except OSError as exc:
+                self.lose(exc.strerror or str(exc))
+
+    def check(self) -> str:
+        """Return why the connection is gone, or "" if it seems alive."""
+        # Acknowledgements that came while we waited for input shrink
+        # what a lost connection makes us send twice.
+        self.stream.update_acked()
+        return peer_gone(self.stream.sock)
+
+    def count_sent(self, number: int, count: int) -> None:
+        self.resent += max(0, min(self.sent, number + count) - number)
+        self.sent = max(self.sent, number + count)
+
+    def connect(self) -> None:
+        """Connect, retrying with backoff for ever."""
+        while True:
+            if self.failures:
+                delay = min(self.max_delay,
+                            self.first_delay * 2 ** (self.failures - 1))
+                # Jitter: senders cut off together do not all come back
+                # at the same instant.
+                time.sleep(delay * random.uniform(0.75, 1.0))
+            try:
+                sock = socket.create_connection(self.address, self.timeout)
+                break
+            except OSError as exc:
+                self.failures += 1
+                if self.lost is None:
+                    why = exc.strerror or "timed out after %g s" % (
+                        self.timeout)
+                    self.lost = time.monotonic(), why
+                    warn("cannot connect to %s (%s); retrying" % (
+                        self.where, why))
+        self.stream = Stream(sock, self.where)
+        self.stream.keep = send_buffer(sock)
+        self.first = self.pending[0][2] if self.pending else self.taken
+        if self.lost is not None:
+            took = time.monotonic() - self.lost[0]
+            self.offline += took
+            if self.connected:
+                self.reconnects += 1
+                resend = self.sent - self.first
+                warn("reconnected after %.1f s%s" % (took, "; resending %s "
+                     "not acknowledged" % plural(resend, "event")
+                     if resend else ""))
+            else:
+                warn("connected after %.1f s" % took)
+        self.lost = None
+        self.connected = True
+
+    def lose(self, why: str) -> None:
+        """Close a lost connection; keep what may not have arrived."""
+        stream, self.stream = self.stream, None
+        if why == "closed by the peer":
+            # It is closing: what we sent may still be read, so wait for
+            # it rather than send it twice.
+            try:
+                stream.sock.shutdown(socket.SHUT_WR)
+                stream.wait_delivered(self.timeout)
+            except (SendError, OSError):
+                pass
+        stream.sock.close()
+        window = unacknowledged(stream, self.first)
+        self.pending.extendleft(reversed(window))
+        self.first = self.pending[0][2] if self.pending else self.taken
+        # A connection that got something across earns a quick retry;
+        # one that got nowhere (accepted, then closed) backs off.
+        self.failures = 0 if stream.acked else self.failures + 1
+        self.lost = time.monotonic(), why
+        warn("connection to %s lost (%s) after %s; retrying" % (
+            self.where, why, plural(self.sent, "event")))
+
+    def counts(self) -> tuple:
+        """Return the events sent and acknowledged, outage or not."""
+        if self.stream is None:
+            return self.sent, self.first
+        sent, acked = self.stream.counts()
+        return max(self.sent, self.first + sent), self.first + acked
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.sock.close()
+
+    def summary(self, took: float) -> str:
+        line = "Sent %s, %s to %s in %.2f s" % (
+            plural(self.taken, "event"), format_bytes(self.bytes), self.where,
+            took)
+        if self.reconnects:
+            line += "; %s, %s resent" % (
+                plural(self.reconnects, "reconnect"),
+                plural(self.resent, "event"))
+        return line
+
+
+def send_buffer(sock: socket.socket) -> int:
+    """Return the size of a socket's send buffer."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
+                      where: str) -> str:
+    """Send with --reconnect; return the summary line."""
+    resender = Resender(args.connect, args.timeout, where)
+    if args.rate:
+        blocks = paced(blocks, args.rate, resender.clock)
+    started = time.monotonic()
+    try:
+        resender.send_all(blocks, args.verbose)
+    except KeyboardInterrupt:
+        raise Interrupted(say_sent(*resender.counts())) from None
+    finally:
+        resender.close()
+    return resender.summary(time.monotonic() - started)
 
 
 class Replies:
@@ -1100,9 +1410,9 @@ def build_parser() -> argparse.ArgumentParser:
         "test events and prints a table of the detections that came back.",
         epilog="Exit status: 0 when the peer acknowledged every event (and, "
         "with --reply-back, answered it), 1 on an error or when there are no "
-        "events to send, 2 on bad arguments, 130 on Ctrl+C; with --check, 0 "
-        "when at least one test indicator came back (--strict: all 17), "
-        "else 1. "
+        "events to send, 2 on bad arguments, 130 on Ctrl+C, 143 on SIGTERM;"
+        " with --check, 0 when at least one test indicator came back "
+        "(--strict: all 17), else 1. "
         "'Acknowledged by the peer' means that the peer's TCP stack "
         "received the bytes, not that a program read or processed them: a "
         "listener that rejects the connection after the TCP handshake still "
@@ -1151,6 +1461,16 @@ def build_parser() -> argparse.ArgumentParser:
         "stalls this long (default: %g); with --check, how long to wait for "
         "the detections, all included (default: %g)"
         % (TIMEOUT, CHECK_TIMEOUT))
+    parser.add_argument(
+        "--reconnect", action="store_true",
+        help="ride out outages (CyberTrace restarting): when connecting "
+        "fails or the connection is lost, retry for ever (at once, then "
+        "after 0.5 s, doubling up to 30 s), then resend every event from "
+        "the first one the peer's TCP did not acknowledge, so events may "
+        "arrive twice but none the kernel could tell about is lost. Where "
+        "the kernel does not say what was acknowledged (no TIOCOUTQ: not "
+        "Linux), the events of the last send buffer's worth of bytes are "
+        "resent. Not with --ping or --reply-back")
     parser.add_argument("--rate", metavar="EPS",
                         type=_argument(_positive(float), "EPS"),
                         help="send at most EPS events per second")
@@ -1184,6 +1504,8 @@ def run(args: argparse.Namespace) -> str:
         watched = Progress.wanted(args, sources)
         total = watched and source_bytes(sources, args.repeat)
         blocks = some_events(event_blocks(sources, args.repeat, tally))
+        if args.reconnect:
+            return send_reconnecting(args, blocks, where)
         if args.rate:
             blocks = paced(blocks, args.rate)
         started = time.monotonic()
@@ -1287,17 +1609,29 @@ def check_arguments(parser: argparse.ArgumentParser,
                      "e.g. %d" % (format_address(host, port), LISTEN_PORT))
 
 
+def refuse_with_reconnect(parser: argparse.ArgumentParser,
+                          args: argparse.Namespace) -> None:
+    """Exit 2 on modes --reconnect cannot resume."""
+    if args.reconnect:
+        for name in ("ping", "reply_back", "check"):
+            if getattr(args, name, False):
+                parser.error("argument --reconnect: not allowed with --%s"
+                             % name.replace("_", "-"))
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the sender; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_ignored(parser, args)
     check_arguments(parser, args)
+    refuse_with_reconnect(parser, args)
     keep_freed_memory()
     if hasattr(signal, "SIGBREAK"):
         # Ctrl+Break in a Windows console stops the sender as Ctrl+C does.
         signal.signal(signal.SIGBREAK, HoldInterrupts.on_interrupt)
     previous = install_interrupt_handler()
+    terminate = install_terminate_handler()
     try:
         if args.check:
             return check(args, parser.prog)
@@ -1308,6 +1642,10 @@ def main(argv: Optional[list] = None) -> int:
     except Interrupted as exc:
         # On a terminal, write over the ^C it echoed.
         erase = "\r" if sys.stderr.isatty() else ""
+        if HoldInterrupts.number == signal.SIGTERM:
+            print("%s%s: terminated: %s" % (erase, parser.prog, exc),
+                  file=sys.stderr)
+            return 143
         print("%s%s: interrupted: %s" % (erase, parser.prog, exc),
               file=sys.stderr)
         return 130
@@ -1322,6 +1660,8 @@ def main(argv: Optional[list] = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
     if not args.quiet:
         print(summary, file=sys.stderr)
     return 0

@@ -1,0 +1,332 @@
+"""The sender's --reconnect against listeners that stop, die and come back."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+from support import SENDER, TIMEOUT, Listener, Process, reset
+
+# Every event is 64 bytes and carries its number: order, gaps and
+# duplicates can be read off the receiver's output.
+EVENT = b"seq=%09d " + b"r" * 49 + b"\n"
+OUTAGE = 2.0  # seconds a stopped listener stays down
+
+
+def events(start: int, stop: int) -> bytes:
+    return b"".join(EVENT % number for number in range(start, stop))
+
+
+def numbers(output: bytes) -> list:
+    """Return the numbers of the whole events in a receiver's output."""
+    whole = output[:output.rfind(b"\n") + 1]
+    return [int(line[4:13]) for line in whole.splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_all(fd: int, data: bytes, timeout: float = TIMEOUT) -> None:
+    """Write data to a non-blocking pipe, failing after timeout."""
+    view = memoryview(data)
+    deadline = time.monotonic() + timeout
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("the sender stopped reading its input")
+        if select.select([], [fd], [], left)[1]:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                pass
+
+
+def rss_kib(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as status:
+        return next(int(line.split()[1]) for line in status
+                    if line.startswith("VmRSS:"))
+
+
+def start_sender(port: int, *args: str) -> Process:
+    sender = Process([sys.executable, str(SENDER), "--reconnect", "-c",
+                      "127.0.0.1:%d" % port, *args], stdin=subprocess.PIPE)
+    os.set_blocking(sender.proc.stdin.fileno(), False)
+    return sender
+
+
+class Feeder:
+    """Write numbered events into the sender's stdin at a steady pace."""
+
+    def __init__(self, sender: Process, batch: int = 500,
+                 pause: float = 0.01) -> None:
+        self.fd = sender.proc.stdin.fileno()
+        self.batch = batch
+        self.pause = pause
+        self.next = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        data = b""
+        while not self.stopping.is_set():
+            if not data:
+                data = events(self.next, self.next + self.batch)
+                self.next += self.batch
+            # While the sender is disconnected the pipe stays full and we
+            # wait here, as tail -F would.
+            if select.select([], [self.fd], [], 0.05)[1]:
+                try:
+                    data = data[os.write(self.fd, data):]
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    self.stopping.wait(self.pause)
+
+    def finish(self) -> int:
+        """Stop after the batch in hand; return how many events went in."""
+        self.stopping.set()
+        self.thread.join(TIMEOUT)
+        return self.next
+
+
+class ReconnectTest(unittest.TestCase):
+    def check_outputs(self, outputs: list, total: int, err: str,
+                      gap_bytes: int = 0) -> None:
+        """Each output is a run of numbers in order; together they hold
+        every event but gaps of at most gap_bytes between outputs, and
+        duplicates only of what the sender says it resent."""
+        runs = [numbers(output) for output in outputs]
+        for run in runs:
+            self.assertEqual(run, list(range(run[0], run[0] + len(run)))
+                             if run else [], "out of order or a gap")
+        found = re.search(r"([\d,]+) events? resent", err)
+        resent = int(found.group(1).replace(",", "")) if found else 0
+        seen = set()
+        for run in runs:
+            seen.update(run)
+        missing = set(range(total)) - seen
+        if gap_bytes:
+            self.assertLessEqual(len(missing) * len(EVENT),
+                                 gap_bytes * len(runs), err)
+        else:
+            self.assertEqual(sorted(missing)[:10], [], err)
+        self.assertEqual(seen - set(range(total)), set())
+        duplicates = sum(map(len, runs)) - len(seen)
+        self.assertLessEqual(duplicates, resent, err)
+
+    def test_listener_stopped_and_restarted_loses_nothing(self):
+        listener = Listener("-f", "raw")
+        port = listener.address[1]
+        outputs = []
+        try:
+            with start_sender(port) as sender:
+                feeder = Feeder(sender)
+                for _ in range(3):
+                    listener.wait_stdout(3000)
+                    self.assertEqual(listener.stop(signal.SIGTERM), 0)
+                    outputs.append(bytes(listener.out))
+                    listener.close()
+                    time.sleep(OUTAGE)
+                    listener = Listener("-f", "raw", listen="127.0.0.1:%d"
+                                        % port)
+                listener.wait_stdout(3000)
+                total = feeder.finish()
+                sender.proc.stdin.close()
+                self.assertEqual(sender.finish(), 0, sender.stderr_text)
+                last = EVENT % (total - 1)
+                listener.wait_for(lambda: last in listener.out,
+                                  what="the last event")
+                self.assertEqual(listener.stop(), 0)
+                outputs.append(bytes(listener.out))
+        finally:
+            listener.close()
+        err = sender.stderr_text
+        self.assertNotIn("Traceback", err)
+        # One pair of lines per outage, warnings that -q would keep.
+        lost = re.findall(r"(?m)^warning: connection to 127\.0\.0\.1:%d "
+                          r"lost \(closed by the peer\) after [\d,]+ events;"
+                          r" retrying$" % port, err)
+        back = re.findall(r"(?m)^warning: reconnected after \d+\.\d s"
+                          r"(; resending [\d,]+ events? not "
+                          r"acknowledged)?$", err)
+        self.assertEqual((len(lost), len(back)), (3, 3), err)
+        self.assertRegex(err, r"Sent [\d,]+ events, .* 3 reconnects, "
+                              r"[\d,]+ events? resent\n$")
+        self.check_outputs(outputs, total, err)
+
+    def test_sender_started_before_the_listener(self):
+        port = free_port()
+        data = events(0, 200000)
+        with start_sender(port) as sender:
+            fd = sender.proc.stdin.fileno()
+            # It connects once it has an event to send.
+            written = os.write(fd, data[:64000])
+            sender.wait_stderr(r"warning: cannot connect to 127\.0\.0\.1:%d "
+                               r"\(Connection refused\); retrying" % port)
+            # Not connected, it reads no further than one block: the pipe
+            # fills and its writer waits.
+            ends = time.monotonic() + 1.0
+            while time.monotonic() < ends:
+                try:
+                    written += os.write(fd, data[written:])
+                except BlockingIOError:
+                    time.sleep(0.01)
+            self.assertLess(written, 2 * 1024 * 1024)
+            with Listener("-f", "raw", listen="127.0.0.1:%d" % port) \
+                    as listener:
+                write_all(fd, data[written:])
+                sender.proc.stdin.close()
+                self.assertEqual(sender.finish(), 0, sender.stderr_text)
+                listener.wait_stdout(200000)
+                self.assertEqual(listener.stop(), 0)
+                self.assertEqual(numbers(bytes(listener.out)),
+                                 list(range(200000)))
+        self.assertRegex(sender.stderr_text,
+                         r"(?m)^warning: connected after \d+\.\d s\n"
+                         r"Sent 200,000 events, 12\.2 MiB to .* s\n$")
+
+    def test_peer_resetting_every_few_thousand_events(self):
+        rounds, per_round = 40, 20000
+        with ResettingPeer() as peer, start_sender(peer.address[1]) \
+                as sender:
+            fd = sender.proc.stdin.fileno()
+            for number in range(rounds):
+                write_all(fd, events(number * per_round,
+                                     (number + 1) * per_round))
+                last = EVENT % ((number + 1) * per_round - 1)
+                peer.wait_for(lambda: last in peer.connections[-1],
+                              "round %d" % number)
+                if number == 4:
+                    warm = rss_kib(sender.proc.pid)
+                # Reset while the sender waits for input: then nothing its
+                # peer's kernel acknowledged goes unread.
+                peer.reset(number + 1)
+            end = rss_kib(sender.proc.pid)
+            sender.proc.stdin.close()
+            self.assertEqual(sender.finish(), 0, sender.stderr_text)
+            peer.wait_for(lambda: peer.closed == rounds + 1, "the last close")
+        err = sender.stderr_text
+        self.assertEqual(len(re.findall(r"lost \(Connection reset by peer\)",
+                                        err)), rounds, err)
+        self.assertRegex(err, r"; %d reconnects, " % rounds)
+        self.check_outputs(peer.connections, rounds * per_round, err)
+        # 51 MB went through, over 41 connections.
+        self.assertLess(end - warm, 8 * 1024, "RSS grew from %d KiB to %d KiB"
+                        % (warm, end))
+
+    def test_ctrl_c_and_sigterm_during_an_outage(self):
+        for number, status, word in ((signal.SIGINT, 130, "interrupted"),
+                                     (signal.SIGTERM, 143, "terminated")):
+            with self.subTest(signal=word), Listener("-f", "raw") as listener:
+                with start_sender(listener.address[1]) as sender:
+                    fd = sender.proc.stdin.fileno()
+                    write_all(fd, events(0, 1000))
+                    listener.wait_stdout(1000)
+                    self.assertEqual(listener.stop(), 0)
+                    # The next event finds the connection closed.
+                    write_all(fd, events(1000, 1001))
+                    sender.wait_stderr(r"lost \(closed by the peer\) after "
+                                       r"1,000 events; retrying\n")
+                    sender.signal(number)
+                    self.assertEqual(sender.finish(), status)
+                err = sender.stderr_text
+                self.assertNotIn("Traceback", err)
+                self.assertRegex(err, r"\n\S+: %s: 1,000 events sent, 1,000 "
+                                      r"acknowledged\n$" % word)
+
+    def test_refused_with_ping_and_reply_back(self):
+        for mode in ("--ping", "--reply-back"):
+            with self.subTest(mode=mode):
+                proc = subprocess.run([sys.executable, str(SENDER),
+                                       "--reconnect", mode, "-c", "1"],
+                                      capture_output=True, timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 2)
+                self.assertRegex(proc.stderr.decode(),
+                                 r"argument --reconnect: not allowed with %s"
+                                 % mode)
+
+
+class ResettingPeer:
+    """A TCP server that records each connection and resets on request."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = self.server.getsockname()[:2]
+        self.connections = []
+        self.resets = 0  # asked for
+        self.closed = 0
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.server.accept()
+            except OSError:
+                return
+            data = bytearray()
+            with self.cond:
+                self.connections.append(data)
+                wanted = self.resets + 1
+            sock.settimeout(0.02)
+            with sock:
+                while True:
+                    with self.cond:
+                        if self.resets >= wanted:
+                            reset(sock)
+                            break
+                    try:
+                        chunk = sock.recv(1 << 16)
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        break
+                    if not chunk:
+                        break
+                    with self.cond:
+                        data += chunk
+                        self.cond.notify_all()
+            with self.cond:
+                self.closed += 1
+                self.cond.notify_all()
+
+    def reset(self, count: int) -> None:
+        """Reset the current connection, the count-th reset so far."""
+        with self.cond:
+            self.resets = count
+        self.wait_for(lambda: self.closed >= count, "reset %d" % count)
+
+    def wait_for(self, predicate, what: str) -> None:
+        with self.cond:
+            if not self.cond.wait_for(predicate, TIMEOUT):
+                raise AssertionError("timed out waiting for " + what)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self.server.close()
+        self.thread.join(TIMEOUT)
+
+
+if __name__ == "__main__":
+    unittest.main()
