@@ -7,7 +7,7 @@
 It takes events on its input port (default 127.0.0.1:9999) and delivers
 its detections to its output address (default 127.0.0.1:9998), where
 listen_events_cybertrace.py or send_events_cybertrace.py --check listens,
-speaking CyberTrace's protocol as its documentation describes it:
+speaking CyberTrace's event protocol:
 
 - A connection may start with flags, glued together with no separator:
   X-KF-ReplyBack sends the detections back on that connection instead of
@@ -427,9 +427,34 @@ class FakeCyberTrace:
         self.close()
 
 
+def converter(convert: Callable, name: str) -> Callable:
+    """Make convert an argparse type whose errors read as usage errors."""
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError("%s: %s" % (text, exc))
+    parse.__name__ = name
+    return parse
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def retries(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
-    address = lec._argument(lec.parse_address, "address")
+    address = converter(lec.parse_address, "address")
     parser = argparse.ArgumentParser(
         description="A stand-in for Kaspersky CyberTrace: takes events on "
         "its input port, detects Kaspersky's test indicators in them and "
@@ -466,12 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
         "alert and the detection of an event nobody here sent (192.0.2.10), "
         "as a busy site would")
     parser.add_argument(
-        "--retries", metavar="N", type=lec._argument(int, "N"),
+        "--retries", metavar="N", type=converter(retries, "N"),
         default=RETRIES, help="try a failed delivery again N times "
         "(default: %d)" % RETRIES)
     parser.add_argument(
         "--retry-interval", metavar="SECONDS",
-        type=lec._argument(lec._positive(float), "seconds"),
+        type=converter(seconds, "seconds"),
         default=RETRY_INTERVAL,
         help="between tries (default: %g)" % RETRY_INTERVAL)
     parser.set_defaults(feeds="demo")
@@ -482,8 +507,6 @@ def main(argv: Optional[list] = None) -> int:
     """Run the stand-in until Ctrl+C or SIGTERM; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.retries < 0:
-        parser.error("argument --retries: must be 0 or more")
     detect = {"all": INDICATORS, "demo": DEMO_FEEDS, "none": ()}[args.feeds]
     stop = threading.Event()
     # Ctrl+C and SIGTERM only set an event: no exception can then cut the
