@@ -230,22 +230,12 @@ class CheckTest(unittest.TestCase):
             self.assertNotIn("Traceback", check.stderr_text)
 
 
-class TokenTest(unittest.TestCase):
-    """A peer playing CyberTrace sends events that name indicators nearly."""
+class PlaysCyberTrace:
+    """A peer in a thread plays CyberTrace: it delivers EVENTS to the
+    check's port when the test events come, and answers the probe with
+    17 LookupFinished events and no detection."""
 
-    EVENTS = [
-        # Not 192.0.2.1, nor 192.0.2.0, nor 192.0.2.4:
-        b"- category=KL_IP_Reputation matchedIndicator=192.0.2.10 "
-        b"ip=192.0.2.10",
-        b"net=192.0.2.0/24 host=10.192.0.2.4 other=192.0.2.1.5",
-        b"url=http://fakess123.nu.example.com/ http://www.fakess123r.nu",
-        b"md5=C912705B4BBB14EC7E78FA8B370532C9AA",
-        # These name one each, whatever the key, in any case:
-        b"- category=KL_Malicious_Hash_MD5 "
-        b"md5=776735a8ca96db15b422879da599f474",
-        b"Category=KL_Phishing_URL|MatchedIndicator=http://fakess123ap.nu|x=1",
-        b"CEF:0|x|y|1|1|z|4| cs1:192.0.2.4 msg=seen",
-    ]
+    EVENTS = []
 
     def serve(self, server: socket.socket, port: int) -> None:
         """Take the check's connections; deliver EVENTS to port once."""
@@ -268,22 +258,47 @@ class TokenTest(unittest.TestCase):
                         sock.sendall(b"eventName=LookupFinished\n" * 17)
                     elif not delivered:
                         delivered = True
-                        with socket.create_connection(
-                                ("127.0.0.1", port), TIMEOUT) as out:
-                            out.sendall(b"\n".join(self.EVENTS) + b"\n")
+                        self.deliver(port)
                 except OSError:
                     pass
 
-    def test_whole_tokens_any_key_any_case(self):
+    def deliver(self, port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), TIMEOUT) as out:
+            out.sendall(b"\n".join(self.EVENTS) + b"\n")
+
+    def run_check(self, *args: str):
+        """Run --check against this peer; return the process."""
         port = free_port()
         with socket.create_server(("127.0.0.1", 0)) as server:
             thread = threading.Thread(target=self.serve, daemon=True,
                                       args=(server, port))
             thread.start()
             proc, _ = run_check("--check", str(port), "-c", "127.0.0.1:%d"
-                                % server.getsockname()[1], "-t", "3")
+                                % server.getsockname()[1], *args)
             server.shutdown(socket.SHUT_RDWR)
             thread.join(TIMEOUT)
+        return proc
+
+
+class TokenTest(PlaysCyberTrace, unittest.TestCase):
+    """The peer sends events that name indicators nearly, or elsewhere."""
+
+    EVENTS = [
+        # Not 192.0.2.1, nor 192.0.2.0, nor 192.0.2.4:
+        b"- category=KL_IP_Reputation matchedIndicator=192.0.2.10 "
+        b"ip=192.0.2.10",
+        b"net=192.0.2.0/24 host=10.192.0.2.4 other=192.0.2.1.5",
+        b"url=http://fakess123.nu.example.com/ http://www.fakess123r.nu",
+        b"md5=C912705B4BBB14EC7E78FA8B370532C9AA",
+        # These name one each, whatever the key, in any case:
+        b"- category=KL_Malicious_Hash_MD5 "
+        b"md5=776735a8ca96db15b422879da599f474",
+        b"Category=KL_Phishing_URL|MatchedIndicator=http://fakess123ap.nu|x=1",
+        b"CEF:0|x|y|1|1|z|4| cs1:192.0.2.4 msg=seen",
+    ]
+
+    def test_whole_tokens_any_key_any_case(self):
+        proc = self.run_check("-t", "3")
         self.assertEqual(proc.returncode, 0, proc.stderr)
         table = Table(self, proc.stdout)
         self.assertEqual(table.detected(), {
@@ -306,6 +321,32 @@ class TokenTest(unittest.TestCase):
         self.assertEqual(named("HTTP://E593461621EE0F9134C632D00BF108FD.COM/.I"
                                ), {"http://e593461621ee0f9134c632d00bf108fd"
                                    ".com/.i"})
+
+
+class ManyConnectionsTest(PlaysCyberTrace, unittest.TestCase):
+    """A CyberTrace that opens a connection per detection, all at once."""
+
+    EVENTS = [b"- category=KL_Test matchedIndicator=%s"
+              % indicator.encode() for _, indicator, _ in sec.TEST_RECORDS]
+
+    def deliver(self, port: int) -> None:
+        conns = [socket.create_connection(("127.0.0.1", port), TIMEOUT)
+                 for _ in self.EVENTS]
+        try:
+            for conn, event in zip(reversed(conns), self.EVENTS):
+                conn.sendall(event + b"\n")
+        finally:
+            for conn in conns:
+                conn.close()
+
+    def test_a_connection_per_detection_all_at_once(self):
+        proc = self.run_check("--strict")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        table = Table(self, proc.stdout)
+        self.assertEqual(table.found, 17)
+        self.assertEqual({cells[2] for cells in table.rows.values()},
+                         {"KL_Test"})
+        self.assertEqual(table.others_line, "no other events")
 
 
 class ArgumentTest(unittest.TestCase):
