@@ -35,6 +35,8 @@ WINDOWS = os.name == "nt"
 FORMATS = ("text", "raw", "json")
 REFERENCE = os.environ.get("CYBERTRACE_LINUX_REFERENCE")
 CTRL_C_EVENT, CTRL_BREAK_EVENT = 0, 1
+# A sender still busy when the test interrupts it: 1,000 events at 20/s.
+SLOW_SEND = ["-e", "slow event", "--repeat", "1000", "--rate", "20"]
 
 # Each peer's events, sent on a connection of its own, one peer after the
 # other so that the output's order is fixed.  They hold what a platform
@@ -157,6 +159,25 @@ class WindowsTest(unittest.TestCase):
         if status == 1:
             self.assertEqual(done.stderr.count(b"\n"), 1, done.stderr)
 
+    def console_event(self, event: int) -> None:
+        """Send a console control event to every process on the console."""
+        import ctypes
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        if not kernel32.GetConsoleWindow() and \
+                not kernel32.GetConsoleOutputCP():
+            self.skipTest("no console to send Ctrl+C on: run this module "
+                          "through tests/windows/run.py (it gives wine one)")
+        if not kernel32.GenerateConsoleCtrlEvent(event, 0):
+            error = ctypes.get_last_error()
+            if is_wine():
+                self.skipTest("wine cannot generate this console event "
+                              "(GenerateConsoleCtrlEvent(%d, 0) fails with "
+                              "%s); the signal path is tested with "
+                              "signal.raise_signal" % (event,
+                                                       ctypes.FormatError(
+                                                           error)))
+            raise ctypes.WinError(error)
+
 
 class ListenerTest(WindowsTest):
 
@@ -196,25 +217,6 @@ class ListenerTest(WindowsTest):
         with Listener("-t", "0.5") as listener:
             self.assertEqual(listener.finish(), 0)
             self.assertIn("Stopped: 0 events", listener.stderr_text)
-
-    def console_event(self, event: int) -> None:
-        """Send a console control event to every process on the console."""
-        import ctypes
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        if not kernel32.GetConsoleWindow() and \
-                not kernel32.GetConsoleOutputCP():
-            self.skipTest("no console to send Ctrl+C on: run this module "
-                          "through tests/windows/run.py (it gives wine one)")
-        if not kernel32.GenerateConsoleCtrlEvent(event, 0):
-            error = ctypes.get_last_error()
-            if is_wine():
-                self.skipTest("wine cannot generate this console event "
-                              "(GenerateConsoleCtrlEvent(%d, 0) fails with "
-                              "%s); the signal path is tested with "
-                              "signal.raise_signal" % (event,
-                                                       ctypes.FormatError(
-                                                           error)))
-            raise ctypes.WinError(error)
 
     def stop_with(self, stop) -> None:
         with Listener("-f", "raw") as listener:
@@ -328,6 +330,52 @@ class ListenerTest(WindowsTest):
 
 
 class SenderTest(WindowsTest):
+
+    def interrupt_sender(self, command: list, stop) -> None:
+        """Run command (a sender), stop(process) mid-send, check its line."""
+        received = bytearray()
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            where = "127.0.0.1:%d" % server.getsockname()[1]
+            command = [arg.replace("WHERE", where) for arg in command]
+            with Process(command, stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL) as sender:
+                server.settimeout(TIMEOUT)
+                peer, _ = server.accept()
+                with peer:
+                    peer.settimeout(TIMEOUT)
+                    while received.count(b"\n") < 3:
+                        data = peer.recv(65536)
+                        self.assertTrue(data, sender.stderr_text)
+                        received += data
+                    stop(sender)
+                    self.assertEqual(sender.finish(), 130, sender.stderr_text)
+        found = re.search(r"send_events_cybertrace\.py: interrupted: (\d+) "
+                          r"events? sent, (\d+) acknowledged",
+                          sender.stderr_text)
+        self.assertIsNotNone(found, sender.stderr_text)
+        self.assertGreaterEqual(int(found.group(1)), 3)
+        self.assertNoTraceback(sender.err)
+
+    def test_ctrl_c_stops_the_sender_with_its_counts(self):
+        self.interrupt_sender(
+            [sys.executable, str(SENDER), "-c", "WHERE", *SLOW_SEND],
+            lambda _: self.console_event(CTRL_C_EVENT))
+
+    def test_sigbreak_stops_the_sender_as_ctrl_c_does(self):
+        # What Ctrl+Break raises, which wine cannot send from a console.
+        code = ("import sys, threading, signal\n"
+                "import send_events_cybertrace as sec\n"
+                "def stop():\n"
+                "    sys.stdin.readline()\n"
+                "    signal.raise_signal(signal.SIGBREAK)\n"
+                "threading.Thread(target=stop, daemon=True).start()\n"
+                "sys.argv[0] = 'send_events_cybertrace.py'\n"
+                "sys.exit(sec.main(%r))\n" % (["-c", "WHERE", *SLOW_SEND],))
+
+        def stop(sender):
+            sender.proc.stdin.write(b"stop\n")
+            sender.proc.stdin.flush()
+        self.interrupt_sender([sys.executable, "-c", code], stop)
 
     def test_file_event_and_demo_reach_the_listener(self):
         with tempfile.TemporaryDirectory() as tmp:
