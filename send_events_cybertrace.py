@@ -121,6 +121,7 @@ class HoldInterrupts:
     holding = False
     held = False
     number = None  # the signal that stopped us: SIGINT, SIGTERM, SIGBREAK
+    stopping = False  # a first Ctrl+C is being reported: ignore the next
 
     def __enter__(self) -> None:
         HoldInterrupts.holding = True
@@ -133,6 +134,8 @@ class HoldInterrupts:
 
     @staticmethod
     def on_interrupt(number, frame) -> None:
+        if HoldInterrupts.stopping:
+            return
         HoldInterrupts.number = number
         if HoldInterrupts.holding:
             HoldInterrupts.held = True
@@ -148,6 +151,7 @@ def install_interrupt_handler():
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return None  # Ctrl+C is ignored (nohup, cron) or not ours to take
+    HoldInterrupts.held = HoldInterrupts.stopping = False
     return signal.signal(signal.SIGINT, HoldInterrupts.on_interrupt)
 
 
@@ -1495,6 +1499,7 @@ def run(args: argparse.Namespace) -> str:
         took = ping(args.connect, args.timeout)
         return "PONG from %s in %.1f ms" % (where, took * 1000)
     sources = []
+    stream = replies = None
     try:
         sources = open_sources(args)
         if reading_terminal(sources) and not args.quiet:
@@ -1525,6 +1530,9 @@ def run(args: argparse.Namespace) -> str:
                 else:
                     replies.wait_finished(stream.events)
             except KeyboardInterrupt:
+                # Count now, while the socket still answers; a second
+                # Ctrl+C must not cut the cleanup short.
+                HoldInterrupts.stopping = True
                 raise Interrupted(interrupted(stream, replies)) from None
             finally:
                 if progress is not None:
@@ -1538,8 +1546,9 @@ def run(args: argparse.Namespace) -> str:
                     replies.thread.join()
         took = time.monotonic() - started
     except KeyboardInterrupt:
-        # Before the connection: nothing went out.
-        raise Interrupted("0 events sent, 0 acknowledged") from None
+        if stream is None:  # before the connection: nothing went out
+            raise Interrupted("0 events sent, 0 acknowledged") from None
+        raise Interrupted(interrupted(stream, replies)) from None
     finally:
         close_sources(sources)
     summary = "Sent %s, %s to %s in %.2f s" % (

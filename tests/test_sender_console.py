@@ -390,9 +390,10 @@ def number(text: bytes) -> int:
 
 
 class ConsoleTestCase(unittest.TestCase):
-    def interrupt(self, console: Console, tail: bytes = b"") -> tuple:
+    def interrupt(self, console: Console, tail: bytes = b"",
+                  keys: bytes = b"\x03") -> tuple:
         """Type Ctrl+C; check the one line it prints; return its counts."""
-        console.type(b"\x03")
+        console.type(keys)
         self.assertEqual(console.finish(), 130)
         screen = bytes(console.screen)
         self.assertNotIn(b"Traceback", screen)
@@ -466,6 +467,19 @@ class InterruptTest(ConsoleTestCase):
                 console.wait_screen(PROGRESS + PERCENT_ETA)
                 sent, acked = self.interrupt(console)
         self.assertLess(sent, 2000000)
+        self.assertEqual(console.visible()[-1], b"")
+        self.assertRegex(console.visible()[-2], b"^" + INTERRUPTED + b"$")
+
+    def test_twice_in_a_row(self):
+        # The second Ctrl+C lands while the first is reported, or after the
+        # exit: either way one line, the counts, no traceback.
+        with tempfile.NamedTemporaryFile() as f, Sink("stall") as sink:
+            f.write(b"event\n" * 2000000)
+            f.flush()
+            with Console(f.name, "-t", "30", "-c", address(sink)) as console:
+                console.wait_screen(PROGRESS + PERCENT_ETA)
+                sent, acked = self.interrupt(console, keys=b"\x03\x03")
+        self.assertGreater(sent, 0)
         self.assertEqual(console.visible()[-1], b"")
         self.assertRegex(console.visible()[-2], b"^" + INTERRUPTED + b"$")
 
