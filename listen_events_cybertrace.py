@@ -1393,7 +1393,10 @@ class EmbeddedListener(Listener):
     stdout, and stop() ends serve() from another thread.
     """
 
+    # Its owner stops it once it has what it waited for: a moment's quiet
+    # then tells that nothing more is on its way.
     drain_seconds = 0.5
+    drain_quiet_seconds = 0.05
 
     def __init__(self, address: tuple,
                  take: Callable[[bytes], None]) -> None:

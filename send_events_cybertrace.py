@@ -1282,6 +1282,9 @@ def check(args: argparse.Namespace, prog: str) -> int:
         raise UserError("the check's listener failed: %r" % failure[0])
     print_check_table(arrivals, here, ended)
     if interrupted:
+        if HoldInterrupts.number == signal.SIGTERM:
+            print("%s: terminated" % prog, file=sys.stderr)
+            return 143
         print("%s: interrupted" % prog, file=sys.stderr)
         return 130
     found = len(arrivals.latency)

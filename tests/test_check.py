@@ -217,17 +217,21 @@ class CheckTest(unittest.TestCase):
                          r"Address already in use \(stop the listener there"
                          % port)
 
-    def test_ctrl_c_prints_what_came_and_exits_130(self):
-        port = free_port()
-        with StandIn("--output", "127.0.0.1:%d" % free_port()) as stand_in, \
-                Process([sys.executable, str(SENDER), "--check", str(port),
-                         "-c", str(stand_in.port)]) as check:
-            check.wait_stderr(r"waiting up to \d+ s")
-            check.signal(signal.SIGINT)
-            self.assertEqual(check.finish(), 130)
-            Table(self, bytes(check.out))
-            self.assertRegex(check.stderr_text, r"interrupted\n$")
-            self.assertNotIn("Traceback", check.stderr_text)
+    def test_ctrl_c_or_sigterm_prints_what_came_and_exits_130_or_143(self):
+        for number, status, word in ((signal.SIGINT, 130, "interrupted"),
+                                     (signal.SIGTERM, 143, "terminated")):
+            with self.subTest(signal=number), \
+                    StandIn("--output", "127.0.0.1:%d" % free_port()) \
+                    as stand_in, \
+                    Process([sys.executable, str(SENDER), "--check",
+                             str(free_port()), "-c", str(stand_in.port)]) \
+                    as check:
+                check.wait_stderr(r"waiting up to \d+ s")
+                check.signal(number)
+                self.assertEqual(check.finish(), status)
+                self.assertEqual(Table(self, bytes(check.out)).found, 0)
+                self.assertRegex(check.stderr_text, r": %s\n$" % word)
+                self.assertNotIn("Traceback", check.stderr_text)
 
 
 class PlaysCyberTrace:
