@@ -572,9 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
         "events to stdout, status to stderr.",
         epilog="Ctrl+C or SIGTERM (on Windows: Ctrl+C or Ctrl+Break) stops "
         "after writing out everything already received; SIGHUP reopens "
-        "--output (for logrotate; Windows has no SIGHUP: restart the "
-        "listener instead); SIGUSR1 prints the counters. Exit status: 0 on a normal stop, 1 on an error "
-        "(or --count not reached before --timeout), 2 on bad arguments.")
+        "--output (for logrotate) and SIGUSR1 prints the counters (Windows "
+        "has neither: restart the listener for a new file, use --stats for "
+        "counters). Exit status: 0 on a normal stop, 1 on an error (or "
+        "--count not reached before --timeout), 2 on bad arguments.")
     parser.add_argument(
         "-l", "--listen", metavar="ADDR:PORT",
         type=_argument(parse_address, "address"),
@@ -636,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_argument(_positive(float), "seconds"),
         help="print a status line with the counters (events, bytes, events/s, "
         "open connections) every SECONDS, for logs; even with -q. SIGUSR1 "
-        "prints one at once")
+        "prints one at once (not on Windows)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print no status lines (and no live line on a "
                         "terminal), only errors, warnings and --stats")

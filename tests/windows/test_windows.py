@@ -279,7 +279,8 @@ class ListenerTest(WindowsTest):
         done = run_script(LISTENER, "--help")
         self.assertEqual(done.returncode, 0)
         text = b" ".join(done.stdout.split())
-        self.assertIn(b"Windows has no SIGHUP", text)
+        self.assertIn(b"Windows has neither", text)
+        self.assertIn(b"SIGUSR1 prints one at once (not on Windows)", text)
         self.assertIn(b"Ctrl+Break", text)
 
     def test_max_connections_capped_to_what_select_watches(self):
