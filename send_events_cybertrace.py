@@ -4,7 +4,9 @@
 By default the events are sent and nothing is awaited: CyberTrace delivers
 its detections to its configured output (see listen_events_cybertrace.py).
 --reply-back asks CyberTrace to answer on the same connection instead, and
---ping checks that the service is up.
+--ping checks that the service is up.  --check ADDR:PORT is the lab check:
+it listens where CyberTrace delivers, sends the test events and says what
+came back, or which link is broken (see check()).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class CheckTest(unittest.TestCase):
         return table, err, took
 
     def test_demo_feeds_3_of_17_exit_0(self):
-        table, err, _ = self.check([])
+        table, err, took = self.check([])
         self.assertEqual(table.found, 3)
         self.assertEqual(table.detected(), DEMO_FEEDS)
         for indicator, cells in table.rows.items():
@@ -120,8 +120,9 @@ class CheckTest(unittest.TestCase):
             else:
                 self.assertEqual(cells[2:], ["-", "not detected"])
         self.assertEqual(table.rows["192.0.2.1"][2], "KL_IP_Reputation")
-        # Ended once the 3 that CyberTrace detects had arrived, not at -t.
-        self.assertLess(table.seconds, 30)
+        # Ended once the 3 that CyberTrace detects had arrived, not at the
+        # 30 s of -t's default.
+        self.assertLess(took, 20)
         self.assertRegex(err, r"Listening on 127\.0\.0\.1:\d+ for "
                               r"CyberTrace's detections")
 
@@ -150,7 +151,7 @@ class CheckTest(unittest.TestCase):
         self.assertEqual(table.found, 0)
         self.assertEqual(set(table.rows), set(table.rows) - table.detected())
         # Waited the whole timeout, and no more.
-        self.assertGreaterEqual(table.seconds, 1.5)
+        self.assertGreaterEqual(table.seconds, 1.0)
         self.assertLessEqual(table.seconds, 2.0)
         lines = err.splitlines()
         self.assertRegex(lines[-2], r"^no connection reached 127\.0\.0\.1:"
