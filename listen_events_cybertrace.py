@@ -34,12 +34,16 @@ LISTEN_PORT = 9998
 # read; more, and an arena is unmapped and mapped anew (page faults) each
 # time.
 RECV_SIZE = 512 * 1024
+# JSON costs a few microseconds an event, so its reads are smaller: a read's
+# events are formatted at once, and this many take about half a millisecond,
+# which is how long another peer's events may wait; the cost of a read is
+# lost in the formatting.
+JSON_RECV_SIZE = 64 * 1024
 MAX_EVENT_BYTES = 1024 * 1024
-# A busy peer keeps its turn while its reads fill the buffer, so that many
-# connections are read in reads as large as one; but a turn ends after a few
-# reads or milliseconds, so that every other peer's events wait no longer.
-READS_PER_TURN = 4
-TURN_SECONDS = 0.002
+# A busy peer keeps its turn while its reads fill the buffer and nobody
+# else waits: a lone stream is read without a select() between reads, and
+# another peer's events wait one read at most.
+READS_PER_TURN = 8
 # The kernel sizes each connection's receive buffer by the rate it sees on
 # that connection alone: with several busy peers each stays near 128 KiB, a
 # turn finds little to read, and every byte costs more calls and ACKs.  A
@@ -1001,6 +1005,8 @@ class Listener:
         self.connections = {}
         # One receive buffer for every connection: the loop reads one
         # connection at a time, and a buffer per peer would cost megabytes.
+        self.read_size = JSON_RECV_SIZE if args.format == "json" \
+            else RECV_SIZE
         self.buffer = bytearray(args.max_event_bytes + 1 + RECV_SIZE)
         self.events = self.bytes = self.accepted = self.rejected = 0
         # Events received beyond --count: read, but not written.
@@ -1202,14 +1208,17 @@ class Listener:
                 self.resume_accepting()
 
     def take_turn(self, conn: Connection) -> None:
-        """Read from conn while its reads fill the buffer, a turn at most."""
-        ends = time.monotonic() + TURN_SECONDS
+        """Read from conn while its reads fill the buffer and none waits."""
         for _ in range(READS_PER_TURN):
             received = conn.framer.received
             if not self.receive(conn) or \
-                    conn.framer.received - received < RECV_SIZE or \
-                    time.monotonic() >= ends:
+                    conn.framer.received - received < self.read_size or \
+                    self.others_waiting(conn):
                 return
+
+    def others_waiting(self, conn: Connection) -> bool:
+        """Tell whether another peer, a new one or a signal is waiting."""
+        return any(key.data is not conn for key, _ in self.selector.select(0))
 
     def receive(self, conn: Connection) -> bool:
         """Read once from conn; return True if more may be waiting."""
@@ -1217,7 +1226,8 @@ class Listener:
         received = conn.framer.received
         held = len(conn.framer.pending)
         try:
-            block = conn.framer.read(conn.sock.recv_into, self.buffer)
+            block = conn.framer.read(conn.sock.recv_into, self.buffer,
+                                     self.read_size)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
