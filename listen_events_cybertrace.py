@@ -1011,8 +1011,9 @@ class Listener:
         self.events = self.bytes = self.accepted = self.rejected = 0
         # Events received beyond --count: read, but not written.
         self.unwritten = 0
-        # Bytes of unfinished events held by all connections' framers.
-        self.held = 0
+        # Bytes of unfinished events held by all connections' framers, and
+        # given up as pieces since glibc last returned freed memory.
+        self.held = self.released = 0
         self.stopping = False
         self.reopen_requested = False
         self.accepting = True
@@ -1262,12 +1263,19 @@ class Listener:
             if not piece:
                 return
             self.held -= len(piece) - 1
+            self.released += len(piece)
             if conn.framer.split_events != splits:
                 self.warn("event from %s split into pieces: unfinished "
                           "events held reached --max-buffer-bytes (%s)"
                           % (conn.peer, format_bytes(
                               self.args.max_buffer_bytes)))
             self.emit(piece, conn)
+        # Under this pressure unfinished events of every size come and go,
+        # and glibc keeps the freed blocks between them mapped: RSS would
+        # grow well past the budget without a trim now and then.
+        if self.released >= self.args.max_buffer_bytes // 16:
+            self.released = 0
+            return_freed_memory()
 
     def done(self) -> bool:
         return bool(self.args.count) and self.events >= self.args.count
@@ -1495,6 +1503,19 @@ def fit_connections(listener: Listener) -> None:
                       "%d connections; serving %d at once" % (asked, most,
                                                                most))
     listener.args.max_connections = most
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to give the kernel back the free pages between live blocks."""
+    trim = getattr(return_freed_memory, "trim", None)
+    if trim is None:
+        try:
+            import ctypes
+            trim = ctypes.CDLL(None).malloc_trim
+        except (ImportError, OSError, AttributeError, TypeError):
+            trim = bool  # not glibc: nothing to ask
+        return_freed_memory.trim = trim
+    trim(0)
 
 
 def install_signals(listener: Listener) -> tuple:
