@@ -40,9 +40,10 @@ RECV_SIZE = 512 * 1024
 # lost in the formatting.
 JSON_RECV_SIZE = 64 * 1024
 MAX_EVENT_BYTES = 1024 * 1024
-# A busy peer keeps its turn while its reads fill the buffer and nobody
-# else waits: a lone stream is read without a select() between reads, and
-# another peer's events wait one read at most.
+# A lone busy peer keeps its turn while its reads fill the buffer and
+# nothing else waits; with several peers each gets one read a round (the
+# receive buffer, not the turn, keeps their reads large), and another
+# peer's events wait one read at most.
 READS_PER_TURN = 8
 # The kernel sizes each connection's receive buffer by the rate it sees on
 # that connection alone: with several busy peers each stays near 128 KiB, a
@@ -1219,6 +1220,10 @@ class Listener:
 
     def others_waiting(self, conn: Connection) -> bool:
         """Tell whether another peer, a new one or a signal is waiting."""
+        # Asking costs a system call and a list of every ready peer: with
+        # other peers connected, let the next round find out.
+        if len(self.connections) > 1:
+            return True
         return any(key.data is not conn for key, _ in self.selector.select(0))
 
     def receive(self, conn: Connection) -> bool:
