@@ -70,7 +70,7 @@ BIG_EVENT_SECONDS = 0.5
 RSS_FLOOD_MIB = 100
 
 
-# --- Data ---------------------------------------------------------------------
+# --- Data --------------------------------------------------------------------
 
 def make_events(count: int, seed: int = 1) -> bytes:
     """Return count events like the guide's detections, about 450 bytes."""
@@ -140,7 +140,7 @@ def read_into_page_cache(paths: list) -> None:
                 pass
 
 
-# --- Processes ----------------------------------------------------------------
+# --- Processes ---------------------------------------------------------------
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -222,7 +222,7 @@ def file_size(path: str) -> int:
         return 0
 
 
-# --- Receivers ----------------------------------------------------------------
+# --- Receivers ---------------------------------------------------------------
 
 class Receiver:
     """A program that listens on a port and writes what it gets to a file."""
@@ -377,17 +377,25 @@ def check_output(receiver: Receiver, out_path: str, parts: list,
                          % receiver.name)
 
 
-# --- The rounds ---------------------------------------------------------------
+# --- The rounds --------------------------------------------------------------
+
+# Each ratio's two runs follow each other, so that both meet the same load
+# from whatever else the machine runs.
+PEER_ORDER = ("nc -l", "listener raw", "syslog-ng raw", "socat", "guide",
+              "listener text", "syslog-ng json", "listener json")
+SHOWN_ORDER = ("nc -l", "socat", "guide", "syslog-ng raw", "syslog-ng json",
+               "listener raw", "listener text", "listener json")
+
 
 def plan(found: list) -> list:
-    """Return every (receiver, sender, connections) run of one round."""
-    runs = [(receiver, "sendfile", 1) for receiver in found]
+    """Return every (receiver, sender, connections, table) run of a round."""
+    runs = [(receiver, "sendfile", 1, "peers") for receiver in
+            sorted(found, key=lambda r: PEER_ORDER.index(r.name))]
     for receiver in found:
         if receiver.name.startswith("listener"):
             for sender in SENDERS:
                 for conns in CONNECTIONS:
-                    if (sender, conns) != ("sendfile", 1):
-                        runs.append((receiver, sender, conns))
+                    runs.append((receiver, sender, conns, "connections"))
     return runs
 
 
@@ -396,12 +404,12 @@ def bench_rounds(args, found: list, parts: dict, count: int) -> dict:
     print("Warm-up: %d runs..." % len(found), file=sys.stderr)
     for receiver in found:
         run_once(receiver, parts[1], "sendfile", count, learn=True)
-    results = {(r.name, s, c): [] for r, s, c in runs}
+    results = {(r.name, s, c, t): [] for r, s, c, t in runs}
     for number in range(args.rounds):
         # Alternate the order, so that drift over a round favours no one.
         order = runs if number % 2 == 0 else runs[::-1]
-        for receiver, sender, conns in order:
-            results[(receiver.name, sender, conns)].append(
+        for receiver, sender, conns, table in order:
+            results[(receiver.name, sender, conns, table)].append(
                 run_once(receiver, parts[conns], sender, count))
         print("  round %d: %s" % (number + 1, "  ".join(
             "%s %.2f" % (label, value) for label, value in
@@ -418,19 +426,20 @@ def ratio(results: dict, a: tuple, b: tuple) -> list:
 def round_ratios(results: dict, number: int) -> list:
     out = []
     for label, name, base, _ in TARGETS:
-        a, b = (name, "sendfile", 1), (base, "sendfile", 1)
+        a, b = (name, "sendfile", 1, "peers"), (base, "sendfile", 1, "peers")
         if a in results and b in results:
             out.append((label, ratio(results, a, b)[number]))
     for fmt in FORMATS:
         for sender in SENDERS:
             for conns in CONNECTION_TARGETS:
-                a = ("listener " + fmt, sender, conns)
-                out.append(("%s %s %d/1" % (fmt, sender, conns), ratio(
-                    results, a, ("listener " + fmt, sender, 1))[number]))
+                a = ("listener " + fmt, sender, conns, "connections")
+                b = ("listener " + fmt, sender, 1, "connections")
+                out.append(("%s %s %d/1" % (fmt, sender, conns),
+                            ratio(results, a, b)[number]))
     return out
 
 
-# --- Memory, fairness and the sender --------------------------------------------
+# --- Memory, fairness and the sender -----------------------------------------
 
 def bench_big_event(args, workdir: str) -> Run:
     """Time one 64 MiB event without a newline, cut into 1 MiB pieces."""
@@ -597,7 +606,7 @@ def bench_sender(args, data_path: str, tools: dict) -> dict:
     return times
 
 
-# --- Report -------------------------------------------------------------------
+# --- Report ------------------------------------------------------------------
 
 def median(values) -> float:
     return statistics.median(values)
@@ -611,8 +620,9 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
            results: dict, big: Run, flood_kib: int, delays: dict,
            send: dict) -> int:
     size = len(data)
-    one = {name: runs for (name, sender, conns), runs in results.items()
-           if (sender, conns) == ("sendfile", 1)}
+    one = {key[0]: runs for key, runs in sorted(
+        results.items(), key=lambda item: SHOWN_ORDER.index(item[0][0]))
+        if key[3] == "peers"}
     lines = []
     out = lines.append
     out("%s events of %d bytes on average (%.0f MB); %s, %d cores; Python %s"
@@ -633,7 +643,8 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
         best = median([r.seconds for r in runs])
         cells = []
         for base in bases:
-            per = ratio(results, (name, "sendfile", 1), (base, "sendfile", 1))
+            per = ratio(results, (name, "sendfile", 1, "peers"),
+                        (base, "sendfile", 1, "peers"))
             cells.append("%.2f (%s)" % (median(per), each(per)))
         out("| %s | %s | %.0f | %.2f s | %s | %.1f MiB |" % (
             name, "{:,.0f}".format(count / best), size / best / 1e6,
@@ -652,13 +663,13 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
         for sender in SENDERS:
             cells = []
             for conns in CONNECTIONS:
-                runs = results[(name, sender, conns)]
+                runs = results[(name, sender, conns, "connections")]
                 cells.append("{:,.0f} ({:.2f} s)".format(
                     count / median([r.seconds for r in runs]),
                     median([r.cpu for r in runs])))
                 if conns != 1:
-                    per = ratio(results, (name, sender, conns),
-                                (name, sender, 1))
+                    per = ratio(results, (name, sender, conns, "connections"),
+                                (name, sender, 1, "connections"))
                     cells.append("%.2f (%s)" % (median(per), each(per)))
             out("| %s | %s | %s |" % (fmt, sender, " | ".join(cells)))
     out("")
@@ -689,7 +700,8 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
     checks = []
     for label, name, base, target in TARGETS:
         if base in one:
-            per = ratio(results, (name, "sendfile", 1), (base, "sendfile", 1))
+            per = ratio(results, (name, "sendfile", 1, "peers"),
+                        (base, "sendfile", 1, "peers"))
             checks.append((label, "%.2f" % median(per), ">= %.1f" % target,
                            median(per) >= target))
         else:
@@ -698,8 +710,9 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
         for sender in SENDERS:
             for conns, target in CONNECTION_TARGETS.items():
                 name = "listener " + fmt
-                value = median(ratio(results, (name, sender, conns),
-                                     (name, sender, 1)))
+                value = median(ratio(
+                    results, (name, sender, conns, "connections"),
+                    (name, sender, 1, "connections")))
                 checks.append(("%s, %s, %d vs 1 connection" % (fmt, sender,
                                                                conns),
                                "%.2f" % value, ">= %.1f" % target,

@@ -33,7 +33,8 @@ def apt_install(packages: list) -> str:
     for update in (False, True):
         if update:
             subprocess.run(["apt-get", "update", "-qq"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
         done = subprocess.run(["apt-get", "install", "-y", "-qq", *packages],
                               env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
