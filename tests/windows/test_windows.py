@@ -126,6 +126,47 @@ def write_reference(folder: str) -> None:
             file.write(out)
 
 
+def console_info(fd: int):
+    """Return the console's screen buffer info and its handle."""
+    import ctypes
+    import msvcrt
+    from ctypes import wintypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [("size", wintypes._COORD), ("cursor", wintypes._COORD),
+                    ("attributes", wintypes.WORD),
+                    ("window", wintypes.SMALL_RECT),
+                    ("maximum", wintypes._COORD)]
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = wintypes.HANDLE(msvcrt.get_osfhandle(fd))
+    info = Info()
+    if not kernel32.GetConsoleScreenBufferInfo(handle, ctypes.byref(info)):
+        raise ctypes.WinError(ctypes.get_last_error())
+    return info, handle, kernel32
+
+
+def console_cursor_row(fd: int) -> int:
+    return console_info(fd)[0].cursor.Y
+
+
+def console_text(fd: int, row: int) -> str:
+    """Return what the console shows from row to its cursor's row."""
+    import ctypes
+    from ctypes import wintypes
+    info, handle, kernel32 = console_info(fd)
+    width = info.size.X
+    text = []
+    for line in range(row, info.cursor.Y + 1):
+        cells = ctypes.create_unicode_buffer(width)
+        read = wintypes.DWORD()
+        if not kernel32.ReadConsoleOutputCharacterW(
+                handle, cells, width, wintypes._COORD(0, line),
+                ctypes.byref(read)):
+            raise ctypes.WinError(ctypes.get_last_error())
+        text.append(cells[:read.value].rstrip())
+    return "".join(text).rstrip()
+
+
 def run_script(script: Path, *args: str, timeout: float = TIMEOUT):
     return subprocess.run([sys.executable, str(script), *args],
                           stdin=subprocess.DEVNULL, capture_output=True,
@@ -268,6 +309,24 @@ class ListenerTest(WindowsTest):
                     self.assertEqual(proc.finish(), 0, proc.stderr_text)
                     self.assertEqual(bytes(proc.out), b"before stop\n")
                     self.assertIn("Stopped: 1 event,", proc.stderr_text)
+
+    def test_a_console_shows_unicode_and_controls_escaped(self):
+        try:
+            console = os.open("CONOUT$", os.O_RDWR)
+        except OSError as exc:
+            self.skipTest("no console here (%s): run this module through "
+                          "tests/windows/run.py" % exc)
+        try:
+            start = console_cursor_row(console)
+            with Listener("-f", "raw", "-n", "1", stdout=console) as listener:
+                listener.send("Привет ESC \x1b[31m red BEL \x07 end\n"
+                              .encode())
+                self.assertEqual(listener.finish(), 0, listener.stderr_text)
+            # What the console shows, read back from its screen buffer.
+            self.assertEqual(console_text(console, start),
+                             "Привет ESC \\x1b[31m red BEL \\x07 end")
+        finally:
+            os.close(console)
 
     def test_listening_on_every_interface(self):
         with Listener("-t", "0.5", listen="0.0.0.0:0") as listener:
