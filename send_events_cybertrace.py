@@ -884,7 +884,11 @@ class Progress:
         leave_signals_to_main()
         while not self.done.wait(PROGRESS_INTERVAL):
             with self.lock:
-                self.draw(self.line())
+                try:
+                    self.draw(self.line())
+                except OSError:  # the terminal went away: sending goes on
+                    self.shown = ""
+                    return
 
     def line(self) -> str:
         now = time.monotonic()
@@ -922,11 +926,14 @@ class Progress:
 
     def erase(self) -> None:
         if self.shown:
+            self.shown, shown = "", self.shown
             # Two more for the ^C a terminal echoes after the line.
-            blank = " " * min(len(self.shown) + 2, self.width - 1)
-            sys.stderr.write("\r" + blank + "\r")
-            sys.stderr.flush()
-            self.shown = ""
+            blank = " " * min(len(shown) + 2, self.width - 1)
+            try:
+                sys.stderr.write("\r" + blank + "\r")
+                sys.stderr.flush()
+            except OSError:
+                pass
 
     def print_above(self, line: str) -> None:
         with self.lock:

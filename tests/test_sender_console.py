@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -276,9 +275,9 @@ class Console:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError("timed out waiting for %r on the "
-                                         "terminal; it shows %r" % (
-                                             pattern, bytes(self.screen[-500:])))
+                    raise AssertionError(
+                        "timed out waiting for %r on the terminal; it shows "
+                        "%r" % (pattern, bytes(self.screen[-500:])))
                 self.cond.wait(min(left, 0.05))
 
     def finish(self) -> int:
