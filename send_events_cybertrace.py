@@ -533,7 +533,7 @@ def paced(blocks: Iterable[tuple], rate: float,
 
 
 def echo(block) -> None:
-    """Print a block's events to stderr as the guide does."""
+    """Print a block's events to stderr as the tutorial does."""
     text = format_raw(block, [], "", 0.0, sys.stderr.isatty())
     text = bytes(text).decode("utf-8", "backslashreplace")
     sys.stderr.write("".join("Sending:\n%s\n" % line
@@ -616,6 +616,11 @@ class Resender:
         self.lost = None  # (when, why) the outage began
         self.offline = 0.0  # seconds of outages, kept out of --rate's clock
         self.connected = False  # ever
+
+    @property
+    def events(self) -> int:
+        """Events sent: what a progress line shows."""
+        return self.sent
 
     def clock(self) -> float:
         """Return a monotonic clock that stops during outages."""
@@ -777,17 +782,25 @@ def send_buffer(sock: socket.socket) -> int:
 
 
 def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
-                      where: str) -> str:
-    """Send with --reconnect; return the summary line."""
+                      where: str, watch: Optional[tuple]) -> str:
+    """Send with --reconnect; return the summary line.
+
+    watch: (tally, total) for a progress line, as Progress takes them.
+    """
     resender = Resender(args.connect, args.timeout, where)
     if args.rate:
         blocks = paced(blocks, args.rate, resender.clock)
     started = time.monotonic()
+    progress = None
     try:
+        if watch is not None:
+            progress = Progress(resender, watch[0], watch[1] or None)
         resender.send_all(blocks, args.verbose)
     except KeyboardInterrupt:
         raise Interrupted(say_sent(*resender.counts())) from None
     finally:
+        if progress is not None:
+            progress.stop()
         resender.close()
     return resender.summary(time.monotonic() - started)
 
@@ -1522,7 +1535,8 @@ def run(args: argparse.Namespace) -> str:
         total = watched and source_bytes(sources, args.repeat)
         blocks = some_events(event_blocks(sources, args.repeat, tally))
         if args.reconnect:
-            return send_reconnecting(args, blocks, where)
+            return send_reconnecting(args, blocks, where,
+                                     (tally, total) if watched else None)
         if args.rate:
             blocks = paced(blocks, args.rate)
         started = time.monotonic()

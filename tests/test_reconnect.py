@@ -15,6 +15,8 @@ import unittest
 
 from support import SENDER, TIMEOUT, Listener, Process, reset
 
+import listen_events_cybertrace as lec
+
 # Every event is 64 bytes and carries its number: order, gaps and
 # duplicates can be read off the receiver's output.
 EVENT = b"seq=%09d " + b"r" * 49 + b"\n"
@@ -58,11 +60,35 @@ def rss_kib(pid: int) -> int:
                     if line.startswith("VmRSS:"))
 
 
-def start_sender(port: int, *args: str) -> Process:
-    sender = Process([sys.executable, str(SENDER), "--reconnect", "-c",
+def start_sender(port: int, *args: str, python: tuple = ()) -> Process:
+    """Start the sender with --reconnect, reading a non-blocking pipe."""
+    script = list(python) or [str(SENDER)]
+    sender = Process([sys.executable, *script, "--reconnect", "-c",
                       "127.0.0.1:%d" % port, *args], stdin=subprocess.PIPE)
     os.set_blocking(sender.proc.stdin.fileno(), False)
     return sender
+
+
+# The sender on a system whose kernel does not say what the peer
+# acknowledged (no TIOCOUTQ, as on Windows).
+WITHOUT_TIOCOUTQ = ("-c", "import runpy, sys; sys.modules['termios'] = None; "
+                    "sys.argv[0] = %r; sys.path[0] = %r; "
+                    "runpy.run_path(sys.argv[0], run_name='__main__')"
+                    % (str(SENDER), str(SENDER.parent)))
+
+
+def receive_buffer_bound() -> int:
+    """Return the most a listener can lose when killed: what its kernel
+    acknowledged and holds unread, plus what it read and did not write."""
+    if lec.receive_buffer_granted():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                             lec.RECV_BUFFER)
+            kernel = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    else:
+        with open("/proc/sys/net/ipv4/tcp_rmem") as limits:
+            kernel = int(limits.read().split()[2])
+    return kernel + lec.RECV_SIZE + lec.MAX_EVENT_BYTES
 
 
 class Feeder:
@@ -168,6 +194,105 @@ class ReconnectTest(unittest.TestCase):
                               r"[\d,]+ events? resent\n$")
         self.check_outputs(outputs, total, err)
 
+    def test_listener_killed_loses_at_most_its_receive_buffer(self):
+        # What the dead listener's kernel acknowledged but nobody read is
+        # gone, and no sender can know which events those were: TCP's limit.
+        bound = receive_buffer_bound()
+        listener = Listener("-f", "raw")
+        port = listener.address[1]
+        outputs = []
+        try:
+            with start_sender(port) as sender:
+                feeder = Feeder(sender, batch=2000)
+                for _ in range(2):
+                    listener.wait_stdout(20000)
+                    # Stopped first, it holds a full receive buffer when it
+                    # dies, and the sender unacknowledged events to resend.
+                    listener.signal(signal.SIGSTOP)
+                    time.sleep(0.3)
+                    listener.signal(signal.SIGKILL)
+                    listener.finish()
+                    outputs.append(bytes(listener.out))
+                    listener.close()
+                    time.sleep(OUTAGE)
+                    listener = Listener("-f", "raw", listen="127.0.0.1:%d"
+                                        % port)
+                listener.wait_stdout(20000)
+                total = feeder.finish()
+                sender.proc.stdin.close()
+                self.assertEqual(sender.finish(), 0, sender.stderr_text)
+                last = EVENT % (total - 1)
+                listener.wait_for(lambda: last in listener.out,
+                                  what="the last event")
+                self.assertEqual(listener.stop(), 0)
+                outputs.append(bytes(listener.out))
+        finally:
+            listener.close()
+        err = sender.stderr_text
+        self.assertNotIn("Traceback", err)
+        self.assertRegex(err, r"; 2 reconnects, [\d,]+ events? resent\n$")
+        self.check_outputs(outputs, total, err, gap_bytes=bound)
+
+    def test_rate_goes_on_after_an_outage_without_a_burst(self):
+        listener = Listener("-f", "raw")
+        port = listener.address[1]
+        try:
+            with start_sender(port, "--rate", "200") as sender:
+                started = time.monotonic()
+                write_all(sender.proc.stdin.fileno(), events(0, 300))
+                sender.proc.stdin.close()
+                listener.wait_stdout(60)
+                self.assertEqual(listener.stop(), 0)
+                first = bytes(listener.out)
+                listener.close()
+                listener = Listener("-f", "raw", listen="127.0.0.1:%d"
+                                    % port)
+                outage = float(sender.wait_stderr(
+                    r"reconnected after (\d+\.\d) s").group(1))
+                self.assertEqual(sender.finish(), 0, sender.stderr_text)
+                took = time.monotonic() - started
+                listener.wait_for(lambda: EVENT % 299 in listener.out,
+                                  what="the last event")
+                self.assertEqual(listener.stop(), 0)
+                second = bytes(listener.out)
+        finally:
+            listener.close()
+        self.check_outputs([first, second], 300, sender.stderr_text)
+        # 300 events at 200/s take 1.5 s, and the outage comes on top:
+        # catching up in a burst would end as soon as the outage does.
+        self.assertGreater(outage, 0.2)
+        self.assertGreaterEqual(took, 299 / 200 + outage - 0.1)
+
+    def test_without_tiocoutq_a_send_buffer_is_resent(self):
+        rounds, per_round = 4, 20000
+        with ResettingPeer() as peer, start_sender(
+                peer.address[1], python=WITHOUT_TIOCOUTQ) as sender:
+            fd = sender.proc.stdin.fileno()
+            for number in range(rounds):
+                write_all(fd, events(number * per_round,
+                                     (number + 1) * per_round))
+                last = EVENT % ((number + 1) * per_round - 1)
+                peer.wait_for(lambda: last in peer.connections[-1],
+                              "round %d" % number)
+                peer.reset(number + 1)
+            sender.proc.stdin.close()
+            self.assertEqual(sender.finish(), 0, sender.stderr_text)
+            peer.wait_for(lambda: peer.closed == rounds + 1, "the last close")
+        err = sender.stderr_text
+        self.check_outputs(peer.connections, rounds * per_round, err)
+        resent = int(re.search(r"([\d,]+) events resent", err).group(1)
+                     .replace(",", ""))
+        # Every event arrived before each reset, so each one resent is a
+        # duplicate; at most a send buffer's worth went again each time.
+        duplicates = sum(len(numbers(data)) for data in peer.connections) - \
+            rounds * per_round
+        self.assertEqual(duplicates, resent)
+        with open("/proc/sys/net/ipv4/tcp_wmem") as limits:
+            largest = int(limits.read().split()[2])
+        self.assertGreater(resent, 0)
+        self.assertLessEqual(resent * len(EVENT), rounds * (
+            2 * largest + 512 * 1024))
+
     def test_sender_started_before_the_listener(self):
         port = free_port()
         data = events(0, 200000)
@@ -232,7 +357,7 @@ class ReconnectTest(unittest.TestCase):
         for number, status, word in ((signal.SIGINT, 130, "interrupted"),
                                      (signal.SIGTERM, 143, "terminated")):
             with self.subTest(signal=word), Listener("-f", "raw") as listener:
-                with start_sender(listener.address[1]) as sender:
+                with start_sender(listener.address[1], "-q") as sender:
                     fd = sender.proc.stdin.fileno()
                     write_all(fd, events(0, 1000))
                     listener.wait_stdout(1000)
@@ -245,8 +370,12 @@ class ReconnectTest(unittest.TestCase):
                     self.assertEqual(sender.finish(), status)
                 err = sender.stderr_text
                 self.assertNotIn("Traceback", err)
-                self.assertRegex(err, r"\n\S+: %s: 1,000 events sent, 1,000 "
-                                      r"acknowledged\n$" % word)
+                # -q keeps the outage's warning and the counts.
+                self.assertRegex(err, r"^warning: connection to .* lost "
+                                      r"\(closed by the peer\) after 1,000 "
+                                      r"events; retrying\n\S+: %s: 1,000 "
+                                      r"events sent, 1,000 acknowledged\n$"
+                                 % word)
 
     def test_refused_with_ping_and_reply_back(self):
         for mode in ("--ping", "--reply-back"):
