@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -233,6 +234,36 @@ class ReconnectTest(unittest.TestCase):
         self.assertRegex(err, r"; 2 reconnects, [\d,]+ events? resent\n$")
         self.check_outputs(outputs, total, err, gap_bytes=bound)
 
+    def test_a_peer_that_stops_reading_is_left_after_the_timeout(self):
+        with Listener("-f", "json") as listener:
+            with start_sender(listener.address[1], "-t", "1") as sender:
+                feeder = Feeder(sender, batch=2000)
+                listener.wait_stdout(10000)
+                listener.signal(signal.SIGSTOP)
+                try:
+                    sender.wait_stderr(r"lost \(no progress for 1 s\) after "
+                                       r"[\d,]+ events; retrying\n")
+                finally:
+                    listener.signal(signal.SIGCONT)
+                sender.wait_stderr(r"reconnected after")
+                total = feeder.finish()
+                sender.proc.stdin.close()
+                self.assertEqual(sender.finish(), 0, sender.stderr_text)
+                last = b"seq=%09d " % (total - 1)
+                listener.wait_for(lambda: last in listener.out,
+                                  what="the last event")
+                self.assertEqual(listener.stop(), 0)
+        # The stalled connection still delivers what its kernel held; the
+        # new one starts at the first event not acknowledged.
+        by_peer = {}
+        for line in bytes(listener.out).splitlines():
+            record = json.loads(line)
+            by_peer.setdefault(record["peer"], []).append(
+                record["event"].encode() + b"\n")
+        self.assertEqual(len(by_peer), 2)
+        self.check_outputs([b"".join(events) for events in by_peer.values()],
+                           total, sender.stderr_text)
+
     def test_rate_goes_on_after_an_outage_without_a_burst(self):
         listener = Listener("-f", "raw")
         port = listener.address[1]
@@ -377,16 +408,16 @@ class ReconnectTest(unittest.TestCase):
                                       r"events sent, 1,000 acknowledged\n$"
                                  % word)
 
-    def test_refused_with_ping_and_reply_back(self):
-        for mode in ("--ping", "--reply-back"):
+    def test_refused_with_ping_reply_back_and_check(self):
+        for mode in (["--ping"], ["--reply-back"], ["--check", "9998"]):
             with self.subTest(mode=mode):
                 proc = subprocess.run([sys.executable, str(SENDER),
-                                       "--reconnect", mode, "-c", "1"],
+                                       "--reconnect", *mode, "-c", "1"],
                                       capture_output=True, timeout=TIMEOUT)
                 self.assertEqual(proc.returncode, 2)
                 self.assertRegex(proc.stderr.decode(),
                                  r"argument --reconnect: not allowed with %s"
-                                 % mode)
+                                 % mode[0])
 
 
 class ResettingPeer:
