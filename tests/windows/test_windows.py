@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from fake_cybertrace import FakeCyberTrace  # noqa: E402
+from test_check import StandIn, free_port  # noqa: E402
 from support import (GUIDE_EVENTS, LISTENER, SENDER, TIMEOUT,  # noqa: E402
                      Listener, Process, user_env)
 
@@ -472,6 +473,20 @@ class SenderTest(WindowsTest):
         with FakeCyberTrace(pong=b"") as ct:
             done = run_script(SENDER, "--ping", "-c", "%s:%d" % ct.address)
             self.assertOneErrorLine(done, 1, rb"error: no PONG from ")
+
+
+    def test_lab_check_against_the_stand_in(self):
+        port = free_port()
+        with StandIn("--detect-all", "--output",
+                     "127.0.0.1:%d" % port) as stand_in:
+            done = run_script(SENDER, "--check", str(port), "-c",
+                              "127.0.0.1:%d" % stand_in.port)
+            self.assertNoTraceback(stand_in.err)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, rb"(?m)^17 of 17 test indicators "
+                         rb"detected and delivered to 127\.0\.0\.1:%d "
+                         % port)
+        self.assertNoTraceback(done.stderr)
 
 
 if __name__ == "__main__":
