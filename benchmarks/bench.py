@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measure the listener beside what a user would pick instead, in one run.
 
-Peers side by side on the same data: nc -l, socat, the guide's listener,
+Peers side by side on the same data: nc -l, socat, the tutorial's listener,
 syslog-ng (raw lines, and kv-parser + format-json) and the listener in each
 format; then the listener over 1, 8 and 64 connections with two kinds of
 sender (sendfile, as a C relay streams a file, and sendall from memory, as
@@ -59,7 +59,7 @@ FLOOD_EVENT = 1024 * 1024
 TARGETS = [
     # (label, receiver, baseline, minimum throughput ratio)
     ("raw vs nc -l", "listener raw", "nc -l", 1.5),
-    ("text vs guide", "listener text", "guide", 4.5),
+    ("text vs tutorial", "listener text", "tutorial", 4.5),
     ("json vs syslog-ng json", "listener json", "syslog-ng json", 2.0),
     ("raw vs syslog-ng raw", "listener raw", "syslog-ng raw", 3.0),
 ]
@@ -255,7 +255,7 @@ def receivers(tools: dict, python: str) -> list:
         found.append(Receiver("socat", [
             tools["socat"], "-u", "TCP-LISTEN:PORT,bind=127.0.0.1,reuseaddr",
             "STDOUT"]))
-    found.append(Receiver("guide", [python, GUIDE, "127.0.0.1", "PORT"],
+    found.append(Receiver("tutorial", [python, GUIDE, "127.0.0.1", "PORT"],
                           "text"))
     if tools.get("syslog-ng"):
         for fmt in ("raw", "json"):
@@ -270,7 +270,7 @@ def expected_size(receiver: Receiver, data: bytes, count: int):
     """Return the receiver's full output size, or None to learn it."""
     if receiver.syslog_ng:
         return len(data) if receiver.format == "raw" else None
-    if receiver.name == "guide":
+    if receiver.name == "tutorial":
         return len(data) + 10 * count - GUIDE_SLACK
     if receiver.format == "text":
         return len(data) + 10 * count
@@ -366,7 +366,7 @@ def check_output(receiver: Receiver, out_path: str, parts: list,
     if receiver.format == "json":
         key = "MESSAGE" if receiver.syslog_ng else "event"
         got = [json.loads(line)[key].encode() for line in out.splitlines()]
-    elif receiver.name == "guide":
+    elif receiver.name == "tutorial":
         return  # its last events are still in its stdout buffer
     elif receiver.format == "text":
         got = out.splitlines()[1::2]
@@ -381,9 +381,9 @@ def check_output(receiver: Receiver, out_path: str, parts: list,
 
 # Each ratio's two runs follow each other, so that both meet the same load
 # from whatever else the machine runs.
-PEER_ORDER = ("nc -l", "listener raw", "syslog-ng raw", "socat", "guide",
+PEER_ORDER = ("nc -l", "listener raw", "syslog-ng raw", "socat", "tutorial",
               "listener text", "syslog-ng json", "listener json")
-SHOWN_ORDER = ("nc -l", "socat", "guide", "syslog-ng raw", "syslog-ng json",
+SHOWN_ORDER = ("nc -l", "socat", "tutorial", "syslog-ng raw", "syslog-ng json",
                "listener raw", "listener text", "listener json")
 
 
@@ -634,7 +634,7 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
     out("")
     out("One connection, sendfile sender, every peer on the same data:")
     out("")
-    bases = [base for base in ("nc -l", "guide", "syslog-ng json",
+    bases = [base for base in ("nc -l", "tutorial", "syslog-ng json",
                                "syslog-ng raw") if base in one]
     out("| receiver | events/s | MB/s | receiver CPU | %s | peak RSS |"
         % " | ".join("vs " + base for base in bases))
