@@ -47,8 +47,10 @@ MAX_EVENT_BYTES = 1024 * 1024
 READS_PER_TURN = 8
 # The kernel sizes each connection's receive buffer by the rate it sees on
 # that connection alone: with several busy peers each stays near 128 KiB, a
-# turn finds little to read, and every byte costs more calls and ACKs.  A
-# fixed buffer this large holds a full turn at loopback and LAN speeds.
+# read finds under 100 KiB, and every byte costs more calls and ACKs.  2 MiB
+# lets a peer's data pile up into full reads while the others take their
+# turns, and covers what loopback and LAN links keep in flight (10 Gbit/s
+# with a millisecond's round trip: 1.25 MB).
 RECV_BUFFER = 2 * 1024 * 1024
 MAX_CONNECTIONS = 512
 # Every peer may hold an event of up to MAX_EVENT_BYTES without its newline:
