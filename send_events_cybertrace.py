@@ -1497,9 +1497,10 @@ def build_parser() -> argparse.ArgumentParser:
         "after 0.5 s, doubling up to 30 s), then resend every event from "
         "the first one the peer's TCP did not acknowledge, so events may "
         "arrive twice but none the kernel could tell about is lost. Where "
-        "the kernel does not say what was acknowledged (no TIOCOUTQ: not "
-        "Linux), the events of the last send buffer's worth of bytes are "
-        "resent. Not with --ping or --reply-back")
+        "the kernel does not say what was acknowledged (Linux's TIOCOUTQ, "
+        "macOS's SO_NWRITE; Windows has neither), the events of the last "
+        "send buffer's worth of bytes are resent. Input is not read while "
+        "disconnected. Not with --ping, --reply-back or --check")
     parser.add_argument("--rate", metavar="EPS",
                         type=_argument(_positive(float), "EPS"),
                         help="send at most EPS events per second")
