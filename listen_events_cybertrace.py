@@ -490,7 +490,12 @@ def format_address(host: str, port: int) -> str:
 def format_peer(address: tuple) -> str:
     """Return a socket address (from accept or getpeername) as a
     ConnectionString: 127.0.0.1:41882, [::1]:41882."""
-    return format_address(*address[:2])
+    host = address[0]
+    # An IPv4 peer of a dual-stack [::] socket comes as ::ffff:a.b.c.d;
+    # people know it, and CyberTrace's settings name it, as a.b.c.d.
+    if host.lower().startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return format_address(host, address[1])
 
 
 # --- Numbers for people ------------------------------------------------------

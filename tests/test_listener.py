@@ -582,6 +582,8 @@ class HelperTest(unittest.TestCase):
                          "127.0.0.1:41882")
         self.assertEqual(lec.format_peer(("::1", 41882, 0, 0)),
                          "[::1]:41882")
+        self.assertEqual(lec.format_peer(("::ffff:192.0.2.7", 5, 0, 0)),
+                         "192.0.2.7:5")
 
 
 class FramerTest(unittest.TestCase):
