@@ -109,8 +109,12 @@ class Feeder:
 
     def run(self) -> None:
         data = b""
-        while not self.stopping.is_set():
+        while True:
             if not data:
+                # Stop only between batches: a batch cut short would be
+                # counted as sent, and its last events looked for in vain.
+                if self.stopping.is_set():
+                    return
                 data = events(self.next, self.next + self.batch)
                 self.next += self.batch
             # While the sender is disconnected the pipe stays full and we
@@ -129,6 +133,8 @@ class Feeder:
         """Stop after the batch in hand; return how many events went in."""
         self.stopping.set()
         self.thread.join(TIMEOUT)
+        if self.thread.is_alive():
+            raise AssertionError("the sender stopped reading its input")
         return self.next
 
 
