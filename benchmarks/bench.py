@@ -40,16 +40,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LISTENER = os.path.join(ROOT, "listen_events_cybertrace.py")
 SENDER = os.path.join(ROOT, "send_events_cybertrace.py")
-GUIDE = os.path.join(HERE, "guide_listener.py")
+TUTORIAL = os.path.join(HERE, "tutorial_listener.py")
 SEND_PARTS = os.path.join(HERE, "send_parts.py")
 sys.path.insert(0, ROOT)
 
 import listen_events_cybertrace as lec  # noqa: E402
 from peers import SyslogNg, find_tool, user_env  # noqa: E402
 
-# The guide's stdout is block-buffered: its last few events stay in this
+# The tutorial's stdout is block-buffered: its last few events stay in this
 # buffer until it exits, so it counts as done this close to the end.
-GUIDE_SLACK = 8192
+TUTORIAL_SLACK = 8192
 POLL = 0.001
 CONNECTIONS = (1, 8, 64)
 SENDERS = ("sendfile", "sendall")
@@ -73,7 +73,7 @@ RSS_FLOOD_MIB = 100
 # --- Data --------------------------------------------------------------------
 
 def make_events(count: int, seed: int = 1) -> bytes:
-    """Return count events like the guide's detections, about 450 bytes."""
+    """Return count events like the tutorial's detections, about 450 bytes."""
     rng = random.Random(seed)
     hexd = "0123456789ABCDEF"
     lines = []
@@ -255,7 +255,7 @@ def receivers(tools: dict, python: str) -> list:
         found.append(Receiver("socat", [
             tools["socat"], "-u", "TCP-LISTEN:PORT,bind=127.0.0.1,reuseaddr",
             "STDOUT"]))
-    found.append(Receiver("tutorial", [python, GUIDE, "127.0.0.1", "PORT"],
+    found.append(Receiver("tutorial", [python, TUTORIAL, "127.0.0.1", "PORT"],
                           "text"))
     if tools.get("syslog-ng"):
         for fmt in ("raw", "json"):
@@ -271,7 +271,7 @@ def expected_size(receiver: Receiver, data: bytes, count: int):
     if receiver.syslog_ng:
         return len(data) if receiver.format == "raw" else None
     if receiver.name == "tutorial":
-        return len(data) + 10 * count - GUIDE_SLACK
+        return len(data) + 10 * count - TUTORIAL_SLACK
     if receiver.format == "text":
         return len(data) + 10 * count
     if receiver.format == "json":

@@ -40,7 +40,10 @@ class ReadmeTest(unittest.TestCase):
     def test_one_name_for_kaspersky_s_tutorial(self):
         helps = [run(str(script), "--help").stdout
                  for script in (LISTENER, SENDER)]
-        for text in [README] + helps:
+        # What the scripts and the benchmark print, and their sources.
+        sources = [path.read_text(encoding="utf-8") for path in
+                   [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]]
+        for text in [README] + helps + sources:
             self.assertNotRegex(text, r"(?i)\bguide\b", "Kaspersky's "
                                 "tutorial is called 'the tutorial' throughout")
         for text in helps:

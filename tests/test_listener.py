@@ -18,7 +18,7 @@ import time
 import unittest
 from collections import Counter
 
-from support import (GUIDE_EVENTS, LISTENER, TIMEOUT, Listener, Process,
+from support import (TUTORIAL_EVENTS, LISTENER, TIMEOUT, Listener, Process,
                      queue_peers, reference_framing, reset, user_env)
 
 import listen_events_cybertrace as lec
@@ -28,16 +28,16 @@ def received(events) -> bytes:
     return "".join("Received:\n%s\n" % e for e in events).encode()
 
 
-class GuideOutputTest(unittest.TestCase):
-    def test_guide_events_print_exactly_as_the_guide_shows(self):
+class TutorialOutputTest(unittest.TestCase):
+    def test_tutorial_events_print_exactly_as_the_tutorial_shows(self):
         with Listener() as listener:
             with listener.connect() as sock:
-                sock.sendall("".join(e + "\n" for e in GUIDE_EVENTS).encode())
+                sock.sendall("".join(e + "\n" for e in TUTORIAL_EVENTS).encode())
                 port = sock.getsockname()[1]
             listener.wait_stdout(8)
             listener.wait_stderr("Closed")
             self.assertEqual(listener.stop(), 0)
-            self.assertEqual(bytes(listener.out), received(GUIDE_EVENTS))
+            self.assertEqual(bytes(listener.out), received(TUTORIAL_EVENTS))
             lines = listener.stderr_text.splitlines()
             self.assertEqual(lines[0], "Starting on 127.0.0.1:%d"
                              % listener.address[1])
@@ -48,7 +48,7 @@ class GuideOutputTest(unittest.TestCase):
             self.assertEqual(lines[3], "Closed 127.0.0.1:%d: 4 events" % port)
             self.assertEqual(lines[-1], "Stopped: 4 events, %s received, "
                              "1 connection, 0 rejected" % lec.format_bytes(
-                                 sum(len(e) + 1 for e in GUIDE_EVENTS)))
+                                 sum(len(e) + 1 for e in TUTORIAL_EVENTS)))
 
     def test_events_reach_a_pipe_while_the_peer_stays_connected(self):
         with Listener("-f", "raw") as listener, listener.connect() as sock:
@@ -202,14 +202,14 @@ class ConcurrencyTest(unittest.TestCase):
 class FormatTest(unittest.TestCase):
     def test_json_lines_carry_time_peer_event_and_fields(self):
         with Listener("-f", "json") as listener, listener.connect() as sock:
-            sock.sendall("".join(e + "\n" for e in GUIDE_EVENTS[:2]).encode()
+            sock.sendall("".join(e + "\n" for e in TUTORIAL_EVENTS[:2]).encode()
                          + b"Apr 16 09:05:41 alert=KL_ALERT_UpdatedFeed "
                          b"feed=Phishing_URL_Data_Feed.json records=200473\n")
             listener.wait_stdout(3)
             records = [json.loads(line) for line in
                        bytes(listener.out).splitlines()]
             port = sock.getsockname()[1]
-        self.assertEqual([r["event"] for r in records[:2]], GUIDE_EVENTS[:2])
+        self.assertEqual([r["event"] for r in records[:2]], TUTORIAL_EVENTS[:2])
         for record in records:
             self.assertEqual(record["peer"], "127.0.0.1:%d" % port)
             self.assertRegex(record["time"],

@@ -11,10 +11,10 @@ import time
 import unittest
 from collections import Counter
 
-from support import (GUIDE_EVENTS, SENDER, TIMEOUT, Listener, require_tool,
+from support import (TUTORIAL_EVENTS, SENDER, TIMEOUT, Listener, require_tool,
                      user_env)
 
-EVENTS = [e.encode() for e in GUIDE_EVENTS] + [
+EVENTS = [e.encode() for e in TUTORIAL_EVENTS] + [
     b"Apr 16 09:05:41 alert=KL_ALERT_UpdatedFeed "
     b"feed=Phishing_URL_Data_Feed.json records=200473",
     b"Category=KL_Malicious_URL|MatchedIndicator=http://fakess123.nu|"

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from fake_cybertrace import FakeCyberTrace  # noqa: E402
 from test_check import StandIn, free_port  # noqa: E402
-from support import (GUIDE_EVENTS, LISTENER, SENDER, TIMEOUT,  # noqa: E402
+from support import (TUTORIAL_EVENTS, LISTENER, SENDER, TIMEOUT,  # noqa: E402
                      Listener, Process, user_env)
 
 WINDOWS = os.name == "nt"
@@ -45,7 +45,7 @@ SLOW_SEND = ["-e", "slow event", "--repeat", "1000", "--rate", "20"]
 # backslashes for JSON, non-ASCII text, a long event, and a last event
 # without its newline.
 PEERS = [
-    [GUIDE_EVENTS[0].encode() + b"\r\n", GUIDE_EVENTS[1].encode() + b"\n"],
+    [TUTORIAL_EVENTS[0].encode() + b"\r\n", TUTORIAL_EVENTS[1].encode() + b"\n"],
     [b'quote " and backslash \\ key=va"l\\ue\n',
      b"not UTF-8 \xff\xfe key=\xc3(\n",
      b"ESC \x1b[31m BEL \x07 key=v\r\n",

@@ -1,7 +1,7 @@
 """The tutorial's listener, unchanged but for its address: the baseline.
 
 4096-byte recv, buff += data, split and print per event, one peer at a time.
-Run as: python3 guide_listener.py HOST PORT
+Run as: python3 tutorial_listener.py HOST PORT
 """
 
 import socket
