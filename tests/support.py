@@ -23,6 +23,12 @@ TIMEOUT = 15.0
 
 sys.path.insert(0, str(ROOT))
 
+# A suite started in the background (cmd &, nohup, some CI runners) inherits
+# SIGINT ignored, and so would every script it starts: then the tests' Ctrl+C
+# would do nothing.  A handler, unlike SIG_IGN, is reset by exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # The tutorial's four example events, from its output section.
 # flake8: noqa: E501
 TUTORIAL_EVENTS = [
