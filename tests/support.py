@@ -77,6 +77,18 @@ def user_env() -> dict:
     return env
 
 
+def run_sender(*args: str, stdin: bytes = b"", timeout: float = TIMEOUT):
+    """Run the sender to its end; return the completed process."""
+    return subprocess.run([sys.executable, str(SENDER), *args], input=stdin,
+                          capture_output=True, timeout=timeout,
+                          env=user_env())
+
+
+def address(server) -> str:
+    """Return a test server's address as --connect takes it."""
+    return "%s:%d" % server.address
+
+
 def require_tool(test: unittest.TestCase, name: str) -> str:
     """Return the tool's path; skip without it, fail without it under CI."""
     # Daemons live in sbin, which a CI job's PATH may leave out.

@@ -166,22 +166,27 @@ class ReconnectTest(unittest.TestCase):
         duplicates = sum(map(len, runs)) - len(seen)
         self.assertLessEqual(duplicates, resent, err)
 
-    def test_listener_stopped_and_restarted_loses_nothing(self):
+    def stream_through_outages(self, outages: int, stop, batch: int,
+                               seen: int) -> tuple:
+        """Stream numbered events with --reconnect into a listener that
+        stop(listener) ends outages times, each time started again on the
+        same port OUTAGE seconds later; return its outputs, how many events
+        went in, the sender's stderr and the port."""
         listener = Listener("-f", "raw")
         port = listener.address[1]
         outputs = []
         try:
             with start_sender(port) as sender:
-                feeder = Feeder(sender)
-                for _ in range(3):
-                    listener.wait_stdout(3000)
-                    self.assertEqual(listener.stop(signal.SIGTERM), 0)
+                feeder = Feeder(sender, batch=batch)
+                for _ in range(outages):
+                    listener.wait_stdout(seen)
+                    stop(listener)
                     outputs.append(bytes(listener.out))
                     listener.close()
                     time.sleep(OUTAGE)
                     listener = Listener("-f", "raw", listen="127.0.0.1:%d"
                                         % port)
-                listener.wait_stdout(3000)
+                listener.wait_stdout(seen)
                 total = feeder.finish()
                 sender.proc.stdin.close()
                 self.assertEqual(sender.finish(), 0, sender.stderr_text)
@@ -194,6 +199,13 @@ class ReconnectTest(unittest.TestCase):
             listener.close()
         err = sender.stderr_text
         self.assertNotIn("Traceback", err)
+        return outputs, total, err, port
+
+    def test_listener_stopped_and_restarted_loses_nothing(self):
+        def stop(listener):
+            self.assertEqual(listener.stop(signal.SIGTERM), 0)
+        outputs, total, err, port = self.stream_through_outages(3, stop, 500,
+                                                                3000)
         # One pair of lines per outage, warnings that -q would keep.
         # Closed by the peer, mostly; reset if a send raced its close.
         lost = re.findall(r"(?m)^warning: connection to 127\.0\.0\.1:%d "
@@ -211,41 +223,18 @@ class ReconnectTest(unittest.TestCase):
     def test_listener_killed_loses_at_most_its_receive_buffer(self):
         # What the dead listener's kernel acknowledged but nobody read is
         # gone, and no sender can know which events those were: TCP's limit.
-        bound = receive_buffer_bound()
-        listener = Listener("-f", "raw")
-        port = listener.address[1]
-        outputs = []
-        try:
-            with start_sender(port) as sender:
-                feeder = Feeder(sender, batch=2000)
-                for _ in range(2):
-                    listener.wait_stdout(20000)
-                    # Stopped first, it holds a full receive buffer when it
-                    # dies, and the sender unacknowledged events to resend.
-                    listener.signal(signal.SIGSTOP)
-                    time.sleep(0.3)
-                    listener.signal(signal.SIGKILL)
-                    listener.finish()
-                    outputs.append(bytes(listener.out))
-                    listener.close()
-                    time.sleep(OUTAGE)
-                    listener = Listener("-f", "raw", listen="127.0.0.1:%d"
-                                        % port)
-                listener.wait_stdout(20000)
-                total = feeder.finish()
-                sender.proc.stdin.close()
-                self.assertEqual(sender.finish(), 0, sender.stderr_text)
-                last = EVENT % (total - 1)
-                listener.wait_for(lambda: last in listener.out,
-                                  BACKLOG_TIMEOUT, "the last event")
-                self.assertEqual(listener.stop(), 0)
-                outputs.append(bytes(listener.out))
-        finally:
-            listener.close()
-        err = sender.stderr_text
-        self.assertNotIn("Traceback", err)
+        def kill(listener):
+            # Stopped first, it holds a full receive buffer when it dies,
+            # and the sender unacknowledged events to resend.
+            listener.signal(signal.SIGSTOP)
+            time.sleep(0.3)
+            listener.signal(signal.SIGKILL)
+            listener.finish()
+        outputs, total, err, _ = self.stream_through_outages(2, kill, 2000,
+                                                             20000)
         self.assertRegex(err, r"; 2 reconnects, [\d,]+ events? resent\n$")
-        self.check_outputs(outputs, total, err, gap_bytes=bound)
+        self.check_outputs(outputs, total, err,
+                           gap_bytes=receive_buffer_bound())
 
     def test_a_peer_that_stops_reading_is_left_after_the_timeout(self):
         with Listener("-f", "json") as listener:
@@ -316,7 +305,7 @@ class ReconnectTest(unittest.TestCase):
                 write_all(fd, events(number * per_round,
                                      (number + 1) * per_round))
                 last = EVENT % ((number + 1) * per_round - 1)
-                peer.wait_for(lambda: last in peer.connections[-1],
+                peer.wait_for(lambda: peer.received(last),
                               "round %d" % number)
                 peer.reset(number + 1)
             sender.proc.stdin.close()
@@ -377,7 +366,7 @@ class ReconnectTest(unittest.TestCase):
                 write_all(fd, events(number * per_round,
                                      (number + 1) * per_round))
                 last = EVENT % ((number + 1) * per_round - 1)
-                peer.wait_for(lambda: last in peer.connections[-1],
+                peer.wait_for(lambda: peer.received(last),
                               "round %d" % number)
                 if number == 4:
                     warm = rss_kib(sender.proc.pid)
@@ -477,6 +466,10 @@ class ResettingPeer:
             with self.cond:
                 self.closed += 1
                 self.cond.notify_all()
+
+    def received(self, data: bytes) -> bool:
+        """Say whether the latest connection, if one came yet, has data."""
+        return bool(self.connections) and data in self.connections[-1]
 
     def reset(self, count: int) -> None:
         """Reset the current connection, the count-th reset so far."""

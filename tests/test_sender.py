@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import unittest
 
 from fake_cybertrace import FakeCyberTrace, INDICATORS, read_flags
-from support import SENDER, TIMEOUT, Listener, reset, user_env, wait_until
+from support import TIMEOUT, Listener, address, reset, run_sender, wait_until
 
 import send_events_cybertrace as sec
-
-
-def run_sender(*args: str, stdin: bytes = b"", timeout: float = TIMEOUT):
-    """Run the sender to its end; return the completed process."""
-    return subprocess.run([sys.executable, str(SENDER), *args], input=stdin,
-                          capture_output=True, timeout=timeout,
-                          env=user_env())
-
-
-def address(server) -> str:
-    return "%s:%d" % server.address
 
 
 class Sink:

@@ -14,7 +14,7 @@ import time
 import unittest
 
 from fake_cybertrace import FakeCyberTrace
-from support import SENDER, TIMEOUT, user_env
+from support import SENDER, TIMEOUT, address, run_sender, user_env
 from test_sender import Sink
 
 try:
@@ -26,17 +26,6 @@ except ImportError:  # not a POSIX system: no pseudo-terminals
 
 NOTICE = (b"Reading events from the terminal, one per line; Ctrl+D to send "
           b"and finish")
-
-
-def run_sender(*args: str, stdin: bytes = b"", timeout: float = TIMEOUT):
-    """Run the sender to its end; return the completed process."""
-    return subprocess.run([sys.executable, str(SENDER), *args], input=stdin,
-                          capture_output=True, timeout=timeout,
-                          env=user_env())
-
-
-def address(server) -> str:
-    return "%s:%d" % server.address
 
 
 class Server:
