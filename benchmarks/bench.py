@@ -3,14 +3,15 @@
 
 Peers side by side on the same data: nc -l, socat, the tutorial's listener,
 syslog-ng (raw lines, and kv-parser + format-json) and the listener in each
-format; then the listener over 1, 8 and 64 connections with two kinds of
-sender (sendfile, as a C relay streams a file, and sendall from memory, as
-a Python sender does).  Every receiver runs as a user runs it (output to a
-file, no PYTHONUNBUFFERED) and is timed from the first byte sent until its
-output reaches full size; its CPU time comes from /proc/PID/stat.  One
-warm-up, then rounds in alternating order, each round's ratios printed, the
-median reported.  Prints Markdown tables (the README's) and each target as
-met or missed; exit status 1 if one is missed.
+format; then the listener over 1, 8 and 64 connections with three kinds of
+sender (sendfile, as a C relay streams a file; sendall from memory, as a
+Python sender does; one nc -N per connection, as users pipe files).  Every
+receiver runs as a user runs it (output to a file, no PYTHONUNBUFFERED) and
+is timed from the first byte sent until its output reaches full size; its
+CPU time comes from /proc/PID/stat.  One warm-up, then rounds in
+alternating order, each round's ratios printed, the median reported.
+Prints Markdown tables (the README's) and each target as met or missed;
+exit status 1 if one is missed.
 
     python3 benchmarks/bench.py            # 500,000 events, 5 rounds
     python3 benchmarks/bench.py --quick    # 100,000 events, 2 rounds
@@ -52,6 +53,7 @@ from peers import SyslogNg, find_tool, user_env  # noqa: E402
 TUTORIAL_SLACK = 8192
 POLL = 0.001
 CONNECTIONS = (1, 8, 64)
+# nc joins them when it can be had (main): users pipe files into it.
 SENDERS = ("sendfile", "sendall")
 FORMATS = ("raw", "text", "json")
 FLOOD_PEERS = 512
@@ -766,6 +768,9 @@ def main(argv: list | None = None) -> int:
              "syslog-ng": SyslogNg.fetch(missing)}
     for problem in missing.values():
         print("bench: %s; left out." % problem, file=sys.stderr)
+    if tools["nc"]:
+        global SENDERS
+        SENDERS += ("nc",)
     print("Generating %s events..." % "{:,}".format(count), file=sys.stderr)
     data = make_events(count)
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:

@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Send files over one connection each, all at once, for the benchmark.
 
-    python3 send_parts.py sendfile|sendall PORT FILE...
+    python3 send_parts.py sendfile|sendall|nc PORT FILE...
 
 Connects every connection first, prints "ready", then waits for a line on
 stdin before sending, so that the benchmark's clock starts with the first
 byte, not with this interpreter's start.  sendfile hands each file to the
-kernel (as nc, socat or a C relay would stream it); sendall sends it from
-memory in one call (as a Python sender would).  Exit 0 once all is sent.
+kernel (as socat or a C relay would stream it); sendall sends it from
+memory in one call (as a Python sender would); nc starts one `nc -N` per
+file once told to go (it connects then: a few milliseconds more, as when
+users pipe files into nc).  Exit 0 once all is sent.
 """
 
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 
@@ -24,8 +28,22 @@ def send_all(sock: socket.socket, data: bytes) -> None:
     sock.sendall(data)
 
 
+def run_nc(port: int, paths: list) -> int:
+    nc = shutil.which("nc")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    procs = []
+    for path in paths:
+        with open(path, "rb") as f:
+            procs.append(subprocess.Popen([nc, "-N", "127.0.0.1", str(port)],
+                                          stdin=f))
+    return max(proc.wait() for proc in procs)
+
+
 def main() -> int:
     mode, port, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    if mode == "nc":
+        return run_nc(port, paths)
     sockets = [socket.create_connection(("127.0.0.1", port), timeout=600)
                for _ in paths]
     if mode == "sendfile":
