@@ -7,16 +7,18 @@ Connects every connection first, prints "ready", then waits for a line on
 stdin before sending, so that the benchmark's clock starts with the first
 byte, not with this interpreter's start.  sendfile hands each file to the
 kernel (as socat or a C relay would stream it); sendall sends it from
-memory in one call (as a Python sender would); nc starts one `nc -N` per
-file once told to go (it connects then: a few milliseconds more, as when
-users pipe files into nc).  Exit 0 once all is sent.
+memory in one call (as a Python sender would); nc runs one `nc -N` per
+file, fed through a pipe as `cat FILE | nc -N` would.  Exit 0 once all is
+sent.
 """
 
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 
 def send_file(sock: socket.socket, path: str) -> None:
@@ -28,15 +30,51 @@ def send_all(sock: socket.socket, data: bytes) -> None:
     sock.sendall(data)
 
 
+def connected_to(port: int) -> int:
+    """Return how many established connections this host has to port."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and \
+                        fields[3] == "01":
+                    count += 1
+    return count
+
+
+def pipe_file(path: str, pipe: int) -> None:
+    """Move a file into a pipe without copying it through this process."""
+    with open(path, "rb") as f:
+        while os.splice(f.fileno(), pipe, 1 << 20):
+            pass
+    os.close(pipe)
+
+
 def run_nc(port: int, paths: list) -> int:
-    nc = shutil.which("nc")
+    # As `cat file | nc -N`: each nc connects at once and then reads its
+    # pipe, which this process fills with splice() once told to go.
+    procs, pipes = [], []
+    for _ in paths:
+        read_end, write_end = os.pipe()
+        procs.append(subprocess.Popen(
+            [shutil.which("nc"), "-N", "127.0.0.1", str(port)],
+            stdin=read_end))
+        os.close(read_end)
+        pipes.append(write_end)
+    deadline = time.monotonic() + 60
+    while connected_to(port) < len(paths):
+        if time.monotonic() > deadline:
+            raise SystemExit("send_parts: nc did not connect")
+        time.sleep(0.01)
     print("ready", flush=True)
     sys.stdin.readline()
-    procs = []
-    for path in paths:
-        with open(path, "rb") as f:
-            procs.append(subprocess.Popen([nc, "-N", "127.0.0.1", str(port)],
-                                          stdin=f))
+    threads = [threading.Thread(target=pipe_file, args=(path, pipe))
+               for path, pipe in zip(paths, pipes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return max(proc.wait() for proc in procs)
 
 
