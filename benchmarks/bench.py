@@ -2,8 +2,9 @@
 """Measure the listener beside what a user would pick instead, in one run.
 
 Peers side by side on the same data: nc -l, socat, the tutorial's listener,
-syslog-ng (raw lines, and kv-parser + format-json) and the listener in each
-format; then the listener over 1, 8 and 64 connections with three kinds of
+syslog-ng (raw lines, and kv-parser + format-json), a bare Python loop that
+only receives and writes, and the listener in each format; then the
+listener and the bare loop over 1, 8 and 64 connections with three kinds of
 sender (sendfile, as a C relay streams a file; sendall from memory, as a
 Python sender does; one nc -N per connection, as users pipe files).  Every
 receiver runs as a user runs it (output to a file, no PYTHONUNBUFFERED) and
@@ -42,6 +43,7 @@ ROOT = os.path.dirname(HERE)
 LISTENER = os.path.join(ROOT, "listen_events_cybertrace.py")
 SENDER = os.path.join(ROOT, "send_events_cybertrace.py")
 TUTORIAL = os.path.join(HERE, "tutorial_listener.py")
+BARE = os.path.join(HERE, "bare_receiver.py")
 SEND_PARTS = os.path.join(HERE, "send_parts.py")
 sys.path.insert(0, ROOT)
 
@@ -263,6 +265,7 @@ def receivers(tools: dict, python: str) -> list:
         for fmt in ("raw", "json"):
             found.append(Receiver("syslog-ng " + fmt, fmt=fmt,
                                   syslog_ng=tools["syslog-ng"]))
+    found.append(Receiver("bare loop", [python, BARE, "127.0.0.1", "PORT"]))
     for fmt in FORMATS:
         found.append(Receiver("listener " + fmt, ours + [fmt], fmt))
     return found
@@ -383,10 +386,12 @@ def check_output(receiver: Receiver, out_path: str, parts: list,
 
 # Each ratio's two runs follow each other, so that both meet the same load
 # from whatever else the machine runs.
-PEER_ORDER = ("nc -l", "listener raw", "syslog-ng raw", "socat", "tutorial",
-              "listener text", "syslog-ng json", "listener json")
+PEER_ORDER = ("nc -l", "listener raw", "bare loop", "syslog-ng raw", "socat",
+              "tutorial", "listener text", "syslog-ng json", "listener json")
 SHOWN_ORDER = ("nc -l", "socat", "tutorial", "syslog-ng raw", "syslog-ng json",
-               "listener raw", "listener text", "listener json")
+               "bare loop", "listener raw", "listener text", "listener json")
+# Over several connections: the listener, and the floor under it.
+SCALED = ("bare loop", "listener raw", "listener text", "listener json")
 
 
 def plan(found: list) -> list:
@@ -394,7 +399,7 @@ def plan(found: list) -> list:
     runs = [(receiver, "sendfile", 1, "peers") for receiver in
             sorted(found, key=lambda r: PEER_ORDER.index(r.name))]
     for receiver in found:
-        if receiver.name.startswith("listener"):
+        if receiver.name in SCALED:
             for sender in SENDERS:
                 for conns in CONNECTIONS:
                     runs.append((receiver, sender, conns, "connections"))
@@ -431,12 +436,13 @@ def round_ratios(results: dict, number: int) -> list:
         a, b = (name, "sendfile", 1, "peers"), (base, "sendfile", 1, "peers")
         if a in results and b in results:
             out.append((label, ratio(results, a, b)[number]))
-    for fmt in FORMATS:
+    for name in SCALED:
         for sender in SENDERS:
             for conns in CONNECTION_TARGETS:
-                a = ("listener " + fmt, sender, conns, "connections")
-                b = ("listener " + fmt, sender, 1, "connections")
-                out.append(("%s %s %d/1" % (fmt, sender, conns),
+                a = (name, sender, conns, "connections")
+                b = (name, sender, 1, "connections")
+                out.append(("%s %s %d/1" % (name.replace("listener ", ""),
+                                            sender, conns),
                             ratio(results, a, b)[number]))
     return out
 
@@ -653,15 +659,15 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
             median([r.cpu for r in runs]), " | ".join(cells),
             max(r.rss_kib for r in runs) / 1024))
     out("")
-    out("The listener over several connections (events/s with the "
-        "receiver's CPU time, and throughput against one connection with "
-        "the same sender):")
+    out("The listener over several connections, and the bare loop (no "
+        "work but recv_into and write) as the floor under it: events/s with "
+        "the receiver's CPU time, and throughput against one connection "
+        "with the same sender:")
     out("")
-    out("| format | sender | 1 connection | 8 connections | 8 vs 1 "
+    out("| receiver | sender | 1 connection | 8 connections | 8 vs 1 "
         "| 64 connections | 64 vs 1 |")
     out("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for fmt in FORMATS:
-        name = "listener " + fmt
+    for name in SCALED:
         for sender in SENDERS:
             cells = []
             for conns in CONNECTIONS:
@@ -673,7 +679,7 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
                     per = ratio(results, (name, sender, conns, "connections"),
                                 (name, sender, 1, "connections"))
                     cells.append("%.2f (%s)" % (median(per), each(per)))
-            out("| %s | %s | %s |" % (fmt, sender, " | ".join(cells)))
+            out("| %s | %s | %s |" % (name, sender, " | ".join(cells)))
     out("")
     out("| also measured | |")
     out("| --- | --- |")
