@@ -528,7 +528,9 @@ def format_bytes(number: int) -> str:
     return "%s %s" % ("{:,.1f}".format(size), unit)
 
 
-def _argument(convert, name):
+def argument_type(convert: Callable, name: str) -> Callable:
+    """Make convert an argparse type whose ValueError reads as plain words:
+    "argument -n/--count: abc: not a whole number"."""
     def parse(text):
         try:
             return convert(text)
@@ -538,7 +540,7 @@ def _argument(convert, name):
     return parse
 
 
-def _number(kind, text: str):
+def parse_number(kind, text: str):
     """Convert text to an int or a finite float, in words when it fails."""
     # Python's own words ("invalid literal for int() with base 10") are
     # meant for programmers.
@@ -552,9 +554,10 @@ def _number(kind, text: str):
     return value
 
 
-def _positive(kind):
+def positive(kind: type) -> Callable:
+    """Return a converter to kind (int or float) that takes only > 0."""
     def convert(text):
-        value = _number(kind, text)
+        value = parse_number(kind, text)
         if not value > 0:
             raise ValueError("must be greater than 0")
         return value
@@ -576,9 +579,20 @@ def _file_name(text: str) -> str:
     return text
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose bad-argument error is one line, as every other error.
+
+    The usage block argparse prints first would push the line that says
+    what is wrong off a small console; --help has it.
+    """
+
+    def error(self, message: str):
+        self.exit(2, "%s: error: %s\n" % (self.prog, message))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Listen for events from Kaspersky CyberTrace (set its "
         "OutputSettings > ConnectionString to this address) and print them: "
         "events to stdout, status to stderr.",
@@ -590,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--count not reached before --timeout), 2 on bad arguments.")
     parser.add_argument(
         "-l", "--listen", metavar="ADDR:PORT",
-        type=_argument(parse_address, "address"),
+        type=argument_type(parse_address, "address"),
         default=(LISTEN_ADDR, LISTEN_PORT),
         help="address to listen on, as in CyberTrace's ConnectionString: "
         "192.0.2.105:9998, [::1]:9998, a host name, or a bare PORT; port 0 "
@@ -608,11 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(not on Windows)")
     parser.add_argument(
         "--allow", metavar="CIDR", action="append",
-        type=_argument(_network, "network"),
+        type=argument_type(_network, "network"),
         help="accept connections only from this network (repeatable), "
         "e.g. 192.0.2.0/24 or ::1; others are closed and counted")
     parser.add_argument(
-        "--max-connections", metavar="N", type=_argument(_positive(int), "N"),
+        "--max-connections", metavar="N", type=argument_type(positive(int), "N"),
         default=MAX_CONNECTIONS,
         help="connections served at once; more wait in the kernel's queue "
         "until one closes (default: %d; on Windows at most %d, all that "
@@ -620,33 +634,33 @@ def build_parser() -> argparse.ArgumentParser:
                                      WINDOWS_SELECT_SOCKETS - 2))
     parser.add_argument(
         "--idle-timeout", metavar="SECONDS",
-        type=_argument(_positive(float), "seconds"),
+        type=argument_type(positive(float), "seconds"),
         help="close a connection that sends nothing for SECONDS "
         "(default: never)")
     parser.add_argument(
-        "--max-event-bytes", metavar="N", type=_argument(_positive(int), "N"),
+        "--max-event-bytes", metavar="N", type=argument_type(positive(int), "N"),
         default=MAX_EVENT_BYTES,
         help="split a longer event into pieces of at most N bytes, each "
         "printed as an event, with a warning (default: %d)" % MAX_EVENT_BYTES)
     parser.add_argument(
         "--max-buffer-bytes", metavar="N",
-        type=_argument(_positive(int), "N"), default=MAX_BUFFER_BYTES,
+        type=argument_type(positive(int), "N"), default=MAX_BUFFER_BYTES,
         help="hold at most N bytes of unfinished events (no newline yet) "
         "across all connections; past it, the largest are printed in "
         "pieces, with a warning, as --max-event-bytes does; this keeps "
         "memory bounded whatever peers send (default: %d, 64 MiB)"
         % MAX_BUFFER_BYTES)
     parser.add_argument(
-        "-n", "--count", metavar="N", type=_argument(_positive(int), "N"),
+        "-n", "--count", metavar="N", type=argument_type(positive(int), "N"),
         help="stop after N events (exit 0)")
     parser.add_argument(
         "-t", "--timeout", metavar="SECONDS",
-        type=_argument(_positive(float), "seconds"),
+        type=argument_type(positive(float), "seconds"),
         help="stop after SECONDS (exit 0; exit 1 if --count was given and "
         "not reached)")
     parser.add_argument(
         "--stats", metavar="SECONDS",
-        type=_argument(_positive(float), "seconds"),
+        type=argument_type(positive(float), "seconds"),
         help="print a status line with the counters (events, bytes, events/s, "
         "open connections) every SECONDS, for logs; even with -q. SIGUSR1 "
         "prints one at once (not on Windows)")

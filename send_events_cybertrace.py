@@ -28,11 +28,11 @@ import time
 from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional
 
 from listen_events_cybertrace import (
-    LISTEN_ADDR, LISTEN_PORT, EmbeddedListener, EventFramer, UserError,
-    chunk_receive, format_address, format_bytes, format_count,
-    format_duration, format_raw, keep_freed_memory, parse_address,
-    parse_fields, parse_response, plural,
-    split_lines, _argument, _positive, __version__)
+    LISTEN_ADDR, LISTEN_PORT, EmbeddedListener, EventFramer, OneLineParser,
+    UserError, argument_type, chunk_receive, format_address, format_bytes,
+    format_count, format_duration, format_raw, keep_freed_memory,
+    parse_address, parse_fields, parse_response, plural, positive,
+    split_lines, __version__)
 
 try:
     from fcntl import ioctl
@@ -1431,7 +1431,7 @@ def diagnose(args: argparse.Namespace, arrivals: Arrivals, probe: Probe,
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     default = format_address(CYBERTRACE_ADDR, CYBERTRACE_PORT)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Send events to Kaspersky CyberTrace's input port, one "
         "line per event. With no FILE, --event or --demo, read stdin. "
         "--check ADDR:PORT runs the lab check instead: it listens at ADDR:PORT"
@@ -1452,13 +1452,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-e", "--event", action="append", metavar="TEXT",
                         help="send TEXT as an event (repeatable)")
     parser.add_argument("--demo", action="store_true",
-                        help="send one event per test indicator that "
-                        "CyberTrace always detects (http://fakess123.nu, "
-                        "192.0.2.1, 776735A8CA96DB15B422879DA599F474, ...)")
+                        help="send one event per test indicator of "
+                        "Kaspersky's test records (http://fakess123.nu, "
+                        "192.0.2.1, 776735A8CA96DB15B422879DA599F474 and 14 "
+                        "more); the demo feeds detect 3 of them, the full "
+                        "feeds all 17")
     parser.add_argument(
         "-c", "--connect", metavar="ADDR:PORT", default=(CYBERTRACE_ADDR,
                                                          CYBERTRACE_PORT),
-        type=_argument(lambda text: parse_address(text, CYBERTRACE_ADDR),
+        type=argument_type(lambda text: parse_address(text, CYBERTRACE_ADDR),
                        "address"),
         help="CyberTrace's input address (InputSettings > ConnectionString)"
         ": 192.0.2.10:9999, [::1]:9999 or a bare PORT (default: %s)"
@@ -1473,7 +1475,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="check that CyberTrace is up: exit 0 on PONG")
     mode.add_argument(
         "--check", metavar="ADDR:PORT",
-        type=_argument(lambda text: parse_address(text, LISTEN_ADDR),
+        type=argument_type(lambda text: parse_address(text, LISTEN_ADDR),
                        "address"),
         help="the lab check: listen at ADDR:PORT (CyberTrace's OutputSettings"
         " > ConnectionString, same syntax as the listener's --listen: 9998 "
@@ -1485,7 +1487,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "indicators came back (the demo feeds detect 3)")
     parser.add_argument(
         "-t", "--timeout", metavar="SECONDS",
-        type=_argument(_positive(float), "seconds"),
+        type=argument_type(positive(float), "seconds"),
         help="give up when connecting, sending or waiting for an answer "
         "stalls this long (default: %g); with --check, how long to wait for "
         "the detections, all included (default: %g)"
@@ -1502,10 +1504,10 @@ def build_parser() -> argparse.ArgumentParser:
         "send buffer's worth of bytes are resent. Input is not read while "
         "disconnected. Not with --ping, --reply-back or --check")
     parser.add_argument("--rate", metavar="EPS",
-                        type=_argument(_positive(float), "EPS"),
+                        type=argument_type(positive(float), "EPS"),
                         help="send at most EPS events per second")
     parser.add_argument("--repeat", metavar="N", default=1,
-                        type=_argument(_positive(int), "N"),
+                        type=argument_type(positive(int), "N"),
                         help="send the input N times")
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import os
 import re
 import select
 import signal
@@ -300,8 +301,11 @@ class FakeCyberTrace:
                                         type=socket.SOCK_STREAM)[0][0]
             return socket.create_server(address, family=family, backlog=128)
         except OSError as exc:
+            # create_server adds the address, in Python's notation, to the
+            # system's words: say only the latter, after our own address.
             raise lec.UserError("cannot listen on %s: %s" % (
-                lec.format_address(*address), exc.strerror or exc))
+                lec.format_address(*address),
+                os.strerror(exc.errno) if exc.errno else exc))
 
     def accept_loop(self) -> None:
         while True:
@@ -329,7 +333,8 @@ class FakeCyberTrace:
             record[0] = flags
             if PING in flags:
                 sock.sendall(self.pong)
-                self.status("%s: PING, answered %r" % (peer, self.pong))
+                self.status("%s: PING, answered %s" % (
+                    peer, self.pong.decode("ascii", "backslashreplace")))
                 return
             events, found = self.serve_events(sock, flags, rest, record[1])
             self.status("%s%s: %s, %s" % (
@@ -427,26 +432,8 @@ class FakeCyberTrace:
         self.close()
 
 
-def converter(convert: Callable, name: str) -> Callable:
-    """Make convert an argparse type whose errors read as usage errors."""
-    def parse(text: str):
-        try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError("%s: %s" % (text, exc))
-    parse.__name__ = name
-    return parse
-
-
-def seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be greater than 0")
-    return value
-
-
 def retries(text: str) -> int:
-    value = int(text)
+    value = lec.parse_number(int, text)
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
@@ -454,8 +441,8 @@ def retries(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
-    address = converter(lec.parse_address, "address")
-    parser = argparse.ArgumentParser(
+    address = lec.argument_type(lec.parse_address, "address")
+    parser = lec.OneLineParser(
         description="A stand-in for Kaspersky CyberTrace: takes events on "
         "its input port, detects Kaspersky's test indicators in them and "
         "delivers the detections to its output address, as CyberTrace does. "
@@ -491,12 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
         "alert and the detection of an event nobody here sent (192.0.2.10), "
         "as a busy site would")
     parser.add_argument(
-        "--retries", metavar="N", type=converter(retries, "N"),
+        "--retries", metavar="N", type=lec.argument_type(retries, "N"),
         default=RETRIES, help="try a failed delivery again N times "
         "(default: %d)" % RETRIES)
     parser.add_argument(
         "--retry-interval", metavar="SECONDS",
-        type=converter(seconds, "seconds"),
+        type=lec.argument_type(lec.positive(float),
+                                   "seconds"),
         default=RETRY_INTERVAL,
         help="between tries (default: %g)" % RETRY_INTERVAL)
     parser.set_defaults(feeds="demo")

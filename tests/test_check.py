@@ -404,7 +404,8 @@ class StandInTest(unittest.TestCase):
                                   capture_output=True, timeout=TIMEOUT)
         self.assertEqual(proc.returncode, 1)
         self.assertRegex(proc.stderr.decode(), r"^\S+: error: cannot listen "
-                                               r"on 127\.0\.0\.1:\d+: ")
+                                               r"on 127\.0\.0\.1:\d+: Address "
+                                               r"already in use\n$")
 
     def test_alert_at_start_detections_in_the_default_template(self):
         with Listener("-f", "raw") as listener, \
@@ -431,6 +432,7 @@ class StandInTest(unittest.TestCase):
             proc, _ = run_check("--ping", "-c", str(stand_in.port))
             self.assertEqual(proc.returncode, 0, proc.stderr)
             self.assertIn(b"PONG", proc.stderr)
+            stand_in.wait_stderr(r"127\.0\.0\.1:\d+: PING, answered PONG\n")
             proc, _ = run_check("--demo", "--reply-back", "-c",
                                 str(stand_in.port))
             self.assertEqual(proc.returncode, 0, proc.stderr)

@@ -415,7 +415,8 @@ class UserErrorTest(unittest.TestCase):
         self.assertEqual(code, status, err)
         self.assertEqual(out, "")
         self.assertNotIn("Traceback", err)
-        self.assertRegex(err.strip().splitlines()[-1], pattern)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertRegex(err, pattern)
         return err
 
     def test_port_in_use(self):
