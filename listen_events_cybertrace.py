@@ -613,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-f", "--format", choices=FORMATS, default="text",
         help="text: 'Received:' lines, as Kaspersky's tutorial prints them; "
-        "raw: one event per line, nothing else; json: JSON Lines with time, peer, event and its "
-        "key=value fields (default: text)")
+        "raw: one event per line, nothing else; json: JSON Lines with "
+        "time, peer, event and its key=value fields (default: text)")
     parser.add_argument(
         "-o", "--output", metavar="FILE",
         type=_file_name,
@@ -626,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept connections only from this network (repeatable), "
         "e.g. 192.0.2.0/24 or ::1; others are closed and counted")
     parser.add_argument(
-        "--max-connections", metavar="N", type=argument_type(positive(int), "N"),
+        "--max-connections", metavar="N",
+        type=argument_type(positive(int), "N"),
         default=MAX_CONNECTIONS,
         help="connections served at once; more wait in the kernel's queue "
         "until one closes (default: %d; on Windows at most %d, all that "
@@ -638,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a connection that sends nothing for SECONDS "
         "(default: never)")
     parser.add_argument(
-        "--max-event-bytes", metavar="N", type=argument_type(positive(int), "N"),
+        "--max-event-bytes", metavar="N",
+        type=argument_type(positive(int), "N"),
         default=MAX_EVENT_BYTES,
         help="split a longer event into pieces of at most N bytes, each "
         "printed as an event, with a warning (default: %d)" % MAX_EVENT_BYTES)
@@ -1339,8 +1341,9 @@ class Listener:
         self.selector.unregister(conn.sock)
         del self.connections[conn.sock]
         conn.sock.close()
-        self.status("Closed %s%s: %s" % (conn.peer, " (%s)" % why if why
-                                         else "", plural(conn.events, "event")))
+        self.status("Closed %s%s: %s" % (
+            conn.peer, " (%s)" % why if why else "",
+            plural(conn.events, "event")))
         self.resume_accepting()
 
     def close_idle(self, now: float) -> None:

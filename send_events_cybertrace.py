@@ -1511,8 +1511,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send the input N times")
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true",
-                      help="print each event to stderr as Kaspersky's tutorial does "
-                      "('Sending:' then the event)")
+                      help="print each event to stderr as Kaspersky's "
+                      "tutorial does ('Sending:' then the event)")
     talk.add_argument("-q", "--quiet", action="store_true",
                       help="print nothing but errors and warnings")
     parser.add_argument("--version", action="version",

@@ -1,9 +1,9 @@
 """A receiver that does no work: the floor under the listener's numbers.
 
-One selectors loop, recv_into the listener's 512 KiB buffer, write what came to stdout;
-no framing, no counting, no formats.  Whatever it loses going from one
-connection to several is the kernel's and the machine's, not the
-listener's.  Run as: python3 bare_receiver.py HOST PORT
+One selectors loop, recv_into a buffer of the listener's size, write what
+came to stdout; no framing, no counting, no formats.  Whatever it loses
+going from one connection to several is the kernel's and the machine's,
+not the listener's.  Run as: python3 bare_receiver.py HOST PORT
 """
 
 import os

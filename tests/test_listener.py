@@ -32,7 +32,8 @@ class TutorialOutputTest(unittest.TestCase):
     def test_tutorial_events_print_exactly_as_the_tutorial_shows(self):
         with Listener() as listener:
             with listener.connect() as sock:
-                sock.sendall("".join(e + "\n" for e in TUTORIAL_EVENTS).encode())
+                sock.sendall("".join(e + "\n" for e in TUTORIAL_EVENTS)
+                             .encode())
                 port = sock.getsockname()[1]
             listener.wait_stdout(8)
             listener.wait_stderr("Closed")
@@ -202,14 +203,16 @@ class ConcurrencyTest(unittest.TestCase):
 class FormatTest(unittest.TestCase):
     def test_json_lines_carry_time_peer_event_and_fields(self):
         with Listener("-f", "json") as listener, listener.connect() as sock:
-            sock.sendall("".join(e + "\n" for e in TUTORIAL_EVENTS[:2]).encode()
+            sock.sendall("".join(e + "\n" for e in TUTORIAL_EVENTS[:2])
+                         .encode()
                          + b"Apr 16 09:05:41 alert=KL_ALERT_UpdatedFeed "
                          b"feed=Phishing_URL_Data_Feed.json records=200473\n")
             listener.wait_stdout(3)
             records = [json.loads(line) for line in
                        bytes(listener.out).splitlines()]
             port = sock.getsockname()[1]
-        self.assertEqual([r["event"] for r in records[:2]], TUTORIAL_EVENTS[:2])
+        self.assertEqual([r["event"] for r in records[:2]],
+                         TUTORIAL_EVENTS[:2])
         for record in records:
             self.assertEqual(record["peer"], "127.0.0.1:%d" % port)
             self.assertRegex(record["time"],

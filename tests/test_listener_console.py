@@ -59,9 +59,9 @@ class Terminal:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError("timed out waiting for %r on the "
-                                         "terminal; it shows %r" % (
-                                             pattern, bytes(self.data[-2000:])))
+                    raise AssertionError(
+                        "timed out waiting for %r on the terminal; it shows %r"
+                        % (pattern, bytes(self.data[-2000:])))
                 self.cond.wait(min(left, 0.05))
 
     def release(self) -> None:
@@ -286,8 +286,8 @@ class StatsTest(unittest.TestCase):
             sock.sendall(b"one\ntwo\nthree\n")
             listener.wait_stdout(3)
             listener.wait_for(lambda: len(re.findall(
-                r"Stats after \S+ s: 3 events, 14 bytes received, [\d,]+/s over "
-                r"the last \S+ s, 1 connection open\n",
+                r"Stats after \S+ s: 3 events, 14 bytes received, [\d,]+/s "
+                r"over the last \S+ s, 1 connection open\n",
                 listener.stderr_text)) >= 2, what="two stats lines")
 
     @unittest.skipUnless(hasattr(signal, "SIGUSR1"), "no SIGUSR1")

@@ -252,9 +252,9 @@ class ErrorTest(unittest.TestCase):
         with Sink("reset") as sink:
             proc = run_sender("-c", address(sink), "--repeat", "50",
                               stdin=b"event with some padding\n" * 10000)
-        self.assert_error(proc, r"error: connection to 127\.0\.0\.1:\d+ lost:"
-                                r" .* \([\d,]+ events sent, [\d,]+ acknowledged "
-                                r"by the peer\)")
+        self.assert_error(proc, r"error: connection to 127\.0\.0\.1:\d+ "
+                                r"lost: .* \([\d,]+ events sent, [\d,]+ "
+                                r"acknowledged by the peer\)")
 
     def test_a_peer_that_stops_reading_times_out_with_a_count(self):
         with Sink("stall") as sink:

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 from pathlib import Path
 
@@ -45,7 +44,8 @@ SLOW_SEND = ["-e", "slow event", "--repeat", "1000", "--rate", "20"]
 # backslashes for JSON, non-ASCII text, a long event, and a last event
 # without its newline.
 PEERS = [
-    [TUTORIAL_EVENTS[0].encode() + b"\r\n", TUTORIAL_EVENTS[1].encode() + b"\n"],
+    [TUTORIAL_EVENTS[0].encode() + b"\r\n",
+     TUTORIAL_EVENTS[1].encode() + b"\n"],
     [b'quote " and backslash \\ key=va"l\\ue\n',
      b"not UTF-8 \xff\xfe key=\xc3(\n",
      b"ESC \x1b[31m BEL \x07 key=v\r\n",
