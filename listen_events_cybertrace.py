@@ -5,12 +5,28 @@ CyberTrace connects to this listener (its OutputSettings > ConnectionString)
 and sends detection events and service alerts, each ending with a newline.
 Every event is printed whole, as it arrives; nothing a peer sends can stop
 the listener, and Ctrl+C or SIGTERM first writes out what was received.
+
+The file, top to bottom:
+
+- Shared: what send_events_cybertrace.py and fake_cybertrace.py import
+  (framing, fields, escaping, addresses, numbers in words, command-line
+  pieces, the live status line, the embedded listener of the lab check).
+- Formats: raw, text and JSON Lines (JsonFormatter and its plans).
+- Output: where events go (Output) and the sink that counts them.
+- Console: status lines on stderr, the live line and --stats.
+- Settings and the command line.
+- Peers: who is let in (Admission), each peer's reading (Connection), the
+  memory of unfinished events (BufferBudget), socket set-up.
+- Listener: the loop, its timers and signals, the drain on stop.
+- main().
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
+import functools
 import io
 import ipaddress
 import json
@@ -21,6 +37,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Callable, Iterator, Optional
 
@@ -76,11 +93,11 @@ OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE,
                       getattr(errno, "WSAEMFILE", errno.EMFILE))
 
 
+# --- Shared with send_events_cybertrace.py and fake_cybertrace.py -----------
+
 class UserError(Exception):
     """An error the user can fix; printed as one line, exit status 1."""
 
-
-# --- Framing, shared with send_events_cybertrace.py -------------------------
 
 class EventFramer:
     """Cut a byte stream into events at b"\\n", holding at most one event.
@@ -219,20 +236,31 @@ def chunk_receive(connection: socket.socket) -> Iterator[bytes]:
         yield data
 
 
+def receive_blocks(connection: socket.socket, first: bytes = b"",
+                   max_event_bytes: int = MAX_EVENT_BYTES) -> Iterator[bytes]:
+    """Yield blocks of whole events (bytes) until the peer closes; first
+    is what was already read from the connection."""
+    framer = EventFramer(max_event_bytes)
+    chunks = chunk_receive(connection)
+    if first:
+        block = framer.feed(first)
+        if block:
+            yield bytes(block)
+    for data in chunks:
+        block = framer.feed(data)
+        if block:
+            yield bytes(block)
+    block = framer.close()
+    if block:
+        yield block
+
+
 def parse_response(connection: socket.socket,
                    max_event_bytes: int = MAX_EVENT_BYTES) -> Iterator[bytes]:
     """Yield each event received on the connection, without its newline."""
-    framer = EventFramer(max_event_bytes)
-    for data in chunk_receive(connection):
-        block = bytes(framer.feed(data))
-        if block:
-            yield from block[:-1].split(b"\n")
-    block = framer.close()
-    if block:
+    for block in receive_blocks(connection, max_event_bytes=max_event_bytes):
         yield from block[:-1].split(b"\n")
 
-
-# --- Fields -----------------------------------------------------------------
 
 # A key starts the line or follows a space or "|", and ends at "=".
 # White space is ASCII's only, so that text and bytes (the JSON fast path)
@@ -262,8 +290,6 @@ def parse_fields(event: str) -> dict:
     return fields
 
 
-# --- Output formats ---------------------------------------------------------
-
 def _control_escapes() -> dict:
     """Map characters that steer a terminal to visible escapes."""
     table = {}
@@ -276,15 +302,333 @@ def _control_escapes() -> dict:
 
 
 _TERMINAL_ESCAPES = _control_escapes()
-_JSON_TERMINAL_ESCAPES = {code: "\\u%04x" % code
-                          for code in [*range(0x7F, 0xA0), 0x2028, 0x2029,
-                                       *range(0x202A, 0x202F),
-                                       *range(0x2066, 0x206A)]}
 
 
 def to_text(block) -> str:
     """Decode a block, showing bytes that are not UTF-8 as \\xNN escapes."""
     return bytes(block).decode("utf-8", "backslashreplace")
+
+
+def escape_controls(text: str) -> str:
+    """Show the characters that steer a terminal (ESC, BEL, C1 codes,
+    bidirectional overrides) as visible escapes, so text is safe to print."""
+    return text.translate(_TERMINAL_ESCAPES)
+
+
+def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
+    """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
+    text = text.strip()
+    if text.isdigit():
+        host, port = default_host, text
+    elif text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError("expected [IPv6]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected ADDR:PORT")
+        if ":" in host:
+            raise ValueError("put an IPv6 address in brackets: [ADDR]:PORT")
+        host = host or default_host
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError("port must be a number from 0 to 65535")
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    """Return host and port as a ConnectionString, IPv6 in brackets."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def format_peer(address: tuple) -> str:
+    """Return a socket address (from accept or getpeername) as a
+    ConnectionString: 127.0.0.1:41882, [::1]:41882."""
+    return format_address(peer_host(address[0]), address[1])
+
+
+def peer_host(host: str) -> str:
+    """Return a peer's host as people know it."""
+    # An IPv4 peer of a dual-stack [::] socket comes as ::ffff:a.b.c.d;
+    # people know it, and CyberTrace's settings name it, as a.b.c.d.
+    if host.lower().startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def format_count(number: int) -> str:
+    """Return number with thousands separators: 1,204."""
+    return "{:,}".format(number)
+
+
+def plural(number: int, word: str, words: Optional[str] = None) -> str:
+    """Return "1 event" or "1,204 events" (words: an irregular plural)."""
+    if number == 1:
+        return "1 " + word
+    return "%s %s" % (format_count(number), words or word + "s")
+
+
+def format_bytes(number: int) -> str:
+    """Return a size as people read it: 245 bytes, 530.2 KiB, 1.5 GiB."""
+    if number < 1024:
+        return plural(number, "byte")
+    size = float(number)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    # 1023.96 KiB would round up to "1024.0 KiB": say 1.0 MiB instead.
+    if round(size, 1) >= 1024 and unit != "TiB":
+        size /= 1024
+        unit = {"KiB": "MiB", "MiB": "GiB", "GiB": "TiB"}[unit]
+    return "%s %s" % ("{:,.1f}".format(size), unit)
+
+
+def format_duration(seconds: float) -> str:
+    """Return a duration as H:MM:SS, or as seconds below a minute."""
+    if seconds < 60:
+        return "%.1f s" % seconds if seconds < 10 else "%d s" % seconds
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return "%d:%02d:%02d" % (hours, minutes, secs)
+
+
+def format_progress(events: int, size: int, rate: float) -> str:
+    """Return the head of a live line: events, bytes and events a second."""
+    return "%s  %s  %s/s" % (plural(events, "event"), format_bytes(size),
+                             format_count(int(round(rate))))
+
+
+def argument_type(convert: Callable, name: str) -> Callable:
+    """Make convert an argparse type whose ValueError reads as plain words:
+    "argument -n/--count: abc: not a whole number"."""
+    def parse(text):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError("%s: %s" % (text, exc)) from None
+    parse.__name__ = name
+    return parse
+
+
+def parse_number(kind, text: str):
+    """Convert text to an int or a finite float, in words when it fails."""
+    # Python's own words ("invalid literal for int() with base 10") are
+    # meant for programmers.
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError("not a whole number" if kind is int
+                         else "not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("not a finite number")
+    return value
+
+
+def positive(kind: type) -> Callable:
+    """Return a converter to kind (int or float) that takes only > 0."""
+    def convert(text):
+        value = parse_number(kind, text)
+        if not value > 0:
+            raise ValueError("must be greater than 0")
+        return value
+    return convert
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose bad-argument error is one line, as every other error.
+
+    The usage block argparse prints first would push the line that says
+    what is wrong off a small console; --help has it.
+    """
+
+    def error(self, message: str):
+        self.exit(2, "%s: error: %s\n" % (self.prog, message))
+
+
+class LiveLine:
+    """One status line on a terminal that rewrites itself in place, as pv's
+    does; any other line first clears it, so it never mixes with them.
+
+    write(text) puts text on the terminal; a subclass may write elsewhere.
+    Safe to use from several threads.
+    """
+
+    # Columns blanked beyond the line when it is cleared: a terminal echoes
+    # ^C after it, and that must go too where Ctrl+C ends the program.
+    margin = 0
+
+    def __init__(self, live: bool = False) -> None:
+        self.live = live
+        self.shown = ""  # the line now on the screen
+        self.width = 80
+        self.lock = threading.RLock()
+
+    @staticmethod
+    def on_stderr() -> bool:
+        """Tell whether stderr is a terminal a person watches."""
+        try:
+            return sys.stderr is not None and os.isatty(sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def write(self, text: str) -> None:
+        # With stderr closed (2>&-), print(file=None) would go to stdout.
+        if sys.stderr is None:
+            return
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def show(self, text: str) -> None:
+        """Rewrite the live line with text, cut to the terminal's width."""
+        if not self.live:
+            return
+        try:
+            self.width = os.get_terminal_size(sys.stderr.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            pass
+        # A line that wraps could no longer be rewritten with \r.
+        text = text[:self.width - 1 if self.width > 1 else 79]
+        with self.lock:
+            if text != self.shown:
+                # Spaces, not an ANSI erase: every console understands them.
+                gone = len(self.shown) - len(text)
+                self.shown = text
+                self.write("\r" + text + " " * gone + "\b" * max(gone, 0))
+
+    def clear(self) -> None:
+        with self.lock:
+            if self.shown:
+                blank = min(len(self.shown) + self.margin, self.width - 1)
+                self.shown = ""
+                self.write("\r" + " " * blank + "\r")
+
+    def line(self, message: str) -> None:
+        """Print a line on a line of its own, above the live line."""
+        with self.lock:
+            self.clear()
+            self.write(message + "\n")
+
+
+class RateMeter:
+    """Events per second over the last few samples (about a second)."""
+
+    def __init__(self, now: float, samples: int = 5) -> None:
+        self.samples = [(now, 0)]
+        self.keep = samples
+
+    def rate(self, now: float, count: int) -> float:
+        """Add a sample; return the rate since the oldest one kept."""
+        self.samples.append((now, count))
+        del self.samples[:-self.keep]
+        then, before = self.samples[0]
+        return (count - before) / (now - then) if now > then else 0.0
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to reuse freed memory rather than return it to the kernel."""
+    # Every batch allocates and frees a few hundred KiB.  By default glibc
+    # gives such blocks back to the kernel at once, and taking them again
+    # costs a page fault per 4 KiB: a fifth of the time of a text batch.
+    # Memory stays bounded: the batches are.
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return  # not glibc (musl): nothing to tune
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, ValueError, OSError, ImportError):
+        # No os.confstr (Windows), no such name (macOS), or no ctypes.
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_trim_threshold, 16 << 20)
+    mallopt(m_mmap_threshold, 16 << 20)
+
+
+def silence_stdout() -> None:
+    """Point stdout at the null device once its reader went away (| head),
+    so that nothing more is written there, at exit neither."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+class EmbeddedListener:
+    """A quiet listener inside another program (the sender's --check).
+
+    Same framing and connection handling as the command line's; each block
+    of whole events (bytes, one b"\\n" each) goes to take(block) instead of
+    stdout.  serve() runs it (in a thread of the owner's), stop() ends
+    serve() from any thread, close() frees its sockets.
+    """
+
+    def __init__(self, address: tuple,
+                 take: Callable[[bytes], None]) -> None:
+        settings = Settings(listen=address, format="raw", quiet=True)
+        self.listener = Listener(settings, Handover(take))
+        # Its owner stops it once it has what it waited for: a moment's
+        # quiet then tells that nothing more is on its way.
+        self.listener.drain_seconds = 0.5
+        self.listener.drain_quiet_seconds = 0.05
+        # The loop already wakes for signal numbers on a socket: stop() uses
+        # the same way in, so serve() needs no second one.
+        self.waker = socket.socketpair()
+        for sock in self.waker:
+            sock.setblocking(False)
+        self.listener.watch_signals(self.waker[0])
+
+    def bind(self) -> str:
+        """Listen; return the address, as a ConnectionString."""
+        self.listener.bind()
+        return format_address(*self.listener.server.getsockname()[:2])
+
+    def serve(self) -> None:
+        self.listener.serve()
+
+    @property
+    def accepted(self) -> int:
+        """How many connections it took."""
+        return self.listener.admission.accepted
+
+    def stop(self) -> None:
+        """Make serve() write out what arrived and return, from any thread."""
+        try:
+            self.waker[1].send(bytes([signal.SIGTERM]))
+        except OSError:
+            pass  # a full socket already holds a wake-up
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.waker:
+            sock.close()
+
+
+# --- Formats ------------------------------------------------------------------
+#
+# Each takes a block of whole events and returns the bytes to write:
+# format(block, lines, peer, when, terminal), lines being the block's events
+# with their b"\n", terminal whether the output is one a person watches.
+
+def format_raw(block, lines: list, peer: str, when: float,
+               terminal: bool):
+    """Write each event on one line as received (escaped on a terminal)."""
+    if terminal:
+        return escape_controls(to_text(block)).encode("utf-8")
+    return block
+
+
+def format_text(block, lines: list, peer: str, when: float,
+                terminal: bool) -> bytes:
+    """Write each event as the tutorial does: "Received:", then the event."""
+    if terminal:
+        lines = split_lines(escape_controls(to_text(block)).encode("utf-8"))
+    out = b"Received:\n".join([b""] + lines)
+    if terminal or valid_utf8(out):
+        return out
+    return format_text(block, split_lines(to_text(block).encode("utf-8")),
+                       peer, when, terminal)
 
 
 def valid_utf8(data: bytes) -> bool:
@@ -298,35 +642,32 @@ def valid_utf8(data: bytes) -> bool:
     return True
 
 
-def format_raw(block, lines: list, peer: str, when: float,
-               terminal: bool):
-    """Write each event on one line as received (escaped on a terminal)."""
-    if terminal:
-        return to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8")
-    return block
-
-
-def format_text(block, lines: list, peer: str, when: float,
-                terminal: bool) -> bytes:
-    """Write each event as the tutorial does: "Received:", then the event."""
-    if terminal:
-        lines = split_lines(
-            to_text(block).translate(_TERMINAL_ESCAPES).encode("utf-8"))
-    out = b"Received:\n".join([b""] + lines)
-    if terminal or valid_utf8(out):
-        return out
-    return format_text(block, split_lines(to_text(block).encode("utf-8")),
-                       peer, when, terminal)
-
-
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                                 check_circular=False).encode
+# JSON escapes C0 controls itself; these others steer a terminal too.
+_JSON_TERMINAL_ESCAPES = {code: "\\u%04x" % code
+                          for code in [*range(0x7F, 0xA0), 0x2028, 0x2029,
+                                       *range(0x202A, 0x202F),
+                                       *range(0x2066, 0x206A)]}
+_FIELD_SPLIT_BYTES = re.compile(rb"(?:^|[ |])([^\s|=]+)=")
+_CONTROLS = bytes(range(0x20)).replace(b"\n", b"")
 
 
 def iso_time(when: float) -> str:
     """Return when as ISO 8601 UTC with milliseconds."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + \
         ".%03dZ" % (int(when * 1000) % 1000)
+
+
+def has_controls(data: bytes) -> bool:
+    """Tell whether data holds a control character other than b"\\n"."""
+    return len(data.translate(None, _CONTROLS)) != len(data)
+
+
+def json_line(event: str, stamp: str, peer: str) -> bytes:
+    """Format one event the general way, for what no plan fits."""
+    return (_encode_json({"time": stamp, "peer": peer, "event": event,
+                          "fields": parse_fields(event)}) + "\n").encode()
 
 
 class JsonPlan:
@@ -391,177 +732,315 @@ class JsonPlan:
         return cls(event)
 
 
-_FIELD_SPLIT_BYTES = re.compile(rb"(?:^|[ |])([^\s|=]+)=")
-_CONTROLS = bytes(range(0x20)).replace(b"\n", b"")
-_json_plans = {}
-PLANS_PER_BATCH = 4
+class JsonFormatter:
+    """Write one JSON object per event: time, peer, event and fields.
+
+    Events of a known template go through its compiled plan (JsonPlan);
+    the rest through json.  Plans are kept by the number of "=" in their
+    template, which is quick to count.
+    """
+
+    # A few new plans per batch at most: a stream of ever-new shapes costs
+    # a few regular expressions per batch, not one per event.
+    plans_per_batch = 4
+    max_counts = 256
+
+    def __init__(self) -> None:
+        self.plans = {}
+
+    def format(self, block, lines: list, peer: str, when: float,
+               terminal: bool) -> bytes:
+        """Format a block of events received from peer at when."""
+        stamp = iso_time(when)
+        data = bytes(block)
+        if terminal or not valid_utf8(data):
+            out = "".join(json_line(event, stamp, peer).decode() for event
+                          in to_text(data)[:-1].split("\n"))
+            if terminal:
+                out = out.translate(_JSON_TERMINAL_ESCAPES)
+            return out.encode("utf-8")
+        # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
+        # second formatting.
+        head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
+        batch = object()
+        out = []
+        plans_left = self.plans_per_batch
+        clean = not has_controls(data) and b'"' not in data and \
+            b"\\" not in data
+        for original in lines:
+            line = original
+            if not clean:
+                if has_controls(line):
+                    out.append(json_line(line[:-1].decode(), stamp, peer))
+                    continue
+                if b'"' in line or b"\\" in line:
+                    line = line.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+            for plan in self.plans.get(line.count(b"="), ()):
+                found = plan.match(line)
+                if found is not None:
+                    if plan.batch is not batch:
+                        plan.batch, plan.format = batch, plan.template % head
+                    out.append(plan.format % plan.values(found))
+                    break
+            else:
+                if plans_left:
+                    plans_left -= 1
+                    self.learn(line)
+                out.append(json_line(original[:-1].decode(), stamp, peer))
+        return b"".join(out)
+
+    def learn(self, line: bytes) -> None:
+        """Build a plan for line's template, if one can serve it."""
+        plan = JsonPlan.build(line)
+        if plan is not None:
+            if len(self.plans) > self.max_counts:
+                self.plans.clear()
+            self.plans.setdefault(line.count(b"="), []).insert(0, plan)
 
 
-def has_controls(data: bytes) -> bool:
-    """Tell whether data holds a control character other than b"\\n"."""
-    return len(data.translate(None, _CONTROLS)) != len(data)
+format_json = JsonFormatter().format
 
 
-def json_line(event: str, stamp: str, peer: str) -> bytes:
-    """Format one event the general way, for what no plan fits."""
-    return (_encode_json({"time": stamp, "peer": peer, "event": event,
-                          "fields": parse_fields(event)}) + "\n").encode()
+def formatter(name: str) -> Callable:
+    """Return the format function for a --format name."""
+    if name == "json":
+        return JsonFormatter().format
+    return {"raw": format_raw, "text": format_text}[name]
 
 
-def format_json(block, lines: list, peer: str, when: float,
-                terminal: bool) -> bytes:
-    """Write one JSON object per event: time, peer, event and fields."""
-    stamp = iso_time(when)
-    data = bytes(block)
-    if terminal or not valid_utf8(data):
-        out = "".join(json_line(event, stamp, peer).decode() for event in
-                      to_text(data)[:-1].split("\n"))
-        if terminal:
-            out = out.translate(_JSON_TERMINAL_ESCAPES)
-        return out.encode("utf-8")
-    # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
-    # second formatting.
-    head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
-    batch = object()
-    out = []
-    plans_left = PLANS_PER_BATCH
-    clean = not has_controls(data) and b'"' not in data and b"\\" not in data
-    for original in lines:
-        line = original
-        if not clean:
-            if has_controls(line):
-                out.append(json_line(line[:-1].decode(), stamp, peer))
-                continue
-            if b'"' in line or b"\\" in line:
-                line = line.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
-        for plan in _json_plans.get(line.count(b"="), ()):
-            found = plan.match(line)
-            if found is not None:
-                if plan.batch is not batch:
-                    plan.batch, plan.format = batch, plan.template % head
-                out.append(plan.format % plan.values(found))
-                break
-        else:
-            # A few new plans per batch at most: a stream of ever-new shapes
-            # costs a few regular expressions per batch, not one per event.
-            if plans_left:
-                plans_left -= 1
-                plan = JsonPlan.build(line)
-                if plan is not None:
-                    if len(_json_plans) > 256:
-                        _json_plans.clear()
-                    _json_plans.setdefault(line.count(b"="), []).insert(
-                        0, plan)
-            out.append(json_line(original[:-1].decode(), stamp, peer))
-    return b"".join(out)
+# --- Output -------------------------------------------------------------------
 
+class Output:
+    """Write whole batches to stdout or to a file that SIGHUP reopens."""
 
-FORMATTERS = {"raw": format_raw, "text": format_text, "json": format_json}
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        # fd 1 itself: sys.stdout is None when the shell closed it (>&-).
+        self.fd = self._open() if path else binary_stdout()
+        self.terminal = os.isatty(self.fd)
+        # A Windows console shows UTF-8 only through sys.stdout, which
+        # writes wide characters; os.write would use its code page.
+        self.console = None
+        if os.name == "nt" and self.terminal and not path:
+            self.console = getattr(sys.stdout, "buffer", None)
 
-
-# --- Command line -----------------------------------------------------------
-
-def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
-    """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
-    text = text.strip()
-    if text.isdigit():
-        host, port = default_host, text
-    elif text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep or not host:
-            raise ValueError("expected [IPv6]:PORT")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            raise ValueError("expected ADDR:PORT")
-        if ":" in host:
-            raise ValueError("put an IPv6 address in brackets: [ADDR]:PORT")
-        host = host or default_host
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError("port must be a number from 0 to 65535")
-    return host, int(port)
-
-
-def format_address(host: str, port: int) -> str:
-    """Return host and port as a ConnectionString, IPv6 in brackets."""
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-
-
-def format_peer(address: tuple) -> str:
-    """Return a socket address (from accept or getpeername) as a
-    ConnectionString: 127.0.0.1:41882, [::1]:41882."""
-    host = address[0]
-    # An IPv4 peer of a dual-stack [::] socket comes as ::ffff:a.b.c.d;
-    # people know it, and CyberTrace's settings name it, as a.b.c.d.
-    if host.lower().startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return format_address(host, address[1])
-
-
-# --- Numbers for people ------------------------------------------------------
-
-def format_count(number: int) -> str:
-    """Return number with thousands separators: 1,204."""
-    return "{:,}".format(number)
-
-
-def plural(number: int, word: str, words: Optional[str] = None) -> str:
-    """Return "1 event" or "1,204 events" (words: an irregular plural)."""
-    if number == 1:
-        return "1 " + word
-    return "%s %s" % (format_count(number), words or word + "s")
-
-
-def format_bytes(number: int) -> str:
-    """Return a size as people read it: 245 bytes, 530.2 KiB, 1.5 GiB."""
-    if number < 1024:
-        return plural(number, "byte")
-    size = float(number)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        size /= 1024
-        if size < 1024 or unit == "TiB":
-            break
-    # 1023.96 KiB would round up to "1024.0 KiB": say 1.0 MiB instead.
-    if round(size, 1) >= 1024 and unit != "TiB":
-        size /= 1024
-        unit = {"KiB": "MiB", "MiB": "GiB", "GiB": "TiB"}[unit]
-    return "%s %s" % ("{:,.1f}".format(size), unit)
-
-
-def argument_type(convert: Callable, name: str) -> Callable:
-    """Make convert an argparse type whose ValueError reads as plain words:
-    "argument -n/--count: abc: not a whole number"."""
-    def parse(text):
+    def _open(self) -> int:
+        # O_BINARY: on Windows, a file opened without it gets "\r\n".
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | \
+            getattr(os, "O_BINARY", 0)
         try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError("%s: %s" % (text, exc)) from None
-    parse.__name__ = name
-    return parse
+            return os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise UserError("cannot open %s: %s" % (self.path, exc.strerror))
+
+    def reopen(self) -> bool:
+        """Open the file anew (after logrotate); keep the old one if not."""
+        if self.path:
+            try:
+                fd = self._open()
+            except UserError:
+                return False
+            os.close(self.fd)
+            self.fd = fd
+        return True
+
+    def write(self, data: bytes) -> None:
+        if self.console is not None:
+            try:
+                self.console.write(data)
+                self.console.flush()
+            except OSError as exc:
+                raise UserError("cannot write to stdout: %s" % exc.strerror)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                raise UserError("cannot write to %s: %s" % (
+                    self.path or "stdout", exc.strerror))
+            view = view[written:]
+
+    def close(self) -> None:
+        if self.path:
+            os.close(self.fd)
 
 
-def parse_number(kind, text: str):
-    """Convert text to an int or a finite float, in words when it fails."""
-    # Python's own words ("invalid literal for int() with base 10") are
-    # meant for programmers.
+def binary_stdout() -> int:
+    """Return fd 1, set to write bytes as they are (no "\\r\\n" on Windows)."""
     try:
-        value = kind(text)
-    except ValueError:
-        raise ValueError("not a whole number" if kind is int
-                         else "not a number") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError("not a finite number")
-    return value
+        import msvcrt
+        msvcrt.setmode(1, os.O_BINARY)
+    except (ImportError, OSError):
+        pass  # not Windows (always binary), or no stdout at all
+    return 1
 
 
-def positive(kind: type) -> Callable:
-    """Return a converter to kind (int or float) that takes only > 0."""
-    def convert(text):
-        value = parse_number(kind, text)
-        if not value > 0:
-            raise ValueError("must be greater than 0")
-        return value
-    return convert
+class Handover:
+    """The Output of an EmbeddedListener: blocks go to a function."""
+
+    path = None
+    terminal = False
+
+    def __init__(self, take: Callable[[bytes], None]) -> None:
+        self.take = take
+
+    def write(self, data) -> None:
+        self.take(bytes(data))
+
+    def reopen(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class EventSink:
+    """Count, format and write blocks of events; stop at --count."""
+
+    def __init__(self, settings: Settings, output, console: Console) -> None:
+        self.output = output
+        self.console = console
+        self.format = formatter(settings.format)
+        self.limit = settings.count
+        self.events = 0
+        # Events received beyond --count: read, but not written.
+        self.unwritten = 0
+
+    def full(self) -> bool:
+        """Tell whether --count events were written."""
+        return bool(self.limit) and self.events >= self.limit
+
+    def emit(self, block, peer: str) -> int:
+        """Format and write a block of events from peer at once; return
+        how many of its events were written."""
+        lines = split_lines(block)
+        if self.full():
+            self.unwritten += len(lines)
+            return 0
+        if self.limit and self.events + len(lines) >= self.limit:
+            self.unwritten += len(lines) - (self.limit - self.events)
+            del lines[self.limit - self.events:]
+            block = b"".join(lines)
+        self.events += len(lines)
+        if self.console.shown and self.output.terminal:
+            self.console.clear()
+        self.output.write(self.format(block, lines, peer, time.time(),
+                                      self.output.terminal))
+        return len(lines)
+
+
+# --- Console ------------------------------------------------------------------
+
+class Console(LiveLine):
+    """Write status lines to stderr, and on a terminal one live line.
+
+    Events written to the same terminal clear the live line first too;
+    stdout never sees it.
+    """
+
+    def __init__(self, quiet: bool = False, live: bool = False) -> None:
+        super().__init__(live)
+        self.quiet = quiet
+
+    @classmethod
+    def for_stderr(cls, quiet: bool) -> "Console":
+        """Show a live line only where a person watches stderr."""
+        return cls(quiet, not quiet and cls.on_stderr())
+
+    def status(self, message: str) -> None:
+        """Print a status line, unless quiet."""
+        if not self.quiet:
+            self.line(message)
+
+    def warn(self, message: str) -> None:
+        """Print a warning, even when quiet."""
+        self.line("warning: " + message)
+
+
+class Stats:
+    """Report the counters: live on a terminal, every --stats SECONDS, and
+    at once on SIGUSR1 (as dd does).
+
+    The serving loop only calls tick() when due comes, on the wake-ups it
+    has anyway; counters() returns (events, bytes, open connections).
+    """
+
+    def __init__(self, counters: Callable[[], tuple], console: Console,
+                 every: Optional[float] = None) -> None:
+        now = time.monotonic()
+        self.counters = counters
+        self.console = console
+        self.started = now
+        self.every = every
+        self.next_line = now + every if every else float("inf")
+        self.next_draw = now + LIVE_SECONDS if console.live else float("inf")
+        self.due = self._due()
+        self.meter = RateMeter(now)
+        self.last_line = (now, 0)
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_draw:
+            self.draw(now)
+            self.next_draw = now + LIVE_SECONDS
+        if now >= self.next_line:
+            self.print_line(now)
+            self.next_line = max(self.next_line + self.every, now)
+        self.due = self._due()
+
+    def _due(self) -> Optional[float]:
+        """Return when tick() is next needed; None for never."""
+        due = min(self.next_line, self.next_draw)
+        return None if due == float("inf") else due
+
+    def draw(self, now: float) -> None:
+        events, size, connections = self.counters()
+        self.console.show("%s  %s open  %s" % (
+            format_progress(events, size, self.meter.rate(now, events)),
+            plural(connections, "connection"),
+            format_duration(now - self.started)))
+
+    def print_line(self, now: Optional[float] = None) -> None:
+        """Print the counters as an ordinary line (for logs)."""
+        now = time.monotonic() if now is None else now
+        events, size, connections = self.counters()
+        since, before = self.last_line
+        self.last_line = (now, events)
+        rate = (events - before) / (now - since) if now > since else 0.0
+        self.console.line("Stats after %s: %s, %s received, %s/s over the "
+                          "last %s, %s open" % (
+                              format_duration(now - self.started),
+                              plural(events, "event"), format_bytes(size),
+                              format_count(round(rate)),
+                              format_duration(now - since),
+                              plural(connections, "connection")))
+
+
+# --- Settings and the command line ----------------------------------------------
+
+@dataclasses.dataclass
+class Settings:
+    """What the listener does, from its command line or its embedder."""
+
+    listen: tuple = (LISTEN_ADDR, LISTEN_PORT)
+    format: str = "text"
+    output: Optional[str] = None
+    allow: Optional[list] = None
+    max_connections: int = MAX_CONNECTIONS
+    idle_timeout: Optional[float] = None
+    max_event_bytes: int = MAX_EVENT_BYTES
+    max_buffer_bytes: int = MAX_BUFFER_BYTES
+    count: Optional[int] = None
+    timeout: Optional[float] = None
+    stats: Optional[float] = None
+    quiet: bool = False
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> "Settings":
+        return cls(**{field.name: getattr(args, field.name)
+                      for field in dataclasses.fields(cls)})
 
 
 def _network(text: str):
@@ -577,17 +1056,6 @@ def _file_name(text: str) -> str:
         # An empty name is a slip (an unset shell variable), not stdout.
         raise argparse.ArgumentTypeError("empty file name")
     return text
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose bad-argument error is one line, as every other error.
-
-    The usage block argparse prints first would push the line that says
-    what is wrong off a small console; --help has it.
-    """
-
-    def error(self, message: str):
-        self.exit(2, "%s: error: %s\n" % (self.prog, message))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -674,222 +1142,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- The server -------------------------------------------------------------
+# --- Peers --------------------------------------------------------------------
 
-class Output:
-    """Write whole batches to stdout or to a file that SIGHUP reopens."""
+class Admission:
+    """Decide which peers are served: --allow, and how many at once."""
 
-    def __init__(self, path: Optional[str]) -> None:
-        self.path = path
-        # fd 1 itself: sys.stdout is None when the shell closed it (>&-).
-        self.fd = self._open() if path else binary_stdout()
-        self.terminal = os.isatty(self.fd)
-        # A Windows console shows UTF-8 only through sys.stdout, which
-        # writes wide characters; os.write would use its code page.
-        self.console = None
-        if os.name == "nt" and self.terminal and not path:
-            self.console = getattr(sys.stdout, "buffer", None)
-
-    def _open(self) -> int:
-        # O_BINARY: on Windows, a file opened without it gets "\r\n".
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | \
-            getattr(os, "O_BINARY", 0)
-        try:
-            return os.open(self.path, flags, 0o644)
-        except OSError as exc:
-            raise UserError("cannot open %s: %s" % (self.path, exc.strerror))
-
-    def reopen(self) -> bool:
-        """Open the file anew (after logrotate); keep the old one if not."""
-        if self.path:
-            try:
-                fd = self._open()
-            except UserError:
-                return False
-            os.close(self.fd)
-            self.fd = fd
-        return True
-
-    def write(self, data: bytes) -> None:
-        if self.console is not None:
-            try:
-                self.console.write(data)
-                self.console.flush()
-            except OSError as exc:
-                raise UserError("cannot write to stdout: %s" % exc.strerror)
-            return
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.write(self.fd, view)
-            except BrokenPipeError:
-                raise
-            except OSError as exc:
-                raise UserError("cannot write to %s: %s" % (
-                    self.path or "stdout", exc.strerror))
-            view = view[written:]
-
-    def close(self) -> None:
-        if self.path:
-            os.close(self.fd)
-
-
-def binary_stdout() -> int:
-    """Return fd 1, set to write bytes as they are (no "\\r\\n" on Windows)."""
-    try:
-        import msvcrt
-        msvcrt.setmode(1, os.O_BINARY)
-    except (ImportError, OSError):
-        pass  # not Windows (always binary), or no stdout at all
-    return 1
-
-
-class Console:
-    """Write status lines to stderr, and on a terminal one live line.
-
-    The live line rewrites itself in place, as pv's does; any other line,
-    and events written to a terminal, first clear it, so it never mixes
-    with them.  stdout never sees it.
-    """
-
-    def __init__(self, quiet: bool = False, live: bool = False) -> None:
-        self.quiet = quiet
-        self.live = live
-        self.shown = ""  # the live line now on the screen
-
-    @classmethod
-    def for_stderr(cls, quiet: bool) -> "Console":
-        """Show a live line only where a person watches stderr."""
-        try:
-            live = not quiet and sys.stderr is not None and \
-                os.isatty(sys.stderr.fileno())
-        except (OSError, ValueError, AttributeError):
-            live = False
-        return cls(quiet, live)
-
-    def write(self, text: str) -> None:
-        # With stderr closed (2>&-), print(file=None) would go to stdout.
-        if sys.stderr is None:
-            return
-        try:
-            sys.stderr.write(text)
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-
-    def line(self, message: str) -> None:
-        """Print a line even with -q (errors, warnings, asked-for stats)."""
-        self.clear()
-        self.write(message + "\n")
-
-    def status(self, message: str) -> None:
-        if not self.quiet:
-            self.line(message)
-
-    def warn(self, message: str) -> None:
-        self.line("warning: " + message)
-
-    def show(self, text: str) -> None:
-        """Rewrite the live line with text, cut to the terminal's width."""
-        if not self.live:
-            return
-        try:
-            # A line that wraps could no longer be rewritten with \r.
-            width = os.get_terminal_size(sys.stderr.fileno()).columns - 1
-        except (OSError, ValueError, AttributeError):
-            width = 0
-        text = text[:width if width > 0 else 79]  # 0: size unknown
-        if text != self.shown:
-            # Spaces, not an ANSI erase: every console understands them.
-            gone = len(self.shown) - len(text)
-            self.shown = text
-            self.write("\r" + text + " " * gone + "\b" * max(gone, 0))
-
-    def clear(self) -> None:
-        if self.shown:
-            self.write("\r" + " " * len(self.shown) + "\r")
-            self.shown = ""
-
-
-class Stats:
-    """Report the counters: live on a terminal, every --stats SECONDS, and
-    at once on SIGUSR1 (as dd does).
-
-    The serving loop only calls tick() when due comes, on the wake-ups it
-    has anyway; the counters are the listener's own.
-    """
-
-    def __init__(self, listener: "Listener", console: Console,
-                 every: Optional[float] = None) -> None:
-        now = time.monotonic()
-        self.listener = listener
+    def __init__(self, settings: Settings, console: Console) -> None:
+        self.allow = settings.allow
+        self.max_connections = settings.max_connections
         self.console = console
-        self.started = now
-        self.every = every
-        self.next_line = now + every if every else float("inf")
-        self.next_draw = now + LIVE_SECONDS if console.live else float("inf")
-        self.due = self._due()
-        # (time, events) of the last few draws: the live rate is over ~1 s.
-        self.samples = [(now, 0)]
-        self.last_line = (now, 0)
+        self.accepted = self.rejected = 0
 
-    def tick(self, now: float) -> None:
-        if now >= self.next_draw:
-            self.draw(now)
-            self.next_draw = now + LIVE_SECONDS
-        if now >= self.next_line:
-            self.print_line(now)
-            self.next_line = max(self.next_line + self.every, now)
-        self.due = self._due()
+    def allowed(self, host: str) -> bool:
+        """Tell whether a peer from host may connect (--allow)."""
+        if not self.allow:
+            return True
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.allow)
 
-    def _due(self) -> Optional[float]:
-        """Return when tick() is next needed; None for never."""
-        due = min(self.next_line, self.next_draw)
-        return None if due == float("inf") else due
+    def full(self, open_connections: int) -> bool:
+        return open_connections >= self.max_connections
 
-    def draw(self, now: float) -> None:
-        listener = self.listener
-        self.samples.append((now, listener.events))
-        del self.samples[:-5]
-        since, events = self.samples[0]
-        rate = (listener.events - events) / (now - since) if now > since \
-            else 0.0
-        self.console.show("%s  %s  %s/s  %s open  %s" % (
-            plural(listener.events, "event"), format_bytes(listener.bytes),
-            format_count(round(rate)),
-            plural(len(listener.connections), "connection"),
-            format_duration(now - self.started)))
+    def reject(self, address: tuple) -> None:
+        """Count a peer outside --allow, and say so."""
+        self.rejected += 1
+        self.console.status("Rejected connection from " + format_peer(address))
 
-    def print_line(self, now: Optional[float] = None) -> None:
-        """Print the counters as an ordinary line (for logs)."""
-        now = time.monotonic() if now is None else now
-        listener = self.listener
-        since, events = self.last_line
-        self.last_line = (now, listener.events)
-        rate = (listener.events - events) / (now - since) if now > since \
-            else 0.0
-        self.console.line("Stats after %s: %s, %s received, %s/s over the "
-                          "last %s, %s open" % (
-                              format_duration(now - self.started),
-                              plural(listener.events, "event"),
-                              format_bytes(listener.bytes),
-                              format_count(round(rate)),
-                              format_duration(now - since),
-                              plural(len(listener.connections),
-                                     "connection")))
+    def out_of_descriptors(self, open_connections: int) -> None:
+        """Serve no more than are open now: the system has no descriptor
+        left for another."""
+        self.console.warn("out of file descriptors; lower --max-connections")
+        self.max_connections = max(1, open_connections)
+
+    def fit_selector(self, selector: selectors.BaseSelector) -> None:
+        """Lower --max-connections to what the selector can watch."""
+        most = selector_capacity(selector)
+        asked = self.max_connections
+        if most is None or asked <= most:
+            return
+        if asked != MAX_CONNECTIONS:  # the default is no one's request
+            self.console.warn("--max-connections %d: select() here watches "
+                              "at most %d connections; serving %d at once"
+                              % (asked, most, most))
+        self.max_connections = most
 
 
-def format_duration(seconds: float) -> str:
-    """Return a duration as H:MM:SS, or as seconds below a minute."""
-    if seconds < 60:
-        return "%.1f s" % seconds if seconds < 10 else "%d s" % seconds
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return "%d:%02d:%02d" % (hours, minutes, secs)
+def selector_capacity(selector: selectors.BaseSelector) -> Optional[int]:
+    """Return how many peers the selector can watch, or None if unbounded."""
+    if os.name == "nt" and isinstance(selector, selectors.SelectSelector):
+        return WINDOWS_SELECT_SOCKETS - 2  # the listening and signal sockets
+    return None
 
 
 class Connection:
-    """One peer: its socket, its framing state and when it last sent."""
+    """One peer: its socket, its framing, and when it last sent."""
 
     def __init__(self, sock: socket.socket, address: tuple,
                  max_event_bytes: int) -> None:
@@ -899,6 +1207,71 @@ class Connection:
         self.framer = EventFramer(max_event_bytes)
         self.events = 0
         self.last_active = time.monotonic()
+
+    def read(self, buffer: bytearray, size: int):
+        """Read once into buffer: return a block of whole events (maybe
+        empty), None when the peer closed, or raise OSError (reset)."""
+        block = self.framer.read(self.sock.recv_into, buffer, size)
+        if block is not None:
+            self.last_active = time.monotonic()
+        return block
+
+    @property
+    def held(self) -> int:
+        """Bytes of an unfinished event held for this peer."""
+        return len(self.framer.pending)
+
+
+class BufferBudget:
+    """Keep the bytes of unfinished events, over every connection, within
+    --max-buffer-bytes: past it, the largest go out in pieces."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held_bytes = 0
+        # Given up as pieces since glibc last returned freed memory.
+        self.released = 0
+
+    def change(self, delta: int) -> bool:
+        """Count held bytes gained or lost; tell whether over the budget."""
+        self.held_bytes += delta
+        return self.held_bytes > self.limit
+
+    def pieces(self, connections, stop: Callable[[], bool]):
+        """Yield (connection, piece, first) from the largest unfinished
+        events until the rest fit, or stop() says enough; first tells that
+        the piece is its event's first."""
+        # Counted afresh: a connection dropped on an internal error left
+        # its bytes in the running total.
+        self.held_bytes = sum(conn.held for conn in connections)
+        while self.held_bytes > self.limit and not stop():
+            conn = max(connections, key=lambda conn: conn.held)
+            splits = conn.framer.split_events
+            piece = conn.framer.release()
+            if not piece:
+                return
+            self.held_bytes -= len(piece) - 1
+            self.released += len(piece)
+            yield conn, piece, conn.framer.split_events != splits
+        # Under this pressure unfinished events of every size come and go,
+        # and glibc keeps the freed blocks between them mapped: RSS would
+        # grow well past the budget without a trim now and then.
+        if self.released >= self.limit // 16:
+            self.released = 0
+            return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to give the kernel back the free pages between live blocks."""
+    trim = getattr(return_freed_memory, "trim", None)
+    if trim is None:
+        try:
+            import ctypes
+            trim = ctypes.CDLL(None).malloc_trim
+        except (ImportError, OSError, AttributeError, TypeError):
+            trim = bool  # not glibc: nothing to ask
+        return_freed_memory.trim = trim
+    trim(0)
 
 
 def receive_buffer_granted() -> bool:
@@ -1011,37 +1384,47 @@ def resolved_addresses() -> list:
     return found
 
 
+# --- The listener ---------------------------------------------------------------
+
 class Listener:
-    """Accept any number of peers and write their events, never interleaved."""
+    """Accept any number of peers and write their events, never interleaved.
+
+    One selectors loop serves every peer; each registered socket carries
+    the function that handles it.  Timers (--timeout, --idle-timeout, the
+    counters) ride on the loop's wake-ups; signals arrive on a socket.
+    """
 
     backlog = 1024
     drain_seconds = DRAIN_SECONDS
     drain_quiet_seconds = DRAIN_QUIET_SECONDS
 
-    def __init__(self, args: argparse.Namespace, output: Output,
+    def __init__(self, settings: Settings, output,
                  console: Optional[Console] = None) -> None:
-        self.args = args
+        self.settings = settings
         self.output = output
-        self.console = console or Console(args.quiet)
-        self.stats = Stats(self, self.console)
-        self.format = FORMATTERS[args.format]
+        self.console = console or Console(settings.quiet)
+        self.sink = EventSink(settings, output, self.console)
+        self.admission = Admission(settings, self.console)
+        self.budget = BufferBudget(settings.max_buffer_bytes)
+        self.stats = Stats(self.counters, self.console, settings.stats)
         self.selector = selectors.DefaultSelector()
         self.connections = {}
         # One receive buffer for every connection: the loop reads one
         # connection at a time, and a buffer per peer would cost megabytes.
-        self.read_size = JSON_RECV_SIZE if args.format == "json" \
+        self.read_size = JSON_RECV_SIZE if settings.format == "json" \
             else RECV_SIZE
-        self.buffer = bytearray(args.max_event_bytes + 1 + RECV_SIZE)
-        self.events = self.bytes = self.accepted = self.rejected = 0
-        # Events received beyond --count: read, but not written.
-        self.unwritten = 0
-        # Bytes of unfinished events held by all connections' framers, and
-        # given up as pieces since glibc last returned freed memory.
-        self.held = self.released = 0
+        self.buffer = bytearray(settings.max_event_bytes + 1 + RECV_SIZE)
+        self.bytes = 0
         self.stopping = False
+        self.draining = False
+        self.stop_now = False
         self.reopen_requested = False
         self.accepting = True
         self.server = None
+
+    def counters(self) -> tuple:
+        """Return (events written, bytes received, open connections)."""
+        return self.sink.events, self.bytes, len(self.connections)
 
     # Status lines go to stderr so that stdout carries only events.
     def status(self, message: str) -> None:
@@ -1050,8 +1433,14 @@ class Listener:
     def warn(self, message: str) -> None:
         self.console.warn(message)
 
+    def watch_signals(self, reader: socket.socket) -> None:
+        """Act on the signal numbers that arrive on reader."""
+        self.selector.register(reader, selectors.EVENT_READ,
+                               functools.partial(self.take_signals, reader))
+
     def bind(self) -> None:
-        host, port = self.args.listen
+        """Listen where the settings say, and say where that is."""
+        host, port = self.settings.listen
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -1074,9 +1463,9 @@ class Listener:
                 format_address(host, port), exc.strerror))
         server.setblocking(False)
         self.server = server
-        self.selector.register(server, selectors.EVENT_READ, "accept")
+        self.selector.register(server, selectors.EVENT_READ, self.accept)
         where = self.announce()
-        self.check_allow()
+        self.warn_unmatched_allow()
         self.status("Waiting for CyberTrace (OutputSettings > "
                     "ConnectionString = %s); Ctrl+C to stop" % where)
 
@@ -1099,12 +1488,12 @@ class Listener:
             where = "this host's address:%d" % port
         return where
 
-    def check_allow(self) -> None:
+    def warn_unmatched_allow(self) -> None:
         """Warn of --allow networks no peer of this socket can come from."""
-        if not self.args.allow:
+        if not self.settings.allow:
             return
         versions = peer_ip_versions(self.server)
-        for network in self.args.allow:
+        for network in self.settings.allow:
             if network.version not in versions:
                 self.warn("--allow %s can never match: this socket (%s) "
                           "only takes IPv%d peers" % (
@@ -1113,29 +1502,28 @@ class Listener:
                               min(versions)))
 
     def serve(self) -> int:
+        """Serve until stopped; write out what was received; return the
+        exit status."""
+        timeout = self.settings.timeout
+        idle = self.settings.idle_timeout
         started = time.monotonic()
-        deadline = started + self.args.timeout if self.args.timeout else None
-        sweep_every = min(1.0, (self.args.idle_timeout or 4.0) / 4)
+        deadline = started + timeout if timeout else None
+        sweep_every = min(1.0, (idle or 4.0) / 4)
         next_sweep = started + sweep_every
         timed_out = False
         while not self.stopping:
             now = time.monotonic()
-            wakeups = [t for t in (deadline, self.args.idle_timeout and
-                                   next_sweep, self.stats.due) if t]
+            wakeups = [t for t in (deadline, idle and next_sweep,
+                                   self.stats.due) if t]
             wait = max(0.0, min(wakeups) - now) if wakeups else None
             for key, _ in self.selector.select(wait):
-                if key.data == "accept":
-                    self.accept()
-                elif key.data == "signal":
-                    self.take_signals(key.fileobj)
-                else:
-                    self.serve_peer(key.data)
+                key.data()
                 if self.stopping:
                     break
             if self.reopen_requested:
                 self.reopen_output()
             now = time.monotonic()
-            if self.args.idle_timeout and now >= next_sweep:
+            if idle and now >= next_sweep:
                 self.close_idle(now)
                 next_sweep = now + sweep_every
             if deadline is not None and now >= deadline:
@@ -1143,25 +1531,28 @@ class Listener:
             if self.stats.due is not None and now >= self.stats.due:
                 self.stats.tick(now)
         self.drain()
-        if timed_out and self.args.count and not self.done():
+        count = self.settings.count
+        if timed_out and count and not self.sink.full():
             self.warn("timeout: received %s of %s" % (
-                format_count(self.events), plural(self.args.count, "event")))
+                format_count(self.sink.events), plural(count, "event")))
             return 1
         return 0
 
     def reopen_output(self) -> None:
         """Act on SIGHUP: open --output anew (after logrotate), and say so."""
         self.reopen_requested = False
+        path = self.settings.output
         if not self.output.reopen():
             self.warn("cannot reopen %s; still writing to the file it was"
-                      % self.args.output)
-        elif self.args.output:
-            self.status("Reopened " + self.args.output)
+                      % path)
+        elif path:
+            self.status("Reopened " + path)
         else:
             self.status("SIGHUP: writing to stdout, no file to reopen")
 
     def accept(self) -> None:
-        while len(self.connections) < self.args.max_connections:
+        """Take the peers waiting to connect, as many as may be served."""
+        while not self.admission.full(len(self.connections)):
             if not self.accept_one():
                 return
         self.pause_accepting()
@@ -1176,35 +1567,25 @@ class Listener:
             # A peer that reset before we took it, or out of descriptors:
             # either way the listener goes on.
             if exc.errno in OUT_OF_DESCRIPTORS:
-                self.warn("out of file descriptors; lower --max-connections")
-                self.args.max_connections = max(1, len(self.connections))
+                self.admission.out_of_descriptors(len(self.connections))
                 if not self.connections:
                     time.sleep(0.1)  # no close will wake us: do not spin
             return False
-        if not self.allowed(address[0]):
-            self.rejected += 1
-            self.status("Rejected connection from " + format_peer(address))
+        if not self.admission.allowed(address[0]):
+            self.admission.reject(address)
             sock.close()
             return True
         sock.setblocking(False)
-        conn = Connection(sock, address, self.args.max_event_bytes)
+        conn = Connection(sock, address, self.settings.max_event_bytes)
         self.connections[sock] = conn
-        self.accepted += 1
-        self.selector.register(sock, selectors.EVENT_READ, conn)
+        self.admission.accepted += 1
+        self.selector.register(sock, selectors.EVENT_READ,
+                               functools.partial(self.serve_peer, conn))
         self.status("Connection from " + conn.peer)
         return True
 
-    def allowed(self, host: str) -> bool:
-        if not self.args.allow:
-            return True
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.args.allow)
-
     def pause_accepting(self) -> None:
-        if self.accepting and len(self.connections) >= \
-                self.args.max_connections:
+        if self.accepting and self.admission.full(len(self.connections)):
             self.accepting = False
             self.selector.unregister(self.server)
             self.warn("%s open (--max-connections); new ones wait until "
@@ -1215,10 +1596,12 @@ class Listener:
         if not self.accepting and not self.stopping:
             self.accepting = True
             self.selector.register(self.server, selectors.EVENT_READ,
-                                   "accept")
+                                   self.accept)
 
     def serve_peer(self, conn: Connection) -> None:
         """Receive from conn; a bug it triggers costs only that peer."""
+        if conn.sock not in self.connections:
+            return  # closed earlier in this round
         try:
             self.take_turn(conn)
         except (UserError, BrokenPipeError):
@@ -1247,16 +1630,16 @@ class Listener:
         # other peers connected, let the next round find out.
         if len(self.connections) > 1:
             return True
-        return any(key.data is not conn for key, _ in self.selector.select(0))
+        return any(key.fileobj is not conn.sock
+                   for key, _ in self.selector.select(0))
 
     def receive(self, conn: Connection) -> bool:
         """Read once from conn; return True if more may be waiting."""
         splits = conn.framer.split_events
         received = conn.framer.received
-        held = len(conn.framer.pending)
+        held = conn.held
         try:
-            block = conn.framer.read(conn.sock.recv_into, self.buffer,
-                                     self.read_size)
+            block = conn.read(self.buffer, self.read_size)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -1266,78 +1649,44 @@ class Listener:
         if block is None:
             self.remove(conn)
             return False
-        conn.last_active = time.monotonic()
         self.bytes += conn.framer.received - received
         if conn.framer.split_events != splits:
             self.warn_split(conn)
         if block:
             self.emit(block, conn)
-        self.held += len(conn.framer.pending) - held
-        if self.held > self.args.max_buffer_bytes:
+        if self.budget.change(conn.held - held):
             self.keep_within_budget()
-        return not self.done()
+        return not self.sink.full()
 
     def keep_within_budget(self) -> None:
         """Write out the largest unfinished events until the rest fit."""
-        # Counted afresh: a connection dropped on an internal error left
-        # its bytes in the running total.
-        self.held = sum(len(conn.framer.pending)
-                        for conn in self.connections.values())
-        while self.held > self.args.max_buffer_bytes and not self.done():
-            conn = max(self.connections.values(),
-                       key=lambda conn: len(conn.framer.pending))
-            splits = conn.framer.split_events
-            piece = conn.framer.release()
-            if not piece:
-                return
-            self.held -= len(piece) - 1
-            self.released += len(piece)
-            if conn.framer.split_events != splits:
+        for conn, piece, first in self.budget.pieces(
+                self.connections.values(), self.sink.full):
+            if first:
                 self.warn("event from %s split into pieces: unfinished "
                           "events held reached --max-buffer-bytes (%s)"
-                          % (conn.peer, format_bytes(
-                              self.args.max_buffer_bytes)))
+                          % (conn.peer, format_bytes(self.budget.limit)))
             self.emit(piece, conn)
-        # Under this pressure unfinished events of every size come and go,
-        # and glibc keeps the freed blocks between them mapped: RSS would
-        # grow well past the budget without a trim now and then.
-        if self.released >= self.args.max_buffer_bytes // 16:
-            self.released = 0
-            return_freed_memory()
-
-    def done(self) -> bool:
-        return bool(self.args.count) and self.events >= self.args.count
 
     def warn_split(self, conn: Connection) -> None:
         self.warn("event from %s longer than %s, split into pieces" % (
-            conn.peer, plural(self.args.max_event_bytes, "byte")))
+            conn.peer, plural(self.settings.max_event_bytes, "byte")))
 
     def emit(self, block, conn: Connection) -> None:
-        """Format and write a block of events from conn at once."""
-        lines = split_lines(block)
-        limit = self.args.count
-        if limit and self.events + len(lines) >= limit:
-            self.unwritten += len(lines) - (limit - self.events)
-            del lines[limit - self.events:]
-            block = b"".join(lines)
+        """Write a block of events from conn; stop once --count is met."""
+        conn.events += self.sink.emit(block, conn.peer)
+        if self.sink.full():
             self.stopping = True
-        self.events += len(lines)
-        conn.events += len(lines)
-        if self.console.shown and self.output.terminal:
-            self.console.clear()
-        self.output.write(self.format(block, lines, conn.peer, time.time(),
-                                      self.output.terminal))
 
     def remove(self, conn: Connection, why: str = "") -> None:
+        """Close conn, writing out its unfinished event first."""
         splits = conn.framer.split_events
-        self.held -= len(conn.framer.pending)
+        self.budget.change(-conn.held)
         block = conn.framer.close()
         if conn.framer.split_events != splits:
             self.warn_split(conn)
-        if block and not self.done():
+        if block:
             self.emit(block, conn)
-        elif block:
-            self.unwritten += block.count(b"\n")
         self.selector.unregister(conn.sock)
         del self.connections[conn.sock]
         conn.sock.close()
@@ -1347,7 +1696,7 @@ class Listener:
         self.resume_accepting()
 
     def close_idle(self, now: float) -> None:
-        limit = self.args.idle_timeout
+        limit = self.settings.idle_timeout
         for conn in list(self.connections.values()):
             if now - conn.last_active >= limit:
                 self.remove(conn, "idle for %g s" % limit)
@@ -1362,15 +1711,18 @@ class Listener:
                 self.reopen_requested = True
             elif number == getattr(signal, "SIGUSR1", None):
                 self.stats.print_line()  # as dd does
+            elif self.draining:
+                self.stop_now = True  # asked to stop again: now
             else:
                 self.stopping = True
 
     def drain(self) -> None:
         """Write out what the kernel already accepted for us, then close."""
+        self.draining = True
         deadline = time.monotonic() + self.drain_seconds
         # Peers in the accept queue completed their handshake and what they
         # sent was acknowledged: it counts as delivered, so take it too.
-        while not self.done() and time.monotonic() < deadline:
+        while not self.sink.full() and time.monotonic() < deadline:
             if not self.accept_one():
                 break
         self.close_server()
@@ -1386,26 +1738,18 @@ class Listener:
                 conn.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-        while self.connections and not self.done():
+        quiet_for = self.drain_quiet_seconds
+        while self.connections and not self.sink.full():
             now = time.monotonic()
             for conn in list(self.connections.values()):
-                if now - conn.last_active >= self.drain_quiet_seconds:
+                if now - conn.last_active >= quiet_for:
                     self.remove(conn)
-            quiet = [conn.last_active + self.drain_quiet_seconds
+            quiet = [conn.last_active + quiet_for
                      for conn in self.connections.values()]
-            if not quiet or now >= deadline:
+            if not quiet or now >= deadline or self.stop_now:
                 break
             for key, _ in self.selector.select(min(quiet + [deadline]) - now):
-                if key.data == "signal":
-                    # Asked to stop again (not SIGHUP or SIGUSR1): now.
-                    self.stopping = False
-                    self.take_signals(key.fileobj)
-                    if self.stopping:
-                        deadline = now
-                    self.stopping = True
-                elif isinstance(key.data, Connection) and \
-                        key.data.sock in self.connections:
-                    self.serve_peer(key.data)
+                key.data()
         for conn in list(self.connections.values()):
             self.remove(conn)
 
@@ -1426,87 +1770,14 @@ class Listener:
 
     def summary(self) -> str:
         """Say what was written, and what came in that was not."""
+        unwritten = self.sink.unwritten
         extra = (" (%s more received, not written)" % format_count(
-            self.unwritten)) if self.unwritten else ""
+            unwritten)) if unwritten else ""
         return "Stopped: %s%s, %s received, %s, %s rejected" % (
-            plural(self.events, "event"), extra, format_bytes(self.bytes),
-            plural(self.accepted, "connection"), format_count(self.rejected))
-
-
-class EmbeddedListener(Listener):
-    """A quiet listener inside another program (the sender's --check).
-
-    Same framing and connection handling as the command line's; each block
-    of whole events (bytes, one b"\\n" each) goes to take(block) instead of
-    stdout, and stop() ends serve() from another thread.
-    """
-
-    # Its owner stops it once it has what it waited for: a moment's quiet
-    # then tells that nothing more is on its way.
-    drain_seconds = 0.5
-    drain_quiet_seconds = 0.05
-
-    def __init__(self, address: tuple,
-                 take: Callable[[bytes], None]) -> None:
-        args = build_parser().parse_args(["--quiet", "--format", "raw"])
-        args.listen = address
-        super().__init__(args, _Handover(take))
-        # The loop already wakes for signal numbers on a socket: stop() uses
-        # the same way in, so serve() needs no second one.
-        self.waker = socket.socketpair()
-        for sock in self.waker:
-            sock.setblocking(False)
-        self.selector.register(self.waker[0], selectors.EVENT_READ, "signal")
-
-    def stop(self) -> None:
-        """Make serve() write out what arrived and return, from any thread."""
-        try:
-            self.waker[1].send(bytes([signal.SIGTERM]))
-        except OSError:
-            pass  # a full socket already holds a wake-up
-
-    def close(self) -> None:
-        super().close()
-        for sock in self.waker:
-            sock.close()
-
-
-class _Handover:
-    """The Output of an EmbeddedListener: blocks go to a function."""
-
-    path = None
-    terminal = False
-
-    def __init__(self, take: Callable[[bytes], None]) -> None:
-        self.take = take
-
-    def write(self, data) -> None:
-        self.take(bytes(data))
-
-    def reopen(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to reuse freed memory rather than return it to the kernel."""
-    # Every batch allocates and frees a few hundred KiB.  By default glibc
-    # gives such blocks back to the kernel at once, and taking them again
-    # costs a page fault per 4 KiB: a fifth of the time of a text batch.
-    # Memory stays bounded: the batches are.
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return  # not glibc (musl): nothing to tune
-        import ctypes
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, ValueError, OSError, ImportError):
-        # No os.confstr (Windows), no such name (macOS), or no ctypes.
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_trim_threshold, 16 << 20)
-    mallopt(m_mmap_threshold, 16 << 20)
+            plural(self.sink.events, "event"), extra,
+            format_bytes(self.bytes),
+            plural(self.admission.accepted, "connection"),
+            format_count(self.admission.rejected))
 
 
 def signal_numbers(names: tuple = LOOP_SIGNALS) -> list:
@@ -1514,45 +1785,12 @@ def signal_numbers(names: tuple = LOOP_SIGNALS) -> list:
     return [getattr(signal, name) for name in names if hasattr(signal, name)]
 
 
-def selector_capacity(selector: selectors.BaseSelector) -> Optional[int]:
-    """Return how many peers the selector can watch, or None if unbounded."""
-    if os.name == "nt" and isinstance(selector, selectors.SelectSelector):
-        return WINDOWS_SELECT_SOCKETS - 2  # the listening and signal sockets
-    return None
-
-
-def fit_connections(listener: Listener) -> None:
-    """Lower --max-connections to what the selector can watch."""
-    most = selector_capacity(listener.selector)
-    asked = listener.args.max_connections
-    if most is None or asked <= most:
-        return
-    if asked != MAX_CONNECTIONS:  # the default is no one's request
-        listener.warn("--max-connections %d: select() here watches at most "
-                      "%d connections; serving %d at once" % (asked, most,
-                                                               most))
-    listener.args.max_connections = most
-
-
-def return_freed_memory() -> None:
-    """Ask glibc to give the kernel back the free pages between live blocks."""
-    trim = getattr(return_freed_memory, "trim", None)
-    if trim is None:
-        try:
-            import ctypes
-            trim = ctypes.CDLL(None).malloc_trim
-        except (ImportError, OSError, AttributeError, TypeError):
-            trim = bool  # not glibc: nothing to ask
-        return_freed_memory.trim = trim
-    trim(0)
-
-
 def install_signals(listener: Listener) -> tuple:
     """Route the LOOP_SIGNALS this platform has into the selector loop."""
     reader, writer = socket.socketpair()
     reader.setblocking(False)
     writer.setblocking(False)
-    listener.selector.register(reader, selectors.EVENT_READ, "signal")
+    listener.watch_signals(reader)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     # The handlers only need to exist: the wakeup fd carries the signal
     # number into the loop, where it is acted on between two batches.
@@ -1573,19 +1811,17 @@ def restore_signals(pair: tuple) -> None:
 def main(argv: Optional[list] = None) -> int:
     """Run the listener; return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    settings = Settings.from_arguments(parser.parse_args(argv))
     prog = parser.prog
     try:
-        output = Output(args.output)
+        output = Output(settings.output)
     except UserError as exc:
         print("%s: error: %s" % (prog, exc), file=sys.stderr)
         return 1
     keep_freed_memory()
-    console = Console.for_stderr(args.quiet)
-    listener = Listener(args, output, console)
-    # The live line, --stats and SIGUSR1 all report through this.
-    listener.stats = Stats(listener, console, args.stats)
-    fit_connections(listener)
+    console = Console.for_stderr(settings.quiet)
+    listener = Listener(settings, output, console)
+    listener.admission.fit_selector(listener.selector)
     pair = install_signals(listener)
     try:
         listener.bind()
@@ -1596,9 +1832,7 @@ def main(argv: Optional[list] = None) -> int:
     except BrokenPipeError:
         console.clear()
         # Our reader went away (| head): stop quietly, as cat would.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        silence_stdout()
         status = 0
     else:
         listener.status(listener.summary())

@@ -1259,14 +1259,13 @@ def check(args: argparse.Namespace, prog: str) -> int:
     serving = None
     try:
         try:
-            listener.bind()
+            here = listener.bind()
         except UserError as exc:
             if "in use" in str(exc):
                 raise UserError("%s (stop the listener there while the "
                                 "check runs: the check listens in its place)"
                                 % exc)
             raise
-        here = format_address(*listener.server.getsockname()[:2])
         failure = []
         serving = threading.Thread(target=serve_check, daemon=True,
                                    args=(listener, failure))

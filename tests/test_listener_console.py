@@ -153,8 +153,8 @@ class WildcardTest(unittest.TestCase):
 
     def test_wildcard_without_known_addresses_says_all_interfaces(self):
         console = Recorder()
-        args = lec.build_parser().parse_args(["-l", "0.0.0.0:0"])
-        listener = lec.Listener(args, lec.Output(None), console)
+        listener = lec.Listener(lec.Settings(listen=("0.0.0.0", 0)),
+                                lec.Output(None), console)
         try:
             with mock.patch.object(lec, "interface_addresses", list), \
                     mock.patch.object(lec, "resolved_addresses", list):
