@@ -24,6 +24,7 @@ The file, top to bottom:
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import errno
 import functools
@@ -33,6 +34,7 @@ import json
 import operator
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -70,6 +72,14 @@ READS_PER_TURN = 8
 # with a millisecond's round trip: 1.25 MB).
 RECV_BUFFER = 2 * 1024 * 1024
 MAX_CONNECTIONS = 512
+# When every connection is taken and a peer waits, the one silent longest
+# gives its place, if silent this long: idle peers cannot shut others out,
+# and one that is only between two events keeps its place.
+EVICT_IDLE_SECONDS = 2.0
+# An event unfinished this long after its first byte closes its connection:
+# a peer trickling a byte now and then (slowloris) cannot hold a place by
+# never going idle.  nginx gives a request's header as long by default.
+EVENT_TIMEOUT = 60.0
 # Every peer may hold an event of up to MAX_EVENT_BYTES without its newline:
 # 512 such peers would hold half a GiB.  Past this budget for them all, the
 # largest held events go out in pieces instead.
@@ -77,6 +87,24 @@ MAX_BUFFER_BYTES = 64 * 1024 * 1024
 # select(), the only selector on Windows, watches at most 512 sockets there
 # (CPython's FD_SETSIZE), the listening and signal sockets included.
 WINDOWS_SELECT_SOCKETS = 512
+# Bounds of the numbers on the command line: past them a number is a slip,
+# and would overflow a timer (select() takes at most 2**31 ms) or an
+# allocation (the receive buffer holds an event).
+SECONDS = (0.01, 10000000.0)
+MAX_CONNECTIONS_LIMIT = 100000
+MAX_EVENT_BYTES_LIMIT = 64 * 1024 * 1024
+MAX_BUFFER_BYTES_LIMIT = 1 << 40
+COUNT_LIMIT = 10 ** 15
+# What a pipe we write to is asked to hold: Linux lets anyone have 1 MiB
+# (/proc/sys/fs/pipe-max-size).
+PIPE_SIZE = 1024 * 1024
+PAGE = 4096
+# The loop wakes at least this often, whatever its timers say.
+LONGEST_WAIT = 60.0
+# At most this many "Rejected" lines every REJECT_WINDOW seconds; the rest
+# are counted in one line, as rsyslog's rate limiting does.
+REJECT_LINES = 5
+REJECT_WINDOW = 10.0
 # Time allowed on stop to read what the kernel already acknowledged to peers.
 DRAIN_SECONDS = 2.0
 # Stopping, a peer silent this long after our FIN is taken to be done.
@@ -425,14 +453,23 @@ def parse_number(kind, text: str):
     return value
 
 
-def positive(kind: type) -> Callable:
-    """Return a converter to kind (int or float) that takes only > 0."""
+def bounded(kind: type, low, high) -> Callable:
+    """Return a converter to kind (int or float) that takes low to high:
+    a number beyond any sane use is a slip, and would overflow a timer or
+    an allocation further on."""
     def convert(text):
         value = parse_number(kind, text)
-        if not value > 0:
-            raise ValueError("must be greater than 0")
+        if not low <= value <= high:
+            raise ValueError("must be from %s to %s" % (
+                format_number(low), format_number(high)))
         return value
     return convert
+
+
+def format_number(number) -> str:
+    """Return a bound as people write it: 0.01, 1, 10,000,000."""
+    return format_count(int(number)) if number == int(number) \
+        else "%g" % number
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -463,6 +500,7 @@ class LiveLine:
         self.shown = ""  # the line now on the screen
         self.width = 80
         self.lock = threading.RLock()
+        self.pipe_flags = False  # stderr's, once known (see pipe_flags)
 
     @staticmethod
     def on_stderr() -> bool:
@@ -477,9 +515,22 @@ class LiveLine:
         if sys.stderr is None:
             return
         try:
-            sys.stderr.write(text)
             sys.stderr.flush()
-        except (OSError, ValueError):
+            if self.pipe_flags is False:
+                try:
+                    self.pipe_flags = pipe_flags(sys.stderr.fileno())
+                except (OSError, ValueError, AttributeError):
+                    self.pipe_flags = None  # not a file (a test's StringIO)
+            if self.pipe_flags is None:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            else:
+                # A pipe nobody reads must not hold the program: a line it
+                # cannot take now is dropped.
+                write_now(sys.stderr.fileno(), text.encode(
+                    sys.stderr.encoding or "utf-8", "backslashreplace"),
+                    self.pipe_flags)
+        except (OSError, ValueError, AttributeError):
             pass
 
     def show(self, text: str) -> None:
@@ -608,27 +659,28 @@ class EmbeddedListener:
 # --- Formats ------------------------------------------------------------------
 #
 # Each takes a block of whole events and returns the bytes to write:
-# format(block, lines, peer, when, terminal), lines being the block's events
-# with their b"\n", terminal whether the output is one a person watches.
+# format(block, lines, peer, when, escape), lines being the block's events
+# with their b"\n", escape whether control characters must be shown as
+# escapes (the output is a terminal, or --escape).
 
 def format_raw(block, lines: list, peer: str, when: float,
-               terminal: bool):
-    """Write each event on one line as received (escaped on a terminal)."""
-    if terminal:
+               escape: bool):
+    """Write each event on one line as received, or escaped."""
+    if escape:
         return escape_controls(to_text(block)).encode("utf-8")
     return block
 
 
 def format_text(block, lines: list, peer: str, when: float,
-                terminal: bool) -> bytes:
+                escape: bool) -> bytes:
     """Write each event as the tutorial does: "Received:", then the event."""
-    if terminal:
+    if escape:
         lines = split_lines(escape_controls(to_text(block)).encode("utf-8"))
     out = b"Received:\n".join([b""] + lines)
-    if terminal or valid_utf8(out):
+    if escape or valid_utf8(out):
         return out
     return format_text(block, split_lines(to_text(block).encode("utf-8")),
-                       peer, when, terminal)
+                       peer, when, escape)
 
 
 def valid_utf8(data: bytes) -> bool:
@@ -650,6 +702,8 @@ _JSON_TERMINAL_ESCAPES = {code: "\\u%04x" % code
                                        *range(0x202A, 0x202F),
                                        *range(0x2066, 0x206A)]}
 _FIELD_SPLIT_BYTES = re.compile(rb"(?:^|[ |])([^\s|=]+)=")
+# An event's shape: its keys in order, with what comes before each.
+_SHAPE = re.compile(rb"(?:^|[ |])[^\s|=]+=")
 _CONTROLS = bytes(range(0x20)).replace(b"\n", b"")
 
 
@@ -664,10 +718,21 @@ def has_controls(data: bytes) -> bool:
     return len(data.translate(None, _CONTROLS)) != len(data)
 
 
-def json_line(event: str, stamp: str, peer: str) -> bytes:
+def json_text(event: str, stamp: str, peer: str) -> str:
     """Format one event the general way, for what no plan fits."""
-    return (_encode_json({"time": stamp, "peer": peer, "event": event,
-                          "fields": parse_fields(event)}) + "\n").encode()
+    return _encode_json({"time": stamp, "peer": peer, "event": event,
+                         "fields": parse_fields(event)}) + "\n"
+
+
+def json_bytes(text: str) -> bytes:
+    """Encode JSON text whose strings may hold bytes that were not UTF-8.
+
+    Such a byte was decoded with surrogateescape as U+DC80 to U+DCFF, which
+    no text holds, and is written as the JSON escape \\udcNN: a reader can
+    tell it from a literal "\\xff" in the event, and Python gets the
+    bytes back with .encode("utf-8", "surrogateescape").
+    """
+    return text.encode("utf-8", "backslashreplace")
 
 
 class JsonPlan:
@@ -719,6 +784,8 @@ class JsonPlan:
             if len(picks) > 1 else (lambda found: (found.group(1),))
         self.batch = None
         self.format = b""
+        self.shape = b""  # set by the JsonFormatter that keeps it
+        self.count = 0
 
     @classmethod
     def build(cls, line: bytes):
@@ -735,89 +802,175 @@ class JsonPlan:
 class JsonFormatter:
     """Write one JSON object per event: time, peer, event and fields.
 
-    Events of a known template go through its compiled plan (JsonPlan);
-    the rest through json.  Plans are kept by the number of "=" in their
-    template, which is quick to count.
+    Events of a known template go through its compiled plan (JsonPlan),
+    the rest through json.  A plan is looked for first among the few last
+    found for events with as many "=" (quick to count), then by the
+    event's shape, its keys in order; at most max_plans are kept, the
+    least recently used going first, and new ones are compiled at a
+    bounded rate.  So a peer sending ever-new shapes costs its own events
+    their general path, and nothing to anyone else's known templates.
     """
 
-    # A few new plans per batch at most: a stream of ever-new shapes costs
-    # a few regular expressions per batch, not one per event.
-    plans_per_batch = 4
-    max_counts = 256
+    # Sites use a few dozen templates at most.
+    max_plans = 256
+    plans_per_count = 4
+    # Compiling a plan costs about half a millisecond: at this rate, a
+    # stream of ever-new shapes costs under 1% of a core in compiling.
+    builds_per_second = 16
+    build_burst = 32
 
-    def __init__(self) -> None:
-        self.plans = {}
+    def __init__(self, escape: bool = False) -> None:
+        # --escape: control characters become visible \\xNN text inside
+        # the strings too, so that jq -r cannot print them raw.
+        self.escape = escape
+        self.by_count = {}  # "=" count: the plans last found, newest first
+        self.by_shape = collections.OrderedDict()  # least recent first
+        self.tokens = float(self.build_burst)
+        self.refilled = time.monotonic()
 
     def format(self, block, lines: list, peer: str, when: float,
-               terminal: bool) -> bytes:
+               escape: bool) -> bytes:
         """Format a block of events received from peer at when."""
         stamp = iso_time(when)
         data = bytes(block)
-        if terminal or not valid_utf8(data):
-            out = "".join(json_line(event, stamp, peer).decode() for event
-                          in to_text(data)[:-1].split("\n"))
-            if terminal:
+        if escape or not valid_utf8(data) or \
+                self.escape and not data.isascii():
+            out = "".join(self.general(event, stamp, peer) for event in
+                          data.decode("utf-8", "surrogateescape")[:-1]
+                          .split("\n"))
+            if escape:
                 out = out.translate(_JSON_TERMINAL_ESCAPES)
-            return out.encode("utf-8")
+            return json_bytes(out)
         # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
         # second formatting.
         head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
         batch = object()
         out = []
-        plans_left = self.plans_per_batch
+        by_count = self.by_count
         clean = not has_controls(data) and b'"' not in data and \
             b"\\" not in data
         for original in lines:
             line = original
             if not clean:
                 if has_controls(line):
-                    out.append(json_line(line[:-1].decode(), stamp, peer))
+                    out.append(self.general(line[:-1].decode(), stamp,
+                                            peer).encode())
                     continue
                 if b'"' in line or b"\\" in line:
-                    line = line.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
-            for plan in self.plans.get(line.count(b"="), ()):
+                    line = line.replace(b"\\", b"\\\\").replace(
+                        b'"', b'\\"')
+            for plan in by_count.get(line.count(b"="), ()):
                 found = plan.match(line)
                 if found is not None:
-                    if plan.batch is not batch:
-                        plan.batch, plan.format = batch, plan.template % head
-                    out.append(plan.format % plan.values(found))
                     break
             else:
-                if plans_left:
-                    plans_left -= 1
-                    self.learn(line)
-                out.append(json_line(original[:-1].decode(), stamp, peer))
+                plan = self.find(line)
+                found = plan and plan.match(line)
+                if not found:
+                    out.append(json_text(original[:-1].decode(), stamp,
+                                         peer).encode())
+                    continue
+            if plan.batch is not batch:
+                plan.batch, plan.format = batch, plan.template % head
+                self.by_shape.move_to_end(plan.shape)
+            out.append(plan.format % plan.values(found))
         return b"".join(out)
 
-    def learn(self, line: bytes) -> None:
-        """Build a plan for line's template, if one can serve it."""
+    def general(self, event: str, stamp: str, peer: str) -> str:
+        """Format one event through json (escaped, with --escape)."""
+        return json_text(escape_controls(event) if self.escape else event,
+                         stamp, peer)
+
+    def find(self, line: bytes) -> Optional[JsonPlan]:
+        """Return the plan for line's shape, compiling one if allowed."""
+        shape = b"".join(_SHAPE.findall(line))
+        plan = self.by_shape.get(shape)
+        if plan is None:
+            plan = self.build(line, shape)
+            if plan is None:
+                return None
+        bucket = self.by_count.setdefault(plan.count, [])
+        if plan not in bucket:
+            bucket.insert(0, plan)
+            del bucket[self.plans_per_count:]
+        return plan
+
+    def build(self, line: bytes, shape: bytes) -> Optional[JsonPlan]:
+        """Compile and keep a plan for line, within the rate and the cap."""
+        now = time.monotonic()
+        self.tokens = min(self.build_burst, self.tokens + (
+            now - self.refilled) * self.builds_per_second)
+        self.refilled = now
+        if self.tokens < 1:
+            return None
         plan = JsonPlan.build(line)
-        if plan is not None:
-            if len(self.plans) > self.max_counts:
-                self.plans.clear()
-            self.plans.setdefault(line.count(b"="), []).insert(0, plan)
+        if plan is None:
+            return None
+        self.tokens -= 1
+        plan.shape, plan.count = shape, line.count(b"=")
+        self.by_shape[shape] = plan
+        if len(self.by_shape) > self.max_plans:
+            _, old = self.by_shape.popitem(last=False)
+            bucket = self.by_count.get(old.count, [])
+            if old in bucket:
+                bucket.remove(old)
+                if not bucket:
+                    del self.by_count[old.count]
+        return plan
+
+    def plans(self) -> int:
+        """Return how many plans are kept."""
+        return len(self.by_shape)
 
 
 format_json = JsonFormatter().format
 
 
-def formatter(name: str) -> Callable:
-    """Return the format function for a --format name."""
+def formatter(name: str, escape: bool = False) -> Callable:
+    """Return the format function for a --format name (--escape: JSON
+    strings escape control characters too)."""
     if name == "json":
-        return JsonFormatter().format
+        return JsonFormatter(escape).format
     return {"raw": format_raw, "text": format_text}[name]
 
 
 # --- Output -------------------------------------------------------------------
 
-class Output:
-    """Write whole batches to stdout or to a file that SIGHUP reopens."""
+class OutputFailed(UserError):
+    """Events could not be written; the listener stops and says how many."""
 
-    def __init__(self, path: Optional[str]) -> None:
+
+class Output:
+    """Write formatted events to stdout or to a file that SIGHUP reopens.
+
+    Events go out whole: a write that fails halfway into a file is cut
+    back to the last whole event, and a pipe whose reader stalls is never
+    waited on (the loop must still see signals): what it cannot take now
+    stays pending until flush() finds room.
+    """
+
+    # A reopen that failed (SIGHUP) is tried again on a write, this often.
+    reopen_every = 1.0
+
+    def __init__(self, path: Optional[str], lines_per_event: int = 1) -> None:
         self.path = path
-        # fd 1 itself: sys.stdout is None when the shell closed it (>&-).
-        self.fd = self._open() if path else binary_stdout()
+        self.name = escape_controls(path) if path else "stdout"
+        # Lines each event takes (text: "Received:" and the event), to cut
+        # and count whole events.
+        self.lines_per_event = lines_per_event
+        try:
+            # fd 1 itself: sys.stdout is None when the shell closed it.
+            self.fd = self._open() if path else binary_stdout()
+        except OSError as exc:
+            raise UserError("cannot open %s: %s" % (self.name, exc.strerror))
         self.terminal = os.isatty(self.fd)
+        self.pending = bytearray()
+        self.reopen_failed = None  # why the last reopen failed, if it did
+        self.next_reopen = 0.0
+        self.flags = pipe_flags(self.fd)
+        if self.flags is not None:
+            widen_pipe(self.fd)
+        self.writes_in_pipe = 0  # since it was last seen empty
         # A Windows console shows UTF-8 only through sys.stdout, which
         # writes wide characters; os.write would use its code page.
         self.console = None
@@ -826,46 +979,191 @@ class Output:
 
     def _open(self) -> int:
         # O_BINARY: on Windows, a file opened without it gets "\r\n".
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | \
-            getattr(os, "O_BINARY", 0)
+        # O_NONBLOCK: a FIFO nobody reads fails at once (ENXIO) instead of
+        # holding the listener in open(); set back to blocking at once.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     getattr(os, "O_BINARY", 0) |
+                     getattr(os, "O_NONBLOCK", 0), 0o644)
+        if getattr(os, "O_NONBLOCK", 0):  # Windows has none to clear
+            os.set_blocking(fd, True)
+        return fd
+
+    def reopen(self) -> Optional[str]:
+        """Open the file anew (after logrotate), keeping the old one if it
+        fails; return why it failed, or None."""
+        self.next_reopen = time.monotonic() + self.reopen_every
         try:
-            return os.open(self.path, flags, 0o644)
+            fd = self._open()
         except OSError as exc:
-            raise UserError("cannot open %s: %s" % (self.path, exc.strerror))
+            self.reopen_failed = exc.strerror or str(exc)
+            return self.reopen_failed
+        os.close(self.fd)
+        self.fd = fd
+        self.flags = pipe_flags(fd)
+        if self.flags is not None:
+            widen_pipe(fd)
+        self.reopen_failed = None
+        return None
 
-    def reopen(self) -> bool:
-        """Open the file anew (after logrotate); keep the old one if not."""
-        if self.path:
-            try:
-                fd = self._open()
-            except UserError:
-                return False
-            os.close(self.fd)
-            self.fd = fd
-        return True
+    def reopen_due(self) -> bool:
+        """Tell whether a failed reopen should be tried again now."""
+        return self.reopen_failed is not None and \
+            time.monotonic() >= self.next_reopen
 
-    def write(self, data: bytes) -> None:
+    def stalled(self) -> bool:
+        """Tell whether events wait for a pipe's reader to take them."""
+        return bool(self.pending)
+
+    def write(self, data) -> None:
+        """Write events; what a stalled pipe cannot take waits."""
+        if self.pending:
+            self.pending += data
+            return
+        written = self._write(data)
+        if written < len(data):
+            self.pending = bytearray(memoryview(data)[written:])
+
+    def flush(self) -> None:
+        """Write what waits, as much as the pipe takes now (select() said
+        it takes some)."""
+        if self.pending:
+            with memoryview(self.pending) as view:
+                written = self._write(view, writable=True)
+            del self.pending[:written]
+
+    def _write(self, data, writable: bool = False) -> int:
+        """Write data; return how much a full pipe took, or raise."""
         if self.console is not None:
             try:
                 self.console.write(data)
                 self.console.flush()
             except OSError as exc:
-                raise UserError("cannot write to stdout: %s" % exc.strerror)
-            return
+                self.pending = bytearray(data)
+                raise OutputFailed("cannot write to stdout: %s"
+                                   % exc.strerror)
+            return len(data)
         view = memoryview(data)
-        while view:
+        total = 0
+        while total < len(view):
+            size = len(view) - total
+            if self.flags is not None:
+                size = self.fitting(view[total:], writable)
+                writable = False
+                if not size:
+                    return total  # flush() goes on when there is room
             try:
-                written = os.write(self.fd, view)
-            except BrokenPipeError:
-                raise
+                total += write_now(self.fd, view[total:total + size],
+                                   self.flags)
+                self.writes_in_pipe += 1
+            except BlockingIOError:
+                return total  # the pipe is full: flush() goes on later
             except OSError as exc:
-                raise UserError("cannot write to %s: %s" % (
-                    self.path or "stdout", exc.strerror))
-            view = view[written:]
+                total = self.untear(data, total)
+                self.pending = bytearray(view[total:])
+                raise OutputFailed("cannot write to %s: %s" % (
+                    self.name, exc.strerror))
+        return total
+
+    def fitting(self, data, writable: bool) -> int:
+        """Return how much of data to write into the pipe now: whole events
+        only, so that a reader that never comes back finds no event cut
+        short; 0 to wait for room.  writable: select() said so."""
+        state = pipe_state(self.fd)
+        if state is None:
+            return len(data)
+        size, unread = state
+        if not unread:
+            self.writes_in_pipe = 0
+        # A pipe holds pages, and each write may leave part of one unused.
+        room = size - unread - (self.writes_in_pipe + 1) * PAGE
+        if len(data) <= room:
+            return len(data)
+        # Nearly full: whole events of up to PIPE_BUF bytes, which a pipe
+        # takes whole or not at all.
+        room = max(room, select.PIPE_BUF)
+        whole = event_boundary(bytes(data[:room]), self.lines_per_event)
+        if whole or not writable:
+            return whole
+        return room  # an event larger than that: pieces it is
+
+    def untear(self, data, written: int) -> int:
+        """Cut a file back to the last whole event of what was written of
+        data; return how much of data is left in it."""
+        whole = event_boundary(bytes(data[:written]), self.lines_per_event)
+        if whole < written:
+            try:
+                size = os.fstat(self.fd).st_size
+                os.ftruncate(self.fd, size - (written - whole))
+            except OSError:
+                return written  # not a file (a pipe): nothing to take back
+        return whole
+
+    def unwritten(self) -> int:
+        """Return how many events were handed over and not written whole."""
+        lines = self.pending.count(b"\n")
+        return -(-lines // self.lines_per_event)
 
     def close(self) -> None:
         if self.path:
             os.close(self.fd)
+
+
+def pipe_flags(fd: int) -> Optional[int]:
+    """Return the file status flags of fd if it is a pipe (written without
+    blocking, see write_now), else None."""
+    try:
+        import fcntl
+        import stat
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK
+    except (ImportError, OSError, AttributeError):
+        return None  # Windows: its pipes cannot be watched by select()
+
+
+def widen_pipe(fd: int) -> None:
+    """Let a pipe we write to hold a whole read's events (Linux)."""
+    # With the default 64 KiB, a 512 KiB batch takes eight rounds of
+    # waiting for the reader; a larger pipe also rides out its pauses.
+    try:
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except (ImportError, AttributeError, OSError):
+        pass  # not Linux, or above /proc/sys/fs/pipe-max-size
+
+
+def pipe_state(fd: int) -> Optional[tuple]:
+    """Return a pipe's (size, bytes unread) (Linux), or None."""
+    try:
+        import fcntl
+        import termios
+        size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        unread = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except (ImportError, AttributeError, OSError):
+        return None
+    return size, int.from_bytes(unread, sys.byteorder)
+
+
+def write_now(fd: int, data, flags: Optional[int]) -> int:
+    """Write what fd takes now; BlockingIOError if a pipe takes nothing."""
+    if flags is None:
+        return os.write(fd, data)
+    # Non-blocking for this one write only: the pipe's other users (a
+    # shell's "2>&1", a later command) expect it blocking, as it was.
+    import fcntl
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        return os.write(fd, data)
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def event_boundary(data: bytes, lines_per_event: int) -> int:
+    """Return where the last whole event in data ends."""
+    cut = data.rfind(b"\n") + 1
+    while cut and data.count(b"\n", 0, cut) % lines_per_event:
+        cut = data.rfind(b"\n", 0, cut - 1) + 1
+    return cut
 
 
 def binary_stdout() -> int:
@@ -883,6 +1181,7 @@ class Handover:
 
     path = None
     terminal = False
+    reopen_failed = None
 
     def __init__(self, take: Callable[[bytes], None]) -> None:
         self.take = take
@@ -890,8 +1189,14 @@ class Handover:
     def write(self, data) -> None:
         self.take(bytes(data))
 
-    def reopen(self) -> bool:
-        return True
+    def stalled(self) -> bool:
+        return False
+
+    def unwritten(self) -> int:
+        return 0
+
+    def reopen_due(self) -> bool:
+        return False
 
     def close(self) -> None:
         pass
@@ -903,7 +1208,8 @@ class EventSink:
     def __init__(self, settings: Settings, output, console: Console) -> None:
         self.output = output
         self.console = console
-        self.format = formatter(settings.format)
+        self.format = formatter(settings.format, settings.escape)
+        self.escape = settings.escape or output.terminal
         self.limit = settings.count
         self.events = 0
         # Events received beyond --count: read, but not written.
@@ -915,7 +1221,7 @@ class EventSink:
 
     def emit(self, block, peer: str) -> int:
         """Format and write a block of events from peer at once; return
-        how many of its events were written."""
+        how many of its events were handed to the output."""
         lines = split_lines(block)
         if self.full():
             self.unwritten += len(lines)
@@ -927,9 +1233,35 @@ class EventSink:
         self.events += len(lines)
         if self.console.shown and self.output.terminal:
             self.console.clear()
+        if self.output.reopen_due():
+            self.reopen()
         self.output.write(self.format(block, lines, peer, time.time(),
-                                      self.output.terminal))
+                                      self.escape))
         return len(lines)
+
+    def reopen(self) -> None:
+        """Open --output anew (SIGHUP, or a reopen that failed), say so."""
+        output = self.output
+        if not output.path:
+            self.console.status("SIGHUP: writing to stdout, no file to "
+                                "reopen")
+            return
+        retry = output.reopen_failed is not None
+        why = output.reopen()
+        if why is None:
+            self.console.status("Reopened " + output.name)
+        elif not retry:
+            self.console.warn("cannot reopen %s: %s; still writing to the "
+                              "file it was, trying again on the next SIGHUP "
+                              "or write" % (output.name, why))
+
+    def written(self) -> int:
+        """Return how many events were written whole."""
+        return self.events - self.output.unwritten()
+
+    def not_written(self) -> int:
+        """Return how many events were received and not written."""
+        return self.unwritten + self.output.unwritten()
 
 
 # --- Console ------------------------------------------------------------------
@@ -1032,9 +1364,12 @@ class Settings:
     idle_timeout: Optional[float] = None
     max_event_bytes: int = MAX_EVENT_BYTES
     max_buffer_bytes: int = MAX_BUFFER_BYTES
+    max_per_host: Optional[int] = None
+    event_timeout: float = EVENT_TIMEOUT
     count: Optional[int] = None
     timeout: Optional[float] = None
     stats: Optional[float] = None
+    escape: bool = False
     quiet: bool = False
 
     @classmethod
@@ -1060,16 +1395,20 @@ def _file_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
+    seconds = argument_type(bounded(float, *SECONDS), "seconds")
     parser = OneLineParser(
         description="Listen for events from Kaspersky CyberTrace (set its "
         "OutputSettings > ConnectionString to this address) and print them: "
         "events to stdout, status to stderr.",
         epilog="Ctrl+C or SIGTERM (on Windows: Ctrl+C or Ctrl+Break) stops "
         "after writing out everything already received; SIGHUP reopens "
-        "--output (for logrotate) and SIGUSR1 prints the counters (Windows "
-        "has neither: restart the listener for a new file, use --stats for "
-        "counters). Exit status: 0 on a normal stop, 1 on an error (or "
-        "--count not reached before --timeout), 2 on bad arguments.")
+        "--output (for logrotate), or stops when events go to a terminal "
+        "(it hung up), and SIGUSR1 prints the counters (Windows has "
+        "neither: restart the listener for a new file, use --stats for "
+        "counters). Exit status: 0 on a normal stop, 1 on an error (events "
+        "that could not be written are counted in the last status line; "
+        "also when --count was not reached before --timeout), 2 on bad "
+        "arguments.")
     parser.add_argument(
         "-l", "--listen", metavar="ADDR:PORT",
         type=argument_type(parse_address, "address"),
@@ -1089,48 +1428,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="append events to FILE instead of stdout; SIGHUP reopens it "
         "(not on Windows)")
     parser.add_argument(
+        "--escape", action="store_true",
+        help="show control characters (ESC, BEL, ...) as \\xNN text in "
+        "files and pipes too, as on a terminal, so that 'cat FILE' or "
+        "'jq -r' cannot pass an event's terminal commands on")
+    parser.add_argument(
         "--allow", metavar="CIDR", action="append",
         type=argument_type(_network, "network"),
         help="accept connections only from this network (repeatable), "
         "e.g. 192.0.2.0/24 or ::1; others are closed and counted")
     parser.add_argument(
         "--max-connections", metavar="N",
-        type=argument_type(positive(int), "N"),
+        type=argument_type(bounded(int, 1, MAX_CONNECTIONS_LIMIT), "N"),
         default=MAX_CONNECTIONS,
-        help="connections served at once; more wait in the kernel's queue "
-        "until one closes (default: %d; on Windows at most %d, all that "
-        "select() watches there)" % (MAX_CONNECTIONS,
-                                     WINDOWS_SELECT_SOCKETS - 2))
+        help="connections served at once; when all are taken, one silent "
+        "for %g s gives its place to a peer that waits, and the others "
+        "wait in the kernel's queue until one closes (default: %d; on "
+        "Windows at most %d, all that select() watches there)"
+        % (EVICT_IDLE_SECONDS, MAX_CONNECTIONS, WINDOWS_SELECT_SOCKETS - 2))
     parser.add_argument(
-        "--idle-timeout", metavar="SECONDS",
-        type=argument_type(positive(float), "seconds"),
+        "--max-per-host", metavar="N",
+        type=argument_type(bounded(int, 1, MAX_CONNECTIONS_LIMIT), "N"),
+        help="connections served at once from one host; more from it are "
+        "refused (default: as many as --max-connections)")
+    parser.add_argument(
+        "--idle-timeout", metavar="SECONDS", type=seconds,
         help="close a connection that sends nothing for SECONDS "
         "(default: never)")
     parser.add_argument(
+        "--event-timeout", metavar="SECONDS", type=seconds,
+        default=EVENT_TIMEOUT,
+        help="close a connection whose event is not finished (no newline) "
+        "SECONDS after its first byte, however slowly it trickles in; "
+        "what came is printed (default: %g)" % EVENT_TIMEOUT)
+    parser.add_argument(
         "--max-event-bytes", metavar="N",
-        type=argument_type(positive(int), "N"),
+        type=argument_type(bounded(int, 1, MAX_EVENT_BYTES_LIMIT), "N"),
         default=MAX_EVENT_BYTES,
         help="split a longer event into pieces of at most N bytes, each "
-        "printed as an event, with a warning (default: %d)" % MAX_EVENT_BYTES)
+        "printed as an event, with a warning (default: %d, at most %d)"
+        % (MAX_EVENT_BYTES, MAX_EVENT_BYTES_LIMIT))
     parser.add_argument(
         "--max-buffer-bytes", metavar="N",
-        type=argument_type(positive(int), "N"), default=MAX_BUFFER_BYTES,
+        type=argument_type(bounded(int, 1, MAX_BUFFER_BYTES_LIMIT), "N"),
+        default=MAX_BUFFER_BYTES,
         help="hold at most N bytes of unfinished events (no newline yet) "
         "across all connections; past it, the largest are printed in "
         "pieces, with a warning, as --max-event-bytes does; this keeps "
         "memory bounded whatever peers send (default: %d, 64 MiB)"
         % MAX_BUFFER_BYTES)
     parser.add_argument(
-        "-n", "--count", metavar="N", type=argument_type(positive(int), "N"),
+        "-n", "--count", metavar="N",
+        type=argument_type(bounded(int, 1, COUNT_LIMIT), "N"),
         help="stop after N events (exit 0)")
     parser.add_argument(
-        "-t", "--timeout", metavar="SECONDS",
-        type=argument_type(positive(float), "seconds"),
+        "-t", "--timeout", metavar="SECONDS", type=seconds,
         help="stop after SECONDS (exit 0; exit 1 if --count was given and "
         "not reached)")
     parser.add_argument(
-        "--stats", metavar="SECONDS",
-        type=argument_type(positive(float), "seconds"),
+        "--stats", metavar="SECONDS", type=seconds,
         help="print a status line with the counters (events, bytes, events/s, "
         "open connections) every SECONDS, for logs; even with -q. SIGUSR1 "
         "prints one at once (not on Windows)")
@@ -1145,13 +1501,29 @@ def build_parser() -> argparse.ArgumentParser:
 # --- Peers --------------------------------------------------------------------
 
 class Admission:
-    """Decide which peers are served: --allow, and how many at once."""
+    """Decide which peers are served: --allow, --max-per-host and how many
+    at once; count the rejected, and say so without flooding the log."""
 
     def __init__(self, settings: Settings, console: Console) -> None:
         self.allow = settings.allow
         self.max_connections = settings.max_connections
+        self.max_per_host = settings.max_per_host
         self.console = console
+        self.per_host = collections.Counter()
         self.accepted = self.rejected = 0
+        # Rejections in the REJECT_WINDOW under way: lines shown, and not.
+        self.window_ends = 0.0
+        self.shown = self.hidden = 0
+
+    def refusal(self, address: tuple) -> Optional[str]:
+        """Return why a peer from address may not connect, or None."""
+        if self.allow and not self.allowed(address[0]):
+            return ""
+        host = peer_host(address[0])
+        if self.max_per_host and self.per_host[host] >= self.max_per_host:
+            return ": %s from %s already (--max-per-host)" % (
+                plural(self.per_host[host], "connection"), host)
+        return None
 
     def allowed(self, host: str) -> bool:
         """Tell whether a peer from host may connect (--allow)."""
@@ -1162,13 +1534,48 @@ class Admission:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self.allow)
 
+    def joined(self, conn: Connection) -> None:
+        self.accepted += 1
+        self.per_host[conn.host] += 1
+
+    def left(self, conn: Connection) -> None:
+        self.per_host[conn.host] -= 1
+        if not self.per_host[conn.host]:
+            del self.per_host[conn.host]
+
     def full(self, open_connections: int) -> bool:
         return open_connections >= self.max_connections
 
-    def reject(self, address: tuple) -> None:
-        """Count a peer outside --allow, and say so."""
+    def reject(self, address: tuple, why: str) -> None:
+        """Count a peer refused, and say so: a few lines a window, then
+        one line for the rest (see flush)."""
         self.rejected += 1
-        self.console.status("Rejected connection from " + format_peer(address))
+        now = time.monotonic()
+        if now >= self.window_ends:
+            self.flush()
+            self.window_ends = now + REJECT_WINDOW
+            self.shown = 0
+        if self.shown < REJECT_LINES:
+            self.shown += 1
+            self.console.status("Rejected connection from %s%s"
+                                % (format_peer(address), why))
+        else:
+            self.hidden += 1
+
+    def due(self) -> Optional[float]:
+        """Return when flush() has a line to print, or None."""
+        return self.window_ends if self.hidden else None
+
+    def flush(self) -> None:
+        """Print the count of rejections not shown one by one."""
+        if self.hidden:
+            self.console.status("Rejected %s more %s in the last %s (not "
+                                "shown one by one)" % (
+                                    format_count(self.hidden),
+                                    plural(self.hidden, "connection")[
+                                        len(format_count(self.hidden)) + 1:],
+                                    format_duration(REJECT_WINDOW)))
+            self.hidden = 0
 
     def out_of_descriptors(self, open_connections: int) -> None:
         """Serve no more than are open now: the system has no descriptor
@@ -1197,24 +1604,41 @@ def selector_capacity(selector: selectors.BaseSelector) -> Optional[int]:
 
 
 class Connection:
-    """One peer: its socket, its framing, and when it last sent."""
+    """One peer: its socket, its framing, when it last sent and when its
+    unfinished event began."""
 
     def __init__(self, sock: socket.socket, address: tuple,
                  max_event_bytes: int) -> None:
         self.sock = sock
         self.address = address[:2]
         self.peer = format_peer(address)
+        self.host = peer_host(address[0])
         self.framer = EventFramer(max_event_bytes)
         self.events = 0
         self.last_active = time.monotonic()
+        self.event_started = None
 
     def read(self, buffer: bytearray, size: int):
         """Read once into buffer: return a block of whole events (maybe
         empty), None when the peer closed, or raise OSError (reset)."""
         block = self.framer.read(self.sock.recv_into, buffer, size)
         if block is not None:
-            self.last_active = time.monotonic()
+            now = self.last_active = time.monotonic()
+            if not self.framer.pending:
+                self.event_started = None
+            elif block or self.event_started is None:
+                self.event_started = now  # an event began in this read
         return block
+
+    def overdue(self, now: float, idle_timeout: Optional[float],
+                event_timeout: float) -> str:
+        """Return why the connection should close now, or ""."""
+        if idle_timeout and now - self.last_active >= idle_timeout:
+            return "idle for %g s" % idle_timeout
+        if self.event_started is not None and \
+                now - self.event_started >= event_timeout:
+            return "event unfinished after %g s" % event_timeout
+        return ""
 
     @property
     def held(self) -> int:
@@ -1390,8 +1814,11 @@ class Listener:
     """Accept any number of peers and write their events, never interleaved.
 
     One selectors loop serves every peer; each registered socket carries
-    the function that handles it.  Timers (--timeout, --idle-timeout, the
-    counters) ride on the loop's wake-ups; signals arrive on a socket.
+    the function that handles it.  Timers (--timeout, the connections'
+    deadlines, the counters) ride on the loop's wake-ups; signals arrive on
+    a socket.  While the output is a pipe that takes nothing, the loop
+    waits on a second selector that holds only the pipe and the signals:
+    peers wait in their sockets, and Ctrl+C or SIGTERM still stops it.
     """
 
     backlog = 1024
@@ -1408,6 +1835,7 @@ class Listener:
         self.budget = BufferBudget(settings.max_buffer_bytes)
         self.stats = Stats(self.counters, self.console, settings.stats)
         self.selector = selectors.DefaultSelector()
+        self.stall_selector = selectors.DefaultSelector()
         self.connections = {}
         # One receive buffer for every connection: the loop reads one
         # connection at a time, and a buffer per peer would cost megabytes.
@@ -1415,12 +1843,15 @@ class Listener:
             else RECV_SIZE
         self.buffer = bytearray(settings.max_event_bytes + 1 + RECV_SIZE)
         self.bytes = 0
+        # Unfinished events that were never written: the output failed.
+        self.abandoned = 0
         self.stopping = False
         self.draining = False
         self.stop_now = False
         self.reopen_requested = False
         self.accepting = True
         self.server = None
+        self.next_sweep = 0.0
 
     def counters(self) -> tuple:
         """Return (events written, bytes received, open connections)."""
@@ -1435,8 +1866,9 @@ class Listener:
 
     def watch_signals(self, reader: socket.socket) -> None:
         """Act on the signal numbers that arrive on reader."""
-        self.selector.register(reader, selectors.EVENT_READ,
-                               functools.partial(self.take_signals, reader))
+        take = functools.partial(self.take_signals, reader)
+        self.selector.register(reader, selectors.EVENT_READ, take)
+        self.stall_selector.register(reader, selectors.EVENT_READ, take)
 
     def bind(self) -> None:
         """Listen where the settings say, and say where that is."""
@@ -1503,34 +1935,39 @@ class Listener:
 
     def serve(self) -> int:
         """Serve until stopped; write out what was received; return the
-        exit status."""
+        exit status (raise OutputFailed if events could not be written)."""
         timeout = self.settings.timeout
-        idle = self.settings.idle_timeout
         started = time.monotonic()
         deadline = started + timeout if timeout else None
-        sweep_every = min(1.0, (idle or 4.0) / 4)
-        next_sweep = started + sweep_every
+        self.next_sweep = started + self.sweep_every()
         timed_out = False
         while not self.stopping:
             now = time.monotonic()
-            wakeups = [t for t in (deadline, idle and next_sweep,
-                                   self.stats.due) if t]
-            wait = max(0.0, min(wakeups) - now) if wakeups else None
-            for key, _ in self.selector.select(wait):
+            due = [t for t in (deadline, self.next_sweep, self.stats.due,
+                               self.admission.due()) if t is not None]
+            wait = min(max(0.0, min(due) - now), LONGEST_WAIT)
+            if self.output.stalled():
+                self.wait_for_output(now + wait)
+            for key, _ in self.selector.select(
+                    0 if self.output.stalled() else wait):
                 key.data()
                 if self.stopping:
                     break
             if self.reopen_requested:
-                self.reopen_output()
+                self.reopen_requested = False
+                self.sink.reopen()
             now = time.monotonic()
-            if idle and now >= next_sweep:
-                self.close_idle(now)
-                next_sweep = now + sweep_every
+            if now >= self.next_sweep:
+                self.sweep(now)
             if deadline is not None and now >= deadline:
                 self.stopping = timed_out = True
             if self.stats.due is not None and now >= self.stats.due:
                 self.stats.tick(now)
+            if self.admission.due() is not None and \
+                    now >= self.admission.due():
+                self.admission.flush()
         self.drain()
+        self.admission.flush()
         count = self.settings.count
         if timed_out and count and not self.sink.full():
             self.warn("timeout: received %s of %s" % (
@@ -1538,17 +1975,38 @@ class Listener:
             return 1
         return 0
 
-    def reopen_output(self) -> None:
-        """Act on SIGHUP: open --output anew (after logrotate), and say so."""
-        self.reopen_requested = False
-        path = self.settings.output
-        if not self.output.reopen():
-            self.warn("cannot reopen %s; still writing to the file it was"
-                      % path)
-        elif path:
-            self.status("Reopened " + path)
-        else:
-            self.status("SIGHUP: writing to stdout, no file to reopen")
+    def sweep_every(self) -> float:
+        """Return how often to look for connections past their time."""
+        every = min(1.0, self.settings.event_timeout / 4)
+        if self.settings.idle_timeout:
+            every = min(every, self.settings.idle_timeout / 4)
+        if not self.accepting:
+            every = min(every, 0.25)  # a waiting peer may be given a place
+        return every
+
+    def sweep(self, now: float) -> None:
+        """Close connections past their time; make room for a waiting
+        peer when all places are taken."""
+        settings = self.settings
+        for conn in list(self.connections.values()):
+            why = conn.overdue(now, settings.idle_timeout,
+                               settings.event_timeout)
+            if why:
+                self.remove(conn, why)
+        self.make_room(now)
+        self.next_sweep = now + self.sweep_every()
+
+    def make_room(self, now: float) -> None:
+        """Close the connection silent longest, if long enough, when a
+        peer waits and every place is taken."""
+        if self.accepting or self.stopping or not self.connections or \
+                not readable_now(self.server):
+            return
+        conn = min(self.connections.values(), key=lambda c: c.last_active)
+        silent = now - conn.last_active
+        if silent >= EVICT_IDLE_SECONDS:
+            self.remove(conn, "silent for %s, its place given to a waiting "
+                        "peer" % format_duration(silent))
 
     def accept(self) -> None:
         """Take the peers waiting to connect, as many as may be served."""
@@ -1571,14 +2029,15 @@ class Listener:
                 if not self.connections:
                     time.sleep(0.1)  # no close will wake us: do not spin
             return False
-        if not self.admission.allowed(address[0]):
-            self.admission.reject(address)
+        why = self.admission.refusal(address)
+        if why is not None:
+            self.admission.reject(address, why)
             sock.close()
             return True
         sock.setblocking(False)
         conn = Connection(sock, address, self.settings.max_event_bytes)
         self.connections[sock] = conn
-        self.admission.accepted += 1
+        self.admission.joined(conn)
         self.selector.register(sock, selectors.EVENT_READ,
                                functools.partial(self.serve_peer, conn))
         self.status("Connection from " + conn.peer)
@@ -1588,9 +2047,12 @@ class Listener:
         if self.accepting and self.admission.full(len(self.connections)):
             self.accepting = False
             self.selector.unregister(self.server)
+            self.next_sweep = min(self.next_sweep,
+                                  time.monotonic() + self.sweep_every())
             self.warn("%s open (--max-connections); new ones wait until "
-                      "one closes" % plural(len(self.connections),
-                                            "connection"))
+                      "one closes or has been silent for %g s" % (
+                          plural(len(self.connections), "connection"),
+                          EVICT_IDLE_SECONDS))
 
     def resume_accepting(self) -> None:
         if not self.accepting and not self.stopping:
@@ -1600,20 +2062,17 @@ class Listener:
 
     def serve_peer(self, conn: Connection) -> None:
         """Receive from conn; a bug it triggers costs only that peer."""
-        if conn.sock not in self.connections:
-            return  # closed earlier in this round
+        if conn.sock not in self.connections or self.output.stalled():
+            return  # closed earlier in this round, or nowhere to write
         try:
             self.take_turn(conn)
-        except (UserError, BrokenPipeError):
+        except UserError:
             raise
         except Exception as exc:  # a last line of defence, not flow control
             self.warn("dropping %s after an internal error: %r"
                       % (conn.peer, exc))
             if conn.sock in self.connections:
-                self.selector.unregister(conn.sock)
-                del self.connections[conn.sock]
-                conn.sock.close()
-                self.resume_accepting()
+                self.forget(conn)
 
     def take_turn(self, conn: Connection) -> None:
         """Read from conn while its reads fill the buffer and none waits."""
@@ -1628,7 +2087,7 @@ class Listener:
         """Tell whether another peer, a new one or a signal is waiting."""
         # Asking costs a system call and a list of every ready peer: with
         # other peers connected, let the next round find out.
-        if len(self.connections) > 1:
+        if len(self.connections) > 1 or self.output.stalled():
             return True
         return any(key.fileobj is not conn.sock
                    for key, _ in self.selector.select(0))
@@ -1687,19 +2146,18 @@ class Listener:
             self.warn_split(conn)
         if block:
             self.emit(block, conn)
-        self.selector.unregister(conn.sock)
-        del self.connections[conn.sock]
-        conn.sock.close()
+        self.forget(conn)
         self.status("Closed %s%s: %s" % (
             conn.peer, " (%s)" % why if why else "",
             plural(conn.events, "event")))
-        self.resume_accepting()
 
-    def close_idle(self, now: float) -> None:
-        limit = self.settings.idle_timeout
-        for conn in list(self.connections.values()):
-            if now - conn.last_active >= limit:
-                self.remove(conn, "idle for %g s" % limit)
+    def forget(self, conn: Connection) -> None:
+        """Close conn's socket and give its place to the next peer."""
+        self.selector.unregister(conn.sock)
+        del self.connections[conn.sock]
+        self.admission.left(conn)
+        conn.sock.close()
+        self.resume_accepting()
 
     def take_signals(self, wakeup: socket.socket) -> None:
         try:
@@ -1707,14 +2165,38 @@ class Listener:
         except OSError:
             return
         for number in signals:
-            if number == getattr(signal, "SIGHUP", None):
+            if number == getattr(signal, "SIGHUP", None) and \
+                    not (self.output.terminal and not self.settings.output):
                 self.reopen_requested = True
             elif number == getattr(signal, "SIGUSR1", None):
                 self.stats.print_line()  # as dd does
-            elif self.draining:
-                self.stop_now = True  # asked to stop again: now
+            elif self.draining or number == getattr(signal, "SIGHUP", None):
+                # Asked to stop again, or the terminal we write to hung
+                # up: there is no one to write out to.
+                self.stopping = self.stop_now = True
             else:
                 self.stopping = True
+
+    def wait_for_output(self, deadline: float) -> bool:
+        """Wait until a stalled pipe took what waits, or the deadline;
+        tell whether it did."""
+        output = self.output
+        while output.stalled() and not self.stop_now and \
+                (self.draining or not self.stopping):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.stall_selector.register(output.fd, selectors.EVENT_WRITE)
+            try:
+                keys = self.stall_selector.select(left)
+            finally:
+                self.stall_selector.unregister(output.fd)
+            for key, _ in keys:
+                if key.fileobj == output.fd:
+                    output.flush()
+                else:
+                    key.data()
+        return not output.stalled()
 
     def drain(self) -> None:
         """Write out what the kernel already accepted for us, then close."""
@@ -1722,7 +2204,8 @@ class Listener:
         deadline = time.monotonic() + self.drain_seconds
         # Peers in the accept queue completed their handshake and what they
         # sent was acknowledged: it counts as delivered, so take it too.
-        while not self.sink.full() and time.monotonic() < deadline:
+        while not self.sink.full() and time.monotonic() < deadline and \
+                not self.stop_now:
             if not self.accept_one():
                 break
         self.close_server()
@@ -1739,7 +2222,8 @@ class Listener:
             except OSError:
                 pass
         quiet_for = self.drain_quiet_seconds
-        while self.connections and not self.sink.full():
+        while self.connections and not self.sink.full() and \
+                self.wait_for_output(deadline):
             now = time.monotonic()
             for conn in list(self.connections.values()):
                 if now - conn.last_active >= quiet_for:
@@ -1752,6 +2236,18 @@ class Listener:
                 key.data()
         for conn in list(self.connections.values()):
             self.remove(conn)
+        if not self.wait_for_output(deadline):
+            raise OutputFailed("gave up writing to %s: nothing read it for "
+                               "%s" % (self.output.name, format_duration(
+                                   self.drain_seconds)))
+
+    def abandon(self) -> None:
+        """Count the unfinished events no one will write (the output
+        failed), and close their connections."""
+        for conn in list(self.connections.values()):
+            if conn.held:
+                self.abandoned += 1
+            self.forget(conn)
 
     def close_server(self) -> None:
         if self.server is not None:
@@ -1767,17 +2263,26 @@ class Listener:
             conn.sock.close()
         self.connections.clear()
         self.selector.close()
+        self.stall_selector.close()
 
     def summary(self) -> str:
         """Say what was written, and what came in that was not."""
-        unwritten = self.sink.unwritten
+        unwritten = self.sink.not_written() + self.abandoned
         extra = (" (%s more received, not written)" % format_count(
             unwritten)) if unwritten else ""
         return "Stopped: %s%s, %s received, %s, %s rejected" % (
-            plural(self.sink.events, "event"), extra,
+            plural(self.sink.written(), "event"), extra,
             format_bytes(self.bytes),
             plural(self.admission.accepted, "connection"),
             format_count(self.admission.rejected))
+
+
+def readable_now(sock: socket.socket) -> bool:
+    """Tell whether a socket has something to read (a peer to accept)."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def signal_numbers(names: tuple = LOOP_SIGNALS) -> list:
@@ -1814,7 +2319,8 @@ def main(argv: Optional[list] = None) -> int:
     settings = Settings.from_arguments(parser.parse_args(argv))
     prog = parser.prog
     try:
-        output = Output(settings.output)
+        output = Output(settings.output, 2 if settings.format == "text"
+                        else 1)
     except UserError as exc:
         print("%s: error: %s" % (prog, exc), file=sys.stderr)
         return 1
@@ -1826,14 +2332,17 @@ def main(argv: Optional[list] = None) -> int:
     try:
         listener.bind()
         status = listener.serve()
+    except OutputFailed as exc:
+        # What was lost is said even with -q: the summary counts it.
+        listener.abandon()
+        console.line(listener.summary())
+        console.line("%s: error: %s" % (prog, exc))
+        if not settings.output:
+            silence_stdout()
+        status = 1
     except UserError as exc:
         console.line("%s: error: %s" % (prog, exc))
         status = 1
-    except BrokenPipeError:
-        console.clear()
-        # Our reader went away (| head): stop quietly, as cat would.
-        silence_stdout()
-        status = 0
     else:
         listener.status(listener.summary())
     finally:

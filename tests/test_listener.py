@@ -86,10 +86,13 @@ class FramingTest(unittest.TestCase):
                 listener.send(payload)
                 listener.wait_stdout(1)
                 if fmt == "json":
+                    # Not "\\xff", which a literal backslash could write:
+                    # \udcff, which no text holds (surrogateescape).
+                    self.assertIn(b"bad \\udcff\\udcfe byte \\udce2\\udc82 "
+                                  b"and \xe2\x82\xac", bytes(listener.out))
                     record = json.loads(listener.out)
-                    self.assertEqual(record["event"],
-                                     "bad \\xff\\xfe byte \\xe2\\x82 "
-                                     "and \u20ac")
+                    self.assertEqual(record["event"].encode(
+                        "utf-8", "surrogateescape"), payload[:-1])
                 else:
                     self.assertEqual(bytes(listener.out), expected[fmt])
                 listener.send(b"still alive\n")
@@ -250,7 +253,7 @@ class FormatTest(unittest.TestCase):
                           ("text", b"evil \\x1b]0;owned\\x07 \\x1b[2J\\x9b "
                                    b"title\\x9b"),
                           ("json", b'"evil \\u001b]0;owned\\u0007 '
-                                   b'\\u001b[2J\\\\x9b title\\u009b"')):
+                                   b'\\u001b[2J\\udc9b title\\u009b"')):
             with self.subTest(fmt):
                 out = self.run_on_terminal(fmt, event)
                 self.assertIn(want, out)
@@ -343,7 +346,9 @@ class StopTest(unittest.TestCase):
                 self.assertNotIn("Traceback", listener.stderr_text)
                 self.assertIn("Stopped: 13 events", listener.stderr_text)
 
-    def test_closed_stdout_ends_quietly(self):
+    def test_closed_stdout_is_an_error_with_what_was_not_written(self):
+        # A reader that went away (| consumer died) must not look like a
+        # normal stop: systemd's Restart=on-failure needs the exit status.
         reader = subprocess.Popen(["head", "-n", "1"], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE)
         try:
@@ -367,8 +372,13 @@ class StopTest(unittest.TestCase):
                         except OSError:
                             break
                         time.sleep(0.01)
-                self.assertEqual(listener.finish(), 0)
-                self.assertNotIn("Traceback", listener.stderr_text)
+                self.assertEqual(listener.finish(), 1)
+                err = listener.stderr_text
+                self.assertNotIn("Traceback", err)
+                self.assertRegex(err, r"Stopped: [\d,]+ events? \([\d,]+ "
+                                      r"more received, not written\)")
+                self.assertRegex(err.splitlines()[-1], r"error: cannot "
+                                 r"write to stdout: Broken pipe$")
         finally:
             reader.stdout.close()
             reader.wait(TIMEOUT)

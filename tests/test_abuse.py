@@ -1,0 +1,378 @@
+"""A hostile peer, a failing output, absurd numbers: the listener holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+from unittest import mock
+
+from support import LISTENER, TIMEOUT, TUTORIAL_EVENTS, Listener, Process
+
+import listen_events_cybertrace as lec
+
+KNOWN = "".join(e + "\n" for e in TUTORIAL_EVENTS).encode()
+
+
+def shapes(first: int, count: int) -> bytes:
+    """Return count events of ever-new shapes, all with six "=": one bucket
+    of the formatter's, as an attacker would aim at."""
+    return b"".join(b"- k%d=1 a=2 b=3 c=4 d=5 e=6\n" % number
+                    for number in range(first, first + count))
+
+
+class JsonPlanCacheTest(unittest.TestCase):
+    """Ever-new shapes cost their own events, not the known templates'."""
+
+    def test_plans_are_bounded_and_known_templates_stay_quick(self):
+        built = []
+        tries = []
+        original = lec.JsonPlan.__init__
+
+        def counting(plan, event):
+            original(plan, event)
+            built.append(plan)
+            match = plan.match
+
+            def counted(line):
+                tries.append(line)
+                return match(line)
+            plan.match = counted
+
+        formatter = lec.JsonFormatter()
+        with mock.patch.object(lec.JsonPlan, "__init__", counting):
+            for _ in range(3):  # the known templates get their plans
+                formatter.format(KNOWN, lec.split_lines(KNOWN), "p", 0.0,
+                                 False)
+            started = time.monotonic()
+            for first in range(0, 20000, 100):
+                block = shapes(first, 100)
+                formatter.format(block, lec.split_lines(block), "x", 0.0,
+                                 False)
+            took = time.monotonic() - started
+            # Compiling is paced: a burst, then a few a second.
+            self.assertLessEqual(len(built), 4 + formatter.build_burst +
+                                 formatter.builds_per_second * took + 1)
+            self.assertLessEqual(formatter.plans(), formatter.max_plans)
+            del tries[:]
+            lines = lec.split_lines(KNOWN * 50)
+            out = formatter.format(KNOWN * 50, lines, "p", 0.0, False)
+        # Each known event tries its own plan, and at most one other.
+        self.assertLessEqual(len(tries), 2 * len(lines))
+        for line, record in zip(lines, out.splitlines()):
+            self.assertEqual(json.loads(record)["fields"],
+                             lec.parse_fields(line[:-1].decode()))
+
+    def test_the_listener_under_ever_new_shapes(self):
+        with Listener("-f", "json") as listener:
+            for first in range(0, 3000, 30):  # short connections
+                listener.send(shapes(first, 30))
+            listener.send(KNOWN * 500)
+            listener.wait_stdout(3000 + 4 * 500)
+            records = [json.loads(line) for line in
+                       bytes(listener.out).splitlines()]
+        self.assertEqual([r["event"] for r in records[3000:3004]],
+                         TUTORIAL_EVENTS)
+        for record in records:
+            self.assertEqual(record["fields"],
+                             lec.parse_fields(record["event"]))
+
+
+class SlowPeerTest(unittest.TestCase):
+    def test_an_event_trickled_byte_by_byte_has_a_deadline(self):
+        # A byte every 0.1 s keeps --idle-timeout 0.4 from ever firing.
+        with Listener("-f", "raw", "--idle-timeout", "0.4",
+                      "--event-timeout", "0.8") as listener, \
+                listener.connect() as slow:
+            port = slow.getsockname()[1]
+            deadline = time.monotonic() + TIMEOUT
+            sent = b""
+            try:
+                while "Closed" not in listener.stderr_text and \
+                        time.monotonic() < deadline:
+                    slow.sendall(b"s")
+                    sent += b"s"
+                    time.sleep(0.1)
+            except OSError:
+                pass  # closed while we sent
+            listener.wait_stderr(r"Closed 127\.0\.0\.1:%d \(event unfinished "
+                                 r"after 0\.8 s\): 1 event" % port)
+            listener.wait_stdout(1)
+            self.assertTrue(sent.startswith(bytes(listener.out)[:-1]))
+            self.assertGreaterEqual(len(listener.out), 5)
+
+
+class FullHouseTest(unittest.TestCase):
+    def test_idle_peers_give_their_place_to_one_that_waits(self):
+        with Listener("-f", "raw", "--max-connections", "3") as listener:
+            idle = [listener.connect() for _ in range(3)]
+            try:
+                listener.wait_stderr("3 connections open")
+                with listener.connect() as late:
+                    late.sendall(b"late\n")
+                    listener.wait_stdout(1, timeout=TIMEOUT)
+                self.assertEqual(bytes(listener.out), b"late\n")
+                listener.wait_stderr(r"Closed 127\.0\.0\.1:\d+ \(silent for "
+                                     r"\S+ s, its place given to a waiting "
+                                     r"peer\): 0 events")
+            finally:
+                for sock in idle:
+                    sock.close()
+
+    def test_one_host_takes_at_most_max_per_host(self):
+        with Listener("-f", "raw", "--max-per-host", "2") as listener:
+            kept = [listener.connect() for _ in range(2)]
+            try:
+                listener.wait_for(lambda: listener.stderr_text.count(
+                    "Connection from") == 2, what="two connections")
+                with listener.connect() as third:
+                    third.settimeout(TIMEOUT)
+                    try:
+                        self.assertEqual(third.recv(1), b"")
+                    except ConnectionResetError:
+                        pass
+                listener.wait_stderr(r"Rejected connection from 127\.0\.0\.1:"
+                                     r"\d+: 2 connections from 127\.0\.0\.1 "
+                                     r"already \(--max-per-host\)")
+                # Another host is still served.
+                with socket.socket() as other:
+                    other.bind(("127.0.0.2", 0))
+                    other.settimeout(TIMEOUT)
+                    other.connect(listener.address)
+                    other.sendall(b"from 127.0.0.2\n")
+                listener.wait_stdout(1)
+                kept[0].sendall(b"still served\n")
+                listener.wait_stdout(2)
+            finally:
+                for sock in kept:
+                    sock.close()
+            self.assertEqual(listener.stop(), 0)
+            self.assertIn(", 1 rejected", listener.stderr_text)
+
+    def test_rejected_lines_are_few_and_counted(self):
+        with Listener("-f", "raw", "--allow", "192.0.2.0/24") as listener:
+            for _ in range(200):
+                with listener.connect():
+                    pass
+            listener.wait_stderr(r"Rejected connection from")
+            self.assertEqual(listener.stop(), 0)
+            err = listener.stderr_text
+        self.assertEqual(len(re.findall(r"Rejected connection from", err)),
+                         lec.REJECT_LINES)
+        self.assertIn("Rejected %d more connections in the last 10 s (not shown one by "
+                      "one)" % (200 - lec.REJECT_LINES), err)
+        self.assertIn(", 200 rejected", err)
+
+
+def read(path: str) -> bytes:
+    """Return a file's bytes, or b"" if it is not there (yet)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def limited_listener(limit: int, *args: str) -> list:
+    """Return a command line that runs the listener with files limited to
+    limit bytes: a write past it fails halfway, as on a full disk."""
+    code = ("import os, resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (%d, %d))\n"
+            "os.execv(sys.executable, [sys.executable, %r, '-l', "
+            "'127.0.0.1:0', *sys.argv[1:]])\n" % (limit, limit,
+                                                   str(LISTENER)))
+    return [sys.executable, "-c", code, *args]
+
+
+class OutputFailureTest(unittest.TestCase):
+    def test_a_full_disk_leaves_whole_events_and_counts_the_rest(self):
+        for fmt, lines in (("raw", 1), ("text", 2)):
+            with self.subTest(fmt), tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "events.log")
+                events = [b"event=%d pad=%s" % (i, b"p" * 40)
+                          for i in range(1000)]
+                with Process(limited_listener(10000, "-f", fmt, "-o", path)) \
+                        as listener:
+                    found = listener.wait_stderr(r"Starting on \S+:(\d+)")
+                    with socket.create_connection(
+                            ("127.0.0.1", int(found.group(1))), TIMEOUT) \
+                            as sock:
+                        sock.sendall(b"\n".join(events) + b"\n")
+                    self.assertEqual(listener.finish(), 1)
+                    err = listener.stderr_text
+                with open(path, "rb") as f:
+                    data = f.read()
+                self.assertTrue(data.endswith(b"\n"), data[-80:])
+                written = data.count(b"\n") // lines
+                want = events[:written]
+                if fmt == "text":
+                    want = [b"Received:\n" + e for e in want]
+                self.assertEqual(data, b"".join(e + b"\n" for e in want))
+                self.assertNotIn("Traceback", err)
+                self.assertIn("Stopped: %s (%s more received, not written)"
+                              % (lec.plural(written, "event"),
+                                 lec.format_count(1000 - written)), err)
+                self.assertRegex(err.strip().splitlines()[-1],
+                                 r"error: cannot write to .*events\.log: "
+                                 r"File too large$")
+
+    def test_a_failed_reopen_says_why_and_is_tried_again(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "logs")
+            os.mkdir(folder)
+            path = os.path.join(folder, "events.log")
+            with Listener("-f", "raw", "-o", path) as listener:
+                listener.send(b"one\n")
+                listener.wait_for(lambda: os.path.getsize(path) == 4)
+                os.rename(path, os.path.join(tmp, "events.log.1"))
+                os.rmdir(folder)  # logrotate's folder is gone: no reopen
+                listener.signal(signal.SIGHUP)
+                listener.wait_stderr(
+                    r"warning: cannot reopen %s: No such file or directory; "
+                    r"still writing to the file it was, trying again on the "
+                    r"next SIGHUP or write" % re.escape(path))
+                os.mkdir(folder)
+                # The next writes try again (once a second) until it opens.
+                deadline = time.monotonic() + TIMEOUT
+                while "Reopened" not in listener.stderr_text and \
+                        time.monotonic() < deadline:
+                    listener.send(b"two\n")
+                    time.sleep(0.2)
+                listener.wait_stderr("Reopened %s\n" % re.escape(path))
+                listener.send(b"three\n")
+                listener.wait_for(lambda: read(path).endswith(b"three\n"))
+                self.assertEqual(listener.stop(), 0)
+
+    def test_a_stalled_pipe_does_not_stop_sigterm(self):
+        reader, writer = os.pipe()
+        try:
+            with Listener("-f", "raw", stdout=writer) as listener:
+                os.close(writer)
+                writer = None
+                with listener.connect() as sock:
+                    sock.settimeout(0.5)
+                    sent = 0
+                    # The pipe (64 KiB) fills; then the listener's socket.
+                    try:
+                        while sent < 64 * 1024 * 1024:
+                            sock.sendall(b"x" * 99 + b"\n")
+                            sent += 100
+                    except socket.timeout:
+                        pass
+                    self.assertGreater(sent, 65536)
+                    listener.signal(signal.SIGTERM)
+                    self.assertEqual(listener.finish(timeout=TIMEOUT), 1)
+                err = listener.stderr_text
+                self.assertRegex(err, r"Stopped: [\d,]+ events \([\d,]+ more "
+                                      r"received, not written\)")
+                self.assertRegex(err.strip().splitlines()[-1],
+                                 r"error: gave up writing to stdout: nothing "
+                                 r"read it for 2\.0 s$")
+                # What is in the pipe is whole events.
+                data = b""
+                while True:
+                    chunk = os.read(reader, 65536)  # the writer is gone
+                    if not chunk:
+                        break
+                    data += chunk
+                self.assertTrue(data.endswith(b"\n"))
+                self.assertEqual(set(data.splitlines()), {b"x" * 99})
+        finally:
+            os.close(reader)
+            if writer is not None:
+                os.close(writer)
+
+    def test_a_fifo_nobody_reads_is_an_error_not_a_hang(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            fifo = os.path.join(tmp, "fifo")
+            os.mkfifo(fifo)
+            proc = subprocess.run([sys.executable, str(LISTENER), "-o", fifo,
+                                   "-l", "127.0.0.1:0"], capture_output=True,
+                                  text=True, timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr, r"^\S+: error: cannot open .*fifo: "
+                                      r"No such device or address\n$")
+
+    def test_a_terminal_that_hangs_up_stops_the_listener(self):
+        primary, secondary = pty.openpty()
+        try:
+            with Listener("-f", "raw", stdout=secondary) as listener:
+                os.close(secondary)
+                secondary = None
+                listener.send(b"seen\n")
+                got = b""
+                deadline = time.monotonic() + TIMEOUT
+                while b"seen" not in got and time.monotonic() < deadline:
+                    got += os.read(primary, 1024)
+                listener.signal(signal.SIGHUP)
+                self.assertEqual(listener.finish(), 0)
+                self.assertIn("Stopped: 1 event,", listener.stderr_text)
+                self.assertNotIn("reopen", listener.stderr_text)
+        finally:
+            os.close(primary)
+            if secondary is not None:
+                os.close(secondary)
+
+
+class EscapeTest(unittest.TestCase):
+    EVENT = b"a\x1b]0;owned\x07b \xc2\x9b k=\x1b[2J\n"
+
+    def test_escape_makes_files_and_pipes_safe_to_cat_and_jq(self):
+        for fmt in ("raw", "text", "json"):
+            with self.subTest(fmt), \
+                    Listener("-f", fmt, "--escape") as listener:
+                listener.send(self.EVENT)
+                listener.wait_stdout(2 if fmt == "text" else 1)
+                out = bytes(listener.out)
+                if fmt == "json":
+                    record = json.loads(out)
+                    # What jq -r prints: visible text, no control.
+                    self.assertEqual(record["event"],
+                                     "a\\x1b]0;owned\\x07b \\x9b k=\\x1b[2J")
+                    self.assertEqual(record["fields"], {"k": "\\x1b[2J"})
+                else:
+                    self.assertIn(b"a\\x1b]0;owned\\x07b \\x9b k=\\x1b[2J\n",
+                                  out)
+                for control in (b"\x1b", b"\x07", b"\xc2\x9b"):
+                    self.assertNotIn(control, out)
+
+    def test_status_lines_escape_file_names(self):
+        proc = subprocess.run([sys.executable, str(LISTENER), "-o",
+                               "/nonexistent/\x1b]0;owned\x07.log"],
+                              capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(b"cannot open /nonexistent/\\x1b]0;owned\\x07.log",
+                      proc.stderr)
+        self.assertNotIn(b"\x1b", proc.stderr)
+
+
+class NumberBoundsTest(unittest.TestCase):
+    def test_absurd_numbers_are_one_line_errors(self):
+        for args in (("-t", "1e10"), ("--stats", "1e10"),
+                     ("--idle-timeout", "1e-300"),
+                     ("--event-timeout", "1e-300"),
+                     ("--max-event-bytes", "100000000000"),
+                     ("--max-buffer-bytes", "1" + "0" * 30),
+                     ("--max-connections", "1000000000"),
+                     ("--max-per-host", "0"), ("-n", "1" + "0" * 20)):
+            with self.subTest(args=args):
+                proc = subprocess.run(
+                    [sys.executable, str(LISTENER), *args],
+                    capture_output=True, text=True, timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertEqual(len(proc.stderr.splitlines()), 1)
+                self.assertRegex(proc.stderr, r"error: argument .*: must be "
+                                              r"from [\d.,]+ to [\d.,]+$")
+
+
+if __name__ == "__main__":
+    unittest.main()
