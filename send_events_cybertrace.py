@@ -31,7 +31,7 @@ from listen_events_cybertrace import (
     LISTEN_ADDR, LISTEN_PORT, EmbeddedListener, EventFramer, OneLineParser,
     UserError, argument_type, chunk_receive, format_address, format_bytes,
     format_count, format_duration, format_raw, keep_freed_memory,
-    parse_address, parse_fields, parse_response, plural, positive,
+    bounded, parse_address, parse_fields, parse_response, plural, SECONDS,
     split_lines, __version__)
 
 try:
@@ -69,6 +69,10 @@ TERMINAL_NOTICE = ("Reading events from the terminal, one per line; %s to "
 # Files smaller than this go out before a progress line could mean anything.
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 PROGRESS_INTERVAL = 0.25  # seconds between redraws, as pv's few a second
+# --rate's bounds: at the least one event every 100 s, so that a wait for
+# the next never overflows a timer.
+RATE = (0.01, 1e9)
+REPEAT_LIMIT = 10 ** 9
 
 # Indicators that Kaspersky keeps in its feeds so that CyberTrace always
 # detects them, with the field each belongs in and the kind of record that
@@ -1486,7 +1490,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "indicators came back (the demo feeds detect 3)")
     parser.add_argument(
         "-t", "--timeout", metavar="SECONDS",
-        type=argument_type(positive(float), "seconds"),
+        type=argument_type(bounded(float, *SECONDS), "seconds"),
         help="give up when connecting, sending or waiting for an answer "
         "stalls this long (default: %g); with --check, how long to wait for "
         "the detections, all included (default: %g)"
@@ -1503,10 +1507,10 @@ def build_parser() -> argparse.ArgumentParser:
         "send buffer's worth of bytes are resent. Input is not read while "
         "disconnected. Not with --ping, --reply-back or --check")
     parser.add_argument("--rate", metavar="EPS",
-                        type=argument_type(positive(float), "EPS"),
+                        type=argument_type(bounded(float, *RATE), "EPS"),
                         help="send at most EPS events per second")
     parser.add_argument("--repeat", metavar="N", default=1,
-                        type=argument_type(positive(int), "N"),
+                        type=argument_type(bounded(int, 1, REPEAT_LIMIT), "N"),
                         help="send the input N times")
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true",

@@ -432,13 +432,6 @@ class FakeCyberTrace:
         self.close()
 
 
-def retries(text: str) -> int:
-    value = lec.parse_number(int, text)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     address = lec.argument_type(lec.parse_address, "address")
@@ -478,13 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
         "alert and the detection of an event nobody here sent (192.0.2.10), "
         "as a busy site would")
     parser.add_argument(
-        "--retries", metavar="N", type=lec.argument_type(retries, "N"),
+        "--retries", metavar="N", type=lec.argument_type(lec.bounded(int, 0, 100), "N"),
         default=RETRIES, help="try a failed delivery again N times "
         "(default: %d)" % RETRIES)
     parser.add_argument(
         "--retry-interval", metavar="SECONDS",
-        type=lec.argument_type(lec.positive(float),
-                                   "seconds"),
+        type=lec.argument_type(lec.bounded(float, 0.01, 3600),
+                               "seconds"),
         default=RETRY_INTERVAL,
         help="between tries (default: %g)" % RETRY_INTERVAL)
     parser.set_defaults(feeds="demo")
