@@ -255,21 +255,23 @@ def split_lines(block) -> list:
     return io.BytesIO(block).readlines()
 
 
-def chunk_receive(connection: socket.socket) -> Iterator[bytes]:
+def chunk_receive(connection: socket.socket,
+                  size: int = RECV_SIZE) -> Iterator[bytes]:
     """Yield data from the connection until the peer closes it."""
     while True:
-        data = connection.recv(RECV_SIZE)
+        data = connection.recv(size)
         if not data:
             return
         yield data
 
 
 def receive_blocks(connection: socket.socket, first: bytes = b"",
-                   max_event_bytes: int = MAX_EVENT_BYTES) -> Iterator[bytes]:
+                   max_event_bytes: int = MAX_EVENT_BYTES,
+                   size: int = RECV_SIZE) -> Iterator[bytes]:
     """Yield blocks of whole events (bytes) until the peer closes; first
     is what was already read from the connection."""
     framer = EventFramer(max_event_bytes)
-    chunks = chunk_receive(connection)
+    chunks = chunk_receive(connection, size)
     if first:
         block = framer.feed(first)
         if block:
@@ -494,6 +496,9 @@ class LiveLine:
     # Columns blanked beyond the line when it is cleared: a terminal echoes
     # ^C after it, and that must go too where Ctrl+C ends the program.
     margin = 0
+    # A program that must never wait on stderr (the listener: its loop
+    # serves signals) drops a line that a full pipe cannot take now.
+    never_block = False
 
     def __init__(self, live: bool = False) -> None:
         self.live = live
@@ -518,15 +523,14 @@ class LiveLine:
             sys.stderr.flush()
             if self.pipe_flags is False:
                 try:
-                    self.pipe_flags = pipe_flags(sys.stderr.fileno())
+                    self.pipe_flags = pipe_flags(sys.stderr.fileno()) \
+                        if self.never_block else None
                 except (OSError, ValueError, AttributeError):
                     self.pipe_flags = None  # not a file (a test's StringIO)
             if self.pipe_flags is None:
                 sys.stderr.write(text)
                 sys.stderr.flush()
             else:
-                # A pipe nobody reads must not hold the program: a line it
-                # cannot take now is dropped.
                 write_now(sys.stderr.fileno(), text.encode(
                     sys.stderr.encoding or "utf-8", "backslashreplace"),
                     self.pipe_flags)
@@ -598,6 +602,22 @@ def keep_freed_memory() -> None:
     mallopt(m_mmap_threshold, 16 << 20)
 
 
+def peer_gone(sock: socket.socket) -> str:
+    """Return why the peer of a connection we only write to is gone, if it
+    closed or reset, else ""."""
+    # As rsyslog's omfwd does before a send: a peer that closed while we
+    # waited must not get events that only its kernel would take.
+    try:
+        if not select.select([sock], [], [], 0)[0] or \
+                sock.recv(1, socket.MSG_PEEK):
+            return ""
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return ""
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "closed by the peer"
+
+
 def silence_stdout() -> None:
     """Point stdout at the null device once its reader went away (| head),
     so that nothing more is written there, at exit neither."""
@@ -606,19 +626,53 @@ def silence_stdout() -> None:
     os.close(devnull)
 
 
+def write_stdout(data: bytes) -> None:
+    """Write data to stdout now; UserError if it cannot take it.
+
+    A reader that went away (| head, a consumer that died) is an error, as
+    for the listener's events: a service manager must see it fail.
+    """
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        silence_stdout()
+        raise UserError("cannot write to stdout: Broken pipe") from None
+    except (OSError, AttributeError, ValueError) as exc:
+        raise UserError("cannot write to stdout: %s" % (
+            getattr(exc, "strerror", None) or exc)) from None
+
+
+class Silence(LiveLine):
+    """A console that prints nothing: an embedder says what matters."""
+
+    quiet = True
+
+    def write(self, text: str) -> None:
+        pass
+
+    def status(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+
 class EmbeddedListener:
     """A quiet listener inside another program (the sender's --check).
 
     Same framing and connection handling as the command line's; each block
-    of whole events (bytes, one b"\\n" each) goes to take(block) instead of
-    stdout.  serve() runs it (in a thread of the owner's), stop() ends
-    serve() from any thread, close() frees its sockets.
+    of whole events (bytes, one b"\\n" each) goes to take(block, peer)
+    instead of stdout; allow, as --allow, lets only those networks in.
+    serve() runs it (in a thread of the owner's), stop() ends serve() from
+    any thread, close() frees its sockets.
     """
 
-    def __init__(self, address: tuple,
-                 take: Callable[[bytes], None]) -> None:
-        settings = Settings(listen=address, format="raw", quiet=True)
-        self.listener = Listener(settings, Handover(take))
+    def __init__(self, address: tuple, take: Callable[[bytes, str], None],
+                 allow: Optional[list] = None) -> None:
+        settings = Settings(listen=address, format="raw", quiet=True,
+                            allow=allow)
+        self.listener = Listener(settings, Handover(take), Silence())
         # Its owner stops it once it has what it waited for: a moment's
         # quiet then tells that nothing more is on its way.
         self.listener.drain_seconds = 0.5
@@ -642,6 +696,12 @@ class EmbeddedListener:
     def accepted(self) -> int:
         """How many connections it took."""
         return self.listener.admission.accepted
+
+    @property
+    def rejected(self) -> tuple:
+        """How many connections it refused (--allow), and the first's peer."""
+        admission = self.listener.admission
+        return admission.rejected, admission.first_rejected
 
     def stop(self) -> None:
         """Make serve() write out what arrived and return, from any thread."""
@@ -1014,8 +1074,8 @@ class Output:
         """Tell whether events wait for a pipe's reader to take them."""
         return bool(self.pending)
 
-    def write(self, data) -> None:
-        """Write events; what a stalled pipe cannot take waits."""
+    def write(self, data, peer: str = "") -> None:
+        """Write events (from peer); what a stalled pipe cannot take waits."""
         if self.pending:
             self.pending += data
             return
@@ -1186,8 +1246,8 @@ class Handover:
     def __init__(self, take: Callable[[bytes], None]) -> None:
         self.take = take
 
-    def write(self, data) -> None:
-        self.take(bytes(data))
+    def write(self, data, peer: str = "") -> None:
+        self.take(bytes(data), peer)
 
     def stalled(self) -> bool:
         return False
@@ -1236,7 +1296,7 @@ class EventSink:
         if self.output.reopen_due():
             self.reopen()
         self.output.write(self.format(block, lines, peer, time.time(),
-                                      self.escape))
+                                      self.escape), peer)
         return len(lines)
 
     def reopen(self) -> None:
@@ -1511,6 +1571,7 @@ class Admission:
         self.console = console
         self.per_host = collections.Counter()
         self.accepted = self.rejected = 0
+        self.first_rejected = ""
         # Rejections in the REJECT_WINDOW under way: lines shown, and not.
         self.window_ends = 0.0
         self.shown = self.hidden = 0
@@ -1550,6 +1611,7 @@ class Admission:
         """Count a peer refused, and say so: a few lines a window, then
         one line for the rest (see flush)."""
         self.rejected += 1
+        self.first_rejected = self.first_rejected or format_peer(address)
         now = time.monotonic()
         if now >= self.window_ends:
             self.flush()
@@ -2326,6 +2388,7 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     keep_freed_memory()
     console = Console.for_stderr(settings.quiet)
+    console.never_block = True
     listener = Listener(settings, output, console)
     listener.admission.fit_selector(listener.selector)
     pair = install_signals(listener)

@@ -6,33 +6,54 @@ its detections to its configured output (see listen_events_cybertrace.py).
 --reply-back asks CyberTrace to answer on the same connection instead, and
 --ping checks that the service is up.  --check ADDR:PORT is the lab check:
 it listens where CyberTrace delivers, sends the test events and says what
-came back, or which link is broken (see check()).
+came back, or which link is broken (LabCheck).
+
+The file, top to bottom:
+
+- Ctrl+C and SIGTERM: counts are never torn (HoldInterrupts).
+- Events in: files, stdin, -e, --test-events; framing, --repeat, --rate.
+- Acknowledgements: AckLedger counts whole events the peer's TCP took;
+  Connection is a socket with a ledger.
+- --reconnect: Backoff, Outage and Resender.
+- --reply-back, --ping, and the progress line.
+- The lab check: Arrivals, Probe, LabCheck, CheckResult and diagnose().
+- The command line and main().
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import ipaddress
 import itertools
 import os
-import re
 import random
+import re
 import select
 import signal
 import socket
 import stat
 import sys
+import tempfile
 import threading
 import time
-from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional
+from typing import BinaryIO, Iterable, Iterator, List, Optional
 
-from listen_events_cybertrace import (
-    LISTEN_ADDR, LISTEN_PORT, EmbeddedListener, EventFramer, OneLineParser,
-    UserError, argument_type, chunk_receive, format_address, format_bytes,
-    format_count, format_duration, format_raw, keep_freed_memory,
-    bounded, parse_address, parse_fields, parse_response, plural, SECONDS,
-    split_lines, __version__)
+try:
+    from listen_events_cybertrace import (
+        LISTEN_ADDR, LISTEN_PORT, SECONDS, Console, EmbeddedListener,
+        EventFramer, OneLineParser, RateMeter, UserError, argument_type,
+        bounded, escape_controls, format_address,
+        format_bytes, format_count, format_duration, format_progress,
+        interface_addresses, keep_freed_memory, parse_address, parse_fields,
+        parse_response, peer_gone, plural, receive_blocks, resolved_addresses,
+        split_lines, write_stdout,
+        __version__)
+except ImportError:  # copied alone, without the module it shares code with
+    sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
+             "folder (it holds the framing and the lab check's listener)"
+             % os.path.basename(sys.argv[0] or "send_events_cybertrace.py"))
 
 try:
     from fcntl import ioctl
@@ -73,6 +94,9 @@ PROGRESS_INTERVAL = 0.25  # seconds between redraws, as pv's few a second
 # the next never overflows a timer.
 RATE = (0.01, 1e9)
 REPEAT_LIMIT = 10 ** 9
+# --repeat reads a pipe once and keeps it in a temporary file to send
+# again: at most this much, so that an endless pipe cannot fill the disk.
+SPOOL_LIMIT = 1024 * 1024 * 1024
 
 # Indicators that Kaspersky keeps in its feeds so that CyberTrace always
 # detects them, with the field each belongs in and the kind of record that
@@ -98,7 +122,13 @@ TEST_RECORDS = [
     ("md5", "D8C1F5B4AD32296649FF46027177C594", "Vulnerability hash"),
     ("md5", "7A8F30B40C6564EFF95E678F7C43346C", "ICS hash"),
 ]
-DEMO_INDICATORS = [(field, value) for field, value, _ in TEST_RECORDS]
+TEST_FIELDS = [(field, value) for field, value, _ in TEST_RECORDS]
+TEST_INDICATORS = [value for _, value, _ in TEST_RECORDS]
+
+# Status lines, warnings and the progress line, on stderr; main() sets -q.
+console = Console()
+# The progress line erases the ^C a terminal echoes after it too.
+console.margin = 2
 
 
 class SendError(UserError):
@@ -117,6 +147,8 @@ class Interrupted(Exception):
     """Ctrl+C or SIGTERM: the message says what got through."""
 
 
+# --- Ctrl+C and SIGTERM ----------------------------------------------------
+
 class HoldInterrupts:
     """Hold Ctrl+C while a count is updated; raise it when done.
 
@@ -125,7 +157,7 @@ class HoldInterrupts:
     """
 
     holding = False
-    held = False
+    pending = False  # a Ctrl+C came while holding
     number = None  # the signal that stopped us: SIGINT, SIGTERM, SIGBREAK
     stopping = False  # a first Ctrl+C is being reported: ignore the next
 
@@ -134,8 +166,8 @@ class HoldInterrupts:
 
     def __exit__(self, *exc) -> None:
         HoldInterrupts.holding = False
-        if HoldInterrupts.held:
-            HoldInterrupts.held = False
+        if HoldInterrupts.pending:
+            HoldInterrupts.pending = False
             raise KeyboardInterrupt
 
     @staticmethod
@@ -144,7 +176,7 @@ class HoldInterrupts:
             return
         HoldInterrupts.number = number
         if HoldInterrupts.holding:
-            HoldInterrupts.held = True
+            HoldInterrupts.pending = True
         else:
             raise KeyboardInterrupt
 
@@ -152,22 +184,33 @@ class HoldInterrupts:
 HOLD_INTERRUPTS = HoldInterrupts()
 
 
-def install_interrupt_handler():
-    """Route Ctrl+C through HoldInterrupts; return what to restore."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return None  # Ctrl+C is ignored (nohup, cron) or not ours to take
-    HoldInterrupts.held = HoldInterrupts.stopping = False
-    return signal.signal(signal.SIGINT, HoldInterrupts.on_interrupt)
+def install_interrupt_handlers() -> list:
+    """Make Ctrl+C, SIGTERM (systemctl stop, kill) and Ctrl+Break stop us
+    with the counts; return what to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    HoldInterrupts.pending = HoldInterrupts.stopping = False
+    restore = []
+    for name, default in (("SIGINT", signal.default_int_handler),
+                          ("SIGTERM", signal.SIG_DFL),
+                          ("SIGBREAK", signal.SIG_DFL)):
+        number = getattr(signal, name, None)
+        # Ignored (nohup, cron) or someone else's: not ours to take.
+        if number is not None and signal.getsignal(number) is default:
+            restore.append((number, signal.signal(
+                number, HoldInterrupts.on_interrupt)))
+    return restore
 
 
-def install_terminate_handler():
-    """Make SIGTERM (systemctl stop, kill) stop us as Ctrl+C does, counts
-    and all; return what to restore."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
-    return signal.signal(signal.SIGTERM, HoldInterrupts.on_interrupt)
+def interrupted_status(prog: str, detail: str = "") -> int:
+    """Say that Ctrl+C or SIGTERM stopped us; return 130 or 143."""
+    terminated = HoldInterrupts.number == getattr(signal, "SIGTERM", None)
+    # On a terminal, write over the ^C it echoed.
+    erase = "\r" if console.on_stderr() else ""
+    console.line("%s%s: %s%s" % (erase, prog, "terminated" if terminated
+                                 else "interrupted",
+                                 ": " + detail if detail else ""))
+    return 143 if terminated else 130
 
 
 def leave_signals_to_main() -> None:
@@ -179,20 +222,13 @@ def leave_signals_to_main() -> None:
                                                   signal.SIGTERM})
 
 
-def warn(message: str) -> None:
-    """Print a warning on stderr, above the progress line; -q keeps it."""
-    line = "warning: " + message
-    if Progress.showing is not None:
-        Progress.showing.print_above(line)
-    else:
-        print(line, file=sys.stderr, flush=True)
+# --- Events in ------------------------------------------------------------
 
-
-def demo_events() -> List[bytes]:
+def test_events() -> List[bytes]:
     """Return one realistic event line per test indicator."""
     stamp = time.strftime("%b %d %H:%M:%S")
     events = []
-    for number, (field, value) in enumerate(DEMO_INDICATORS, 1):
+    for number, (field, value) in enumerate(TEST_FIELDS, 1):
         if field == "url":
             detail = "act=allowed src=198.51.100.7 url=%s" % value
         elif field == "dst":
@@ -225,12 +261,13 @@ def frame_lines(lines: Iterable[bytes]) -> Iterator[tuple]:
             yield block, count
 
 
-def frame_stream(name: str, stream: BinaryIO, check_binary: bool = True,
-                 tally: Optional[list] = None) -> Iterator[tuple]:
+def frame_file(name: str, source: BinaryIO, sniff: bool = True,
+               tally: Optional[list] = None) -> Iterator[tuple]:
     """Yield (block, events) read from a file, one event per line.
 
-    tally[0] grows by the bytes read and not sent (a CR, a blank line, the
-    start of an unfinished line): with the bytes sent, how far the file went.
+    sniff: warn if the first read looks binary.  tally[0] grows by the
+    bytes read and not sent (a CR, a blank line, the start of an
+    unfinished line): with the bytes sent, how far the file went.
     """
     # Events are not split on the way out: CyberTrace splits long ones.
     framer = EventFramer(sys.maxsize)
@@ -239,17 +276,18 @@ def frame_stream(name: str, stream: BinaryIO, check_binary: bool = True,
     while True:
         try:
             before = framer.received
-            block = framer.read(stream.readinto, buffer, READ_SIZE)
+            block = framer.read(source.readinto, buffer, READ_SIZE)
         except OSError as exc:
             raise UserError("cannot read %s: %s" % (name, exc.strerror))
         if block is None:
             break
-        if check_binary:
-            check_binary = False
+        if sniff:
+            sniff = False
             # The first read is still whole at the start of the buffer.
             if buffer.find(b"\0", 0, framer.received) >= 0:
-                warn("%s looks binary (NUL bytes in its first %d KiB); "
-                     "sending it as it is" % (name, READ_SIZE // 1024))
+                console.warn("%s looks binary (NUL bytes in its first %d "
+                             "KiB); sending it as it is"
+                             % (name, READ_SIZE // 1024))
         block, count = drop_blank_lines(block)
         dropped = framer.received - before - len(block)
         if count:
@@ -262,26 +300,61 @@ def frame_stream(name: str, stream: BinaryIO, check_binary: bool = True,
     tally[0] -= len(block)  # the newline added to the last line
 
 
+class Spool:
+    """Read a pipe once for --repeat, keeping what it gives in a temporary
+    file (at most SPOOL_LIMIT bytes) to read it again."""
+
+    def __init__(self, name: str, source: BinaryIO,
+                 limit: Optional[int] = None) -> None:
+        self.name = name
+        self.source = source
+        self.limit = limit or SPOOL_LIMIT
+        self.size = 0
+        self.file = tempfile.TemporaryFile()
+
+    def readinto(self, buffer) -> int:
+        got = self.source.readinto(buffer)
+        if got:
+            self.size += got
+            if self.size > self.limit:
+                raise UserError(
+                    "--repeat keeps %s to send it again, and it passed %s: "
+                    "save it to a file and give that instead" % (
+                        self.name, format_bytes(self.limit)))
+            self.file.write(memoryview(buffer)[:got])
+        return got
+
+    def replay(self) -> BinaryIO:
+        """Return the temporary file, from its start."""
+        self.file.flush()
+        self.file.seek(0)
+        return self.file
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def open_sources(args: argparse.Namespace) -> list:
     """Open every FILE now, so a missing one fails before anything is sent."""
     sources = []
-    for name in args.files or ([] if args.event or args.demo else ["-"]):
+    for name in args.files or ([] if args.event or args.test_events
+                               else ["-"]):
+        shown = "stdin" if name == "-" else escape_controls(name)
         try:
             if name == "-":
-                stream = open(sys.stdin.fileno(), "rb", buffering=0,
+                source = open(sys.stdin.fileno(), "rb", buffering=0,
                               closefd=False)
             else:
-                stream = open(name, "rb", buffering=0)
+                source = open(name, "rb", buffering=0)
         except OSError as exc:
             close_sources(sources)
-            raise UserError("cannot read %s: %s" % (
-                "stdin" if name == "-" else name, exc.strerror))
-        sources.append(("stdin" if name == "-" else name, stream))
+            raise UserError("cannot read %s: %s" % (shown, exc.strerror))
+        sources.append((shown, source))
     if args.event:
         sources.append(("--event", [e.encode("utf-8", "surrogateescape")
                                     for e in args.event]))
-    if args.demo:
-        sources.append(("--demo", demo_events()))
+    if args.test_events:
+        sources.append(("--test-events", test_events()))
     return sources
 
 
@@ -294,23 +367,27 @@ def close_sources(sources: list) -> None:
 def event_blocks(sources: list, repeat: int,
                  tally: Optional[list] = None) -> Iterator[tuple]:
     """Yield (block, events) from every source, repeat times over."""
-    kept = {}
-    for round_number in range(repeat):
-        for index, (name, source) in enumerate(sources):
-            if isinstance(source, list):
-                yield from frame_lines(source)
-            elif index in kept:
-                yield from kept[index]
-            elif repeat > 1 and not source.seekable():
-                # A pipe can be read once: keep it to send it again.
-                kept[index] = [(bytes(block), count) for block, count in
-                               frame_stream(name, source, True, tally)]
-                yield from kept[index]
-            else:
-                if round_number:
-                    source.seek(0)
-                yield from frame_stream(name, source, not round_number,
-                                        tally)
+    spools = {}
+    try:
+        for round_number in range(repeat):
+            for index, (name, source) in enumerate(sources):
+                if isinstance(source, list):
+                    yield from frame_lines(source)
+                elif index in spools:
+                    yield from frame_file(name, spools[index].replay(),
+                                          False, tally)
+                elif repeat > 1 and not source.seekable():
+                    # A pipe can be read once: keep it to send it again.
+                    spools[index] = Spool(name, source)
+                    yield from frame_file(name, spools[index], True, tally)
+                else:
+                    if round_number:
+                        source.seek(0)
+                    yield from frame_file(name, source, not round_number,
+                                          tally)
+    finally:
+        for spool in spools.values():
+            spool.close()
 
 
 def some_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
@@ -323,32 +400,53 @@ def some_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
     return itertools.chain([first], blocks)
 
 
-def connect(address: tuple, timeout: float) -> socket.socket:
-    """Connect to CyberTrace or raise a one-line UserError."""
-    where = format_address(*address)
-    try:
-        return socket.create_connection(address, timeout=timeout)
-    except socket.gaierror as exc:
-        raise UserError("cannot resolve %s: %s" % (address[0], exc.strerror))
-    except socket.timeout:
-        raise UserError("cannot connect to %s: timed out after %g s"
-                        % (where, timeout))
-    except OSError as exc:
-        raise UserError("cannot connect to %s: %s" % (where, exc.strerror))
+def paced(blocks: Iterable[tuple], rate: float,
+          clock=time.monotonic) -> Iterator[tuple]:
+    """Yield the events of blocks in batches, rate events per second."""
+    started = clock()
+    sent = 0
+    for block, _ in blocks:
+        events = bytes(block)[:-1].split(b"\n")
+        taken = 0
+        while taken < len(events):
+            elapsed = clock() - started
+            due = int(elapsed * rate) + 1 - sent
+            if due <= 0:
+                time.sleep(sent / rate - elapsed)
+                continue
+            batch = events[taken:taken + due]
+            taken += len(batch)
+            sent += len(batch)
+            yield b"\n".join(batch) + b"\n", len(batch)
 
 
-def unacknowledged_bytes(sock: socket.socket) -> Optional[int]:
-    """Return how many sent bytes the peer has not acknowledged yet, or
-    None where the kernel cannot tell (Windows)."""
-    try:
-        if ioctl is not None:
-            answer = ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
-            return int.from_bytes(answer, sys.byteorder)
-        if SO_NWRITE is not None:
-            return sock.getsockopt(socket.SOL_SOCKET, SO_NWRITE)
-    except OSError:
-        pass
-    return None
+def source_bytes(sources: list, repeat: int) -> Optional[int]:
+    """Return how many bytes the sources hold, or None if one is a pipe."""
+    total = 0
+    for _, source in sources:
+        if isinstance(source, list):
+            total += sum(len(event) + 1 for event in source)
+            continue
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        total += info.st_size - source.tell()
+    return total * repeat
+
+
+def reading_terminal(sources: list) -> bool:
+    """Return whether a source is the terminal a person types on."""
+    return any(not isinstance(source, list) and source.isatty()
+               for _, source in sources)
+
+
+# --- Acknowledgements ---------------------------------------------------------
+
+def count_lines(block, end: int) -> int:
+    """Count the events in the first end bytes of a block."""
+    if isinstance(block, memoryview):
+        return block.obj.count(b"\n", 0, min(end, len(block)))
+    return block.count(b"\n", 0, end)
 
 
 def event_start(block, offset: int) -> int:
@@ -358,31 +456,20 @@ def event_start(block, offset: int) -> int:
     return block.rfind(b"\n", 0, offset) + 1
 
 
-def say_sent(sent: int, acknowledged: int) -> str:
-    return "%s sent, %s acknowledged" % (plural(sent, "event"),
-                                          format_count(acknowledged))
+class AckLedger:
+    """What went out on one connection, and how much of it the peer's TCP
+    acknowledged, counted in whole events.  No socket: the caller says what
+    the kernel took (took, sent) and what it holds unacknowledged
+    (acknowledge).
 
+    Blocks are reused buffers, so only the tail that may not have arrived
+    is copied: (offset, events before it, bytes), from an event's start.
+    """
 
-def count_lines(block, end: int) -> int:
-    """Count the events in the first end bytes of a block."""
-    if isinstance(block, memoryview):
-        return block.obj.count(b"\n", 0, min(end, len(block)))
-    return block.count(b"\n", 0, end)
-
-
-class Stream:
-    """A connection that counts what it sent and what the peer acknowledged."""
-
-    def __init__(self, sock: socket.socket, where: str) -> None:
-        self.sock = sock
-        self.where = where
+    def __init__(self) -> None:
         self.events = 0  # events handed whole to the kernel
         self.bytes = 0
-        self.acked = 0  # bytes the peer's TCP acknowledged, when last asked
-        # What the peer may not have acknowledged yet, from the start of an
-        # event, to count the events that arrived if the connection fails
-        # and to send them again: (offset, events before it, bytes).
-        # Blocks are reused buffers, so only this tail is copied.
+        self.acked = 0  # bytes acknowledged, when last asked
         self.tails = []
         self.sending = None  # (block, offset, events before it) in flight
         # Where the kernel cannot tell what the peer acknowledged, what it
@@ -391,53 +478,34 @@ class Stream:
         self.measured = True
         self.keep = 0
 
-    def send(self, block, events: int) -> None:
-        start, before = self.bytes, self.events
-        self.sending = block, start, before
-        view = memoryview(block)
-        try:
-            while view:
-                # Wait here, where Ctrl+C is harmless, so that the send
-                # itself returns at once and its count is never lost.
-                if not select.select([], [self.sock], [],
-                                     self.sock.gettimeout())[1]:
-                    raise socket.timeout
-                with HOLD_INTERRUPTS:
-                    sent = self.sock.send(view)
-                    view = view[sent:]
-                    self.bytes += sent
-        except socket.timeout:
-            self.update_acked()
-            raise SendError("timed out sending to %s after %g s: %s"
-                            % (self.where, self.sock.gettimeout(),
-                               self.progress(block, start, before)),
-                            "no progress for %g s" % self.sock.gettimeout())
-        except OSError as exc:
-            # After a reset the kernel forgets its queue: keep the count
-            # from before, a lower bound.
-            raise SendError("connection to %s lost: %s (%s)"
-                            % (self.where, exc.strerror,
-                               self.progress(block, start, before)),
-                            exc.strerror)
-        with HOLD_INTERRUPTS:
-            self.events += events
-            self.sending = None
-            self.update_acked()
-            kept = self.kept_from()
-            if kept < self.bytes:
-                cut = event_start(block, max(0, kept - start))
-                tail = bytes(memoryview(block)[cut:])
-                # Mostly a short tail is unacknowledged: count that only.
-                self.tails.append((start + cut,
-                                   self.events - tail.count(b"\n"), tail))
+    def begin(self, block) -> None:
+        """Start sending block."""
+        self.sending = block, self.bytes, self.events
 
-    def update_acked(self) -> None:
-        """Ask the kernel how much the peer acknowledged."""
-        queued = unacknowledged_bytes(self.sock)
-        if queued is None:
+    def took(self, count: int) -> None:
+        """Count bytes of the block in flight that the kernel took."""
+        self.bytes += count
+
+    def sent(self, events: int) -> None:
+        """The kernel took the whole block in flight, of events events."""
+        block, start, _ = self.sending
+        self.events += events
+        self.sending = None
+        kept = self.kept_from()
+        if kept < self.bytes:
+            cut = event_start(block, max(0, kept - start))
+            tail = bytes(memoryview(block)[cut:])
+            # Mostly a short tail is unacknowledged: count that only.
+            self.tails.append((start + cut, self.events - tail.count(b"\n"),
+                               tail))
+
+    def acknowledge(self, unacknowledged: Optional[int]) -> None:
+        """Take the kernel's count of bytes not acknowledged yet (None: it
+        cannot tell)."""
+        if unacknowledged is None:
             self.measured = False
-            queued = 0
-        self.acked = max(self.acked, self.bytes - queued)
+            unacknowledged = 0
+        self.acked = max(self.acked, self.bytes - unacknowledged)
         kept = self.kept_from()
         while self.tails and \
                 self.tails[0][0] + len(self.tails[0][2]) <= kept:
@@ -458,18 +526,8 @@ class Stream:
             return before + count_lines(block, max(0, self.acked - start))
         return self.events
 
-    def progress(self, block=None, start: int = 0, before: int = 0) -> str:
-        return "%s sent, %s acknowledged by the peer" % (
-            plural(self.events, "event"),
-            format_count(self.delivered(block, start, before)))
-
-    def interrupted(self) -> str:
-        """Say what got through when Ctrl+C stopped us, anywhere."""
-        return say_sent(*self.counts())
-
     def counts(self) -> tuple:
         """Return the events sent and acknowledged, even within a send."""
-        self.update_acked()
         sent, acked = self.events, self.delivered()
         if self.sending is not None:
             # Stopped within a block: count its events the kernel took whole.
@@ -478,6 +536,119 @@ class Stream:
             acked = self.delivered(block, start, before)
         return sent, min(acked, sent)
 
+    def unacknowledged(self, first: int) -> list:
+        """Return (block, events, number) for what the peer may not have
+        acknowledged, from the start of its first event; first numbers the
+        connection's first event."""
+        kept = self.kept_from()
+        window = []
+        for offset, before, tail in self.tails:
+            if offset + len(tail) <= kept:
+                continue
+            if offset < kept:
+                cut = tail.rfind(b"\n", 0, kept - offset) + 1
+                before += tail.count(b"\n", 0, cut)
+                tail = tail[cut:]
+            window.append((tail, tail.count(b"\n"), first + before))
+        return window
+
+
+def unacknowledged_bytes(sock: socket.socket) -> Optional[int]:
+    """Return how many sent bytes the peer has not acknowledged yet, or
+    None where the kernel cannot tell (Windows)."""
+    try:
+        if ioctl is not None:
+            answer = ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
+            return int.from_bytes(answer, sys.byteorder)
+        if SO_NWRITE is not None:
+            return sock.getsockopt(socket.SOL_SOCKET, SO_NWRITE)
+    except OSError:
+        pass
+    return None
+
+
+def say_sent(sent: int, acknowledged: int) -> str:
+    return "%s sent, %s acknowledged" % (plural(sent, "event"),
+                                          format_count(acknowledged))
+
+
+def connect(address: tuple, timeout: float) -> socket.socket:
+    """Connect to CyberTrace or raise a one-line UserError."""
+    where = format_address(*address)
+    try:
+        return socket.create_connection(address, timeout=timeout)
+    except socket.gaierror as exc:
+        raise UserError("cannot resolve %s: %s" % (address[0], exc.strerror))
+    except socket.timeout:
+        raise UserError("cannot connect to %s: timed out after %g s"
+                        % (where, timeout))
+    except OSError as exc:
+        raise UserError("cannot connect to %s: %s" % (where, exc.strerror))
+
+
+class Connection:
+    """A connection to CyberTrace's input, with the ledger of what it sent
+    and what the peer acknowledged."""
+
+    def __init__(self, sock: socket.socket, where: str) -> None:
+        self.sock = sock
+        self.where = where
+        self.ledger = AckLedger()
+
+    @property
+    def events(self) -> int:
+        return self.ledger.events
+
+    @property
+    def bytes(self) -> int:
+        return self.ledger.bytes
+
+    def send(self, block, events: int) -> None:
+        """Send a block of events whole, or raise SendError with counts."""
+        ledger = self.ledger
+        ledger.begin(block)
+        view = memoryview(block)
+        try:
+            while view:
+                # Wait here, where Ctrl+C is harmless, so that the send
+                # itself returns at once and its count is never lost.
+                if not select.select([], [self.sock], [],
+                                     self.sock.gettimeout())[1]:
+                    raise socket.timeout
+                with HOLD_INTERRUPTS:
+                    sent = self.sock.send(view)
+                    view = view[sent:]
+                    ledger.took(sent)
+        except socket.timeout:
+            self.update_acked()
+            raise SendError("timed out sending to %s after %g s: %s"
+                            % (self.where, self.sock.gettimeout(),
+                               self.progress()),
+                            "no progress for %g s" % self.sock.gettimeout())
+        except OSError as exc:
+            # After a reset the kernel forgets its queue: keep the count
+            # from before, a lower bound.
+            raise SendError("connection to %s lost: %s (%s)"
+                            % (self.where, exc.strerror, self.progress()),
+                            exc.strerror)
+        with HOLD_INTERRUPTS:
+            ledger.sent(events)
+            self.update_acked()
+
+    def update_acked(self) -> None:
+        """Ask the kernel how much the peer acknowledged."""
+        self.ledger.acknowledge(unacknowledged_bytes(self.sock))
+
+    def progress(self) -> str:
+        sent, acked = self.ledger.counts()
+        return "%s sent, %s acknowledged by the peer" % (
+            plural(self.ledger.events, "event"), format_count(acked))
+
+    def counts(self) -> tuple:
+        """Return the events sent and acknowledged, even within a send."""
+        self.update_acked()
+        return self.ledger.counts()
+
     def wait_delivered(self, timeout: float) -> None:
         """Wait until the peer acknowledged every byte sent, or fail."""
         deadline = time.monotonic() + timeout
@@ -485,7 +656,7 @@ class Stream:
         watch = [self.sock]
         while True:
             self.update_acked()
-            if self.acked >= self.bytes:
+            if self.ledger.acked >= self.ledger.bytes:
                 return
             if time.monotonic() >= deadline:
                 raise SendError("timed out after %g s: %s" % (
@@ -516,115 +687,79 @@ class Stream:
             pause = min(pause * 2, 0.02)
 
 
-def paced(blocks: Iterable[tuple], rate: float,
-          clock=time.monotonic) -> Iterator[tuple]:
-    """Yield the events of blocks in batches, rate events per second."""
-    started = clock()
-    sent = 0
-    for block, _ in blocks:
-        events = bytes(block)[:-1].split(b"\n")
-        done = 0
-        while done < len(events):
-            elapsed = clock() - started
-            due = int(elapsed * rate) + 1 - sent
-            if due <= 0:
-                time.sleep(sent / rate - elapsed)
-                continue
-            batch = events[done:done + due]
-            done += len(batch)
-            sent += len(batch)
-            yield b"\n".join(batch) + b"\n", len(batch)
-
-
 def echo(block) -> None:
     """Print a block's events to stderr as the tutorial does."""
-    text = format_raw(block, [], "", 0.0, sys.stderr.isatty())
-    text = bytes(text).decode("utf-8", "backslashreplace")
-    sys.stderr.write("".join("Sending:\n%s\n" % line
-                             for line in text[:-1].split("\n")))
-    sys.stderr.flush()
+    text = bytes(block).decode("utf-8", "backslashreplace")
+    if console.on_stderr():
+        text = escape_controls(text)
+    console.write("".join("Sending:\n%s\n" % line
+                          for line in text[:-1].split("\n")))
 
 
-def send_all(stream: Stream, blocks: Iterable[tuple], verbose: bool) -> None:
+def send_all(connection: Connection, blocks: Iterable[tuple],
+             verbose: bool) -> None:
     """Send every block, echoing events to stderr when verbose."""
     for block, count in blocks:
         if verbose:
             echo(block)
-        stream.send(block, count)
+        connection.send(block, count)
 
 
 # --- --reconnect: connections that come and go, nothing lost ---------------
 
-def peer_gone(sock: socket.socket) -> str:
-    """Return why the peer is gone if it closed or reset, else ""."""
-    # As rsyslog's omfwd does before a send: a peer that closed while we
-    # waited for input must not get events only its kernel would take.
-    try:
-        if not select.select([sock], [], [], 0)[0] or \
-                sock.recv(1, socket.MSG_PEEK):
-            return ""
-    except (BlockingIOError, InterruptedError, socket.timeout):
-        return ""
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return "closed by the peer"
+class Backoff:
+    """How long to wait before the next connection attempt: not at all
+    after a connection that got something across, then first, doubling up
+    to most, with jitter."""
 
-
-def touched(block, sent: int) -> int:
-    """Count the events of a block whose first byte is among sent bytes."""
-    return count_lines(block, sent - 1) + 1 if sent > 0 else 0
-
-
-def unacknowledged(stream: Stream, first: int) -> list:
-    """Return (block, events, number) for what the peer may not have
-    acknowledged, from the start of its first event; first numbers the
-    stream's first event."""
-    kept = stream.kept_from()
-    window = []
-    for offset, before, tail in stream.tails:
-        if offset + len(tail) <= kept:
-            continue
-        if offset < kept:
-            cut = tail.rfind(b"\n", 0, kept - offset) + 1
-            before += tail.count(b"\n", 0, cut)
-            tail = tail[cut:]
-        window.append((tail, tail.count(b"\n"), first + before))
-    return window
-
-
-class Resender:
-    """Send over connections that come and go (--reconnect), resending
-    from the first event the peer's TCP did not acknowledge.
-
-    Events are numbered from 0 in input order; the connection in use
-    carries events from number self.first on, so its Stream counts from
-    there.  What is held is that stream's unacknowledged tails plus the
-    block being sent: input is not read while no connection takes it.
-    """
-
-    first_delay = RECONNECT_FIRST
-    max_delay = RECONNECT_MAX
-
-    def __init__(self, address: tuple, timeout: float, where: str) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.where = where
-        self.stream = None
-        self.first = 0
-        self.taken = self.bytes = 0  # events and bytes read from the input
-        self.sent = 0  # events handed to a kernel, whole or in part
-        self.resent = self.reconnects = 0
-        # Blocks to send before reading on: (block, events, number).
-        self.pending = collections.deque()
+    def __init__(self, first: float = RECONNECT_FIRST,
+                 most: float = RECONNECT_MAX) -> None:
+        self.first = first
+        self.most = most
         self.failures = 0  # attempts and connections that got nowhere
-        self.lost = None  # (when, why) the outage began
-        self.offline = 0.0  # seconds of outages, kept out of --rate's clock
-        self.connected = False  # ever
 
-    @property
-    def events(self) -> int:
-        """Events sent: what a progress line shows."""
-        return self.sent
+    def delay(self) -> float:
+        if not self.failures:
+            return 0.0
+        return min(self.most, self.first * 2 ** (self.failures - 1))
+
+    def wait(self) -> None:
+        # Jitter: senders cut off together do not all come back at the
+        # same instant.
+        delay = self.delay()
+        if delay:
+            time.sleep(delay * random.uniform(0.75, 1.0))
+
+    def failed(self) -> None:
+        self.failures += 1
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Outage:
+    """When the connection was lost, and why; the time spent disconnected,
+    kept out of --rate's clock."""
+
+    def __init__(self) -> None:
+        self.since = None  # (when, why) the outage under way began
+        self.offline = 0.0
+
+    def begin(self, why: str) -> bool:
+        """Start an outage, unless one is under way; tell if it started."""
+        if self.since is not None:
+            return False
+        self.since = time.monotonic(), why
+        return True
+
+    def end(self) -> Optional[float]:
+        """End the outage under way; return how long it lasted."""
+        if self.since is None:
+            return None
+        took = time.monotonic() - self.since[0]
+        self.offline += took
+        self.since = None
+        return took
 
     def clock(self) -> float:
         """Return a monotonic clock that stops during outages."""
@@ -632,68 +767,100 @@ class Resender:
         # instead of catching up in a burst.
         return time.monotonic() - self.offline
 
+
+class Resender:
+    """Send over connections that come and go (--reconnect), resending
+    from the first event the peer's TCP did not acknowledge.
+
+    Events are numbered from 0 in input order; the connection in use
+    carries events from number self.first on, so its ledger counts from
+    there.  What is held is that connection's unacknowledged tails plus
+    the block being sent: input is not read while no connection takes it.
+    """
+
+    def __init__(self, address: tuple, timeout: float, where: str) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.where = where
+        self.connection = None
+        self.first = 0
+        self.taken = self.bytes = 0  # events and bytes read from the input
+        self.sent = 0  # events handed to a kernel, whole or in part
+        self.resent = self.reconnects = 0
+        # Blocks to send before reading on: (block, events, number).
+        self.queue = collections.deque()
+        self.backoff = Backoff()
+        self.outage = Outage()
+        self.connected = False  # ever
+
+    @property
+    def events(self) -> int:
+        """Events sent: what a progress line shows."""
+        return self.sent
+
     def send_all(self, blocks: Iterable[tuple], verbose: bool) -> None:
         """Send every block, then wait until the peer acknowledged all."""
         for block, count in blocks:
             if verbose:
                 echo(block)
-            self.pending.append((block, count, self.taken))
+            self.queue.append((block, count, self.taken))
             self.taken += count
             self.bytes += len(block)
             self.flush()
         self.finish()
 
     def flush(self) -> None:
-        """Send the pending blocks over as many connections as it takes."""
-        while self.pending:
-            if self.stream is None:
+        """Send the queued blocks over as many connections as it takes."""
+        while self.queue:
+            if self.connection is None:
                 self.connect()
-            block, count, number = self.pending[0]
-            why = self.check()
+            block, count, number = self.queue[0]
+            why = self.connection_lost()
             if why:
                 self.lose(why)
                 continue
-            before = self.stream.bytes
+            before = self.connection.bytes
             try:
-                self.stream.send(block, count)
+                self.connection.send(block, count)
             except SendError as exc:
-                self.count_sent(number, touched(block, self.stream.bytes -
-                                                before))
+                self.count_sent(number, touched(
+                    block, self.connection.bytes - before))
                 self.lose(exc.reason)
                 continue
             with HOLD_INTERRUPTS:
                 self.count_sent(number, count)
-                self.pending.popleft()
-            if not self.stream.measured:
-                self.stream.keep = max(self.stream.keep, send_buffer(
-                    self.stream.sock))
+                self.queue.popleft()
+            ledger = self.connection.ledger
+            if not ledger.measured:
+                ledger.keep = max(ledger.keep, send_buffer(
+                    self.connection.sock))
 
     def finish(self) -> None:
         """Wait until the peer acknowledged every event sent."""
         while True:
             self.flush()
-            if self.stream is None:
+            if self.connection is None:
                 self.connect()
                 continue
-            why = self.check()
+            why = self.connection_lost()
             if why:
                 self.lose(why)
                 continue
             try:
-                self.stream.sock.shutdown(socket.SHUT_WR)
-                self.stream.wait_delivered(self.timeout)
+                self.connection.sock.shutdown(socket.SHUT_WR)
+                self.connection.wait_delivered(self.timeout)
                 return
             except SendError as exc:
                 self.lose(exc.reason)
             except OSError as exc:
                 self.lose(exc.strerror or str(exc))
 
-    def check(self) -> str:
+    def connection_lost(self) -> str:
         """Return why the connection is gone, or "" if it seems alive."""
         # Acknowledgements that came while we waited for input shrink
         # what a lost connection makes us send twice.
-        self.stream.update_acked()
-        return peer_gone(self.stream.sock)
+        self.connection.update_acked()
+        return peer_gone(self.connection.sock)
 
     def count_sent(self, number: int, count: int) -> None:
         self.resent += max(0, min(self.sent, number + count) - number)
@@ -702,72 +869,67 @@ class Resender:
     def connect(self) -> None:
         """Connect, retrying with backoff for ever."""
         while True:
-            if self.failures:
-                delay = min(self.max_delay,
-                            self.first_delay * 2 ** (self.failures - 1))
-                # Jitter: senders cut off together do not all come back
-                # at the same instant.
-                time.sleep(delay * random.uniform(0.75, 1.0))
+            self.backoff.wait()
             try:
                 sock = socket.create_connection(self.address, self.timeout)
                 break
             except OSError as exc:
-                self.failures += 1
-                if self.lost is None:
-                    why = exc.strerror or "timed out after %g s" % (
-                        self.timeout)
-                    self.lost = time.monotonic(), why
-                    warn("cannot connect to %s (%s); retrying" % (
-                        self.where, why))
-        self.stream = Stream(sock, self.where)
-        self.stream.keep = send_buffer(sock)
-        self.first = self.pending[0][2] if self.pending else self.taken
-        if self.lost is not None:
-            took = time.monotonic() - self.lost[0]
-            self.offline += took
+                self.backoff.failed()
+                why = exc.strerror or "timed out after %g s" % self.timeout
+                if self.outage.begin(why):
+                    console.warn("cannot connect to %s (%s); retrying"
+                                 % (self.where, why))
+        self.connection = Connection(sock, self.where)
+        self.connection.ledger.keep = send_buffer(sock)
+        self.first = self.queue[0][2] if self.queue else self.taken
+        took = self.outage.end()
+        if took is not None:
             if self.connected:
                 self.reconnects += 1
                 resend = self.sent - self.first
-                warn("reconnected after %.1f s%s" % (took, "; resending %s "
-                     "not acknowledged" % plural(resend, "event")
-                     if resend else ""))
+                console.warn("reconnected after %.1f s%s" % (
+                    took, "; resending %s not acknowledged" % plural(
+                        resend, "event") if resend else ""))
             else:
-                warn("connected after %.1f s" % took)
-        self.lost = None
+                console.warn("connected after %.1f s" % took)
         self.connected = True
 
     def lose(self, why: str) -> None:
         """Close a lost connection; keep what may not have arrived."""
-        stream, self.stream = self.stream, None
+        connection, self.connection = self.connection, None
         if why == "closed by the peer":
             # It is closing: what we sent may still be read, so wait for
             # it rather than send it twice.
             try:
-                stream.sock.shutdown(socket.SHUT_WR)
-                stream.wait_delivered(self.timeout)
+                connection.sock.shutdown(socket.SHUT_WR)
+                connection.wait_delivered(self.timeout)
             except (SendError, OSError):
                 pass
-        stream.sock.close()
-        window = unacknowledged(stream, self.first)
-        self.pending.extendleft(reversed(window))
-        self.first = self.pending[0][2] if self.pending else self.taken
+        connection.sock.close()
+        window = connection.ledger.unacknowledged(self.first)
+        self.queue.extendleft(reversed(window))
+        self.first = self.queue[0][2] if self.queue else self.taken
         # A connection that got something across earns a quick retry;
         # one that got nowhere (accepted, then closed) backs off.
-        self.failures = 0 if stream.acked else self.failures + 1
-        self.lost = time.monotonic(), why
-        warn("connection to %s lost (%s) after %s; retrying" % (
+        if connection.ledger.acked:
+            self.backoff.reset()
+        else:
+            self.backoff.failed()
+        self.outage.since = None
+        self.outage.begin(why)
+        console.warn("connection to %s lost (%s) after %s; retrying" % (
             self.where, why, plural(self.sent, "event")))
 
     def counts(self) -> tuple:
         """Return the events sent and acknowledged, outage or not."""
-        if self.stream is None:
+        if self.connection is None:
             return self.sent, self.first
-        sent, acked = self.stream.counts()
+        sent, acked = self.connection.counts()
         return max(self.sent, self.first + sent), self.first + acked
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.sock.close()
+        if self.connection is not None:
+            self.connection.sock.close()
 
     def summary(self, took: float) -> str:
         line = "Sent %s, %s to %s in %.2f s" % (
@@ -778,6 +940,11 @@ class Resender:
                 plural(self.reconnects, "reconnect"),
                 plural(self.resent, "event"))
         return line
+
+
+def touched(block, sent: int) -> int:
+    """Count the events of a block whose first byte is among sent bytes."""
+    return count_lines(block, sent - 1) + 1 if sent > 0 else 0
 
 
 def send_buffer(sock: socket.socket) -> int:
@@ -793,7 +960,7 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     """
     resender = Resender(args.connect, args.timeout, where)
     if args.rate:
-        blocks = paced(blocks, args.rate, resender.clock)
+        blocks = paced(blocks, args.rate, resender.outage.clock)
     started = time.monotonic()
     progress = None
     try:
@@ -809,6 +976,8 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     return resender.summary(time.monotonic() - started)
 
 
+# --- --reply-back, --ping and the progress line -------------------------------
+
 class Replies:
     """Read CyberTrace's answers in a thread and print them to stdout."""
 
@@ -819,32 +988,28 @@ class Replies:
         self.error = None
         self.closed = False
         self.cond = threading.Condition()
-        self.terminal = sys.stdout.isatty()
+        self.escape = sys.stdout.isatty()
         self.thread = threading.Thread(target=self.read, daemon=True)
         self.thread.start()
 
     def read(self) -> None:
         leave_signals_to_main()
-        framer = EventFramer()
-        out = sys.stdout.buffer
         try:
-            for data in chunk_receive(self.sock):
-                self.take(framer.feed(data), out)
-            self.take(framer.close(), out)
+            for block in receive_blocks(self.sock):
+                self.take(block)
         except socket.timeout:
             self.error = "timed out waiting for answers"
         except OSError as exc:
             self.error = exc.strerror or str(exc)
+        except UserError as exc:
+            self.error = str(exc)
         with self.cond:
             self.closed = True
             self.cond.notify_all()
 
-    def take(self, block: bytes, out: BinaryIO) -> None:
-        if not block:
-            return
-        block = bytes(block)
-        out.write(format_raw(block, [], "", 0.0, self.terminal))
-        out.flush()
+    def take(self, block: bytes) -> None:
+        write_stdout(escape_controls(block.decode(
+            "utf-8", "backslashreplace")).encode() if self.escape else block)
         finished = block.count(FINISHED)
         if finished:
             finished = sum(FINISHED in line for line in block.split(b"\n"))
@@ -853,150 +1018,43 @@ class Replies:
             self.finished += finished
             self.cond.notify_all()
 
-    def wait_finished(self, expected: int) -> None:
+    def wait_finished(self, expected: int, timeout: float) -> None:
+        """Wait for expected LookupFinished answers, at most timeout s,
+        however slowly they trickle in."""
+        deadline = time.monotonic() + timeout
         with self.cond:
-            self.cond.wait_for(lambda: self.finished >= expected or
-                               self.closed)
-
-
-class Progress:
-    """A pv-like line on stderr: events, rate, and for files percent and ETA.
-
-    A thread redraws it a few times a second from the stream's counters, so
-    the send loop pays nothing for it; stop() erases it.
-    """
-
-    showing = None  # the line on screen: warn() prints above it
-
-    def __init__(self, stream: Stream, tally: list,
-                 total: Optional[int]) -> None:
-        self.stream = stream
-        self.base = stream.bytes  # the reply-back flags are no event
-        self.tally = tally  # tally[0]: bytes read from files and not sent
-        self.total = total  # bytes the sources hold, if known
-        self.started = time.monotonic()
-        # The rate is over the last second or so, as pv's.
-        self.samples = collections.deque([(self.started, 0)],
-                                         int(1 / PROGRESS_INTERVAL) + 1)
-        self.shown = ""  # the text on screen
-        self.width = 80
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        Progress.showing = self
-        self.thread.start()
-
-    @staticmethod
-    def wanted(args: argparse.Namespace, sources: list) -> bool:
-        """Return whether a send is long enough and watched on a terminal."""
-        if args.quiet or args.verbose or not sys.stderr.isatty() or \
-                args.reply_back and sys.stdout.isatty() or \
-                reading_terminal(sources):
-            return False  # other lines would tear it
-        total = source_bytes(sources, args.repeat)
-        return bool(args.rate) or total is None or \
-            total >= PROGRESS_MIN_BYTES
-
-    def run(self) -> None:
-        leave_signals_to_main()
-        while not self.done.wait(PROGRESS_INTERVAL):
-            with self.lock:
-                try:
-                    self.draw(self.line())
-                except OSError:  # the terminal went away: sending goes on
-                    self.shown = ""
+            while self.finished < expected and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.error = self.error or "timed out waiting for answers"
                     return
+                self.cond.wait(left)
 
-    def line(self) -> str:
-        now = time.monotonic()
-        events = self.stream.events
-        self.samples.append((now, events))
-        then, before = self.samples[0]
-        rate = (events - before) / (now - then) if now > then else 0.0
-        # As the listener's live line, with pv's percentage and ETA.
-        text = "%s  %s  %s/s" % (plural(events, "event"),
-                                 format_bytes(self.stream.bytes),
-                                 format_count(int(rate)))
-        if not self.total:
-            return text + "  " + format_duration(now - self.started)
-        done = self.stream.bytes - self.base + self.tally[0]
-        done = max(0, min(done, self.total))
-        text += "  %d%%" % (100 * done // self.total)
-        speed = done / (now - self.started)
-        if speed > 0:
-            text += "  ETA " + format_duration((self.total - done) / speed)
-        return text
-
-    def draw(self, text: str) -> None:
-        try:
-            self.width = os.get_terminal_size(sys.stderr.fileno()).columns
-        except OSError:
-            pass
-        # A line as wide as the terminal would wrap, and \r not undo it.
-        text = text[:self.width - 1]
-        # Spaces, not an ANSI erase, as the listener's live line: every
-        # console understands them.
-        gone = max(0, len(self.shown) - len(text))
-        sys.stderr.write("\r" + text + " " * gone + "\b" * gone)
-        sys.stderr.flush()
-        self.shown = text
-
-    def erase(self) -> None:
-        if self.shown:
-            self.shown, shown = "", self.shown
-            # Two more for the ^C a terminal echoes after the line.
-            blank = " " * min(len(shown) + 2, self.width - 1)
-            try:
-                sys.stderr.write("\r" + blank + "\r")
-                sys.stderr.flush()
-            except OSError:
-                pass
-
-    def print_above(self, line: str) -> None:
-        with self.lock:
-            self.erase()
-            print(line, file=sys.stderr, flush=True)
-
-    def stop(self) -> None:
-        """Stop redrawing and erase the line."""
-        self.done.set()
-        self.thread.join()
-        Progress.showing = None
-        self.erase()
-
-
-def source_bytes(sources: list, repeat: int) -> Optional[int]:
-    """Return how many bytes the sources hold, or None if one is a pipe."""
-    total = 0
-    for _, source in sources:
-        if isinstance(source, list):
-            total += sum(len(event) + 1 for event in source)
-            continue
-        info = os.fstat(source.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        total += info.st_size - source.tell()
-    return total * repeat
-
-
-def reading_terminal(sources: list) -> bool:
-    """Return whether a source is the terminal a person types on."""
-    return any(not isinstance(source, list) and source.isatty()
-               for _, source in sources)
+    def summary(self) -> str:
+        return "%s answered: %s" % (
+            plural(self.finished, "event"),
+            plural(self.events - self.finished, "detection"))
 
 
 def ping(address: tuple, timeout: float) -> float:
     """Send CyberTrace's ping; return seconds until PONG, or raise."""
     where = format_address(*address)
     started = time.monotonic()
+    deadline = started + timeout
     with connect(address, timeout) as sock:
         answer = b""
         try:
             sock.sendall(PING)
-            for data in chunk_receive(sock):
-                answer += data
-                if answer.strip() == b"PONG" or len(answer) > 64:
+            # The whole answer within the timeout, however it trickles.
+            while answer.strip() != b"PONG" and len(answer) <= 64:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout
+                sock.settimeout(left)
+                data = sock.recv(64)
+                if not data:
                     break
+                answer += data
         except socket.timeout:
             raise UserError("no PONG from %s within %g s" % (where, timeout))
         except OSError as exc:
@@ -1006,14 +1064,75 @@ def ping(address: tuple, timeout: float) -> float:
     return time.monotonic() - started
 
 
+class Progress:
+    """A pv-like line on stderr: events, rate, and for files percent and ETA.
+
+    A thread redraws it a few times a second from the sender's counters
+    (events, bytes), so the send loop pays nothing for it; stop() erases it.
+    """
+
+    def __init__(self, counters, tally: list,
+                 total: Optional[int]) -> None:
+        self.counters = counters
+        self.base = counters.bytes  # the reply-back flags are no event
+        self.tally = tally  # tally[0]: bytes read from files and not sent
+        self.total = total  # bytes the sources hold, if known
+        self.started = time.monotonic()
+        self.meter = RateMeter(self.started, int(1 / PROGRESS_INTERVAL) + 1)
+        self.stopped = threading.Event()
+        console.live = True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def wanted(args: argparse.Namespace, sources: list) -> bool:
+        """Return whether a send is long enough and watched on a terminal."""
+        if args.quiet or args.verbose or not console.on_stderr() or \
+                args.reply_back and sys.stdout.isatty() or \
+                reading_terminal(sources):
+            return False  # other lines would tear it
+        total = source_bytes(sources, args.repeat)
+        return bool(args.rate) or total is None or \
+            total >= PROGRESS_MIN_BYTES
+
+    def run(self) -> None:
+        leave_signals_to_main()
+        while not self.stopped.wait(PROGRESS_INTERVAL):
+            console.show(self.line())
+
+    def line(self) -> str:
+        now = time.monotonic()
+        events, size = self.counters.events, self.counters.bytes
+        # As the listener's live line, with pv's percentage and ETA.
+        text = format_progress(events, size, self.meter.rate(now, events))
+        if not self.total:
+            return text + "  " + format_duration(now - self.started)
+        done = size - self.base + self.tally[0]
+        done = max(0, min(done, self.total))
+        text += "  %d%%" % (100 * done // self.total)
+        speed = done / (now - self.started)
+        if speed > 0:
+            text += "  ETA " + format_duration((self.total - done) / speed)
+        return text
+
+    def stop(self) -> None:
+        """Stop redrawing and erase the line."""
+        self.stopped.set()
+        self.thread.join()
+        console.clear()
+        console.live = False
+
+
 # --- The lab check (--check) ------------------------------------------------
 #
 # One process plays the whole lab: it listens where CyberTrace delivers
 # detections (with the listener's own code), sends the test events to
 # CyberTrace's input, and matches what comes back.  Alongside, a second
 # connection asks CyberTrace directly (reply-back) which indicators it
-# detects: that tells a broken delivery from missing feeds, and lets the
-# check end as soon as everything CyberTrace detects has arrived.
+# detects: that tells a broken delivery from missing feeds, confirms that
+# what arrived is what CyberTrace detects, and lets the check end as soon
+# as everything CyberTrace detects has arrived.  Only CyberTrace's host
+# (the -c host, or --allow) may deliver.
 
 def token_pattern(indicators: List[str]) -> "re.Pattern":
     """Match any of indicators as a whole token, in any letter case."""
@@ -1030,7 +1149,6 @@ def token_pattern(indicators: List[str]) -> "re.Pattern":
                       % "|".join(alternatives), re.IGNORECASE)
 
 
-TEST_INDICATORS = [value for _, value, _ in TEST_RECORDS]
 _TEST_TOKEN = token_pattern(TEST_INDICATORS)
 
 
@@ -1053,8 +1171,42 @@ def visible(event: str, width: int = 0) -> str:
     """Return event safe to print on a terminal, cut to width if given."""
     if width and len(event) > width:
         event = event[:width - 3] + "..."
-    return bytes(format_raw(event.encode("utf-8", "surrogateescape"), [],
-                            "", 0.0, True)).decode("utf-8", "replace")
+    return escape_controls(event)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def cybertrace_hosts(host: str) -> list:
+    """Return the networks CyberTrace at host delivers from: its addresses,
+    and, when it runs on this host, this host's own."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise UserError("cannot resolve %s" % host) from None
+    found = {ipaddress.ip_address(info[4][0].split("%", 1)[0])
+             for info in infos}
+    if any(ip.is_loopback for ip in found):
+        # Delivering to a check on 0.0.0.0, it comes from the address it
+        # connects to; and localhost is 127.0.0.1 and ::1 alike.
+        found |= set(interface_addresses() or resolved_addresses())
+        found |= {ipaddress.ip_address("127.0.0.1"),
+                  ipaddress.ip_address("::1")}
+    return [ipaddress.ip_network(ip) for ip in sorted(
+        found, key=lambda ip: (ip.version, ip))]
+
+
+class Arrival:
+    """The first event that named a test indicator, and what it carried."""
+
+    def __init__(self, latency: float, peer: str) -> None:
+        self.latency = latency
+        self.peer = peer
+        self.categories = []
 
 
 class Arrivals:
@@ -1064,14 +1216,12 @@ class Arrivals:
         self.cond = threading.Condition()
         self.sent = {event.decode() for event in sent}
         self.sent_at = None  # monotonic time the test events went out
-        self.latency = {}  # indicator: seconds from sending to arrival
-        self.categories = {}  # indicator: categories its events carried
+        self.found = {}  # indicator: Arrival
         self.events = 0
         self.others = 0
         self.first_other = None
-        self.connections = 0  # set when the listener is done
 
-    def take(self, block: bytes) -> None:
+    def take(self, block: bytes, peer: str) -> None:
         """Sort a block of events (called by the listener's thread)."""
         now = time.monotonic()
         with self.cond:
@@ -1090,10 +1240,10 @@ class Arrivals:
                     continue
                 category = carried_category(event)
                 for indicator in named:
-                    self.latency.setdefault(indicator, now - self.sent_at)
-                    kinds = self.categories.setdefault(indicator, [])
-                    if category and category not in kinds:
-                        kinds.append(category)
+                    arrival = self.found.setdefault(
+                        indicator, Arrival(now - self.sent_at, peer))
+                    if category and category not in arrival.categories:
+                        arrival.categories.append(category)
             self.cond.notify_all()
 
     def wake(self) -> None:
@@ -1101,12 +1251,12 @@ class Arrivals:
             self.cond.notify_all()
 
     def wait(self, probe: "Probe", deadline: float) -> None:
-        """Wait until every indicator CyberTrace detects came, or deadline."""
+        """Wait until every indicator CyberTrace detects when asked came,
+        or deadline; without the probe's answer, until all 17 came."""
         def complete() -> bool:
-            if len(self.latency) == len(TEST_INDICATORS):
-                return True
-            return probe.answered_all() and probe.detected <= set(
-                self.latency)
+            if probe.answered_all():
+                return probe.detected <= set(self.found)
+            return probe.finished and len(self.found) == len(TEST_INDICATORS)
         with self.cond:
             while not complete():
                 left = deadline - time.monotonic()
@@ -1125,7 +1275,7 @@ class Probe:
     """
 
     def __init__(self, address: tuple, events: List[bytes], deadline: float,
-                 wake: Callable[[], None]) -> None:
+                 wake) -> None:
         self.address = address
         self.events = events
         self.deadline = deadline
@@ -1133,7 +1283,7 @@ class Probe:
         self.detected = set()
         self.answered = 0
         self.error = None
-        self.done = False
+        self.finished = False
         self.sock = None
         self.aborted = False
         self.lock = threading.Lock()
@@ -1141,7 +1291,7 @@ class Probe:
         self.thread.start()
 
     def answered_all(self) -> bool:
-        return self.done and self.answered >= len(self.events)
+        return self.finished and self.answered >= len(self.events)
 
     def run(self) -> None:
         leave_signals_to_main()
@@ -1155,7 +1305,7 @@ class Probe:
             self.error = exc.strerror or str(exc)
         finally:
             with self.lock:
-                self.done = True
+                self.finished = True
                 if self.sock is not None:
                     self.sock.close()
             self.wake()
@@ -1192,7 +1342,7 @@ class Probe:
         self.thread.join(patience)
         with self.lock:
             self.aborted = True
-            if self.sock is not None and not self.done:
+            if self.sock is not None and not self.finished:
                 try:
                     self.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -1200,21 +1350,177 @@ class Probe:
         # Only a connect() still waiting could hold it, until the deadline.
         self.thread.join(max(0.0, self.deadline - time.monotonic()) + 1)
 
-    def finding(self) -> str:
-        """Say what the probe found, for a diagnosis."""
-        total = len(self.events)
-        if self.answered_all():
-            if not self.detected:
-                return ("its feeds detect none of the test indicators: "
-                        "check that feeds are loaded (CyberTrace answered "
-                        "all %d when asked directly)" % total)
-            return "CyberTrace detects %d of %d when asked directly" % (
-                len(self.detected), total)
-        if self.aborted and self.error is None:
-            return "CyberTrace did not answer in time when asked directly " \
-                   "(%d of %d answered)" % (self.answered, total)
-        return "CyberTrace did not answer when asked directly: %s" % (
-            self.error or "no answer")
+
+@dataclasses.dataclass
+class CheckResult:
+    """What the check found: all the report and the diagnosis read."""
+
+    here: str  # where the check listened, as a ConnectionString
+    strict: bool
+    loopback_only: bool  # the check listened on loopback, CyberTrace not
+    check_port: int
+    arrivals: Arrivals
+    waited: float  # seconds from sending to the end of the wait
+    connections: int  # connections the check's listener took
+    rejected: int  # connections refused: not from CyberTrace's host
+    first_rejected: str
+    answered_all: bool  # the probe got every LookupFinished
+    probe_detected: set  # what CyberTrace detects when asked directly
+    probe_note: str  # the probe's outcome in words, for a diagnosis
+
+    @property
+    def confirmed(self) -> list:
+        """The indicators that arrived and that CyberTrace detects when
+        asked directly; all that arrived when it did not answer."""
+        found = self.arrivals.found
+        if not self.answered_all:
+            return [i for i in TEST_INDICATORS if i in found]
+        return [i for i in TEST_INDICATORS
+                if i in found and i in self.probe_detected]
+
+    @property
+    def unconfirmed(self) -> list:
+        """The indicators that arrived, yet CyberTrace does not detect."""
+        return [i for i in TEST_INDICATORS if i in self.arrivals.found and
+                i not in self.confirmed]
+
+    def status(self) -> int:
+        found = len(self.confirmed)
+        if found == len(TEST_INDICATORS) or (found and not self.strict):
+            return 0
+        return 1
+
+
+class LabCheck:
+    """The lab check, in phases: listen, send, probe, wait, report."""
+
+    def __init__(self, args: argparse.Namespace, prog: str) -> None:
+        self.args = args
+        self.prog = prog
+        self.deadline = time.monotonic() + args.timeout
+        self.events = test_events()
+        self.arrivals = Arrivals(self.events)
+        allow = args.allow or cybertrace_hosts(args.connect[0])
+        self.listener = EmbeddedListener(args.check, self.arrivals.take,
+                                         allow)
+        self.here = ""
+        self.serving = None
+        self.failure = []
+        self.probe = None
+
+    def run(self) -> int:
+        """Run the phases; print the table and diagnosis; return the exit
+        status."""
+        interrupted = False
+        try:
+            self.listen()
+            try:
+                self.send()
+                self.ask()
+                self.wait()
+            except KeyboardInterrupt:
+                interrupted = True  # still say what came
+            ended = time.monotonic()
+            if self.probe is not None:
+                # A probe about to finish may; its answers are not needed.
+                self.probe.stop(0 if interrupted else
+                                min(0.2, max(0.0, self.deadline - ended)))
+        finally:
+            self.stop_listening()
+        if self.failure:
+            raise UserError("the check's listener failed: %r"
+                            % self.failure[0])
+        result = self.result(ended)
+        table_error = None
+        try:
+            write_stdout(report(result).encode())
+        except UserError as exc:
+            table_error = exc
+        if interrupted:
+            return interrupted_status(self.prog)
+        for line in diagnose(result):
+            console.line(line)
+        if table_error is not None:
+            raise table_error
+        return result.status()
+
+    def listen(self) -> None:
+        """Listen where CyberTrace delivers, before anything is sent."""
+        try:
+            self.here = self.listener.bind()
+        except UserError as exc:
+            if "in use" in str(exc):
+                raise UserError("%s (stop the listener there while the "
+                                "check runs: the check listens in its place)"
+                                % exc)
+            raise
+        self.serving = threading.Thread(target=self.serve, daemon=True)
+        self.serving.start()
+        console.status("Listening on %s for CyberTrace's detections (its "
+                       "OutputSettings > ConnectionString)" % self.here)
+        if self.loopback_only():
+            console.warn("CyberTrace at %s cannot reach %s: use --check "
+                         "0.0.0.0:%d and point its ConnectionString at this "
+                         "host" % (self.args.connect[0], self.here,
+                                   self.args.check[1]))
+
+    def serve(self) -> None:
+        """Run the check's listener; keep what stopped it, if not stop()."""
+        leave_signals_to_main()
+        try:
+            self.listener.serve()
+        except Exception as exc:  # reported by run(), not lost in a thread
+            self.failure.append(exc)
+
+    def loopback_only(self) -> bool:
+        return is_loopback(self.args.check[0]) and \
+            not is_loopback(self.args.connect[0])
+
+    def send(self) -> None:
+        """Send the test events to CyberTrace's input as the step-5 mode
+        does: no flags, nothing awaited but the acknowledgements."""
+        address = self.args.connect
+        with connect_patiently(address, self.deadline) as sock:
+            connection = Connection(sock, format_address(*address))
+            with self.arrivals.cond:
+                self.arrivals.sent_at = time.monotonic()
+            send_all(connection, frame_lines(self.events), self.args.verbose)
+            sock.shutdown(socket.SHUT_WR)
+            connection.wait_delivered(max(0.001, self.deadline -
+                                          time.monotonic()))
+
+    def ask(self) -> None:
+        """Ask CyberTrace directly, alongside, what it detects."""
+        self.probe = Probe(self.args.connect, self.events, self.deadline,
+                           self.arrivals.wake)
+        console.status("Sent %d test events to %s; waiting up to %.0f s for "
+                       "their detections" % (
+                           len(self.events),
+                           format_address(*self.args.connect),
+                           self.deadline - time.monotonic()))
+
+    def wait(self) -> None:
+        self.arrivals.wait(self.probe, self.deadline)
+
+    def stop_listening(self) -> None:
+        self.listener.stop()
+        if self.serving is not None:
+            self.serving.join()
+        self.listener.close()
+
+    def result(self, ended: float) -> CheckResult:
+        probe = self.probe
+        rejected, first_rejected = self.listener.rejected
+        return CheckResult(
+            here=self.here, strict=self.args.strict,
+            loopback_only=self.loopback_only(),
+            check_port=self.args.check[1], arrivals=self.arrivals,
+            waited=ended - (self.arrivals.sent_at or ended),
+            connections=self.listener.accepted, rejected=rejected,
+            first_rejected=first_rejected,
+            answered_all=probe is not None and probe.answered_all(),
+            probe_detected=set(probe.detected) if probe else set(),
+            probe_note=probe_note(probe))
 
 
 def connect_patiently(address: tuple, deadline: float) -> socket.socket:
@@ -1233,125 +1539,49 @@ def connect_patiently(address: tuple, deadline: float) -> socket.socket:
         time.sleep(0.05)
 
 
-def send_test_events(args: argparse.Namespace, events: List[bytes],
-                     arrivals: Arrivals, deadline: float) -> None:
-    """Send the test events to CyberTrace's input as the step-5 mode does."""
-    where = format_address(*args.connect)
-    with connect_patiently(args.connect, deadline) as sock:
-        stream = Stream(sock, where)
-        with arrivals.cond:
-            arrivals.sent_at = time.monotonic()
-        send_all(stream, frame_lines(events), args.verbose)
-        sock.shutdown(socket.SHUT_WR)
-        stream.wait_delivered(max(0.001, deadline - time.monotonic()))
+def probe_note(probe: Optional[Probe]) -> str:
+    """Say what the probe found, for a diagnosis."""
+    if probe is None:
+        return "CyberTrace was not asked directly"
+    total = len(probe.events)
+    if probe.answered_all():
+        if not probe.detected:
+            return ("its feeds detect none of the test indicators: check "
+                    "that feeds are loaded (CyberTrace answered all %d when "
+                    "asked directly)" % total)
+        return "CyberTrace detects %d of %d when asked directly" % (
+            len(probe.detected), total)
+    if probe.aborted and probe.error is None:
+        return "CyberTrace did not answer in time when asked directly " \
+               "(%d of %d answered)" % (probe.answered, total)
+    return "CyberTrace did not answer when asked directly: %s" % (
+        probe.error or "no answer")
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def check(args: argparse.Namespace, prog: str) -> int:
-    """Run the lab check; print the table and return the exit status."""
-    started = time.monotonic()
-    deadline = started + args.timeout
-    events = demo_events()
-    arrivals = Arrivals(events)
-    listener = EmbeddedListener(args.check, arrivals.take)
-    serving = None
-    try:
-        try:
-            here = listener.bind()
-        except UserError as exc:
-            if "in use" in str(exc):
-                raise UserError("%s (stop the listener there while the "
-                                "check runs: the check listens in its place)"
-                                % exc)
-            raise
-        failure = []
-        serving = threading.Thread(target=serve_check, daemon=True,
-                                   args=(listener, failure))
-        serving.start()
-        say(args, "Listening on %s for CyberTrace's detections (its "
-                  "OutputSettings > ConnectionString)" % here)
-        if is_loopback(args.check[0]) and not is_loopback(args.connect[0]):
-            warn("CyberTrace at %s cannot reach %s: use --check 0.0.0.0:%d "
-                 "and point its ConnectionString at this host"
-                 % (args.connect[0], here, args.check[1]))
-        probe = None
-        interrupted = False
-        try:
-            send_test_events(args, events, arrivals, deadline)
-            probe = Probe(args.connect, events, deadline, arrivals.wake)
-            say(args, "Sent %d test events to %s; waiting up to %.0f s for "
-                      "their detections" % (len(events),
-                                            format_address(*args.connect),
-                                            deadline - time.monotonic()))
-            arrivals.wait(probe, deadline)
-        except KeyboardInterrupt:
-            interrupted = True  # still say what came
-        ended = time.monotonic()
-        if probe is not None:
-            # A probe about to finish may; its answers are not needed.
-            probe.stop(0 if interrupted else
-                       min(0.2, max(0.0, deadline - ended)))
-    finally:
-        listener.stop()
-        if serving is not None:
-            serving.join()
-        arrivals.connections = listener.accepted
-        listener.close()
-    if failure:
-        raise UserError("the check's listener failed: %r" % failure[0])
-    print_check_table(arrivals, here, ended)
-    if interrupted:
-        if HoldInterrupts.number == signal.SIGTERM:
-            print("%s: terminated" % prog, file=sys.stderr)
-            return 143
-        print("%s: interrupted" % prog, file=sys.stderr)
-        return 130
-    found = len(arrivals.latency)
-    for line in diagnose(args, arrivals, probe, here, ended):
-        print(line, file=sys.stderr)
-    if found == len(TEST_INDICATORS) or (found and not args.strict):
-        return 0
-    return 1
-
-
-def serve_check(listener: EmbeddedListener, failure: list) -> None:
-    """Run the check's listener; keep what stopped it, if not stop()."""
-    leave_signals_to_main()
-    try:
-        listener.serve()
-    except Exception as exc:  # reported by check(), not lost in a thread
-        failure.append(exc)
-
-
-def say(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
-        print(message, file=sys.stderr, flush=True)
-
-
-def print_check_table(arrivals: Arrivals, here: str, ended: float) -> None:
-    """Print one row per test indicator, the count and the other events."""
-    rows = [("indicator", "expected", "carried", "latency")]
+def report(result: CheckResult) -> str:
+    """Return the table: a row per test indicator, the count, the others."""
+    arrivals = result.arrivals
+    confirmed = set(result.confirmed)
+    rows = [("indicator", "expected", "carried", "from", "latency")]
     for _, indicator, expected in TEST_RECORDS:
-        if indicator in arrivals.latency:
-            latency = "{:,.1f} ms".format(arrivals.latency[indicator] * 1000)
-            carried = ", ".join(arrivals.categories[indicator]) or "-"
-        else:
-            latency, carried = "not detected", "-"
-        rows.append((indicator, expected, visible(carried, 40), latency))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        arrival = arrivals.found.get(indicator)
+        if arrival is None:
+            rows.append((indicator, expected, "-", "-", "not detected"))
+            continue
+        latency = "{:,.1f} ms".format(arrival.latency * 1000)
+        if indicator not in confirmed:
+            latency += " (unconfirmed)"
+        rows.append((indicator, expected,
+                     visible(", ".join(arrival.categories) or "-", 40),
+                     arrival.peer, latency))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(text.ljust(width) for text, width in
-                       zip(row, widths)) + "  " + row[3] for row in rows]
-    found = len(arrivals.latency)
-    took = max(arrivals.latency.values()) if found else \
-        ended - (arrivals.sent_at or ended)
+                       zip(row, widths)) + "  " + row[4] for row in rows]
+    found = len(confirmed)
+    took = max(arrivals.found[i].latency for i in confirmed) if found \
+        else result.waited
     lines.append("%d of %d test indicators detected and delivered to %s in "
-                 "%.1f s" % (found, len(TEST_INDICATORS), here, took))
+                 "%.1f s" % (found, len(TEST_INDICATORS), result.here, took))
     if arrivals.others:
         lines.append("%s (service alerts, detections of events this check "
                      "did not send); the first: %s" % (
@@ -1359,76 +1589,100 @@ def print_check_table(arrivals: Arrivals, here: str, ended: float) -> None:
                          visible(arrivals.first_other, 300)))
     else:
         lines.append("no other events")
-    try:
-        sys.stdout.write("".join(line + "\n" for line in lines))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader went away (| head): as cat, say nothing more.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    return "".join(line + "\n" for line in lines)
 
 
-def diagnose(args: argparse.Namespace, arrivals: Arrivals, probe: Probe,
-             here: str, ended: float) -> List[str]:
+def diagnose(result: CheckResult) -> List[str]:
+    """Say which link is broken, in a line or two, if one is; and what
+    arrived that cannot be trusted."""
+    lines = []
+    unconfirmed = result.unconfirmed
+    if unconfirmed:
+        peers = sorted({result.arrivals.found[i].peer for i in unconfirmed})
+        lines.append("warning: %s arrived that CyberTrace does not detect "
+                     "when asked directly, from %s: not counted (is "
+                     "something other than CyberTrace sending to %s?)" % (
+                         plural(len(unconfirmed), "test indicator"),
+                         ", ".join(peers), result.here))
+    return lines + diagnose_links(result)
+
+
+def diagnose_links(result: CheckResult) -> List[str]:
     """Say which link is broken, in a line or two, if one is."""
     total = len(TEST_INDICATORS)
-    found = len(arrivals.latency)
-    waited = ended - (arrivals.sent_at or ended)
+    arrivals = result.arrivals
+    found = len(result.confirmed)
+    here, waited = result.here, result.waited
     if found == total:
         return []
-    directly = probe.answered_all() and probe.detected
-    lost = directly and not probe.detected <= set(arrivals.latency)
+    detected = result.probe_detected
+    directly = result.answered_all and detected
+    lost = directly and not detected <= set(arrivals.found)
     if found:
         lines = []
         if lost:
             lines.append("CyberTrace detects %d of %d when asked directly, "
                          "but only %d reached %s in %.1f s" % (
-                             len(probe.detected), total, found, here,
-                             waited))
-        elif args.strict:
-            lines.append(probe.finding() + (
+                             len(detected), total, found, here, waited))
+        elif result.strict:
+            lines.append(result.probe_note + (
                 ": its feeds lack the others" if directly else ""))
-        if args.strict:
+        if result.strict:
             lines.insert(0, "--strict: %d of %d test indicators did not "
                             "come back" % (total - found, total))
             return lines
         return ["warning: " + line for line in lines]
-    if probe.answered_all() and not probe.detected:
-        first = probe.finding()
+    if result.answered_all and not detected:
         if not arrivals.events:
-            return [first, "nothing reached %s either, as nothing was "
-                           "detected: run the check again once feeds are "
-                           "loaded" % here]
-        return [first]
-    if not arrivals.connections:
+            return [result.probe_note, "nothing reached %s either, as "
+                    "nothing was detected: run the check again once feeds "
+                    "are loaded" % here]
+        return [result.probe_note]
+    if not result.connections:
         line = ("no connection reached %s in %.1f s: check that CyberTrace's"
                 " OutputSettings > ConnectionString points here and that no "
                 "firewall blocks the port" % (here, waited))
-        if is_loopback(args.check[0]) and not is_loopback(args.connect[0]):
+        if result.loopback_only:
             line += " (%s is loopback: use --check 0.0.0.0:%d)" % (
-                here, args.check[1])
+                here, result.check_port)
+        if result.rejected:
+            line = ("%s from other hosts than CyberTrace's refused (the "
+                    "first from %s): if CyberTrace delivers from there, "
+                    "add --allow with its address" % (
+                        plural(result.rejected, "connection"),
+                        result.first_rejected))
     elif not arrivals.events:
         line = "%s reached %s but sent no events" % (
-            plural(arrivals.connections, "connection"), here)
+            plural(result.connections, "connection"), here)
     else:
-        line = "%s reached %s with %s, none naming a test indicator; the " \
-               "first: %s" % (plural(arrivals.connections, "connection"),
-                              here, plural(arrivals.events, "event"),
-                              visible(arrivals.first_other, 200))
+        line = "%s reached %s with %s, none naming a test indicator; " \
+               "the first: %s" % (
+                   plural(result.connections, "connection"), here,
+                   plural(arrivals.events, "event"),
+                   visible(arrivals.first_other or "-", 200))
     if directly:
-        if arrivals.connections and arrivals.events:
+        if result.connections and arrivals.events:
             second = ("CyberTrace detects %d of %d when asked directly, but "
                       "sent no detection here: point OutputSettings > "
                       "ConnectionString (not only AlertConnectionString) "
-                      "at %s" % (len(probe.detected), total, here))
+                      "at %s" % (len(detected), total, here))
         else:
             second = ("CyberTrace detects %d of %d when asked directly: "
                       "detection works, delivery to %s does not"
-                      % (len(probe.detected), total, here))
+                      % (len(detected), total, here))
     else:
-        second = probe.finding()
+        second = result.probe_note
     return [line, second]
+
+
+# --- The command line ---------------------------------------------------------
+
+def _network(text: str):
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError("not a network (such as 192.0.2.10 or "
+                         "192.0.2.0/24)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1436,7 +1690,7 @@ def build_parser() -> argparse.ArgumentParser:
     default = format_address(CYBERTRACE_ADDR, CYBERTRACE_PORT)
     parser = OneLineParser(
         description="Send events to Kaspersky CyberTrace's input port, one "
-        "line per event. With no FILE, --event or --demo, read stdin. "
+        "line per event. With no FILE, --event or --test-events, read stdin. "
         "--check ADDR:PORT runs the lab check instead: it listens at ADDR:PORT"
         " (where CyberTrace's output ConnectionString points), sends the 17 "
         "test events and prints a table of the detections that came back.",
@@ -1454,17 +1708,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="files of events, one per line ('-' is stdin)")
     parser.add_argument("-e", "--event", action="append", metavar="TEXT",
                         help="send TEXT as an event (repeatable)")
-    parser.add_argument("--demo", action="store_true",
+    parser.add_argument("--test-events", action="store_true",
                         help="send one event per test indicator of "
                         "Kaspersky's test records (http://fakess123.nu, "
                         "192.0.2.1, 776735A8CA96DB15B422879DA599F474 and 14 "
-                        "more); the demo feeds detect 3 of them, the full "
-                        "feeds all 17")
+                        "more); CyberTrace's demo feeds detect 3 of them, "
+                        "the full feeds all 17")
+    # The name it had first, kept for those who use it: the demo feeds
+    # detect only 3 of the 17.
+    parser.add_argument("--demo", action="store_true",
+                        help=argparse.SUPPRESS)
     parser.add_argument(
         "-c", "--connect", metavar="ADDR:PORT", default=(CYBERTRACE_ADDR,
                                                          CYBERTRACE_PORT),
         type=argument_type(lambda text: parse_address(text, CYBERTRACE_ADDR),
-                       "address"),
+                           "address"),
         help="CyberTrace's input address (InputSettings > ConnectionString)"
         ": 192.0.2.10:9999, [::1]:9999 or a bare PORT (default: %s)"
         % default)
@@ -1479,21 +1737,30 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--check", metavar="ADDR:PORT",
         type=argument_type(lambda text: parse_address(text, LISTEN_ADDR),
-                       "address"),
+                           "address"),
         help="the lab check: listen at ADDR:PORT (CyberTrace's OutputSettings"
         " > ConnectionString, same syntax as the listener's --listen: 9998 "
         "is 127.0.0.1:9998; 0.0.0.0:9998 when CyberTrace runs on another "
         "host), send the test events to --connect and print which came back "
-        "detected, with their latency; on failure, say which link is broken")
+        "detected, from where, with their latency; on failure, say which "
+        "link is broken. Only CyberTrace's host (-c) may deliver, and only "
+        "what CyberTrace detects when asked directly counts")
+    parser.add_argument(
+        "--allow", metavar="CIDR", action="append",
+        type=argument_type(_network, "network"),
+        help="with --check, take detections from this network (repeatable) "
+        "instead of from the -c host's addresses: where CyberTrace delivers "
+        "from another address than its input's")
     parser.add_argument("--strict", action="store_true",
                         help="with --check, exit 0 only if all 17 test "
                         "indicators came back (the demo feeds detect 3)")
     parser.add_argument(
         "-t", "--timeout", metavar="SECONDS",
         type=argument_type(bounded(float, *SECONDS), "seconds"),
-        help="give up when connecting, sending or waiting for an answer "
-        "stalls this long (default: %g); with --check, how long to wait for "
-        "the detections, all included (default: %g)"
+        help="give up when connecting or sending stalls this long, or when "
+        "the answers (--reply-back, --ping) take longer than this after the "
+        "last event, however they trickle in (default: %g); with --check, "
+        "how long to wait for the detections, all included (default: %g)"
         % (TIMEOUT, CHECK_TIMEOUT))
     parser.add_argument(
         "--reconnect", action="store_true",
@@ -1510,8 +1777,11 @@ def build_parser() -> argparse.ArgumentParser:
                         type=argument_type(bounded(float, *RATE), "EPS"),
                         help="send at most EPS events per second")
     parser.add_argument("--repeat", metavar="N", default=1,
-                        type=argument_type(bounded(int, 1, REPEAT_LIMIT), "N"),
-                        help="send the input N times")
+                        type=argument_type(bounded(int, 1, REPEAT_LIMIT),
+                                           "N"),
+                        help="send the input N times (stdin is kept in a "
+                        "temporary file to send again, %s at most)"
+                        % format_bytes(SPOOL_LIMIT))
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true",
                       help="print each event to stderr as Kaspersky's "
@@ -1523,97 +1793,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> str:
-    """Send as the arguments say; return the summary line."""
-    where = format_address(*args.connect)
-    if args.ping:
-        took = ping(args.connect, args.timeout)
-        return "PONG from %s in %.1f ms" % (where, took * 1000)
-    sources = []
-    stream = replies = None
-    try:
-        sources = open_sources(args)
-        if reading_terminal(sources) and not args.quiet:
-            print(TERMINAL_NOTICE, file=sys.stderr, flush=True)
-        tally = [0]
-        # Sizes are known before anything is read.
-        watched = Progress.wanted(args, sources)
-        total = watched and source_bytes(sources, args.repeat)
-        blocks = some_events(event_blocks(sources, args.repeat, tally))
-        if args.reconnect:
-            return send_reconnecting(args, blocks, where,
-                                     (tally, total) if watched else None)
-        if args.rate:
-            blocks = paced(blocks, args.rate)
-        started = time.monotonic()
-        with connect(args.connect, args.timeout) as sock:
-            stream = Stream(sock, where)
-            replies = progress = None
-            try:
-                if args.reply_back:
-                    stream.send(REPLY_BACK_FLAGS, 0)
-                    replies = Replies(sock)
-                if watched:
-                    progress = Progress(stream, tally, total or None)
-                send_all(stream, blocks, args.verbose)
-                if replies is None:
-                    sock.shutdown(socket.SHUT_WR)
-                    stream.wait_delivered(args.timeout)
-                else:
-                    replies.wait_finished(stream.events)
-            except KeyboardInterrupt:
-                # Count now, while the socket still answers; a second
-                # Ctrl+C must not cut the cleanup short.
-                HoldInterrupts.stopping = True
-                raise Interrupted(interrupted(stream, replies)) from None
-            finally:
-                if progress is not None:
-                    progress.stop()
-                if replies is not None:
-                    # Wake the reader if it is still waiting for data.
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    replies.thread.join()
-        took = time.monotonic() - started
-    except KeyboardInterrupt:
-        if stream is None:  # before the connection: nothing went out
-            raise Interrupted("0 events sent, 0 acknowledged") from None
-        raise Interrupted(interrupted(stream, replies)) from None
-    finally:
-        close_sources(sources)
-    summary = "Sent %s, %s to %s in %.2f s" % (
-        plural(stream.events, "event"), format_bytes(stream.bytes), where,
-        took)
-    if replies is not None:
-        if replies.finished < stream.events:
-            raise SendError("%s: %s of %s answered (%s)" % (
-                where, format_count(replies.finished),
-                plural(stream.events, "event"),
-                replies.error or "connection closed by CyberTrace"))
-        summary += "; %s answered: %s" % (
-            plural(replies.finished, "event"),
-            plural(replies.events - replies.finished, "detection"))
-    return summary
-
-
-def interrupted(stream: Stream, replies: Optional[Replies]) -> str:
-    """Say what got through before Ctrl+C."""
-    text = stream.interrupted()
-    if replies is not None:
-        text += "; %s answered: %s" % (
-            plural(replies.finished, "event"),
-            plural(replies.events - replies.finished, "detection"))
-    return text
-
-
 def refuse_ignored(parser: argparse.ArgumentParser,
                    args: argparse.Namespace) -> None:
     """Exit 2 on arguments that this combination would silently ignore."""
     if args.ping:
         ignored = [("FILE", args.files), ("-e/--event", args.event),
-                   ("--demo", args.demo), ("--rate", args.rate),
+                   ("--test-events", args.test_events), ("--demo", args.demo),
+                   ("--rate", args.rate),
                    ("--repeat", args.repeat != 1),
                    ("-v/--verbose", args.verbose)]
         for name, given in ignored:
@@ -1623,16 +1809,23 @@ def refuse_ignored(parser: argparse.ArgumentParser,
     if args.files.count("-") > 1:
         # The first '-' reads stdin to its end: the others would get nothing.
         parser.error("argument FILE: '-' (stdin) given more than once")
+    if args.reconnect:
+        for name in ("ping", "reply_back", "check"):
+            if getattr(args, name, False):
+                parser.error("argument --reconnect: not allowed with --%s"
+                             % name.replace("_", "-"))
 
 
-def check_arguments(parser: argparse.ArgumentParser,
-                    args: argparse.Namespace) -> None:
+def refuse_for_the_check(parser: argparse.ArgumentParser,
+                         args: argparse.Namespace) -> None:
     """Exit 2 on what --check cannot take; give -t its default."""
     if args.timeout is None:
         args.timeout = CHECK_TIMEOUT if args.check else TIMEOUT
     if not args.check:
-        if args.strict:
-            parser.error("argument --strict: only with --check")
+        for name, given in (("--strict", args.strict),
+                            ("--allow", args.allow)):
+            if given:
+                parser.error("argument %s: only with --check" % name)
         return
     # The check sends its own 17 test events, once, at once.
     for name, given in [("FILE", args.files), ("-e/--event", args.event),
@@ -1650,14 +1843,85 @@ def check_arguments(parser: argparse.ArgumentParser,
                      "e.g. %d" % (format_address(host, port), LISTEN_PORT))
 
 
-def refuse_with_reconnect(parser: argparse.ArgumentParser,
-                          args: argparse.Namespace) -> None:
-    """Exit 2 on modes --reconnect cannot resume."""
-    if args.reconnect:
-        for name in ("ping", "reply_back", "check"):
-            if getattr(args, name, False):
-                parser.error("argument --reconnect: not allowed with --%s"
-                             % name.replace("_", "-"))
+def run(args: argparse.Namespace) -> str:
+    """Send as the arguments say; return the summary line."""
+    where = format_address(*args.connect)
+    if args.ping:
+        took = ping(args.connect, args.timeout)
+        return "PONG from %s in %.1f ms" % (where, took * 1000)
+    sources = []
+    connection = replies = None
+    try:
+        sources = open_sources(args)
+        if reading_terminal(sources):
+            console.status(TERMINAL_NOTICE)
+        tally = [0]
+        # Sizes are known before anything is read.
+        watched = Progress.wanted(args, sources)
+        total = watched and source_bytes(sources, args.repeat)
+        blocks = some_events(event_blocks(sources, args.repeat, tally))
+        if args.reconnect:
+            return send_reconnecting(args, blocks, where,
+                                     (tally, total) if watched else None)
+        if args.rate:
+            blocks = paced(blocks, args.rate)
+        started = time.monotonic()
+        with connect(args.connect, args.timeout) as sock:
+            connection = Connection(sock, where)
+            progress = None
+            try:
+                if args.reply_back:
+                    connection.send(REPLY_BACK_FLAGS, 0)
+                    replies = Replies(sock)
+                if watched:
+                    progress = Progress(connection, tally, total or None)
+                send_all(connection, blocks, args.verbose)
+                if replies is None:
+                    sock.shutdown(socket.SHUT_WR)
+                    connection.wait_delivered(args.timeout)
+                else:
+                    replies.wait_finished(connection.events, args.timeout)
+            except KeyboardInterrupt:
+                # Count now, while the socket still answers; a second
+                # Ctrl+C must not cut the cleanup short.
+                HoldInterrupts.stopping = True
+                raise Interrupted(interrupted(connection, replies)) from None
+            finally:
+                if progress is not None:
+                    progress.stop()
+                if replies is not None:
+                    # Wake the reader if it is still waiting for data.
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    replies.thread.join()
+        took = time.monotonic() - started
+    except KeyboardInterrupt:
+        if connection is None:  # before the connection: nothing went out
+            raise Interrupted("0 events sent, 0 acknowledged") from None
+        raise Interrupted(interrupted(connection, replies)) from None
+    finally:
+        close_sources(sources)
+    summary = "Sent %s, %s to %s in %.2f s" % (
+        plural(connection.events, "event"), format_bytes(connection.bytes),
+        where, took)
+    if replies is not None:
+        if replies.finished < connection.events:
+            raise SendError("%s: %s of %s answered (%s)" % (
+                where, format_count(replies.finished),
+                plural(connection.events, "event"),
+                replies.error or "connection closed by CyberTrace"))
+        summary += "; " + replies.summary()
+    return summary
+
+
+def interrupted(connection: Connection, replies: Optional[Replies]) -> str:
+    """Say what got through before Ctrl+C."""
+    text = say_sent(*connection.counts())
+    if replies is not None:
+        text += "; " + replies.summary()
+    return text
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -1665,46 +1929,29 @@ def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_ignored(parser, args)
-    check_arguments(parser, args)
-    refuse_with_reconnect(parser, args)
+    refuse_for_the_check(parser, args)
+    args.test_events = args.test_events or args.demo
+    console.quiet = args.quiet
     keep_freed_memory()
-    if hasattr(signal, "SIGBREAK"):
-        # Ctrl+Break in a Windows console stops the sender as Ctrl+C does.
-        signal.signal(signal.SIGBREAK, HoldInterrupts.on_interrupt)
-    previous = install_interrupt_handler()
-    terminate = install_terminate_handler()
+    restore = install_interrupt_handlers()
     try:
         if args.check:
-            return check(args, parser.prog)
+            return LabCheck(args, parser.prog).run()
         summary = run(args)
     except NothingToSend as exc:
-        warn(str(exc))
+        console.warn(str(exc))
         return 1
     except Interrupted as exc:
-        # On a terminal, write over the ^C it echoed.
-        erase = "\r" if sys.stderr.isatty() else ""
-        if HoldInterrupts.number == signal.SIGTERM:
-            print("%s%s: terminated: %s" % (erase, parser.prog, exc),
-                  file=sys.stderr)
-            return 143
-        print("%s%s: interrupted: %s" % (erase, parser.prog, exc),
-              file=sys.stderr)
-        return 130
+        return interrupted_status(parser.prog, str(exc))
     except UserError as exc:
-        print("%s: error: %s" % (parser.prog, exc), file=sys.stderr)
+        console.line("%s: error: %s" % (parser.prog, exc))
         return 1
     except KeyboardInterrupt:
-        print("%s: interrupted" % parser.prog, file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+        return interrupted_status(parser.prog)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-        if terminate is not None:
-            signal.signal(signal.SIGTERM, terminate)
-    if not args.quiet:
-        print(summary, file=sys.stderr)
+        for number, handler in restore:
+            signal.signal(number, handler)
+    console.status(summary)
     return 0
 
 
