@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A stand-in for Kaspersky CyberTrace, to try the tools without one.
 
-    python3 tests/fake_cybertrace.py [--input ADDR:PORT] [--output ADDR:PORT]
-                                     [--demo-feeds | --detect-all | --no-feeds]
+    python3 fake_cybertrace.py [--input ADDR:PORT] [--output ADDR:PORT]
+                               [--demo-feeds | --detect-all | --no-feeds]
 
 It takes events on its input port (default 127.0.0.1:9999) and delivers
 its detections to its output address (default 127.0.0.1:9998), where
@@ -14,17 +14,22 @@ speaking CyberTrace's event protocol:
   to the output; X-KF-SendFinishedEvent adds one LookupFinished event after
   the detections of each event; X-KF-SaveStatistic is accepted.
   X-KF-ReplyBackPING is answered with PONG.
-- Events are lines ending with \\n (a \\r before it is ignored).
+- Events are lines ending with \\n (a \\r before it is ignored); a line
+  over 64 KiB is taken as several events, as CyberTrace splits them.
 - A detection uses the default detection template: the event's date, then
   category, matchedIndicator, url, src, ip, md5, sha1, sha256 and usrName,
   then the indicator's context.
-- A failed delivery to the output is tried again 3 times, 10 s apart.
+- A failed delivery to the output is tried again 3 times, 10 s apart;
+  while the output is down, at most 16 MiB of detections wait, the oldest
+  dropped first.
 - On start, a KL_ALERT_ServiceStarted service alert goes to the output.
 
 It detects the 17 indicators Kaspersky keeps for tests (--detect-all), by
 default only the 3 of them that the demo feeds carry (--demo-feeds), or
 none (--no-feeds: feeds not loaded).  Status goes to stderr; Ctrl+C stops.
-The tests import FakeCyberTrace to run it in-process on a free port.
+It serves 128 connections at once (more wait in the kernel's queue) and
+rides out running out of file descriptors.  The tests import FakeCyberTrace
+to run it in-process on a free port.
 """
 
 from __future__ import annotations
@@ -34,17 +39,19 @@ import heapq
 import itertools
 import os
 import re
-import select
 import signal
 import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import listen_events_cybertrace as lec  # noqa: E402
+try:
+    import listen_events_cybertrace as lec
+except ImportError:  # copied alone, without the module it shares code with
+    sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
+             "folder (it holds the framing)"
+             % os.path.basename(sys.argv[0] or "fake_cybertrace.py"))
 
 INPUT = ("127.0.0.1", 9999)
 OUTPUT = ("127.0.0.1", 9998)
@@ -52,6 +59,12 @@ RETRIES = 3
 RETRY_INTERVAL = 10.0
 FLAGS = (b"X-KF-SendFinishedEvent", b"X-KF-ReplyBack", b"X-KF-SaveStatistic")
 PING = b"PING"  # only right after X-KF-ReplyBack
+# CyberTrace splits inbound events over 64 KB: so does the stand-in, which
+# keeps what one connection holds small.
+INBOUND_EVENT_BYTES = 64 * 1024
+MAX_CLIENTS = 128
+# Detections waiting for an output that is down, at most.
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
 
 # The test indicators and the category of the feed that has each.
 INDICATORS = {
@@ -172,8 +185,9 @@ class Delivery:
         self.status = status
         self.sock = None
         self.queue = []  # (when due, order, data, attempts so far)
+        self.queued = 0  # bytes in the queue
         self.order = itertools.count()
-        self.delivered = 0
+        self.delivered = self.dropped = 0
         self.cond = threading.Condition()
         self.closed = False
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -181,10 +195,27 @@ class Delivery:
 
     def put(self, lines: list) -> None:
         data = "".join(line + "\n" for line in lines).encode()
+        self.push(time.monotonic(), data, 0)
+
+    def push(self, due: float, data: bytes, attempts: int) -> None:
+        """Queue data; past MAX_QUEUED_BYTES, drop the oldest first."""
         with self.cond:
-            heapq.heappush(self.queue, (time.monotonic(), next(self.order),
-                                        data, 0))
+            heapq.heappush(self.queue, (due, next(self.order), data,
+                                        attempts))
+            self.queued += len(data)
+            dropped = 0
+            while self.queued > MAX_QUEUED_BYTES and len(self.queue) > 1:
+                oldest = min(self.queue, key=lambda entry: entry[1])
+                self.queue.remove(oldest)
+                heapq.heapify(self.queue)
+                self.queued -= len(oldest[2])
+                dropped += oldest[2].count(b"\n")
+            self.dropped += dropped
             self.cond.notify()
+        if dropped:
+            self.status("dropped %s for %s: %s wait already" % (
+                lec.plural(dropped, "event"), self.where,
+                lec.format_bytes(MAX_QUEUED_BYTES)))
 
     def run(self) -> None:
         while True:
@@ -197,6 +228,7 @@ class Delivery:
                 if self.closed:
                     return
                 _, _, data, attempts = heapq.heappop(self.queue)
+                self.queued -= len(data)
             error = self.send(data)
             events = data.count(b"\n")
             if error is None:
@@ -206,10 +238,8 @@ class Delivery:
                             "%g s" % (lec.plural(events, "event"), self.where,
                                       error, attempts + 1, self.retries,
                                       self.interval))
-                with self.cond:
-                    heapq.heappush(self.queue, (
-                        time.monotonic() + self.interval, next(self.order),
-                        data, attempts + 1))
+                self.push(time.monotonic() + self.interval, data,
+                          attempts + 1)
             else:
                 self.status("gave up delivering %s to %s: %s" % (
                     lec.plural(events, "event"), self.where, error))
@@ -217,7 +247,8 @@ class Delivery:
     def send(self, data: bytes) -> Optional[str]:
         """Send data on the kept connection or a new one; return an error."""
         try:
-            if self.sock is not None and not self.alive():
+            # A listener never writes: something to read means it closed.
+            if self.sock is not None and lec.peer_gone(self.sock):
                 self.drop()
             if self.sock is None:
                 self.sock = socket.create_connection(self.address, timeout=5)
@@ -226,16 +257,6 @@ class Delivery:
             self.drop()
             return exc.strerror or str(exc)
         return None
-
-    def alive(self) -> bool:
-        """Tell whether the peer still holds the kept connection open."""
-        # A listener never writes: something to read means it closed.
-        if not select.select([self.sock], [], [], 0)[0]:
-            return True
-        try:
-            return bool(self.sock.recv(65536))
-        except OSError:
-            return False
 
     def drop(self) -> None:
         if self.sock is not None:
@@ -273,6 +294,8 @@ class FakeCyberTrace:
         self.accepted = 0
         self.threads = []
         self.open = []
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.closing = False
         self.server = self.bind(input)
         self.address = self.server.getsockname()[:2]
         self.status("Listening on %s (input); detections go to %s (output)%s;"
@@ -308,11 +331,24 @@ class FakeCyberTrace:
                 os.strerror(exc.errno) if exc.errno else exc))
 
     def accept_loop(self) -> None:
+        """Take connections, a thread each, MAX_CLIENTS at once at most."""
+        short = False  # of file descriptors: said once, until it ends
         while True:
+            self.slots.acquire()
             try:
                 sock, peer = self.server.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                self.slots.release()
+                if self.closing:
+                    return
+                if exc.errno in lec.OUT_OF_DESCRIPTORS:
+                    if not short:
+                        self.status("out of file descriptors; new "
+                                    "connections wait until some close")
+                    short = True
+                    time.sleep(0.1)  # a close frees one: do not spin
+                continue  # a peer that reset before it was taken
+            short = False
             with self.lock:
                 self.open.append(sock)
             thread = threading.Thread(target=self.handle, args=(sock, peer),
@@ -348,6 +384,7 @@ class FakeCyberTrace:
                 if not self.record:
                     self.connections.remove(record)
             sock.close()
+            self.slots.release()
 
     def serve_events(self, sock: socket.socket, flags: list, rest: bytes,
                      raw: bytearray) -> tuple:
@@ -357,20 +394,13 @@ class FakeCyberTrace:
         if self.noise and self.delivery is not None and not reply_back:
             self.alerts.put([NOISE[0] % now_date()])
             self.delivery.put([NOISE[1]])
-        framer = lec.EventFramer()
+        if self.record:
+            sock = Recorder(sock, raw, self.lock)
+            with self.lock:
+                raw += rest
         events = found = 0
-        for data in itertools.chain([rest] if rest else [],
-                                    lec.chunk_receive(sock)):
-            if self.record:
-                with self.lock:
-                    raw += data
-            block = framer.feed(data)
-            if block:
-                count, lines = self.respond(block, send_finished)
-                events, found = events + count, found + len(lines)
-                self.send(lines, sock if reply_back else None)
-        block = framer.close()
-        if block:
+        for block in lec.receive_blocks(sock, rest, INBOUND_EVENT_BYTES,
+                                        INBOUND_EVENT_BYTES):
             count, lines = self.respond(block, send_finished)
             events, found = events + count, found + len(lines)
             self.send(lines, sock if reply_back else None)
@@ -407,6 +437,7 @@ class FakeCyberTrace:
             return [list(flags) for flags, _ in self.connections]
 
     def close(self) -> None:
+        self.closing = True
         try:
             # On Linux, close() alone does not wake a thread in accept().
             self.server.shutdown(socket.SHUT_RDWR)
@@ -432,6 +463,25 @@ class FakeCyberTrace:
         self.close()
 
 
+class Recorder:
+    """A connection that keeps every byte received (for the tests)."""
+
+    def __init__(self, sock: socket.socket, raw: bytearray,
+                 lock: threading.Lock) -> None:
+        self.sock = sock
+        self.raw = raw
+        self.lock = lock
+
+    def recv(self, size: int) -> bytes:
+        data = self.sock.recv(size)
+        with self.lock:
+            self.raw += data
+        return data
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     address = lec.argument_type(lec.parse_address, "address")
@@ -441,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         "delivers the detections to its output address, as CyberTrace does. "
         "Status goes to stderr.",
         epilog="Try it: run this, then 'python3 send_events_cybertrace.py "
-        "--check 9998'. Ctrl+C stops it (exit 0).")
+        "--check 9998'. Ctrl+C or SIGTERM stops it (exit 0).")
     parser.add_argument(
         "--input", metavar="ADDR:PORT", type=address, default=INPUT,
         help="where to take events (CyberTrace's InputSettings > "
@@ -503,7 +553,7 @@ def main(argv: Optional[list] = None) -> int:
             retry_interval=args.retry_interval, status=status,
             record=False, idle_timeout=None, alert_output=args.alert_output)
     except lec.UserError as exc:
-        print("%s: error: %s" % (parser.prog, exc), file=sys.stderr)
+        status("%s: error: %s" % (parser.prog, exc))
         return 1
     with stand_in:
         while not stop.wait(0.5):

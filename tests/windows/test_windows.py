@@ -24,7 +24,7 @@ import unittest
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE.parent.parent)]
 
 from fake_cybertrace import FakeCyberTrace  # noqa: E402
 from test_check import StandIn, free_port  # noqa: E402
