@@ -6,16 +6,20 @@ import json
 import os
 import pty
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 from unittest import mock
 
-from support import LISTENER, TIMEOUT, TUTORIAL_EVENTS, Listener, Process
+from support import (LISTENER, ROOT, SENDER, TIMEOUT, TUTORIAL_EVENTS,
+                     Listener, Process, run_sender, user_env)
+from test_sender import Sink
 
 import listen_events_cybertrace as lec
 
@@ -355,23 +359,246 @@ class EscapeTest(unittest.TestCase):
         self.assertNotIn(b"\x1b", proc.stderr)
 
 
+STAND_IN = ROOT / "fake_cybertrace.py"
+
+
 class NumberBoundsTest(unittest.TestCase):
     def test_absurd_numbers_are_one_line_errors(self):
-        for args in (("-t", "1e10"), ("--stats", "1e10"),
-                     ("--idle-timeout", "1e-300"),
-                     ("--event-timeout", "1e-300"),
-                     ("--max-event-bytes", "100000000000"),
-                     ("--max-buffer-bytes", "1" + "0" * 30),
-                     ("--max-connections", "1000000000"),
-                     ("--max-per-host", "0"), ("-n", "1" + "0" * 20)):
-            with self.subTest(args=args):
+        for script, args in (
+                (LISTENER, ("-t", "1e10")), (LISTENER, ("--stats", "1e10")),
+                (LISTENER, ("--idle-timeout", "1e-300")),
+                (LISTENER, ("--event-timeout", "1e-300")),
+                (LISTENER, ("--max-event-bytes", "100000000000")),
+                (LISTENER, ("--max-buffer-bytes", "1" + "0" * 30)),
+                (LISTENER, ("--max-connections", "1000000000")),
+                (LISTENER, ("--max-per-host", "0")),
+                (LISTENER, ("-n", "1" + "0" * 20)),
+                (SENDER, ("--rate", "1e-300", "-e", "x")),
+                (SENDER, ("-t", "1e10", "-e", "x")),
+                (SENDER, ("--repeat", "1000000000000", "-e", "x")),
+                (STAND_IN, ("--retry-interval", "1e10")),
+                (STAND_IN, ("--retries", "1000"))):
+            with self.subTest(script=script.name, args=args):
                 proc = subprocess.run(
-                    [sys.executable, str(LISTENER), *args],
+                    [sys.executable, str(script), *args],
                     capture_output=True, text=True, timeout=TIMEOUT)
                 self.assertEqual(proc.returncode, 2, proc.stderr)
                 self.assertEqual(len(proc.stderr.splitlines()), 1)
                 self.assertRegex(proc.stderr, r"error: argument .*: must be "
                                               r"from [\d.,]+ to [\d.,]+$")
+
+
+class Trickler:
+    """A server that answers every connection with a byte now and then,
+    for ever: never an answer, never silent long enough for a timeout."""
+
+    def __init__(self, byte: bytes = b"x") -> None:
+        self.byte = byte
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.server.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        try:
+            sock, _ = self.server.accept()
+        except OSError:
+            return
+        with sock:
+            try:
+                while not self.stop.wait(0.2):
+                    sock.sendall(self.byte)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.server.close()
+        self.thread.join(TIMEOUT)
+
+
+class SenderTimeoutTest(unittest.TestCase):
+    """-t bounds the whole wait for answers, however they trickle in."""
+
+    def test_reply_back(self):
+        with Trickler() as peer:
+            started = time.monotonic()
+            proc = run_sender("--reply-back", "-t", "1", "-e", "a=1", "-c",
+                              peer.address)
+            took = time.monotonic() - started
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertLess(took, 5)
+        self.assertRegex(proc.stderr.decode(), r"error: .*0 of 1 event "
+                         r"answered \(timed out waiting for answers\)\n$")
+
+    def test_ping(self):
+        with Trickler(b" ") as peer:
+            started = time.monotonic()
+            proc = run_sender("--ping", "-t", "1", "-c", peer.address)
+            took = time.monotonic() - started
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertLess(took, 5)
+        self.assertRegex(proc.stderr.decode(), r"error: no PONG from "
+                         r"127\.0\.0\.1:\d+ within 1 s\n$")
+
+
+# The sender, saying its peak RSS at the end: VmHWM, not ru_maxrss, which
+# keeps the peak of the test process that forked it.
+REPORT_RSS = ("import sys\n"
+              "sys.path.insert(0, %r)\n"
+              "import send_events_cybertrace as sender\n"
+              "%s\n"
+              "status = sender.main(sys.argv[1:])\n"
+              "sys.stderr.write([line for line in open('/proc/self/status')"
+              " if line.startswith('VmHWM')][0])\n"
+              "sys.exit(status)\n")
+
+
+class RepeatStdinTest(unittest.TestCase):
+    """--repeat keeps stdin in a temporary file, not in memory."""
+
+    def test_the_first_round_goes_out_as_stdin_comes(self):
+        with Sink() as sink, Process(
+                [sys.executable, str(SENDER), "-c", "%s:%d" % sink.address,
+                 "--repeat", "2"], stdin=subprocess.PIPE) as sender:
+            sender.proc.stdin.write(b"early\n" * 1000)
+            sender.proc.stdin.flush()
+            # Stdin is still open: the first round is sent anyway.
+            sender.wait_for(lambda: sink.data.count(b"\n") >= 1000,
+                            what="the first round while stdin is open")
+            sender.proc.stdin.write(b"late\n")
+            sender.proc.stdin.close()
+            self.assertEqual(sender.finish(), 0, sender.stderr_text)
+            self.assertTrue(sink.done.wait(TIMEOUT))
+        self.assertEqual(bytes(sink.data), (b"early\n" * 1000 + b"late\n") * 2)
+
+    def test_memory_stays_flat(self):
+        data = b"".join(b"event=%d pad=%s\n" % (i, b"p" * 90)
+                        for i in range(1000000))  # 100 MiB
+        with Sink() as sink:
+            proc = subprocess.run(
+                [sys.executable, "-c", REPORT_RSS % (str(ROOT), ""), "-q",
+                 "-c", "%s:%d" % sink.address, "--repeat", "2"],
+                input=data, capture_output=True, timeout=60, env=user_env())
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertTrue(sink.done.wait(TIMEOUT))
+            self.assertEqual(len(sink.data), 2 * len(data))
+        peak = int(re.search(rb"VmHWM:\s+(\d+) kB", proc.stderr).group(1))
+        self.assertLess(peak, 64 * 1024, "KiB, for 100 MiB of stdin")
+
+    def test_a_pipe_beyond_the_spool_limit_is_one_clear_error(self):
+        with Sink() as sink:
+            proc = subprocess.run(
+                [sys.executable, "-c", REPORT_RSS % (
+                    str(ROOT), "sender.SPOOL_LIMIT = 1 << 20"),
+                 "-c", "%s:%d" % sink.address, "--repeat", "2"],
+                input=(b"x" * 99 + b"\n") * 30000, capture_output=True,
+                timeout=TIMEOUT, env=user_env())
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertRegex(proc.stderr.decode().splitlines()[0],
+                         r"error: --repeat keeps stdin to send it again, and "
+                         r"it passed 1\.0 MiB: save it to a file and give "
+                         r"that instead$")
+
+
+class StandInTest(unittest.TestCase):
+    def start(self, *prefix: str) -> tuple:
+        stand_in = Process([*prefix, str(STAND_IN), "--input",
+                            "127.0.0.1:0", "--output", "127.0.0.1:1"])
+        found = stand_in.wait_stderr(r"Listening on 127\.0\.0\.1:(\d+)")
+        return stand_in, ("127.0.0.1", int(found.group(1)))
+
+    def test_out_of_file_descriptors_it_goes_on(self):
+        code = ("import os, resource, sys\n"
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))\n"
+                "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n")
+        stand_in, address = self.start(sys.executable, "-c", code)
+        with stand_in:
+            peers = [socket.create_connection(address, TIMEOUT)
+                     for _ in range(40)]
+            try:
+                stand_in.wait_stderr("out of file descriptors")
+            finally:
+                for sock in peers:
+                    sock.close()
+            # Its accept loop lives on: a ping gets its PONG.
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                proc = run_sender("--ping", "-c", "%s:%d" % address)
+                if proc.returncode == 0 or time.monotonic() > deadline:
+                    break
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            stand_in.signal(signal.SIGTERM)
+            self.assertEqual(stand_in.finish(), 0)
+            self.assertNotIn("Traceback", stand_in.stderr_text)
+
+    def test_memory_is_bounded_whatever_peers_send(self):
+        stand_in, address = self.start(sys.executable)
+        with stand_in:
+            peers = []
+
+            def hog():
+                sock = socket.create_connection(address, TIMEOUT)
+                peers.append(sock)
+                sock.sendall(b"x" * (3 << 19))  # no newline
+            before = status_kib(stand_in.proc.pid, "VmRSS")
+            threads = [threading.Thread(target=hog) for _ in range(64)]
+            try:
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(TIMEOUT)
+                # Once it answers a ping, it has read what came before.
+                stand_in.wait_for(lambda: ping_ok(address),
+                                  what="the stand-in to answer")
+                peak = status_kib(stand_in.proc.pid, "VmHWM")
+            finally:
+                for sock in peers:
+                    sock.close()
+            # Each connection holds 64 KiB of an event at most (before, up
+            # to 1 MiB: 64 MiB and more for these).
+            self.assertLess(peak - before, 32 * 1024, "KiB, 64 x 1.5 MiB")
+
+
+def status_kib(pid: int, field: str) -> int:
+    """Return a process's VmRSS or VmHWM (its peak) in KiB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def ping_ok(address: tuple) -> bool:
+    return run_sender("--ping", "-c", "%s:%d" % address).returncode == 0
+
+
+class CopiedAloneTest(unittest.TestCase):
+    def test_a_script_without_the_listener_beside_it_says_so(self):
+        for script in (SENDER, STAND_IN):
+            with self.subTest(script.name), \
+                    tempfile.TemporaryDirectory() as tmp:
+                alone = shutil.copy(script, tmp)
+                proc = subprocess.run([sys.executable, alone, "--help"],
+                                      capture_output=True, text=True,
+                                      timeout=TIMEOUT, cwd=tmp,
+                                      env=user_env())
+                self.assertEqual(proc.returncode, 1)
+                self.assertEqual(proc.stderr, "%s: error: "
+                                 "listen_events_cybertrace.py must be in the "
+                                 "same folder (%s)\n" % (
+                                     script.name, "it holds the framing and "
+                                     "the lab check's listener"
+                                     if script == SENDER else
+                                     "it holds the framing"))
 
 
 if __name__ == "__main__":

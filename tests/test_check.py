@@ -15,7 +15,7 @@ from support import (ROOT, SENDER, TIMEOUT, Listener, Process, user_env)
 
 import send_events_cybertrace as sec
 
-STAND_IN = ROOT / "tests" / "fake_cybertrace.py"
+STAND_IN = ROOT / "fake_cybertrace.py"
 DEMO_FEEDS = {"192.0.2.1", "776735A8CA96DB15B422879DA599F474",
               "http://5a015004f9fc05290d87e86d69c4b237.com"}
 SUMMARY = (r"(?m)^(\d+) of 17 test indicators detected and delivered to "
@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 class StandIn(Process):
-    """tests/fake_cybertrace.py on a free input port."""
+    """fake_cybertrace.py on a free input port."""
 
     def __init__(self, *args: str) -> None:
         super().__init__([sys.executable, "-X", "dev", "-W", "error",
@@ -65,7 +65,8 @@ class Table:
         text = out.decode()
         lines = text.splitlines()
         test.assertEqual(lines[0].split(), ["indicator", "expected",
-                                            "carried", "latency"], text)
+                                            "carried", "from", "latency"],
+                         text)
         self.rows = {}
         for line in lines[1:18]:
             cells = re.split(r"\s{2,}", line.strip())
@@ -115,10 +116,11 @@ class CheckTest(unittest.TestCase):
             expected = dict((i, e) for _, i, e in sec.TEST_RECORDS)
             self.assertEqual(cells[1], expected[indicator])
             if indicator in DEMO_FEEDS:
-                self.assertRegex(cells[3], r"^[\d,]+\.\d ms$")
+                self.assertRegex(cells[4], r"^[\d,]+\.\d ms$")
+                self.assertRegex(cells[3], r"^127\.0\.0\.1:\d+$")
                 self.assertRegex(cells[2], r"^KL_\w+$")
             else:
-                self.assertEqual(cells[2:], ["-", "not detected"])
+                self.assertEqual(cells[2:], ["-", "-", "not detected"])
         self.assertEqual(table.rows["192.0.2.1"][2], "KL_IP_Reputation")
         # Ended once the 3 that CyberTrace detects had arrived, not at the
         # 30 s of -t's default.
@@ -235,10 +237,69 @@ class CheckTest(unittest.TestCase):
                 self.assertNotIn("Traceback", check.stderr_text)
 
 
+class SpoofTest(unittest.TestCase):
+    """A third party sends fake detections of all 17 to the check's port,
+    while CyberTrace (a stand-in with the demo feeds) delivers elsewhere."""
+
+    FAKES = b"".join(b"- category=KL_Malicious_URL matchedIndicator=%s\n"
+                     % indicator.encode() for _, indicator, _ in
+                     sec.TEST_RECORDS)
+
+    def spoof(self, source: str) -> tuple:
+        """Run --check --strict, spoofing from source; return (table,
+        stderr, the spoofer's peer)."""
+        port = free_port()
+        with StandIn("--output", "127.0.0.1:%d" % free_port()) as stand_in, \
+                Process([sys.executable, str(SENDER), "--check", str(port),
+                         "-c", "127.0.0.1:%d" % stand_in.port, "-t", "2",
+                         "--strict"]) as check:
+            # After the test events went out: earlier, nothing counts.
+            check.wait_stderr("Sent 17 test events")
+            with socket.socket() as spoofer:
+                spoofer.bind((source, 0))
+                spoofer.settimeout(TIMEOUT)
+                spoofer.connect(("127.0.0.1", port))
+                spoofer.sendall(self.FAKES)
+                peer = "%s:%d" % spoofer.getsockname()[:2]
+            self.assertEqual(check.finish(), 1, check.stderr_text)
+            self.assertEqual(stand_in.stop(), 0)
+        self.assertNotIn("Traceback", check.stderr_text)
+        return Table(self, bytes(check.out)), check.stderr_text, peer
+
+    def test_another_host_is_refused(self):
+        table, err, peer = self.spoof("127.0.0.2")
+        self.assertEqual(table.found, 0)
+        self.assertEqual(table.detected(), set())
+        lines = err.splitlines()
+        self.assertEqual(lines[-2], "1 connection from other hosts than "
+                         "CyberTrace's refused (the first from %s): if "
+                         "CyberTrace delivers from there, add --allow with "
+                         "its address" % peer)
+        self.assertEqual(lines[-1], "CyberTrace detects 3 of 17 when asked "
+                         "directly: detection works, delivery to "
+                         "127.0.0.1:%d does not" % table.port)
+
+    def test_what_cybertrace_does_not_detect_is_flagged_not_counted(self):
+        # From CyberTrace's own host: only the probe can tell.
+        table, err, peer = self.spoof("127.0.0.1")
+        self.assertEqual(table.found, 3)
+        for indicator, cells in table.rows.items():
+            self.assertEqual(cells[3], peer)
+            if indicator in DEMO_FEEDS:
+                self.assertRegex(cells[4], r"^[\d,]+\.\d ms$")
+            else:
+                self.assertRegex(cells[4], r"^[\d,]+\.\d ms \(unconfirmed\)$")
+        self.assertIn("warning: 14 test indicators arrived that CyberTrace "
+                      "does not detect when asked directly, from %s: not "
+                      "counted" % peer, err)
+        self.assertIn("--strict: 14 of 17 test indicators did not come back",
+                      err)
+
+
 class PlaysCyberTrace:
     """A peer in a thread plays CyberTrace: it delivers EVENTS to the
-    check's port when the test events come, and answers the probe with
-    17 LookupFinished events and no detection."""
+    check's port when the test events come, and answers the probe with the
+    same EVENTS, the detections it makes, then 17 LookupFinished events."""
 
     EVENTS = []
 
@@ -260,7 +321,9 @@ class PlaysCyberTrace:
                             break
                         data += chunk
                     if data.startswith(b"X-KF-"):
-                        sock.sendall(b"eventName=LookupFinished\n" * 17)
+                        sock.sendall(b"".join(
+                            event + b"\n" for event in self.EVENTS) +
+                            b"eventName=LookupFinished\n" * 17)
                     elif not delivered:
                         delivered = True
                         self.deliver(port)
@@ -382,7 +445,7 @@ class ArgumentTest(unittest.TestCase):
 
 
 class StandInTest(unittest.TestCase):
-    """tests/fake_cybertrace.py from its command line."""
+    """fake_cybertrace.py from its command line."""
 
     def test_help_and_bad_arguments(self):
         proc = subprocess.run([sys.executable, str(STAND_IN), "--help"],

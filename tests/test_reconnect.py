@@ -21,7 +21,7 @@ import listen_events_cybertrace as lec
 # Every event is 64 bytes and carries its number: order, gaps and
 # duplicates can be read off the receiver's output.
 EVENT = b"seq=%09d " + b"r" * 49 + b"\n"
-OUTAGE = 2.0  # seconds a stopped listener stays down
+OUTAGE = 1.0  # seconds a stopped listener stays down
 # On a busy machine a listener may take a while to write out its backlog.
 BACKLOG_TIMEOUT = TIMEOUT * 4
 

@@ -140,13 +140,13 @@ class FramingTest(unittest.TestCase):
             proc = run_sender("--demo", "-c", address(ct))
             self.assertEqual(proc.returncode, 0, proc.stderr)
             wait_until(lambda: ct.received().count(b"\n") >=
-                       len(sec.DEMO_INDICATORS), what="the demo events",
+                       len(sec.TEST_FIELDS), what="the demo events",
                        seen=ct.received)
             events = ct.received().decode().splitlines()
-        self.assertEqual(len(events), len(sec.DEMO_INDICATORS))
-        for (_, indicator), event in zip(sec.DEMO_INDICATORS, events):
+        self.assertEqual(len(events), len(sec.TEST_FIELDS))
+        for (_, indicator), event in zip(sec.TEST_FIELDS, events):
             self.assertIn(indicator, event)
-        self.assertEqual({i for _, i in sec.DEMO_INDICATORS}, set(INDICATORS))
+        self.assertEqual({i for _, i in sec.TEST_FIELDS}, set(INDICATORS))
 
 
 class ReplyBackTest(unittest.TestCase):
