@@ -1914,6 +1914,7 @@ class Listener:
         self.accepting = True
         self.server = None
         self.next_sweep = 0.0
+        self.full_warned = -REJECT_WINDOW  # when --max-connections was met
 
     def counters(self) -> tuple:
         """Return (events written, bytes received, open connections)."""
@@ -2109,12 +2110,16 @@ class Listener:
         if self.accepting and self.admission.full(len(self.connections)):
             self.accepting = False
             self.selector.unregister(self.server)
-            self.next_sweep = min(self.next_sweep,
-                                  time.monotonic() + self.sweep_every())
-            self.warn("%s open (--max-connections); new ones wait until "
-                      "one closes or has been silent for %g s" % (
-                          plural(len(self.connections), "connection"),
-                          EVICT_IDLE_SECONDS))
+            now = time.monotonic()
+            self.next_sweep = min(self.next_sweep, now + self.sweep_every())
+            # Once a window: peers coming and going at the limit would
+            # print it each time.
+            if now >= self.full_warned + REJECT_WINDOW:
+                self.full_warned = now
+                self.warn("%s open (--max-connections); new ones wait until "
+                          "one closes or has been silent for %g s" % (
+                              plural(len(self.connections), "connection"),
+                              EVICT_IDLE_SECONDS))
 
     def resume_accepting(self) -> None:
         if not self.accepting and not self.stopping:

@@ -16,6 +16,13 @@ exit status 1 if one is missed.
 
     python3 benchmarks/bench.py            # 500,000 events, 5 rounds
     python3 benchmarks/bench.py --quick    # 100,000 events, 2 rounds
+    python3 benchmarks/bench.py --baseline HEAD~5 --parts peers,hostile
+
+--baseline REV adds the listener as it was at a git revision, in every
+format, beside today's in the same rounds (old vs new in one run).  The
+hostile part times -f json on known templates clean, after 12,000 events
+of ever-new shapes (as a peer trying to slow it would send), and while a
+stream of such shapes goes on.
 
 nc and socat are installed with apt-get when missing (as root); syslog-ng
 is fetched with apt-get download and unpacked into a cache folder, never
@@ -72,6 +79,13 @@ RSS_ONE_STREAM_MIB = 32
 BIG_EVENT = 64 * 1024 * 1024
 BIG_EVENT_SECONDS = 0.5
 RSS_FLOOD_MIB = 100
+# Today's listener against the one at --baseline, same format.
+BASELINE_TARGET = 0.95
+# -f json on known templates under ever-new shapes, against clean.
+HOSTILE_TARGET = 0.8
+HOSTILE_CONNECTIONS = 3000
+HOSTILE_PER_CONNECTION = 4
+PARTS = ("peers", "connections", "memory", "latency", "sender", "hostile")
 
 
 # --- Data --------------------------------------------------------------------
@@ -249,9 +263,14 @@ class Receiver:
                 stdin=subprocess.DEVNULL, env=user_env())
 
 
-def receivers(tools: dict, python: str) -> list:
+def receivers(tools: dict, python: str, baseline: str = None) -> list:
     ours = [python, LISTENER, "-q", "-l", "127.0.0.1:PORT", "-f"]
     found = []
+    if baseline:
+        for fmt in FORMATS:
+            found.append(Receiver("baseline " + fmt, [
+                python, baseline, "-q", "-l", "127.0.0.1:PORT", "-f", fmt],
+                fmt))
     if tools.get("nc"):
         found.append(Receiver("nc -l", [tools["nc"], "-l", "-d", "127.0.0.1",
                                         "PORT"]))
@@ -386,20 +405,24 @@ def check_output(receiver: Receiver, out_path: str, parts: list,
 
 # Each ratio's two runs follow each other, so that both meet the same load
 # from whatever else the machine runs.
-PEER_ORDER = ("nc -l", "listener raw", "bare loop", "syslog-ng raw", "socat",
-              "tutorial", "listener text", "syslog-ng json", "listener json")
+PEER_ORDER = ("nc -l", "listener raw", "baseline raw", "bare loop",
+              "syslog-ng raw", "socat", "tutorial", "listener text",
+              "baseline text", "syslog-ng json", "listener json",
+              "baseline json")
 SHOWN_ORDER = ("nc -l", "socat", "tutorial", "syslog-ng raw", "syslog-ng json",
-               "bare loop", "listener raw", "listener text", "listener json")
+               "bare loop", "baseline raw", "baseline text", "baseline json",
+               "listener raw", "listener text", "listener json")
 # Over several connections: the listener, and the floor under it.
 SCALED = ("bare loop", "listener raw", "listener text", "listener json")
 
 
-def plan(found: list) -> list:
+def plan(found: list, parts: tuple) -> list:
     """Return every (receiver, sender, connections, table) run of a round."""
     runs = [(receiver, "sendfile", 1, "peers") for receiver in
-            sorted(found, key=lambda r: PEER_ORDER.index(r.name))]
+            sorted(found, key=lambda r: PEER_ORDER.index(r.name))
+            if "peers" in parts]
     for receiver in found:
-        if receiver.name in SCALED:
+        if receiver.name in SCALED and "connections" in parts:
             for sender in SENDERS:
                 for conns in CONNECTIONS:
                     runs.append((receiver, sender, conns, "connections"))
@@ -407,7 +430,10 @@ def plan(found: list) -> list:
 
 
 def bench_rounds(args, found: list, parts: dict, count: int) -> dict:
-    runs = plan(found)
+    runs = plan(found, args.parts)
+    if not runs:
+        return {}
+    found = sorted({run[0] for run in runs}, key=lambda r: r.name)
     print("Warm-up: %d runs..." % len(found), file=sys.stderr)
     for receiver in found:
         run_once(receiver, parts[1], "sendfile", count, learn=True)
@@ -432,7 +458,7 @@ def ratio(results: dict, a: tuple, b: tuple) -> list:
 
 def round_ratios(results: dict, number: int) -> list:
     out = []
-    for label, name, base, _ in TARGETS:
+    for label, name, base, _ in TARGETS + baseline_targets():
         a, b = (name, "sendfile", 1, "peers"), (base, "sendfile", 1, "peers")
         if a in results and b in results:
             out.append((label, ratio(results, a, b)[number]))
@@ -441,10 +467,32 @@ def round_ratios(results: dict, number: int) -> list:
             for conns in CONNECTION_TARGETS:
                 a = (name, sender, conns, "connections")
                 b = (name, sender, 1, "connections")
-                out.append(("%s %s %d/1" % (name.replace("listener ", ""),
-                                            sender, conns),
-                            ratio(results, a, b)[number]))
+                if a in results:
+                    out.append(("%s %s %d/1" % (
+                        name.replace("listener ", ""), sender, conns),
+                        ratio(results, a, b)[number]))
     return out
+
+
+def baseline_targets() -> list:
+    return [("%s vs baseline" % fmt, "listener " + fmt, "baseline " + fmt,
+             BASELINE_TARGET) for fmt in FORMATS]
+
+
+def checkout(revision: str, workdir: str) -> str:
+    """Write the listener as it was at a git revision; return its path."""
+    try:
+        source = subprocess.run(
+            ["git", "-C", ROOT, "show",
+             "%s:listen_events_cybertrace.py" % revision],
+            capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit("bench: cannot get the listener at %s: %s" % (
+            revision, getattr(exc, "stderr", b"").decode().strip() or exc))
+    path = os.path.join(workdir, "baseline_listener.py")
+    with open(path, "wb") as f:
+        f.write(source)
+    return path
 
 
 # --- Memory, fairness and the sender -----------------------------------------
@@ -614,6 +662,93 @@ def bench_sender(args, data_path: str, tools: dict) -> dict:
     return times
 
 
+# --- Ever-new shapes (-f json) -------------------------------------------------
+
+def shapes_like(line: bytes, first: int, count: int) -> bytes:
+    """Return count events of ever-new keys, as many "=" as line has: the
+    plans a peer trying to slow -f json would make it build and keep."""
+    filler = b" a=1" * (line.count(b"=") - 1)
+    return b"".join(b"- k%d=1%s\n" % (number, filler)
+                    for number in range(first, first + count))
+
+
+def bench_hostile(args, data: bytes, rounds: int) -> dict:
+    """Time -f json on data clean, after ever-new shapes, and during them;
+    return {case: [seconds, ...]}."""
+    last = data[data.rstrip(b"\n").rfind(b"\n") + 1:-1]
+    first_line = data[:data.index(b"\n") + 1]
+    times = {"clean": [], "after": [], "during": []}
+    hostile_run(args, data, last, first_line, "clean")  # warm-up
+    for number in range(rounds):
+        cases = list(times) if number % 2 == 0 else list(times)[::-1]
+        for case in cases:
+            times[case].append(hostile_run(args, data, last, first_line,
+                                           case))
+        print("  hostile round %d: after %.2f, during %.2f" % (
+            number + 1, times["clean"][-1] / times["after"][-1],
+            times["clean"][-1] / times["during"][-1]), file=sys.stderr)
+    return times
+
+
+def hostile_run(args, data: bytes, last: bytes, line: bytes,
+                case: str) -> float:
+    """Return the seconds a fresh listener takes to write data's events."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        port = free_port()
+        out_path = os.path.join(workdir, "out")
+        proc = Receiver("hostile", [args.python, LISTENER, "-q", "-l",
+                                    "127.0.0.1:PORT", "-f", "json", "-o",
+                                    out_path]).start(workdir, port,
+                                                     os.devnull)
+        stop_stream = threading.Event()
+        stream = threading.Thread(target=hostile_stream, args=(
+            port, line, stop_stream))
+        try:
+            wait_until(lambda: listening(port), 30, "the listener", proc)
+            # The known templates come first, as from a CyberTrace that
+            # was there before: the shapes then pile up in front of them.
+            prelude = data[:data.index(b"\n", 200 * 1024) + 1]
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(prelude)
+            count = prelude.count(b"\n")
+            wait_until(lambda: lines_in(out_path) >= count, 60,
+                       "the first events to be written", proc)
+            if case == "after":
+                for conn in range(HOSTILE_CONNECTIONS):
+                    with socket.create_connection(("127.0.0.1", port)) as s:
+                        s.sendall(shapes_like(line, conn * 4,
+                                              HOSTILE_PER_CONNECTION))
+                total = count + HOSTILE_CONNECTIONS * HOSTILE_PER_CONNECTION
+                wait_until(lambda: lines_in(out_path) >= total, 120,
+                           "the shapes to be written", proc)
+            elif case == "during":
+                stream.start()
+            watch = FileWatch(out_path, b'"event":"%s"' % last)
+            started = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(data)
+                wait_until(watch.found, 600, "the last event", proc)
+            took = time.perf_counter() - started
+        finally:
+            stop_stream.set()
+            if stream.is_alive():
+                stream.join(60)
+            stop(proc)
+    return took
+
+
+def hostile_stream(port: int, line: bytes, stop_stream) -> None:
+    """Send ever-new shapes, 100 every 50 ms, until told to stop."""
+    number = 10 ** 6
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            while not stop_stream.wait(0.05):
+                s.sendall(shapes_like(line, number, 100))
+                number += 100
+    except OSError:
+        pass
+
+
 # --- Report ------------------------------------------------------------------
 
 def median(values) -> float:
@@ -626,7 +761,9 @@ def each(values) -> str:
 
 def report(args, data: bytes, count: int, tools: dict, missing: dict,
            results: dict, big: Run, flood_kib: int, delays: dict,
-           send: dict) -> int:
+           send: dict, hostile: dict) -> int:
+    """Print the tables (those of the parts that ran) and the targets;
+    return 1 if a target is missed."""
     size = len(data)
     one = {key[0]: runs for key, runs in sorted(
         results.items(), key=lambda item: SHOWN_ORDER.index(item[0][0]))
@@ -634,110 +771,111 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
     lines = []
     out = lines.append
     out("%s events of %d bytes on average (%.0f MB); %s, %d cores; Python %s"
-        "%s; %d rounds, median (each round's ratio in brackets)." % (
+        "%s; %d rounds, median (each round's ratio in brackets)%s." % (
             "{:,}".format(count), size // count, size / 1e6,
             os.uname().machine, os.cpu_count(), sys.version.split()[0],
             "; " + tools["syslog-ng"].version if tools.get("syslog-ng")
-            else "", args.rounds))
+            else "", args.rounds, "; baseline: the listener at %s"
+            % args.baseline if args.baseline else ""))
     out("")
-    out("One connection, sendfile sender, every peer on the same data:")
-    out("")
-    bases = [base for base in ("nc -l", "tutorial", "syslog-ng json",
-                               "syslog-ng raw") if base in one]
-    out("| receiver | events/s | MB/s | receiver CPU | %s | peak RSS |"
-        % " | ".join("vs " + base for base in bases))
-    out("| --- | ---: | ---: | ---: |%s ---: |" % (" ---: |" * len(bases)))
-    for name, runs in one.items():
-        best = median([r.seconds for r in runs])
-        cells = []
-        for base in bases:
-            per = ratio(results, (name, "sendfile", 1, "peers"),
-                        (base, "sendfile", 1, "peers"))
-            cells.append("%.2f (%s)" % (median(per), each(per)))
-        out("| %s | %s | %.0f | %.2f s | %s | %.1f MiB |" % (
-            name, "{:,.0f}".format(count / best), size / best / 1e6,
-            median([r.cpu for r in runs]), " | ".join(cells),
-            max(r.rss_kib for r in runs) / 1024))
-    out("")
-    out("The listener over several connections, and the bare loop (no "
-        "work but recv_into and write) as the floor under it: events/s with "
-        "the receiver's CPU time, and throughput against one connection "
-        "with the same sender:")
-    out("")
-    out("| receiver | sender | 1 connection | 8 connections | 8 vs 1 "
-        "| 64 connections | 64 vs 1 |")
-    out("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name in SCALED:
-        for sender in SENDERS:
+    if one:
+        out("One connection, sendfile sender, every peer on the same data:")
+        out("")
+        bases = [base for base in ("nc -l", "tutorial", "syslog-ng json",
+                                   "syslog-ng raw") if base in one]
+        columns = bases + (["baseline"] if args.baseline else [])
+        out("| receiver | events/s | MB/s | receiver CPU | %s | peak RSS |"
+            % " | ".join("vs " + base for base in columns))
+        out("| --- | ---: | ---: | ---: |%s ---: |" % (" ---: |" *
+                                                     len(columns)))
+        for name, runs in one.items():
+            best = median([r.seconds for r in runs])
             cells = []
-            for conns in CONNECTIONS:
-                runs = results[(name, sender, conns, "connections")]
-                cells.append("{:,.0f} ({:.2f} s)".format(
-                    count / median([r.seconds for r in runs]),
-                    median([r.cpu for r in runs])))
-                if conns != 1:
-                    per = ratio(results, (name, sender, conns, "connections"),
-                                (name, sender, 1, "connections"))
+            for base in bases:
+                per = ratio(results, (name, "sendfile", 1, "peers"),
+                            (base, "sendfile", 1, "peers"))
+                cells.append("%.2f (%s)" % (median(per), each(per)))
+            if args.baseline:
+                base = "baseline " + name.split()[-1]
+                if name.startswith("listener") and base in one:
+                    per = ratio(results, (name, "sendfile", 1, "peers"),
+                                (base, "sendfile", 1, "peers"))
                     cells.append("%.2f (%s)" % (median(per), each(per)))
-            out("| %s | %s | %s |" % (name, sender, " | ".join(cells)))
-    out("")
-    out("| also measured | |")
-    out("| --- | --- |")
-    out("| listener, one 64 MiB event without a newline: time, peak RSS "
-        "| %.3f s, %.1f MiB |" % (big.seconds, big.rss_kib / 1024))
-    out("| listener peak RSS, %d peers each sending 1 MiB without a newline "
-        "| %.1f MiB |" % (FLOOD_PEERS, flood_kib / 1024))
-    for fmt, times in delays.items():
-        out("| `-f %s`: one event's delay while another peer floods (median "
-            "of %d) | %.1f ms (%s) |" % (fmt, len(times), median(times) * 1000,
-                                        " ".join("%.1f" % (d * 1000)
-                                                 for d in times)))
-    for name, runs in send.items():
-        out("| %s, file to a sink: whole process / steady state at the sink "
-            "| %.3f s / %.0f MB/s |" % (
-                "the sender" if name == "sender" else "`nc -N`",
-                median([w for w, _ in runs]),
-                size / median([s for _, s in runs]) / 1e6))
-    out("")
+                else:
+                    cells.append("")
+            out("| %s | %s | %.0f | %.2f s | %s | %.1f MiB |" % (
+                name, "{:,.0f}".format(count / best), size / best / 1e6,
+                median([r.cpu for r in runs]), " | ".join(cells),
+                max(r.rss_kib for r in runs) / 1024))
+        out("")
+    if "connections" in args.parts:
+        out("The listener over several connections, and the bare loop (no "
+            "work but recv_into and write) as the floor under it: events/s "
+            "with the receiver's CPU time, and throughput against one "
+            "connection with the same sender:")
+        out("")
+        out("| receiver | sender | 1 connection | 8 connections | 8 vs 1 "
+            "| 64 connections | 64 vs 1 |")
+        out("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for name in SCALED:
+            for sender in SENDERS:
+                cells = []
+                for conns in CONNECTIONS:
+                    runs = results[(name, sender, conns, "connections")]
+                    cells.append("{:,.0f} ({:.2f} s)".format(
+                        count / median([r.seconds for r in runs]),
+                        median([r.cpu for r in runs])))
+                    if conns != 1:
+                        per = ratio(results,
+                                    (name, sender, conns, "connections"),
+                                    (name, sender, 1, "connections"))
+                        cells.append("%.2f (%s)" % (median(per), each(per)))
+                out("| %s | %s | %s |" % (name, sender, " | ".join(cells)))
+        out("")
+    if hostile:
+        out("`-f json` on the same events from one peer: clean; after %s "
+            "short connections sent %s events of ever-new shapes; and while "
+            "another peer sends 2,000 such events a second:" % (
+                "{:,}".format(HOSTILE_CONNECTIONS), "{:,}".format(
+                    HOSTILE_CONNECTIONS * HOSTILE_PER_CONNECTION)))
+        out("")
+        out("| case | events/s | vs clean |")
+        out("| --- | ---: | ---: |")
+        for case, label in (("clean", "clean"),
+                            ("after", "after ever-new shapes"),
+                            ("during", "during ever-new shapes")):
+            per = [c / t for c, t in zip(hostile["clean"], hostile[case])]
+            out("| %s | %s | %.2f (%s) |" % (
+                label, "{:,.0f}".format(count / median(hostile[case])),
+                median(per), each(per)))
+        out("")
+    also = []
+    if big is not None:
+        also.append("| listener, one 64 MiB event without a newline: time, "
+                    "peak RSS | %.3f s, %.1f MiB |" % (
+                        big.seconds, big.rss_kib / 1024))
+        also.append("| listener peak RSS, %d peers each sending 1 MiB "
+                    "without a newline | %.1f MiB |" % (
+                        FLOOD_PEERS, flood_kib / 1024))
+    for fmt, times in (delays or {}).items():
+        also.append("| `-f %s`: one event's delay while another peer floods "
+                    "(median of %d) | %.1f ms (%s) |" % (
+                        fmt, len(times), median(times) * 1000,
+                        " ".join("%.1f" % (d * 1000) for d in times)))
+    for name, runs in (send or {}).items():
+        also.append("| %s, file to a sink: whole process / steady state at "
+                    "the sink | %.3f s / %.0f MB/s |" % (
+                        "the sender" if name == "sender" else "`nc -N`",
+                        median([w for w, _ in runs]),
+                        size / median([s for _, s in runs]) / 1e6))
+    if also:
+        lines.extend(["| also measured | |", "| --- | --- |"] + also + [""])
     for problem in missing.values():
         out("Left out: %s." % problem)
     if missing:
         out("")
     print("\n".join(lines))
-
-    checks = []
-    for label, name, base, target in TARGETS:
-        if base in one:
-            per = ratio(results, (name, "sendfile", 1, "peers"),
-                        (base, "sendfile", 1, "peers"))
-            checks.append((label, "%.2f" % median(per), ">= %.1f" % target,
-                           median(per) >= target))
-        else:
-            checks.append((label, "n/a", "%s missing" % base, False))
-    for fmt in FORMATS:
-        for sender in SENDERS:
-            for conns, target in CONNECTION_TARGETS.items():
-                name = "listener " + fmt
-                value = median(ratio(
-                    results, (name, sender, conns, "connections"),
-                    (name, sender, 1, "connections")))
-                checks.append(("%s, %s, %d vs 1 connection" % (fmt, sender,
-                                                               conns),
-                               "%.2f" % value, ">= %.1f" % target,
-                               value >= target))
-    for fmt in FORMATS:
-        rss = max(r.rss_kib for r in one["listener " + fmt]) / 1024
-        checks.append(("peak RSS, one stream, " + fmt, "%.1f MiB" % rss,
-                       "< %d MiB" % RSS_ONE_STREAM_MIB,
-                       rss < RSS_ONE_STREAM_MIB))
-    checks.append(("one 64 MiB event", "%.3f s, %.1f MiB" % (
-        big.seconds, big.rss_kib / 1024), "< %.1f s, < %d MiB" % (
-            BIG_EVENT_SECONDS, RSS_ONE_STREAM_MIB),
-        big.seconds < BIG_EVENT_SECONDS and
-        big.rss_kib / 1024 < RSS_ONE_STREAM_MIB))
-    checks.append(("peak RSS, %d x 1 MiB without newline" % FLOOD_PEERS,
-                   "%.1f MiB" % (flood_kib / 1024), "< %d MiB" % RSS_FLOOD_MIB,
-                   flood_kib / 1024 < RSS_FLOOD_MIB))
+    checks = targets(args, results, one, big, flood_kib, hostile)
     print("Targets:")
     print()
     print("```")
@@ -746,6 +884,66 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
                                           value, target))
     print("```")
     return 0 if all(ok for *_, ok in checks) else 1
+
+
+def targets(args, results: dict, one: dict, big: Run, flood_kib: int,
+            hostile: dict) -> list:
+    """Return (label, value, target, met) for each goal of what ran."""
+    checks = []
+    for label, name, base, target in TARGETS + (
+            baseline_targets() if args.baseline else []):
+        if name not in one:
+            continue
+        if base in one:
+            per = ratio(results, (name, "sendfile", 1, "peers"),
+                        (base, "sendfile", 1, "peers"))
+            checks.append((label, "%.2f" % median(per), ">= %.2f" % target,
+                           median(per) >= target))
+        else:
+            checks.append((label, "n/a", "%s missing" % base, False))
+    if "connections" in args.parts:
+        for fmt in FORMATS:
+            for sender in SENDERS:
+                for conns, target in CONNECTION_TARGETS.items():
+                    name = "listener " + fmt
+                    value = median(ratio(
+                        results, (name, sender, conns, "connections"),
+                        (name, sender, 1, "connections")))
+                    checks.append(("%s, %s, %d vs 1 connection" % (
+                        fmt, sender, conns), "%.2f" % value,
+                        ">= %.1f" % target, value >= target))
+    for fmt in FORMATS:
+        if "listener " + fmt in one:
+            rss = max(r.rss_kib for r in one["listener " + fmt]) / 1024
+            checks.append(("peak RSS, one stream, " + fmt, "%.1f MiB" % rss,
+                           "< %d MiB" % RSS_ONE_STREAM_MIB,
+                           rss < RSS_ONE_STREAM_MIB))
+    if big is not None:
+        checks.append(("one 64 MiB event", "%.3f s, %.1f MiB" % (
+            big.seconds, big.rss_kib / 1024), "< %.1f s, < %d MiB" % (
+                BIG_EVENT_SECONDS, RSS_ONE_STREAM_MIB),
+            big.seconds < BIG_EVENT_SECONDS and
+            big.rss_kib / 1024 < RSS_ONE_STREAM_MIB))
+        checks.append(("peak RSS, %d x 1 MiB without newline" % FLOOD_PEERS,
+                       "%.1f MiB" % (flood_kib / 1024),
+                       "< %d MiB" % RSS_FLOOD_MIB,
+                       flood_kib / 1024 < RSS_FLOOD_MIB))
+    if hostile:
+        for case in ("after", "during"):
+            value = median([c / t for c, t in zip(hostile["clean"],
+                                                  hostile[case])])
+            checks.append(("json %s ever-new shapes vs clean" % case,
+                           "%.2f" % value, ">= %.1f" % HOSTILE_TARGET,
+                           value >= HOSTILE_TARGET))
+    return checks
+
+
+def parts_list(text: str) -> tuple:
+    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError("choose from %s" % ",".join(PARTS))
+    return parts
 
 
 def main(argv: list | None = None) -> int:
@@ -763,6 +961,12 @@ def main(argv: list | None = None) -> int:
                         "README's table comes from a full run")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for the Python receivers")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run the listener as it was at this git "
+                        "revision, in every format, in the same rounds")
+    parser.add_argument("--parts", type=parts_list, default=PARTS,
+                        help="what to measure, of %s (default: all)"
+                        % ",".join(PARTS))
     args = parser.parse_args(argv)
     count = args.count or (100000 if args.quick else 500000)
     args.rounds = args.rounds or (2 if args.quick else 5)
@@ -771,7 +975,8 @@ def main(argv: list | None = None) -> int:
     missing = {}
     tools = {"nc": find_tool("nc", "netcat-openbsd", missing),
              "socat": find_tool("socat", "socat", missing),
-             "syslog-ng": SyslogNg.fetch(missing)}
+             "syslog-ng": SyslogNg.fetch(missing)
+             if "peers" in args.parts else None}
     for problem in missing.values():
         print("bench: %s; left out." % problem, file=sys.stderr)
     if tools["nc"]:
@@ -779,23 +984,33 @@ def main(argv: list | None = None) -> int:
         SENDERS += ("nc",)
     print("Generating %s events..." % "{:,}".format(count), file=sys.stderr)
     data = make_events(count)
+    big = flood_kib = delays = send = hostile = None
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         parts = write_parts(data, workdir)
-        found = receivers(tools, args.python)
+        baseline = checkout(args.baseline, workdir) if args.baseline \
+            else None
+        found = receivers(tools, args.python, baseline)
         for receiver in found:
             receiver.expected = expected_size(receiver, data, count)
         results = bench_rounds(args, found, parts, count)
-        print("One 64 MiB event...", file=sys.stderr)
-        big = bench_big_event(args, workdir)
-        print("Flood of %d peers x 1 MiB..." % FLOOD_PEERS, file=sys.stderr)
-        flood_kib = bench_flood(args)
-        print("One event during a flood...", file=sys.stderr)
-        delays = {fmt: bench_latency(args, fmt, parts[1][0])
-                  for fmt in MARKERS}
-        print("The sender...", file=sys.stderr)
-        send = bench_sender(args, parts[1][0], tools)
+        if "memory" in args.parts:
+            print("One 64 MiB event...", file=sys.stderr)
+            big = bench_big_event(args, workdir)
+            print("Flood of %d peers x 1 MiB..." % FLOOD_PEERS,
+                  file=sys.stderr)
+            flood_kib = bench_flood(args)
+        if "latency" in args.parts:
+            print("One event during a flood...", file=sys.stderr)
+            delays = {fmt: bench_latency(args, fmt, parts[1][0])
+                      for fmt in MARKERS}
+        if "sender" in args.parts:
+            print("The sender...", file=sys.stderr)
+            send = bench_sender(args, parts[1][0], tools)
+        if "hostile" in args.parts:
+            print("-f json and ever-new shapes...", file=sys.stderr)
+            hostile = bench_hostile(args, data, args.rounds)
     return report(args, data, count, tools, missing, results, big, flood_kib,
-                  delays, send)
+                  delays, send, hostile)
 
 
 if __name__ == "__main__":
