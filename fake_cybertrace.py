@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         "alert and the detection of an event nobody here sent (192.0.2.10), "
         "as a busy site would")
     parser.add_argument(
-        "--retries", metavar="N", type=lec.argument_type(lec.bounded(int, 0, 100), "N"),
+        "--retries", metavar="N",
+        type=lec.argument_type(lec.bounded(int, 0, 100), "N"),
         default=RETRIES, help="try a failed delivery again N times "
         "(default: %d)" % RETRIES)
     parser.add_argument(

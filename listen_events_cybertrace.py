@@ -8,15 +8,18 @@ the listener, and Ctrl+C or SIGTERM first writes out what was received.
 
 The file, top to bottom:
 
-- Shared: what send_events_cybertrace.py and fake_cybertrace.py import
-  (framing, fields, escaping, addresses, numbers in words, command-line
-  pieces, the live status line, the embedded listener of the lab check).
+- Shared: all that send_events_cybertrace.py and fake_cybertrace.py
+  import (framing, fields, escaping, addresses, numbers in words,
+  command-line pieces, the console and its live line, the embedded
+  listener of the lab check).
 - Formats: raw, text and JSON Lines (JsonFormatter and its plans).
-- Output: where events go (Output) and the sink that counts them.
-- Console: status lines on stderr, the live line and --stats.
+- Output: where events go, whole (Output), and the sink that counts them
+  and stops at --count (EventSink).
+- The counters: the live line, --stats and SIGUSR1 (Stats).
 - Settings and the command line.
-- Peers: who is let in (Admission), each peer's reading (Connection), the
-  memory of unfinished events (BufferBudget), socket set-up.
+- Peers: who is let in (Admission), each peer's reading and deadlines
+  (Connection), the memory of unfinished events (BufferBudget), the
+  listening socket.
 - Listener: the loop, its timers and signals, the drain on stop.
 - main().
 """
@@ -121,7 +124,7 @@ OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE,
                       getattr(errno, "WSAEMFILE", errno.EMFILE))
 
 
-# --- Shared with send_events_cybertrace.py and fake_cybertrace.py -----------
+# --- Shared with send_events_cybertrace.py and fake_cybertrace.py ------------
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, exit status 1."""
@@ -568,6 +571,32 @@ class LiveLine:
             self.write(message + "\n")
 
 
+class Console(LiveLine):
+    """Write status lines to stderr, and on a terminal one live line.
+
+    Events written to the same terminal clear the live line first too;
+    stdout never sees it.
+    """
+
+    def __init__(self, quiet: bool = False, live: bool = False) -> None:
+        super().__init__(live)
+        self.quiet = quiet
+
+    @classmethod
+    def for_stderr(cls, quiet: bool) -> "Console":
+        """Show a live line only where a person watches stderr."""
+        return cls(quiet, not quiet and cls.on_stderr())
+
+    def status(self, message: str) -> None:
+        """Print a status line, unless quiet."""
+        if not self.quiet:
+            self.line(message)
+
+    def warn(self, message: str) -> None:
+        """Print a warning, even when quiet."""
+        self.line("warning: " + message)
+
+
 class RateMeter:
     """Events per second over the last few samples (about a second)."""
 
@@ -581,6 +610,61 @@ class RateMeter:
         del self.samples[:-self.keep]
         then, before = self.samples[0]
         return (count - before) / (now - then) if now > then else 0.0
+
+
+def parse_network(text: str):
+    """Convert text to an IP network, in words when it fails."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError("not a network (such as 192.0.2.0/24, 10.0.0.5 or "
+                         "2001:db8::/32)") from None
+
+
+def interface_addresses() -> list:
+    """Return this host's interface addresses (Linux); [] elsewhere."""
+    found = []
+    if not sys.platform.startswith("linux"):
+        return found
+    try:
+        import fcntl
+        import struct
+        siocgifaddr = 0x8915
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            for _, name in socket.if_nameindex():
+                try:
+                    answer = fcntl.ioctl(probe.fileno(), siocgifaddr,
+                                         struct.pack("256s",
+                                                     name.encode()[:15]))
+                except OSError:
+                    continue  # no IPv4 address on this interface
+                found.append(ipaddress.ip_address(answer[20:24]))
+    except (ImportError, OSError):
+        pass
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for row in table:
+                found.append(ipaddress.ip_address(bytes.fromhex(
+                    row.split()[0])))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+def resolved_addresses() -> list:
+    """Return the addresses this host's name resolves to."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None,
+                                   type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    found = []
+    for info in infos:
+        try:
+            found.append(ipaddress.ip_address(info[4][0].split("%", 1)[0]))
+        except ValueError:
+            pass
+    return found
 
 
 def keep_freed_memory() -> None:
@@ -643,18 +727,10 @@ def write_stdout(data: bytes) -> None:
             getattr(exc, "strerror", None) or exc)) from None
 
 
-class Silence(LiveLine):
+class Silence(Console):
     """A console that prints nothing: an embedder says what matters."""
 
-    quiet = True
-
     def write(self, text: str) -> None:
-        pass
-
-    def status(self, message: str) -> None:
-        pass
-
-    def warn(self, message: str) -> None:
         pass
 
 
@@ -716,7 +792,7 @@ class EmbeddedListener:
             sock.close()
 
 
-# --- Formats ------------------------------------------------------------------
+# --- Formats -----------------------------------------------------------------
 #
 # Each takes a block of whole events and returns the bytes to write:
 # format(block, lines, peer, when, escape), lines being the block's events
@@ -994,7 +1070,7 @@ def formatter(name: str, escape: bool = False) -> Callable:
     return {"raw": format_raw, "text": format_text}[name]
 
 
-# --- Output -------------------------------------------------------------------
+# --- Output ------------------------------------------------------------------
 
 class OutputFailed(UserError):
     """Events could not be written; the listener stops and says how many."""
@@ -1324,33 +1400,7 @@ class EventSink:
         return self.unwritten + self.output.unwritten()
 
 
-# --- Console ------------------------------------------------------------------
-
-class Console(LiveLine):
-    """Write status lines to stderr, and on a terminal one live line.
-
-    Events written to the same terminal clear the live line first too;
-    stdout never sees it.
-    """
-
-    def __init__(self, quiet: bool = False, live: bool = False) -> None:
-        super().__init__(live)
-        self.quiet = quiet
-
-    @classmethod
-    def for_stderr(cls, quiet: bool) -> "Console":
-        """Show a live line only where a person watches stderr."""
-        return cls(quiet, not quiet and cls.on_stderr())
-
-    def status(self, message: str) -> None:
-        """Print a status line, unless quiet."""
-        if not self.quiet:
-            self.line(message)
-
-    def warn(self, message: str) -> None:
-        """Print a warning, even when quiet."""
-        self.line("warning: " + message)
-
+# --- The counters: the live line, --stats and SIGUSR1 ------------------------
 
 class Stats:
     """Report the counters: live on a terminal, every --stats SECONDS, and
@@ -1410,7 +1460,7 @@ class Stats:
                               plural(connections, "connection")))
 
 
-# --- Settings and the command line ----------------------------------------------
+# --- Settings and the command line -------------------------------------------
 
 @dataclasses.dataclass
 class Settings:
@@ -1436,14 +1486,6 @@ class Settings:
     def from_arguments(cls, args: argparse.Namespace) -> "Settings":
         return cls(**{field.name: getattr(args, field.name)
                       for field in dataclasses.fields(cls)})
-
-
-def _network(text: str):
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise ValueError("not a network (such as 192.0.2.0/24, 10.0.0.5 or "
-                         "2001:db8::/32)") from None
 
 
 def _file_name(text: str) -> str:
@@ -1494,7 +1536,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'jq -r' cannot pass an event's terminal commands on")
     parser.add_argument(
         "--allow", metavar="CIDR", action="append",
-        type=argument_type(_network, "network"),
+        type=argument_type(parse_network, "network"),
         help="accept connections only from this network (repeatable), "
         "e.g. 192.0.2.0/24 or ::1; others are closed and counted")
     parser.add_argument(
@@ -1558,7 +1600,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- Peers --------------------------------------------------------------------
+# --- Peers: who is let in, each one's reading, the listening socket ----------
 
 class Admission:
     """Decide which peers are served: --allow, --max-per-host and how many
@@ -1787,6 +1829,65 @@ def claim_port(server: socket.socket) -> None:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
+def open_server(listen: tuple, backlog: int) -> socket.socket:
+    """Return a non-blocking socket listening at (host, port)."""
+    host, port = listen
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError("cannot resolve %s: %s" % (host, exc.strerror))
+    family, kind, proto, _, address = infos[0]
+    server = socket.socket(family, kind, proto)
+    try:
+        claim_port(server)
+        # Set before listen(): accepted sockets inherit it, and the
+        # window scale they offer in the handshake follows from it.
+        if receive_buffer_granted():
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                              RECV_BUFFER)
+        server.bind(address)
+        server.listen(backlog)
+    except OSError as exc:
+        server.close()
+        raise UserError("cannot listen on %s: %s" % (
+            format_address(host, port), exc.strerror))
+    server.setblocking(False)
+    return server
+
+
+def announce(server: socket.socket, console: Console) -> str:
+    """Say where server listens; return what to set in CyberTrace for it."""
+    host, port = server.getsockname()[:2]
+    where = format_address(host, port)
+    hosts = reachable_hosts(server)
+    if hosts is None:
+        console.status("Starting on " + where)
+    elif hosts:
+        shown = [format_address(h, port) for h in hosts[:6]]
+        if len(hosts) > 6:
+            shown.append("and %d more" % (len(hosts) - 6))
+        console.status("Starting on %s (this host: %s)"
+                       % (where, ", ".join(shown)))
+        where = shown[0]
+    else:
+        console.status("Starting on %s (all interfaces)" % where)
+        where = "this host's address:%d" % port
+    return where
+
+
+def warn_unmatched_allow(server: socket.socket, allow: Optional[list],
+                         console: Console) -> None:
+    """Warn of --allow networks no peer of server can come from."""
+    versions = peer_ip_versions(server)
+    for network in allow or ():
+        if network.version not in versions:
+            console.warn("--allow %s can never match: this socket (%s) only "
+                         "takes IPv%d peers" % (
+                             network, format_peer(server.getsockname()),
+                             min(versions)))
+
+
 def reachable_hosts(server: socket.socket) -> Optional[list]:
     """Return the addresses a wildcard-bound server can be reached at.
 
@@ -1824,53 +1925,7 @@ def peer_ip_versions(server: socket.socket) -> set:
     return {6} if v6only else {4, 6}
 
 
-def interface_addresses() -> list:
-    """Return this host's interface addresses (Linux); [] elsewhere."""
-    found = []
-    if not sys.platform.startswith("linux"):
-        return found
-    try:
-        import fcntl
-        import struct
-        siocgifaddr = 0x8915
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            for _, name in socket.if_nameindex():
-                try:
-                    answer = fcntl.ioctl(probe.fileno(), siocgifaddr,
-                                         struct.pack("256s",
-                                                     name.encode()[:15]))
-                except OSError:
-                    continue  # no IPv4 address on this interface
-                found.append(ipaddress.ip_address(answer[20:24]))
-    except (ImportError, OSError):
-        pass
-    try:
-        with open("/proc/net/if_inet6") as table:
-            for row in table:
-                found.append(ipaddress.ip_address(bytes.fromhex(
-                    row.split()[0])))
-    except (OSError, ValueError, IndexError):
-        pass
-    return found
-
-
-def resolved_addresses() -> list:
-    """Return the addresses this host's name resolves to."""
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None,
-                                   type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return []
-    found = []
-    for info in infos:
-        try:
-            found.append(ipaddress.ip_address(info[4][0].split("%", 1)[0]))
-        except ValueError:
-            pass
-    return found
-
-
-# --- The listener ---------------------------------------------------------------
+# --- The listener ------------------------------------------------------------
 
 class Listener:
     """Accept any number of peers and write their events, never interleaved.
@@ -1935,66 +1990,13 @@ class Listener:
 
     def bind(self) -> None:
         """Listen where the settings say, and say where that is."""
-        host, port = self.settings.listen
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise UserError("cannot resolve %s: %s" % (host, exc.strerror))
-        family, kind, proto, _, address = infos[0]
-        server = socket.socket(family, kind, proto)
-        try:
-            claim_port(server)
-            # Set before listen(): accepted sockets inherit it, and the
-            # window scale they offer in the handshake follows from it.
-            if receive_buffer_granted():
-                server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
-                                  RECV_BUFFER)
-            server.bind(address)
-            server.listen(self.backlog)
-        except OSError as exc:
-            server.close()
-            raise UserError("cannot listen on %s: %s" % (
-                format_address(host, port), exc.strerror))
-        server.setblocking(False)
-        self.server = server
-        self.selector.register(server, selectors.EVENT_READ, self.accept)
-        where = self.announce()
-        self.warn_unmatched_allow()
+        self.server = open_server(self.settings.listen, self.backlog)
+        self.selector.register(self.server, selectors.EVENT_READ,
+                               self.accept)
+        where = announce(self.server, self.console)
+        warn_unmatched_allow(self.server, self.settings.allow, self.console)
         self.status("Waiting for CyberTrace (OutputSettings > "
                     "ConnectionString = %s); Ctrl+C to stop" % where)
-
-    def announce(self) -> str:
-        """Say where we listen; return what to set in CyberTrace for it."""
-        host, port = self.server.getsockname()[:2]
-        where = format_address(host, port)
-        hosts = reachable_hosts(self.server)
-        if hosts is None:
-            self.status("Starting on " + where)
-        elif hosts:
-            shown = [format_address(h, port) for h in hosts[:6]]
-            if len(hosts) > 6:
-                shown.append("and %d more" % (len(hosts) - 6))
-            self.status("Starting on %s (this host: %s)"
-                        % (where, ", ".join(shown)))
-            where = shown[0]
-        else:
-            self.status("Starting on %s (all interfaces)" % where)
-            where = "this host's address:%d" % port
-        return where
-
-    def warn_unmatched_allow(self) -> None:
-        """Warn of --allow networks no peer of this socket can come from."""
-        if not self.settings.allow:
-            return
-        versions = peer_ip_versions(self.server)
-        for network in self.settings.allow:
-            if network.version not in versions:
-                self.warn("--allow %s can never match: this socket (%s) "
-                          "only takes IPv%d peers" % (
-                              network, format_peer(
-                                  self.server.getsockname()),
-                              min(versions)))
 
     def serve(self) -> int:
         """Serve until stopped; write out what was received; return the

@@ -44,12 +44,11 @@ try:
     from listen_events_cybertrace import (
         LISTEN_ADDR, LISTEN_PORT, SECONDS, Console, EmbeddedListener,
         EventFramer, OneLineParser, RateMeter, UserError, argument_type,
-        bounded, escape_controls, format_address,
-        format_bytes, format_count, format_duration, format_progress,
-        interface_addresses, keep_freed_memory, parse_address, parse_fields,
-        parse_response, peer_gone, plural, receive_blocks, resolved_addresses,
-        split_lines, write_stdout,
-        __version__)
+        bounded, escape_controls, format_address, format_bytes, format_count,
+        format_duration, format_progress, interface_addresses,
+        keep_freed_memory, parse_address, parse_fields, parse_network,
+        parse_response, peer_gone, plural, receive_blocks,
+        resolved_addresses, split_lines, write_stdout, __version__)
 except ImportError:  # copied alone, without the module it shares code with
     sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
              "folder (it holds the framing and the lab check's listener)"
@@ -147,7 +146,7 @@ class Interrupted(Exception):
     """Ctrl+C or SIGTERM: the message says what got through."""
 
 
-# --- Ctrl+C and SIGTERM ----------------------------------------------------
+# --- Ctrl+C and SIGTERM ------------------------------------------------------
 
 class HoldInterrupts:
     """Hold Ctrl+C while a count is updated; raise it when done.
@@ -222,7 +221,7 @@ def leave_signals_to_main() -> None:
                                                   signal.SIGTERM})
 
 
-# --- Events in ------------------------------------------------------------
+# --- Events in ---------------------------------------------------------------
 
 def test_events() -> List[bytes]:
     """Return one realistic event line per test indicator."""
@@ -440,7 +439,7 @@ def reading_terminal(sources: list) -> bool:
                for _, source in sources)
 
 
-# --- Acknowledgements ---------------------------------------------------------
+# --- Acknowledgements --------------------------------------------------------
 
 def count_lines(block, end: int) -> int:
     """Count the events in the first end bytes of a block."""
@@ -569,7 +568,7 @@ def unacknowledged_bytes(sock: socket.socket) -> Optional[int]:
 
 def say_sent(sent: int, acknowledged: int) -> str:
     return "%s sent, %s acknowledged" % (plural(sent, "event"),
-                                          format_count(acknowledged))
+                                         format_count(acknowledged))
 
 
 def connect(address: tuple, timeout: float) -> socket.socket:
@@ -705,7 +704,7 @@ def send_all(connection: Connection, blocks: Iterable[tuple],
         connection.send(block, count)
 
 
-# --- --reconnect: connections that come and go, nothing lost ---------------
+# --- --reconnect: connections that come and go, nothing lost -----------------
 
 class Backoff:
     """How long to wait before the next connection attempt: not at all
@@ -976,7 +975,7 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     return resender.summary(time.monotonic() - started)
 
 
-# --- --reply-back, --ping and the progress line -------------------------------
+# --- --reply-back, --ping and the progress line ------------------------------
 
 class Replies:
     """Read CyberTrace's answers in a thread and print them to stdout."""
@@ -1123,7 +1122,7 @@ class Progress:
         console.live = False
 
 
-# --- The lab check (--check) ------------------------------------------------
+# --- The lab check (--check) -------------------------------------------------
 #
 # One process plays the whole lab: it listens where CyberTrace delivers
 # detections (with the listener's own code), sends the test events to
@@ -1675,15 +1674,7 @@ def diagnose_links(result: CheckResult) -> List[str]:
     return [line, second]
 
 
-# --- The command line ---------------------------------------------------------
-
-def _network(text: str):
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise ValueError("not a network (such as 192.0.2.10 or "
-                         "192.0.2.0/24)") from None
-
+# --- The command line --------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
@@ -1747,7 +1738,7 @@ def build_parser() -> argparse.ArgumentParser:
         "what CyberTrace detects when asked directly counts")
     parser.add_argument(
         "--allow", metavar="CIDR", action="append",
-        type=argument_type(_network, "network"),
+        type=argument_type(parse_network, "network"),
         help="with --check, take detections from this network (repeatable) "
         "instead of from the -c host's addresses: where CyberTrace delivers "
         "from another address than its input's")

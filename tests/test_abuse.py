@@ -18,7 +18,7 @@ import unittest
 from unittest import mock
 
 from support import (LISTENER, ROOT, SENDER, TIMEOUT, TUTORIAL_EVENTS,
-                     Listener, Process, run_sender, user_env)
+                     Listener, Process, address, run_sender, user_env)
 from test_sender import Sink
 
 import listen_events_cybertrace as lec
@@ -171,8 +171,8 @@ class FullHouseTest(unittest.TestCase):
             err = listener.stderr_text
         self.assertEqual(len(re.findall(r"Rejected connection from", err)),
                          lec.REJECT_LINES)
-        self.assertIn("Rejected %d more connections in the last 10 s (not shown one by "
-                      "one)" % (200 - lec.REJECT_LINES), err)
+        self.assertIn("Rejected %d more connections in the last 10 s (not "
+                      "shown one by one)" % (200 - lec.REJECT_LINES), err)
         self.assertIn(", 200 rejected", err)
 
 
@@ -192,8 +192,8 @@ def limited_listener(limit: int, *args: str) -> list:
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (%d, %d))\n"
             "os.execv(sys.executable, [sys.executable, %r, '-l', "
-            "'127.0.0.1:0', *sys.argv[1:]])\n" % (limit, limit,
-                                                   str(LISTENER)))
+            "'127.0.0.1:0', *sys.argv[1:]])\n"
+            % (limit, limit, str(LISTENER)))
     return [sys.executable, "-c", code, *args]
 
 
@@ -388,51 +388,14 @@ class NumberBoundsTest(unittest.TestCase):
                                               r"from [\d.,]+ to [\d.,]+$")
 
 
-class Trickler:
-    """A server that answers every connection with a byte now and then,
-    for ever: never an answer, never silent long enough for a timeout."""
-
-    def __init__(self, byte: bytes = b"x") -> None:
-        self.byte = byte
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.server.getsockname()[1]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self) -> None:
-        try:
-            sock, _ = self.server.accept()
-        except OSError:
-            return
-        with sock:
-            try:
-                while not self.stop.wait(0.2):
-                    sock.sendall(self.byte)
-            except OSError:
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        try:
-            self.server.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.server.close()
-        self.thread.join(TIMEOUT)
-
-
 class SenderTimeoutTest(unittest.TestCase):
     """-t bounds the whole wait for answers, however they trickle in."""
 
     def test_reply_back(self):
-        with Trickler() as peer:
+        with Sink("trickle") as peer:
             started = time.monotonic()
             proc = run_sender("--reply-back", "-t", "1", "-e", "a=1", "-c",
-                              peer.address)
+                              address(peer))
             took = time.monotonic() - started
         self.assertEqual(proc.returncode, 1, proc.stderr)
         self.assertLess(took, 5)
@@ -440,9 +403,9 @@ class SenderTimeoutTest(unittest.TestCase):
                          r"answered \(timed out waiting for answers\)\n$")
 
     def test_ping(self):
-        with Trickler(b" ") as peer:
+        with Sink("trickle", b" ") as peer:
             started = time.monotonic()
-            proc = run_sender("--ping", "-t", "1", "-c", peer.address)
+            proc = run_sender("--ping", "-t", "1", "-c", address(peer))
             took = time.monotonic() - started
         self.assertEqual(proc.returncode, 1, proc.stderr)
         self.assertLess(took, 5)

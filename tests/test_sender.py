@@ -16,10 +16,13 @@ import send_events_cybertrace as sec
 
 
 class Sink:
-    """A TCP server that records each connection's bytes; can misbehave."""
+    """A TCP server that records each connection's bytes; can misbehave:
+    stall (read nothing until closed), reset, or trickle (answer a byte
+    every 0.2 s, for ever)."""
 
-    def __init__(self, mode: str = "read") -> None:
+    def __init__(self, mode: str = "read", byte: bytes = b"x") -> None:
         self.mode = mode
+        self.byte = byte
         self.data = bytearray()
         self.server = socket.create_server(("127.0.0.1", 0))
         if mode in ("stall", "reset"):
@@ -44,6 +47,8 @@ class Sink:
             try:
                 if self.mode == "stall":
                     self.release.wait(TIMEOUT)
+                while self.mode == "trickle" and not self.release.wait(0.2):
+                    sock.sendall(self.byte)
                 while True:
                     data = sock.recv(65536)
                     if not data:
