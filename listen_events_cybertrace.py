@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import errno
 import functools
 import io
@@ -1462,30 +1461,35 @@ class Stats:
 
 # --- Settings and the command line -------------------------------------------
 
-@dataclasses.dataclass
 class Settings:
-    """What the listener does, from its command line or its embedder."""
+    """What the listener does, from its command line or its embedder:
+    Settings(listen=(host, port), format="raw", ...); the rest defaults."""
 
-    listen: tuple = (LISTEN_ADDR, LISTEN_PORT)
-    format: str = "text"
-    output: Optional[str] = None
-    allow: Optional[list] = None
-    max_connections: int = MAX_CONNECTIONS
-    idle_timeout: Optional[float] = None
-    max_event_bytes: int = MAX_EVENT_BYTES
-    max_buffer_bytes: int = MAX_BUFFER_BYTES
-    max_per_host: Optional[int] = None
-    event_timeout: float = EVENT_TIMEOUT
-    count: Optional[int] = None
-    timeout: Optional[float] = None
-    stats: Optional[float] = None
-    escape: bool = False
-    quiet: bool = False
+    listen = (LISTEN_ADDR, LISTEN_PORT)
+    format = "text"
+    output = None
+    allow = None  # networks, or None for any
+    max_connections = MAX_CONNECTIONS
+    max_per_host = None
+    idle_timeout = None
+    event_timeout = EVENT_TIMEOUT
+    max_event_bytes = MAX_EVENT_BYTES
+    max_buffer_bytes = MAX_BUFFER_BYTES
+    count = None
+    timeout = None
+    stats = None
+    escape = False
+    quiet = False
+
+    def __init__(self, **given) -> None:
+        for name, value in given.items():
+            if not hasattr(Settings, name) or name.startswith("_"):
+                raise TypeError("no setting %r" % name)
+            setattr(self, name, value)
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> "Settings":
-        return cls(**{field.name: getattr(args, field.name)
-                      for field in dataclasses.fields(cls)})
+        return cls(**vars(args))
 
 
 def _file_name(text: str) -> str:
