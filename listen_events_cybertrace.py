@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Callable, Iterator, Optional
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 LISTEN_ADDR = "127.0.0.1"
 LISTEN_PORT = 9998
@@ -101,17 +101,20 @@ COUNT_LIMIT = 10 ** 15
 # (/proc/sys/fs/pipe-max-size).
 PIPE_SIZE = 1024 * 1024
 PAGE = 4096
-# The loop wakes at least this often, whatever its timers say.
+# The loop wakes at least this often, whatever its timers say: a wait of
+# days would overflow select() (2**31 ms at most).
 LONGEST_WAIT = 60.0
 # At most this many "Rejected" lines every REJECT_WINDOW seconds; the rest
 # are counted in one line, as rsyslog's rate limiting does.
 REJECT_LINES = 5
 REJECT_WINDOW = 10.0
-# Time allowed on stop to read what the kernel already acknowledged to peers.
+# Time allowed on stop to read what the kernel already acknowledged to peers:
+# they count it as delivered, yet a stop must not wait on a peer for ever.
 DRAIN_SECONDS = 2.0
 # Stopping, a peer silent this long after our FIN is taken to be done.
 DRAIN_QUIET_SECONDS = 0.25
-# The live status line on a terminal is redrawn at most this often.
+# The live status line on a terminal is redrawn at most this often: as pv's,
+# often enough to look alive, seldom enough to cost nothing.
 LIVE_SECONDS = 0.25
 FORMATS = ("text", "raw", "json")
 # The signals the loop acts on, by name: a platform lacks some (Windows has
@@ -347,6 +350,18 @@ def escape_controls(text: str) -> str:
     return text.translate(_TERMINAL_ESCAPES)
 
 
+def escape_block(block) -> bytes:
+    """Return a block of events safe to print: bytes that are not UTF-8 as
+    \\xNN, and escape_controls'."""
+    return escape_controls(to_text(block)).encode("utf-8")
+
+
+def ip_of(host: str):
+    """Return the IP address a numeric host names (an IPv6 scope, %eth0,
+    dropped); ValueError for a name."""
+    return ipaddress.ip_address(host.split("%", 1)[0])
+
+
 def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
     text = text.strip()
@@ -507,7 +522,7 @@ class LiveLine:
         self.shown = ""  # the line now on the screen
         self.width = 80
         self.lock = threading.RLock()
-        self.pipe_flags = False  # stderr's, once known (see pipe_flags)
+        self.stderr_flags = False  # once known (see pipe_flags)
 
     @staticmethod
     def on_stderr() -> bool:
@@ -523,19 +538,19 @@ class LiveLine:
             return
         try:
             sys.stderr.flush()
-            if self.pipe_flags is False:
+            if self.stderr_flags is False:
                 try:
-                    self.pipe_flags = pipe_flags(sys.stderr.fileno()) \
+                    self.stderr_flags = pipe_flags(sys.stderr.fileno()) \
                         if self.never_block else None
                 except (OSError, ValueError, AttributeError):
-                    self.pipe_flags = None  # not a file (a test's StringIO)
-            if self.pipe_flags is None:
+                    self.stderr_flags = None  # not a file (a StringIO)
+            if self.stderr_flags is None:
                 sys.stderr.write(text)
                 sys.stderr.flush()
             else:
                 write_now(sys.stderr.fileno(), text.encode(
                     sys.stderr.encoding or "utf-8", "backslashreplace"),
-                    self.pipe_flags)
+                    self.stderr_flags)
         except (OSError, ValueError, AttributeError):
             pass
 
@@ -660,7 +675,7 @@ def resolved_addresses() -> list:
     found = []
     for info in infos:
         try:
-            found.append(ipaddress.ip_address(info[4][0].split("%", 1)[0]))
+            found.append(ip_of(info[4][0]))
         except ValueError:
             pass
     return found
@@ -747,11 +762,7 @@ class EmbeddedListener:
                  allow: Optional[list] = None) -> None:
         settings = Settings(listen=address, format="raw", quiet=True,
                             allow=allow)
-        self.listener = Listener(settings, Handover(take), Silence())
-        # Its owner stops it once it has what it waited for: a moment's
-        # quiet then tells that nothing more is on its way.
-        self.listener.drain_seconds = 0.5
-        self.listener.drain_quiet_seconds = 0.05
+        self.listener = OwnedListener(settings, Handover(take), Silence())
         # The loop already wakes for signal numbers on a socket: stop() uses
         # the same way in, so serve() needs no second one.
         self.waker = socket.socketpair()
@@ -762,7 +773,7 @@ class EmbeddedListener:
     def bind(self) -> str:
         """Listen; return the address, as a ConnectionString."""
         self.listener.bind()
-        return format_address(*self.listener.server.getsockname()[:2])
+        return format_address(*self.listener.address())
 
     def serve(self) -> None:
         self.listener.serve()
@@ -798,19 +809,16 @@ class EmbeddedListener:
 # with their b"\n", escape whether control characters must be shown as
 # escapes (the output is a terminal, or --escape).
 
-def format_raw(block, lines: list, peer: str, when: float,
-               escape: bool):
-    """Write each event on one line as received, or escaped."""
-    if escape:
-        return escape_controls(to_text(block)).encode("utf-8")
-    return block
+def format_raw(block, lines: list, peer: str, when: float, escape: bool):
+    """Format each event on one line as received, or escaped."""
+    return escape_block(block) if escape else block
 
 
 def format_text(block, lines: list, peer: str, when: float,
                 escape: bool) -> bytes:
-    """Write each event as the tutorial does: "Received:", then the event."""
+    """Format each event as the tutorial does: "Received:", then it."""
     if escape:
-        lines = split_lines(escape_controls(to_text(block)).encode("utf-8"))
+        lines = split_lines(escape_block(block))
     out = b"Received:\n".join([b""] + lines)
     if escape or valid_utf8(out):
         return out
@@ -954,10 +962,10 @@ class JsonFormatter:
     builds_per_second = 16
     build_burst = 32
 
-    def __init__(self, escape: bool = False) -> None:
+    def __init__(self, escape_strings: bool = False) -> None:
         # --escape: control characters become visible \\xNN text inside
         # the strings too, so that jq -r cannot print them raw.
-        self.escape = escape
+        self.escape_strings = escape_strings
         self.by_count = {}  # "=" count: the plans last found, newest first
         self.by_shape = collections.OrderedDict()  # least recent first
         self.tokens = float(self.build_burst)
@@ -968,14 +976,8 @@ class JsonFormatter:
         """Format a block of events received from peer at when."""
         stamp = iso_time(when)
         data = bytes(block)
-        if escape or not valid_utf8(data) or \
-                self.escape and not data.isascii():
-            out = "".join(self.general(event, stamp, peer) for event in
-                          data.decode("utf-8", "surrogateescape")[:-1]
-                          .split("\n"))
-            if escape:
-                out = out.translate(_JSON_TERMINAL_ESCAPES)
-            return json_bytes(out)
+        if escape or not valid_utf8(data):
+            return self.format_slowly(data, stamp, peer, escape)
         # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
         # second formatting.
         head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
@@ -1011,10 +1013,21 @@ class JsonFormatter:
             out.append(plan.format % plan.values(found))
         return b"".join(out)
 
+    def format_slowly(self, data: bytes, stamp: str, peer: str,
+                      escape: bool) -> bytes:
+        """Format every event of data through json: for what is not UTF-8,
+        and what is escaped (terminal: what JSON leaves in strings)."""
+        out = "".join(self.general(event, stamp, peer) for event in
+                      data.decode("utf-8", "surrogateescape")[:-1]
+                      .split("\n"))
+        if escape:
+            out = out.translate(_JSON_TERMINAL_ESCAPES)
+        return json_bytes(out)
+
     def general(self, event: str, stamp: str, peer: str) -> str:
-        """Format one event through json (escaped, with --escape)."""
-        return json_text(escape_controls(event) if self.escape else event,
-                         stamp, peer)
+        """Format one event through json (--escape: its controls as text)."""
+        return json_text(escape_controls(event) if self.escape_strings
+                         else event, stamp, peer)
 
     def find(self, line: bytes) -> Optional[JsonPlan]:
         """Return the plan for line's shape, compiling one if allowed."""
@@ -1056,9 +1069,6 @@ class JsonFormatter:
     def plans(self) -> int:
         """Return how many plans are kept."""
         return len(self.by_shape)
-
-
-format_json = JsonFormatter().format
 
 
 def formatter(name: str, escape: bool = False) -> Callable:
@@ -1233,7 +1243,7 @@ class Output:
                 return written  # not a file (a pipe): nothing to take back
         return whole
 
-    def unwritten(self) -> int:
+    def pending_events(self) -> int:
         """Return how many events were handed over and not written whole."""
         lines = self.pending.count(b"\n")
         return -(-lines // self.lines_per_event)
@@ -1318,7 +1328,7 @@ class Handover:
     terminal = False
     reopen_failed = None
 
-    def __init__(self, take: Callable[[bytes], None]) -> None:
+    def __init__(self, take: Callable[[bytes, str], None]) -> None:
         self.take = take
 
     def write(self, data, peer: str = "") -> None:
@@ -1327,7 +1337,7 @@ class Handover:
     def stalled(self) -> bool:
         return False
 
-    def unwritten(self) -> int:
+    def pending_events(self) -> int:
         return 0
 
     def reopen_due(self) -> bool:
@@ -1348,7 +1358,7 @@ class EventSink:
         self.limit = settings.count
         self.events = 0
         # Events received beyond --count: read, but not written.
-        self.unwritten = 0
+        self.beyond_count = 0
 
     def full(self) -> bool:
         """Tell whether --count events were written."""
@@ -1359,10 +1369,10 @@ class EventSink:
         how many of its events were handed to the output."""
         lines = split_lines(block)
         if self.full():
-            self.unwritten += len(lines)
+            self.beyond_count += len(lines)
             return 0
         if self.limit and self.events + len(lines) >= self.limit:
-            self.unwritten += len(lines) - (self.limit - self.events)
+            self.beyond_count += len(lines) - (self.limit - self.events)
             del lines[self.limit - self.events:]
             block = b"".join(lines)
         self.events += len(lines)
@@ -1392,11 +1402,11 @@ class EventSink:
 
     def written(self) -> int:
         """Return how many events were written whole."""
-        return self.events - self.output.unwritten()
+        return self.events - self.output.pending_events()
 
     def not_written(self) -> int:
         """Return how many events were received and not written."""
-        return self.unwritten + self.output.unwritten()
+        return self.beyond_count + self.output.pending_events()
 
 
 # --- The counters: the live line, --stats and SIGUSR1 ------------------------
@@ -1607,20 +1617,96 @@ def build_parser() -> argparse.ArgumentParser:
 # --- Peers: who is let in, each one's reading, the listening socket ----------
 
 class Admission:
-    """Decide which peers are served: --allow, --max-per-host and how many
-    at once; count the rejected, and say so without flooding the log."""
+    """Let peers in: take them from the accept queue while a place is free,
+    refuse those --allow or --max-per-host keep out (counted, and said
+    without flooding the log), and stop taking while every place is taken.
+    """
 
-    def __init__(self, settings: Settings, console: Console) -> None:
+    backlog = 1024
+
+    def __init__(self, settings: Settings, console: Console,
+                 selector: selectors.BaseSelector) -> None:
         self.allow = settings.allow
         self.max_connections = settings.max_connections
         self.max_per_host = settings.max_per_host
         self.console = console
+        self.selector = selector
+        self.server = None
+        self.on_ready = None
+        self.accepting = True
         self.per_host = collections.Counter()
         self.accepted = self.rejected = 0
         self.first_rejected = ""
         # Rejections in the REJECT_WINDOW under way: lines shown, and not.
         self.window_ends = 0.0
         self.shown = self.hidden = 0
+        self.full_warned = -REJECT_WINDOW  # when every place was last taken
+
+    def open(self, listen: tuple, on_ready: Callable[[], None]) -> None:
+        """Listen at listen; on_ready() runs when peers wait to connect."""
+        self.fit_selector()
+        self.server = open_server(listen, self.backlog)
+        self.on_ready = on_ready
+        self.selector.register(self.server, selectors.EVENT_READ, on_ready)
+
+    def take(self, open_connections: int) -> Optional[tuple]:
+        """Take the next peer that may be served from the accept queue:
+        (socket, address), or None when the queue is empty."""
+        while True:
+            try:
+                sock, address = self.server.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                # A peer that reset before we took it, or out of
+                # descriptors: either way the listener goes on.
+                if exc.errno in OUT_OF_DESCRIPTORS:
+                    self.out_of_descriptors(open_connections)
+                    if not open_connections:
+                        time.sleep(0.1)  # no close will wake us: no spin
+                return None
+            why = self.refusal(address)
+            if why is None:
+                sock.setblocking(False)
+                return sock, address
+            self.reject(address, why)
+            sock.close()
+
+    def pause(self, open_connections: int) -> None:
+        """Stop taking peers while every place is taken; they wait in the
+        kernel's queue."""
+        if self.accepting and self.full(open_connections):
+            self.accepting = False
+            self.selector.unregister(self.server)
+            now = time.monotonic()
+            # Once a window: peers coming and going at the limit would
+            # print it each time.
+            if now >= self.full_warned + REJECT_WINDOW:
+                self.full_warned = now
+                self.console.warn(
+                    "%s open (--max-connections); new ones wait until one "
+                    "closes or has been silent for %g s" % (
+                        plural(open_connections, "connection"),
+                        EVICT_IDLE_SECONDS))
+
+    def resume(self) -> None:
+        """Take peers again: a place is free."""
+        if not self.accepting and self.server is not None:
+            self.accepting = True
+            self.selector.register(self.server, selectors.EVENT_READ,
+                                   self.on_ready)
+
+    def peer_waiting(self) -> bool:
+        """Tell whether a peer waits while every place is taken."""
+        return not self.accepting and readable_now(self.server)
+
+    def close(self) -> None:
+        """Stop listening: no more peers."""
+        if self.server is not None:
+            if self.accepting:
+                self.selector.unregister(self.server)
+            self.server.close()
+            self.server = None
 
     def refusal(self, address: tuple) -> Optional[str]:
         """Return why a peer from address may not connect, or None."""
@@ -1636,7 +1722,7 @@ class Admission:
         """Tell whether a peer from host may connect (--allow)."""
         if not self.allow:
             return True
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ip_of(host)
         if ip.version == 6 and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self.allow)
@@ -1691,9 +1777,9 @@ class Admission:
         self.console.warn("out of file descriptors; lower --max-connections")
         self.max_connections = max(1, open_connections)
 
-    def fit_selector(self, selector: selectors.BaseSelector) -> None:
+    def fit_selector(self) -> None:
         """Lower --max-connections to what the selector can watch."""
-        most = selector_capacity(selector)
+        most = selector_capacity(self.selector)
         asked = self.max_connections
         if most is None or asked <= most:
             return
@@ -1854,8 +1940,10 @@ def open_server(listen: tuple, backlog: int) -> socket.socket:
         server.listen(backlog)
     except OSError as exc:
         server.close()
-        raise UserError("cannot listen on %s: %s" % (
+        error = UserError("cannot listen on %s: %s" % (
             format_address(host, port), exc.strerror))
+        error.errno = exc.errno  # what the lab check tells apart
+        raise error
     server.setblocking(False)
     return server
 
@@ -1884,12 +1972,17 @@ def warn_unmatched_allow(server: socket.socket, allow: Optional[list],
                          console: Console) -> None:
     """Warn of --allow networks no peer of server can come from."""
     versions = peer_ip_versions(server)
+    where = format_peer(server.getsockname())
+    loopback = ip_of(server.getsockname()[0]).is_loopback
     for network in allow or ():
         if network.version not in versions:
             console.warn("--allow %s can never match: this socket (%s) only "
-                         "takes IPv%d peers" % (
-                             network, format_peer(server.getsockname()),
-                             min(versions)))
+                         "takes IPv%d peers" % (network, where,
+                                                min(versions)))
+        elif loopback and not network.overlaps(ipaddress.ip_network(
+                "127.0.0.0/8" if network.version == 4 else "::1")):
+            console.warn("--allow %s can never match: this socket (%s) only "
+                         "takes peers on this host" % (network, where))
 
 
 def reachable_hosts(server: socket.socket) -> Optional[list]:
@@ -1898,7 +1991,7 @@ def reachable_hosts(server: socket.socket) -> Optional[list]:
     None when it is bound to one address; [] when they cannot be found.
     """
     host = server.getsockname()[0]
-    if not ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified:
+    if not ip_of(host).is_unspecified:
         return None
     versions = peer_ip_versions(server)
     found = [ip for ip in interface_addresses() if ip.version in versions
@@ -1918,9 +2011,9 @@ def peer_ip_versions(server: socket.socket) -> set:
     """Return the IP versions of the peers server can accept."""
     if server.family != getattr(socket, "AF_INET6", None):
         return {4}
-    host = server.getsockname()[0].split("%", 1)[0]
-    if not ipaddress.ip_address(host).is_unspecified:
-        return {6} if not ipaddress.ip_address(host).ipv4_mapped else {4}
+    ip = ip_of(server.getsockname()[0])
+    if not ip.is_unspecified:
+        return {6} if not ip.ipv4_mapped else {4}
     try:
         v6only = server.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
     except (OSError, AttributeError):
@@ -1942,7 +2035,6 @@ class Listener:
     peers wait in their sockets, and Ctrl+C or SIGTERM still stops it.
     """
 
-    backlog = 1024
     drain_seconds = DRAIN_SECONDS
     drain_quiet_seconds = DRAIN_QUIET_SECONDS
 
@@ -1951,12 +2043,12 @@ class Listener:
         self.settings = settings
         self.output = output
         self.console = console or Console(settings.quiet)
-        self.sink = EventSink(settings, output, self.console)
-        self.admission = Admission(settings, self.console)
-        self.budget = BufferBudget(settings.max_buffer_bytes)
-        self.stats = Stats(self.counters, self.console, settings.stats)
         self.selector = selectors.DefaultSelector()
         self.stall_selector = selectors.DefaultSelector()
+        self.sink = EventSink(settings, output, self.console)
+        self.admission = Admission(settings, self.console, self.selector)
+        self.budget = BufferBudget(settings.max_buffer_bytes)
+        self.stats = Stats(self.counters, self.console, settings.stats)
         self.connections = {}
         # One receive buffer for every connection: the loop reads one
         # connection at a time, and a buffer per peer would cost megabytes.
@@ -1964,16 +2056,18 @@ class Listener:
             else RECV_SIZE
         self.buffer = bytearray(settings.max_event_bytes + 1 + RECV_SIZE)
         self.bytes = 0
-        # Unfinished events that were never written: the output failed.
-        self.abandoned = 0
+        # What was never written, the output having failed: unfinished
+        # events, and bytes the kernel had acknowledged, never read.
+        self.abandoned = self.unread = 0
         self.stopping = False
         self.draining = False
         self.stop_now = False
         self.reopen_requested = False
-        self.accepting = True
-        self.server = None
         self.next_sweep = 0.0
-        self.full_warned = -REJECT_WINDOW  # when --max-connections was met
+
+    def address(self) -> tuple:
+        """Return (host, port) where it listens, once bound."""
+        return self.admission.server.getsockname()[:2]
 
     def counters(self) -> tuple:
         """Return (events written, bytes received, open connections)."""
@@ -1994,11 +2088,10 @@ class Listener:
 
     def bind(self) -> None:
         """Listen where the settings say, and say where that is."""
-        self.server = open_server(self.settings.listen, self.backlog)
-        self.selector.register(self.server, selectors.EVENT_READ,
-                               self.accept)
-        where = announce(self.server, self.console)
-        warn_unmatched_allow(self.server, self.settings.allow, self.console)
+        self.admission.open(self.settings.listen, self.accept)
+        server = self.admission.server
+        where = announce(server, self.console)
+        warn_unmatched_allow(server, self.settings.allow, self.console)
         self.status("Waiting for CyberTrace (OutputSettings > "
                     "ConnectionString = %s); Ctrl+C to stop" % where)
 
@@ -2022,19 +2115,9 @@ class Listener:
                 key.data()
                 if self.stopping:
                     break
-            if self.reopen_requested:
-                self.reopen_requested = False
-                self.sink.reopen()
-            now = time.monotonic()
-            if now >= self.next_sweep:
-                self.sweep(now)
-            if deadline is not None and now >= deadline:
+            self.run_timers(time.monotonic())
+            if deadline is not None and time.monotonic() >= deadline:
                 self.stopping = timed_out = True
-            if self.stats.due is not None and now >= self.stats.due:
-                self.stats.tick(now)
-            if self.admission.due() is not None and \
-                    now >= self.admission.due():
-                self.admission.flush()
         self.drain()
         self.admission.flush()
         count = self.settings.count
@@ -2044,12 +2127,25 @@ class Listener:
             return 1
         return 0
 
+    def run_timers(self, now: float) -> None:
+        """Do what is due: a reopen asked for (SIGHUP), the connections'
+        deadlines, the counters, the count of rejected peers."""
+        if self.reopen_requested:
+            self.reopen_requested = False
+            self.sink.reopen()
+        if now >= self.next_sweep:
+            self.sweep(now)
+        if self.stats.due is not None and now >= self.stats.due:
+            self.stats.tick(now)
+        if self.admission.due() is not None and now >= self.admission.due():
+            self.admission.flush()
+
     def sweep_every(self) -> float:
         """Return how often to look for connections past their time."""
         every = min(1.0, self.settings.event_timeout / 4)
         if self.settings.idle_timeout:
             every = min(every, self.settings.idle_timeout / 4)
-        if not self.accepting:
+        if not self.admission.accepting:
             every = min(every, 0.25)  # a waiting peer may be given a place
         return every
 
@@ -2068,8 +2164,8 @@ class Listener:
     def make_room(self, now: float) -> None:
         """Close the connection silent longest, if long enough, when a
         peer waits and every place is taken."""
-        if self.accepting or self.stopping or not self.connections or \
-                not readable_now(self.server):
+        if self.stopping or not self.connections or \
+                not self.admission.peer_waiting():
             return
         conn = min(self.connections.values(), key=lambda c: c.last_active)
         silent = now - conn.last_active
@@ -2082,28 +2178,14 @@ class Listener:
         while not self.admission.full(len(self.connections)):
             if not self.accept_one():
                 return
-        self.pause_accepting()
+        self.admission.pause(len(self.connections))
 
     def accept_one(self) -> bool:
-        """Take one peer from the accept queue; return False when empty."""
-        try:
-            sock, address = self.server.accept()
-        except (BlockingIOError, InterruptedError):
+        """Serve the next peer in the accept queue; False when empty."""
+        taken = self.admission.take(len(self.connections))
+        if taken is None:
             return False
-        except OSError as exc:
-            # A peer that reset before we took it, or out of descriptors:
-            # either way the listener goes on.
-            if exc.errno in OUT_OF_DESCRIPTORS:
-                self.admission.out_of_descriptors(len(self.connections))
-                if not self.connections:
-                    time.sleep(0.1)  # no close will wake us: do not spin
-            return False
-        why = self.admission.refusal(address)
-        if why is not None:
-            self.admission.reject(address, why)
-            sock.close()
-            return True
-        sock.setblocking(False)
+        sock, address = taken
         conn = Connection(sock, address, self.settings.max_event_bytes)
         self.connections[sock] = conn
         self.admission.joined(conn)
@@ -2111,27 +2193,6 @@ class Listener:
                                functools.partial(self.serve_peer, conn))
         self.status("Connection from " + conn.peer)
         return True
-
-    def pause_accepting(self) -> None:
-        if self.accepting and self.admission.full(len(self.connections)):
-            self.accepting = False
-            self.selector.unregister(self.server)
-            now = time.monotonic()
-            self.next_sweep = min(self.next_sweep, now + self.sweep_every())
-            # Once a window: peers coming and going at the limit would
-            # print it each time.
-            if now >= self.full_warned + REJECT_WINDOW:
-                self.full_warned = now
-                self.warn("%s open (--max-connections); new ones wait until "
-                          "one closes or has been silent for %g s" % (
-                              plural(len(self.connections), "connection"),
-                              EVICT_IDLE_SECONDS))
-
-    def resume_accepting(self) -> None:
-        if not self.accepting and not self.stopping:
-            self.accepting = True
-            self.selector.register(self.server, selectors.EVENT_READ,
-                                   self.accept)
 
     def serve_peer(self, conn: Connection) -> None:
         """Receive from conn; a bug it triggers costs only that peer."""
@@ -2230,7 +2291,8 @@ class Listener:
         del self.connections[conn.sock]
         self.admission.left(conn)
         conn.sock.close()
-        self.resume_accepting()
+        if not self.stopping:
+            self.admission.resume()
 
     def take_signals(self, wakeup: socket.socket) -> None:
         try:
@@ -2281,7 +2343,19 @@ class Listener:
                 not self.stop_now:
             if not self.accept_one():
                 break
-        self.close_server()
+        self.admission.close()
+        self.read_until_peers_stop(deadline)
+        if not self.output.stalled():  # else abandon() counts what waits
+            for conn in list(self.connections.values()):
+                self.remove(conn)
+        if not self.wait_for_output(deadline):
+            raise OutputFailed("gave up writing to %s: nothing read it for "
+                               "%s" % (self.output.name, format_duration(
+                                   self.drain_seconds)))
+
+    def read_until_peers_stop(self, deadline: float) -> None:
+        """Tell each peer we are closing, and read what they send until
+        they stop, or the deadline."""
         # Bytes that reach a socket before close() are acknowledged to the
         # sender, and close() throws away those still unread: so say we
         # are closing (FIN) and read on until each peer closes its side,
@@ -2307,30 +2381,19 @@ class Listener:
                 break
             for key, _ in self.selector.select(min(quiet + [deadline]) - now):
                 key.data()
-        for conn in list(self.connections.values()):
-            self.remove(conn)
-        if not self.wait_for_output(deadline):
-            raise OutputFailed("gave up writing to %s: nothing read it for "
-                               "%s" % (self.output.name, format_duration(
-                                   self.drain_seconds)))
 
     def abandon(self) -> None:
-        """Count the unfinished events no one will write (the output
-        failed), and close their connections."""
+        """Count what no one will write (the output failed): unfinished
+        events, and bytes that peers sent and we never read; close their
+        connections."""
         for conn in list(self.connections.values()):
             if conn.held:
                 self.abandoned += 1
+            self.unread += unread_bytes(conn.sock)
             self.forget(conn)
 
-    def close_server(self) -> None:
-        if self.server is not None:
-            if self.accepting:
-                self.selector.unregister(self.server)
-            self.server.close()
-            self.server = None
-
     def close(self) -> None:
-        self.close_server()
+        self.admission.close()
         for conn in list(self.connections.values()):
             self.selector.unregister(conn.sock)
             conn.sock.close()
@@ -2341,13 +2404,40 @@ class Listener:
     def summary(self) -> str:
         """Say what was written, and what came in that was not."""
         unwritten = self.sink.not_written() + self.abandoned
-        extra = (" (%s more received, not written)" % format_count(
-            unwritten)) if unwritten else ""
+        lost = []
+        if unwritten:
+            lost.append("%s more received, not written"
+                        % format_count(unwritten))
+        if self.unread:
+            lost.append("%s more sent by peers, never read"
+                        % format_bytes(self.unread))
+        extra = " (%s)" % "; ".join(lost) if lost else ""
         return "Stopped: %s%s, %s received, %s, %s rejected" % (
             plural(self.sink.written(), "event"), extra,
             format_bytes(self.bytes),
             plural(self.admission.accepted, "connection"),
             format_count(self.admission.rejected))
+
+
+class OwnedListener(Listener):
+    """The listener of an EmbeddedListener."""
+
+    # Its owner stops it once it has what it waited for: a moment's quiet
+    # then tells that nothing more is on its way.
+    drain_seconds = 0.5
+    drain_quiet_seconds = 0.05
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Return how many received bytes wait unread in sock (0 where the
+    system cannot tell)."""
+    try:
+        import fcntl
+        import termios
+        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (ImportError, AttributeError, OSError):
+        return 0
+    return int.from_bytes(answer, sys.byteorder)
 
 
 def readable_now(sock: socket.socket) -> bool:
@@ -2401,7 +2491,6 @@ def main(argv: Optional[list] = None) -> int:
     console = Console.for_stderr(settings.quiet)
     console.never_block = True
     listener = Listener(settings, output, console)
-    listener.admission.fit_selector(listener.selector)
     pair = install_signals(listener)
     try:
         listener.bind()

@@ -300,8 +300,9 @@ def expected_size(receiver: Receiver, data: bytes, count: int):
         return len(data) + 10 * count
     if receiver.format == "json":
         # Every ephemeral port has 5 digits: any peer formats as long.
-        return len(lec.format_json(data, lec.split_lines(data),
-                                   "127.0.0.1:55555", time.time(), False))
+        return len(lec.JsonFormatter().format(
+            data, lec.split_lines(data), "127.0.0.1:55555", time.time(),
+            False))
     return len(data)
 
 

@@ -623,8 +623,9 @@ class FramerTest(unittest.TestCase):
 
     def test_json_plans_keep_percent_signs_in_peer_keys_and_values(self):
         block = b"- k%s=%d x=%%\n" * 3
+        format_json = lec.JsonFormatter().format
         for _ in range(3):  # the first batch builds the plan, later use it
-            out = lec.format_json(block, lec.split_lines(block),
+            out = format_json(block, lec.split_lines(block),
                                   "[fe80::1%eth0]:5", 0.0, False)
             for line in out.splitlines():
                 record = json.loads(line)
@@ -641,12 +642,13 @@ class FramerTest(unittest.TestCase):
             self.assertEqual(lec.parse_fields(line[:-1].decode()), fields)
         # The compiled plans too: one is built from a template's clean event,
         # then meets events of the same keys whose values end with spaces.
+        format_json = lec.JsonFormatter().format
         for clean, spaced, fields in (
                 (b"- a=1 b=2\n", b"- a=1   b=2 \n", {"a": "1", "b": "2"}),
                 (b"k=a c=d\n", b"k=a  b   c=d\n", {"k": "a  b", "c": "d"}),
                 (b"x=1|y=2\n", b"x=1 |y=2\n", {"x": "1", "y": "2"})):
             for block in (clean, clean, spaced + clean, spaced):
-                out = lec.format_json(block, lec.split_lines(block), "p",
+                out = format_json(block, lec.split_lines(block), "p",
                                       0.0, False)
                 for line, record in zip(lec.split_lines(block),
                                         map(json.loads, out.splitlines())):

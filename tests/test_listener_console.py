@@ -159,7 +159,7 @@ class WildcardTest(unittest.TestCase):
             with mock.patch.object(lec, "interface_addresses", list), \
                     mock.patch.object(lec, "resolved_addresses", list):
                 listener.bind()
-            port = listener.server.getsockname()[1]
+            port = listener.address()[1]
         finally:
             listener.close()
         self.assertEqual(console.text.splitlines(), [
