@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import errno
 import ipaddress
 import itertools
 import os
@@ -38,18 +39,21 @@ import sys
 import tempfile
 import threading
 import time
-from typing import BinaryIO, Iterable, Iterator, List, Optional
+from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional
 
 try:
     from listen_events_cybertrace import (
         LISTEN_ADDR, LISTEN_PORT, SECONDS, Console, EmbeddedListener,
         EventFramer, OneLineParser, RateMeter, UserError, argument_type,
-        bounded, escape_controls, format_address, format_bytes, format_count,
-        format_duration, format_progress, interface_addresses,
-        keep_freed_memory, parse_address, parse_fields, parse_network,
+        bounded, escape_block, escape_controls, format_address, format_bytes,
+        format_count, format_duration, format_progress, interface_addresses,
+        ip_of, keep_freed_memory, parse_address, parse_fields, parse_network,
         parse_response, peer_gone, plural, receive_blocks,
         resolved_addresses, split_lines, write_stdout, __version__)
-except ImportError:  # copied alone, without the module it shares code with
+except ModuleNotFoundError as exc:
+    if exc.name != "listen_events_cybertrace":
+        raise
+    # Copied alone, without the module it shares its code with.
     sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
              "folder (it holds the framing and the lab check's listener)"
              % os.path.basename(sys.argv[0] or "send_events_cybertrace.py"))
@@ -63,6 +67,8 @@ except ImportError:  # not on Linux: see unacknowledged_bytes()
 SO_NWRITE = getattr(socket, "SO_NWRITE",
                     0x1024 if sys.platform == "darwin" else None)
 
+# bind() fails with these when another program listens there (WSA: Windows).
+ADDRESS_IN_USE = (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", 10048))
 CYBERTRACE_ADDR = "127.0.0.1"
 CYBERTRACE_PORT = 9999
 TIMEOUT = 5.0
@@ -627,9 +633,7 @@ class Connection:
         except OSError as exc:
             # After a reset the kernel forgets its queue: keep the count
             # from before, a lower bound.
-            raise SendError("connection to %s lost: %s (%s)"
-                            % (self.where, exc.strerror, self.progress()),
-                            exc.strerror)
+            raise self.lost(exc.strerror)
         with HOLD_INTERRUPTS:
             ledger.sent(events)
             self.update_acked()
@@ -639,14 +643,27 @@ class Connection:
         self.ledger.acknowledge(unacknowledged_bytes(self.sock))
 
     def progress(self) -> str:
-        sent, acked = self.ledger.counts()
-        return "%s sent, %s acknowledged by the peer" % (
-            plural(self.ledger.events, "event"), format_count(acked))
+        """Say how far the sending got, for an error."""
+        return say_sent(*self.ledger.counts()) + " by the peer"
+
+    def lost(self, why: str) -> SendError:
+        """Return the error of a connection that failed for why."""
+        return SendError("connection to %s lost: %s (%s)" % (
+            self.where, why, self.progress()), why)
 
     def counts(self) -> tuple:
         """Return the events sent and acknowledged, even within a send."""
         self.update_acked()
         return self.ledger.counts()
+
+    def finish(self, timeout: float) -> None:
+        """Say that nothing more comes (FIN), then wait until the peer
+        acknowledged every byte, or fail."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # the peer closed, or reset, already
+            raise self.lost(exc.strerror or str(exc)) from None
+        self.wait_delivered(timeout)
 
     def wait_delivered(self, timeout: float) -> None:
         """Wait until the peer acknowledged every byte sent, or fail."""
@@ -670,38 +687,40 @@ class Connection:
                 except BlockingIOError:
                     pass
                 except OSError as exc:
-                    raise SendError("connection to %s lost: %s (%s)" % (
-                        self.where, exc.strerror, self.progress()),
-                        exc.strerror)
+                    raise self.lost(exc.strerror)
             elif not watch:
                 # After its FIN, recv() says nothing more: a reset that
                 # follows shows only here.
                 error = self.sock.getsockopt(socket.SOL_SOCKET,
                                              socket.SO_ERROR)
                 if error:
-                    raise SendError("connection to %s lost: %s (%s)" % (
-                        self.where, os.strerror(error), self.progress()),
-                        os.strerror(error))
+                    raise self.lost(os.strerror(error))
                 time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
 
 def echo(block) -> None:
     """Print a block's events to stderr as the tutorial does."""
-    text = bytes(block).decode("utf-8", "backslashreplace")
     if console.on_stderr():
-        text = escape_controls(text)
+        block = escape_block(block)
+    text = bytes(block).decode("utf-8", "backslashreplace")
     console.write("".join("Sending:\n%s\n" % line
                           for line in text[:-1].split("\n")))
 
 
-def send_all(connection: Connection, blocks: Iterable[tuple],
-             verbose: bool) -> None:
-    """Send every block, echoing events to stderr when verbose."""
+def send_all(sender, blocks: Iterable[tuple], verbose: bool) -> None:
+    """Send every block with sender.send (a Connection, or a Resender),
+    echoing events to stderr when verbose."""
     for block, count in blocks:
         if verbose:
             echo(block)
-        connection.send(block, count)
+        sender.send(block, count)
+
+
+def sent_summary(events: int, size: int, where: str, took: float) -> str:
+    """Return the line that ends a send."""
+    return "Sent %s, %s to %s in %.2f s" % (
+        plural(events, "event"), format_bytes(size), where, took)
 
 
 # --- --reconnect: connections that come and go, nothing lost -----------------
@@ -751,6 +770,12 @@ class Outage:
         self.since = time.monotonic(), why
         return True
 
+    def restart(self, why: str) -> None:
+        """Start an outage now: the connection made after the last one got
+        nowhere either."""
+        self.since = None
+        self.begin(why)
+
     def end(self) -> Optional[float]:
         """End the outage under way; return how long it lasted."""
         if self.since is None:
@@ -797,16 +822,12 @@ class Resender:
         """Events sent: what a progress line shows."""
         return self.sent
 
-    def send_all(self, blocks: Iterable[tuple], verbose: bool) -> None:
-        """Send every block, then wait until the peer acknowledged all."""
-        for block, count in blocks:
-            if verbose:
-                echo(block)
-            self.queue.append((block, count, self.taken))
-            self.taken += count
-            self.bytes += len(block)
-            self.flush()
-        self.finish()
+    def send(self, block, count: int) -> None:
+        """Send a block of count events over whatever connection works."""
+        self.queue.append((block, count, self.taken))
+        self.taken += count
+        self.bytes += len(block)
+        self.flush()
 
     def flush(self) -> None:
         """Send the queued blocks over as many connections as it takes."""
@@ -846,13 +867,10 @@ class Resender:
                 self.lose(why)
                 continue
             try:
-                self.connection.sock.shutdown(socket.SHUT_WR)
-                self.connection.wait_delivered(self.timeout)
+                self.connection.finish(self.timeout)
                 return
             except SendError as exc:
                 self.lose(exc.reason)
-            except OSError as exc:
-                self.lose(exc.strerror or str(exc))
 
     def connection_lost(self) -> str:
         """Return why the connection is gone, or "" if it seems alive."""
@@ -862,6 +880,8 @@ class Resender:
         return peer_gone(self.connection.sock)
 
     def count_sent(self, number: int, count: int) -> None:
+        """Count events number to number + count as handed to a kernel;
+        those handed over before count as resent."""
         self.resent += max(0, min(self.sent, number + count) - number)
         self.sent = max(self.sent, number + count)
 
@@ -900,9 +920,8 @@ class Resender:
             # It is closing: what we sent may still be read, so wait for
             # it rather than send it twice.
             try:
-                connection.sock.shutdown(socket.SHUT_WR)
-                connection.wait_delivered(self.timeout)
-            except (SendError, OSError):
+                connection.finish(self.timeout)
+            except SendError:
                 pass
         connection.sock.close()
         window = connection.ledger.unacknowledged(self.first)
@@ -914,8 +933,7 @@ class Resender:
             self.backoff.reset()
         else:
             self.backoff.failed()
-        self.outage.since = None
-        self.outage.begin(why)
+        self.outage.restart(why)
         console.warn("connection to %s lost (%s) after %s; retrying" % (
             self.where, why, plural(self.sent, "event")))
 
@@ -931,9 +949,7 @@ class Resender:
             self.connection.sock.close()
 
     def summary(self, took: float) -> str:
-        line = "Sent %s, %s to %s in %.2f s" % (
-            plural(self.taken, "event"), format_bytes(self.bytes), self.where,
-            took)
+        line = sent_summary(self.taken, self.bytes, self.where, took)
         if self.reconnects:
             line += "; %s, %s resent" % (
                 plural(self.reconnects, "reconnect"),
@@ -964,8 +980,9 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     progress = None
     try:
         if watch is not None:
-            progress = Progress(resender, watch[0], watch[1] or None)
-        resender.send_all(blocks, args.verbose)
+            progress = Progress(resender, *watch)
+        send_all(resender, blocks, args.verbose)
+        resender.finish()
     except KeyboardInterrupt:
         raise Interrupted(say_sent(*resender.counts())) from None
     finally:
@@ -1007,8 +1024,7 @@ class Replies:
             self.cond.notify_all()
 
     def take(self, block: bytes) -> None:
-        write_stdout(escape_controls(block.decode(
-            "utf-8", "backslashreplace")).encode() if self.escape else block)
+        write_stdout(escape_block(block) if self.escape else block)
         finished = block.count(FINISHED)
         if finished:
             finished = sum(FINISHED in line for line in block.split(b"\n"))
@@ -1058,8 +1074,12 @@ def ping(address: tuple, timeout: float) -> float:
             raise UserError("no PONG from %s within %g s" % (where, timeout))
         except OSError as exc:
             raise UserError("no PONG from %s: %s" % (where, exc.strerror))
+    if not answer:
+        raise UserError("no PONG from %s: it closed the connection without "
+                        "a word" % where)
     if answer.strip() != b"PONG":
-        raise UserError("no PONG from %s: got %r" % (where, answer[:64]))
+        raise UserError("no PONG from %s: it answered %s" % (
+            where, visible(answer[:64].decode("utf-8", "backslashreplace"))))
     return time.monotonic() - started
 
 
@@ -1175,7 +1195,7 @@ def visible(event: str, width: int = 0) -> str:
 
 def is_loopback(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        return ip_of(host).is_loopback
     except ValueError:
         return host == "localhost"
 
@@ -1187,8 +1207,7 @@ def cybertrace_hosts(host: str) -> list:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         raise UserError("cannot resolve %s" % host) from None
-    found = {ipaddress.ip_address(info[4][0].split("%", 1)[0])
-             for info in infos}
+    found = {ip_of(info[4][0]) for info in infos}
     if any(ip.is_loopback for ip in found):
         # Delivering to a check on 0.0.0.0, it comes from the address it
         # connects to; and localhost is 127.0.0.1 and ::1 alike.
@@ -1245,19 +1264,22 @@ class Arrivals:
                         arrival.categories.append(category)
             self.cond.notify_all()
 
+    def mark_sent(self) -> None:
+        """Note that the test events go out now: latencies count from here,
+        and only what comes after can be their detection."""
+        with self.cond:
+            self.sent_at = time.monotonic()
+
     def wake(self) -> None:
+        """Make wait() look again (another thread's news)."""
         with self.cond:
             self.cond.notify_all()
 
-    def wait(self, probe: "Probe", deadline: float) -> None:
-        """Wait until every indicator CyberTrace detects when asked came,
-        or deadline; without the probe's answer, until all 17 came."""
-        def complete() -> bool:
-            if probe.answered_all():
-                return probe.detected <= set(self.found)
-            return probe.finished and len(self.found) == len(TEST_INDICATORS)
+    def wait(self, complete: Callable[[set], bool], deadline: float) -> None:
+        """Wait until complete(the indicators that came) says so, or the
+        deadline."""
         with self.cond:
-            while not complete():
+            while not complete(set(self.found)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
@@ -1291,6 +1313,13 @@ class Probe:
 
     def answered_all(self) -> bool:
         return self.finished and self.answered >= len(self.events)
+
+    def has_come(self, found: set) -> bool:
+        """Tell whether found holds every indicator CyberTrace detects
+        when asked; without its answer, all 17."""
+        if self.answered_all():
+            return self.detected <= found
+        return self.finished and len(found) == len(TEST_INDICATORS)
 
     def run(self) -> None:
         leave_signals_to_main()
@@ -1363,9 +1392,21 @@ class CheckResult:
     connections: int  # connections the check's listener took
     rejected: int  # connections refused: not from CyberTrace's host
     first_rejected: str
-    answered_all: bool  # the probe got every LookupFinished
-    probe_detected: set  # what CyberTrace detects when asked directly
-    probe_note: str  # the probe's outcome in words, for a diagnosis
+    # What CyberTrace said when asked directly (the probe): events asked
+    # about (0: not asked), answers, whether it finished, what it detects,
+    # whether it was cut short at the deadline, and what failed.
+    probe_asked: int
+    probe_answered: int
+    probe_finished: bool
+    probe_detected: set
+    probe_late: bool
+    probe_error: Optional[str]
+
+    @property
+    def answered_all(self) -> bool:
+        """Tell whether CyberTrace answered every test event directly."""
+        return self.probe_finished and self.probe_asked > 0 and \
+            self.probe_answered >= self.probe_asked
 
     @property
     def confirmed(self) -> list:
@@ -1448,7 +1489,7 @@ class LabCheck:
         try:
             self.here = self.listener.bind()
         except UserError as exc:
-            if "in use" in str(exc):
+            if getattr(exc, "errno", None) in ADDRESS_IN_USE:
                 raise UserError("%s (stop the listener there while the "
                                 "check runs: the check listens in its place)"
                                 % exc)
@@ -1481,12 +1522,9 @@ class LabCheck:
         address = self.args.connect
         with connect_patiently(address, self.deadline) as sock:
             connection = Connection(sock, format_address(*address))
-            with self.arrivals.cond:
-                self.arrivals.sent_at = time.monotonic()
+            self.arrivals.mark_sent()
             send_all(connection, frame_lines(self.events), self.args.verbose)
-            sock.shutdown(socket.SHUT_WR)
-            connection.wait_delivered(max(0.001, self.deadline -
-                                          time.monotonic()))
+            connection.finish(max(0.001, self.deadline - time.monotonic()))
 
     def ask(self) -> None:
         """Ask CyberTrace directly, alongside, what it detects."""
@@ -1499,7 +1537,8 @@ class LabCheck:
                            self.deadline - time.monotonic()))
 
     def wait(self) -> None:
-        self.arrivals.wait(self.probe, self.deadline)
+        """Wait for what CyberTrace detects, or the deadline."""
+        self.arrivals.wait(self.probe.has_come, self.deadline)
 
     def stop_listening(self) -> None:
         self.listener.stop()
@@ -1517,9 +1556,12 @@ class LabCheck:
             waited=ended - (self.arrivals.sent_at or ended),
             connections=self.listener.accepted, rejected=rejected,
             first_rejected=first_rejected,
-            answered_all=probe is not None and probe.answered_all(),
+            probe_asked=len(probe.events) if probe else 0,
+            probe_answered=probe.answered if probe else 0,
+            probe_finished=bool(probe and probe.finished),
             probe_detected=set(probe.detected) if probe else set(),
-            probe_note=probe_note(probe))
+            probe_late=bool(probe and probe.aborted and probe.error is None),
+            probe_error=probe.error if probe else None)
 
 
 def connect_patiently(address: tuple, deadline: float) -> socket.socket:
@@ -1536,25 +1578,6 @@ def connect_patiently(address: tuple, deadline: float) -> socket.socket:
             if not refused or time.monotonic() + 0.05 >= patience:
                 raise
         time.sleep(0.05)
-
-
-def probe_note(probe: Optional[Probe]) -> str:
-    """Say what the probe found, for a diagnosis."""
-    if probe is None:
-        return "CyberTrace was not asked directly"
-    total = len(probe.events)
-    if probe.answered_all():
-        if not probe.detected:
-            return ("its feeds detect none of the test indicators: check "
-                    "that feeds are loaded (CyberTrace answered all %d when "
-                    "asked directly)" % total)
-        return "CyberTrace detects %d of %d when asked directly" % (
-            len(probe.detected), total)
-    if probe.aborted and probe.error is None:
-        return "CyberTrace did not answer in time when asked directly " \
-               "(%d of %d answered)" % (probe.answered, total)
-    return "CyberTrace did not answer when asked directly: %s" % (
-        probe.error or "no answer")
 
 
 def report(result: CheckResult) -> str:
@@ -1591,9 +1614,26 @@ def report(result: CheckResult) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def probe_note(result: CheckResult) -> str:
+    """Say what CyberTrace answered when asked directly."""
+    total = len(TEST_INDICATORS)
+    if result.answered_all:
+        if not result.probe_detected:
+            return ("its feeds detect none of the test indicators: check "
+                    "that feeds are loaded (CyberTrace answered all %d when "
+                    "asked directly)" % total)
+        return "CyberTrace detects %d of %d when asked directly" % (
+            len(result.probe_detected), total)
+    if result.probe_late:
+        return "CyberTrace did not answer in time when asked directly " \
+               "(%d of %d answered)" % (result.probe_answered, total)
+    return "CyberTrace did not answer when asked directly: %s" % (
+        result.probe_error or "no answer")
+
+
 def diagnose(result: CheckResult) -> List[str]:
-    """Say which link is broken, in a line or two, if one is; and what
-    arrived that cannot be trusted."""
+    """Return the lines for stderr: what arrived that cannot be trusted,
+    then which link is broken, if one is."""
     lines = []
     unconfirmed = result.unconfirmed
     if unconfirmed:
@@ -1603,75 +1643,79 @@ def diagnose(result: CheckResult) -> List[str]:
                      "something other than CyberTrace sending to %s?)" % (
                          plural(len(unconfirmed), "test indicator"),
                          ", ".join(peers), result.here))
-    return lines + diagnose_links(result)
-
-
-def diagnose_links(result: CheckResult) -> List[str]:
-    """Say which link is broken, in a line or two, if one is."""
-    total = len(TEST_INDICATORS)
-    arrivals = result.arrivals
     found = len(result.confirmed)
-    here, waited = result.here, result.waited
-    if found == total:
-        return []
+    if found == len(TEST_INDICATORS):
+        return lines
+    if found:
+        return lines + diagnose_some(result, found)
+    if result.answered_all and not result.probe_detected:
+        if not result.arrivals.events:
+            return lines + [probe_note(result), "nothing reached %s either, "
+                            "as nothing was detected: run the check again "
+                            "once feeds are loaded" % result.here]
+        return lines + [probe_note(result)]
+    return lines + [diagnose_delivery(result), diagnose_detection(result)]
+
+
+def diagnose_some(result: CheckResult, found: int) -> List[str]:
+    """Say why only some came back: lost on the way, or not in the feeds
+    (warnings, or errors with --strict)."""
+    total = len(TEST_INDICATORS)
     detected = result.probe_detected
     directly = result.answered_all and detected
-    lost = directly and not detected <= set(arrivals.found)
-    if found:
-        lines = []
-        if lost:
-            lines.append("CyberTrace detects %d of %d when asked directly, "
-                         "but only %d reached %s in %.1f s" % (
-                             len(detected), total, found, here, waited))
-        elif result.strict:
-            lines.append(result.probe_note + (
-                ": its feeds lack the others" if directly else ""))
-        if result.strict:
-            lines.insert(0, "--strict: %d of %d test indicators did not "
-                            "come back" % (total - found, total))
-            return lines
-        return ["warning: " + line for line in lines]
-    if result.answered_all and not detected:
-        if not arrivals.events:
-            return [result.probe_note, "nothing reached %s either, as "
-                    "nothing was detected: run the check again once feeds "
-                    "are loaded" % here]
-        return [result.probe_note]
+    lines = []
+    if directly and not detected <= set(result.arrivals.found):
+        lines.append("CyberTrace detects %d of %d when asked directly, but "
+                     "only %d reached %s in %.1f s" % (
+                         len(detected), total, found, result.here,
+                         result.waited))
+    elif result.strict:
+        lines.append(probe_note(result) + (
+            ": its feeds lack the others" if directly else ""))
+    if result.strict:
+        return ["--strict: %d of %d test indicators did not come back"
+                % (total - found, total)] + lines
+    return ["warning: " + line for line in lines]
+
+
+def diagnose_delivery(result: CheckResult) -> str:
+    """Say what reached the check, when no detection did."""
+    here, arrivals = result.here, result.arrivals
+    if result.rejected and not result.connections:
+        return ("%s from other hosts than CyberTrace's refused (the first "
+                "from %s): if CyberTrace delivers from there, add --allow "
+                "with its address" % (plural(result.rejected, "connection"),
+                                      result.first_rejected))
     if not result.connections:
         line = ("no connection reached %s in %.1f s: check that CyberTrace's"
                 " OutputSettings > ConnectionString points here and that no "
-                "firewall blocks the port" % (here, waited))
+                "firewall blocks the port" % (here, result.waited))
         if result.loopback_only:
             line += " (%s is loopback: use --check 0.0.0.0:%d)" % (
                 here, result.check_port)
-        if result.rejected:
-            line = ("%s from other hosts than CyberTrace's refused (the "
-                    "first from %s): if CyberTrace delivers from there, "
-                    "add --allow with its address" % (
-                        plural(result.rejected, "connection"),
-                        result.first_rejected))
-    elif not arrivals.events:
-        line = "%s reached %s but sent no events" % (
+        return line
+    if not arrivals.events:
+        return "%s reached %s but sent no events" % (
             plural(result.connections, "connection"), here)
-    else:
-        line = "%s reached %s with %s, none naming a test indicator; " \
-               "the first: %s" % (
-                   plural(result.connections, "connection"), here,
-                   plural(arrivals.events, "event"),
-                   visible(arrivals.first_other or "-", 200))
-    if directly:
-        if result.connections and arrivals.events:
-            second = ("CyberTrace detects %d of %d when asked directly, but "
-                      "sent no detection here: point OutputSettings > "
-                      "ConnectionString (not only AlertConnectionString) "
-                      "at %s" % (len(detected), total, here))
-        else:
-            second = ("CyberTrace detects %d of %d when asked directly: "
-                      "detection works, delivery to %s does not"
-                      % (len(detected), total, here))
-    else:
-        second = result.probe_note
-    return [line, second]
+    return "%s reached %s with %s, none naming a test indicator; the " \
+           "first: %s" % (plural(result.connections, "connection"), here,
+                          plural(arrivals.events, "event"),
+                          visible(arrivals.first_other or "-", 200))
+
+
+def diagnose_detection(result: CheckResult) -> str:
+    """Say what CyberTrace detects when asked, beside what reached us."""
+    detected = result.probe_detected
+    if not (result.answered_all and detected):
+        return probe_note(result)
+    total, here = len(TEST_INDICATORS), result.here
+    if result.connections and result.arrivals.events:
+        return ("CyberTrace detects %d of %d when asked directly, but sent "
+                "no detection here: point OutputSettings > ConnectionString "
+                "(not only AlertConnectionString) at %s" % (
+                    len(detected), total, here))
+    return ("CyberTrace detects %d of %d when asked directly: detection "
+            "works, delivery to %s does not" % (len(detected), total, here))
 
 
 # --- The command line --------------------------------------------------------
@@ -1841,70 +1885,71 @@ def run(args: argparse.Namespace) -> str:
         took = ping(args.connect, args.timeout)
         return "PONG from %s in %.1f ms" % (where, took * 1000)
     sources = []
-    connection = replies = None
     try:
         sources = open_sources(args)
         if reading_terminal(sources):
             console.status(TERMINAL_NOTICE)
         tally = [0]
         # Sizes are known before anything is read.
-        watched = Progress.wanted(args, sources)
-        total = watched and source_bytes(sources, args.repeat)
+        watch = None
+        if Progress.wanted(args, sources):
+            watch = tally, source_bytes(sources, args.repeat) or None
         blocks = some_events(event_blocks(sources, args.repeat, tally))
         if args.reconnect:
-            return send_reconnecting(args, blocks, where,
-                                     (tally, total) if watched else None)
+            return send_reconnecting(args, blocks, where, watch)
         if args.rate:
             blocks = paced(blocks, args.rate)
-        started = time.monotonic()
-        with connect(args.connect, args.timeout) as sock:
-            connection = Connection(sock, where)
-            progress = None
-            try:
-                if args.reply_back:
-                    connection.send(REPLY_BACK_FLAGS, 0)
-                    replies = Replies(sock)
-                if watched:
-                    progress = Progress(connection, tally, total or None)
-                send_all(connection, blocks, args.verbose)
-                if replies is None:
-                    sock.shutdown(socket.SHUT_WR)
-                    connection.wait_delivered(args.timeout)
-                else:
-                    replies.wait_finished(connection.events, args.timeout)
-            except KeyboardInterrupt:
-                # Count now, while the socket still answers; a second
-                # Ctrl+C must not cut the cleanup short.
-                HoldInterrupts.stopping = True
-                raise Interrupted(interrupted(connection, replies)) from None
-            finally:
-                if progress is not None:
-                    progress.stop()
-                if replies is not None:
-                    # Wake the reader if it is still waiting for data.
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    replies.thread.join()
-        took = time.monotonic() - started
-    except KeyboardInterrupt:
-        if connection is None:  # before the connection: nothing went out
-            raise Interrupted("0 events sent, 0 acknowledged") from None
-        raise Interrupted(interrupted(connection, replies)) from None
+        return send_once(args, blocks, where, watch)
+    except KeyboardInterrupt:  # before the connection: nothing went out
+        raise Interrupted("0 events sent, 0 acknowledged") from None
     finally:
         close_sources(sources)
-    summary = "Sent %s, %s to %s in %.2f s" % (
-        plural(connection.events, "event"), format_bytes(connection.bytes),
-        where, took)
-    if replies is not None:
-        if replies.finished < connection.events:
-            raise SendError("%s: %s of %s answered (%s)" % (
-                where, format_count(replies.finished),
-                plural(connection.events, "event"),
-                replies.error or "connection closed by CyberTrace"))
-        summary += "; " + replies.summary()
-    return summary
+
+
+def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
+              watch: Optional[tuple]) -> str:
+    """Send over one connection and wait until the peer acknowledged all
+    (--reply-back: answered all); return the summary line."""
+    started = time.monotonic()
+    with connect(args.connect, args.timeout) as sock:
+        connection = Connection(sock, where)
+        replies = progress = None
+        try:
+            if args.reply_back:
+                connection.send(REPLY_BACK_FLAGS, 0)
+                replies = Replies(sock)
+            if watch is not None:
+                progress = Progress(connection, *watch)
+            send_all(connection, blocks, args.verbose)
+            if replies is None:
+                connection.finish(args.timeout)
+            else:
+                replies.wait_finished(connection.events, args.timeout)
+        except KeyboardInterrupt:
+            # Count now, while the socket still answers; a second Ctrl+C
+            # must not cut the cleanup short.
+            HoldInterrupts.stopping = True
+            raise Interrupted(interrupted(connection, replies)) from None
+        finally:
+            if progress is not None:
+                progress.stop()
+            if replies is not None:
+                # Wake the reader if it is still waiting for data.
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                replies.thread.join()
+    summary = sent_summary(connection.events, connection.bytes, where,
+                           time.monotonic() - started)
+    if replies is None:
+        return summary
+    if replies.finished < connection.events:
+        raise SendError("%s: %s of %s answered (%s)" % (
+            where, format_count(replies.finished),
+            plural(connection.events, "event"),
+            replies.error or "connection closed by CyberTrace"))
+    return summary + "; " + replies.summary()
 
 
 def interrupted(connection: Connection, replies: Optional[Replies]) -> str:

@@ -277,7 +277,9 @@ class OutputFailureTest(unittest.TestCase):
                     self.assertEqual(listener.finish(timeout=TIMEOUT), 1)
                 err = listener.stderr_text
                 self.assertRegex(err, r"Stopped: [\d,]+ events \([\d,]+ more "
-                                      r"received, not written\)")
+                                      r"received, not written; [\d.,]+ "
+                                      r"\w+ more sent by peers, never "
+                                      r"read\)")
                 self.assertRegex(err.strip().splitlines()[-1],
                                  r"error: gave up writing to stdout: nothing "
                                  r"read it for 2\.0 s$")
@@ -386,6 +388,20 @@ class NumberBoundsTest(unittest.TestCase):
                 self.assertEqual(len(proc.stderr.splitlines()), 1)
                 self.assertRegex(proc.stderr, r"error: argument .*: must be "
                                               r"from [\d.,]+ to [\d.,]+$")
+
+
+class SlammingPeerTest(unittest.TestCase):
+    def test_a_peer_that_resets_at_once_is_one_line_every_time(self):
+        # The reset comes before, during or after the send and its FIN:
+        # each time a clear line, never a traceback.
+        with Sink("slam") as peer:
+            for _ in range(30):
+                proc = run_sender("-e", "x", "-c", address(peer))
+                err = proc.stderr.decode()
+                self.assertNotIn("Traceback", err)
+                if proc.returncode:
+                    self.assertRegex(err, r"^\S+: error: connection to "
+                                          r"127\.0\.0\.1:\d+ lost: .*\n$")
 
 
 class SenderTimeoutTest(unittest.TestCase):

@@ -17,8 +17,9 @@ import send_events_cybertrace as sec
 
 class Sink:
     """A TCP server that records each connection's bytes; can misbehave:
-    stall (read nothing until closed), reset, or trickle (answer a byte
-    every 0.2 s, for ever)."""
+    stall (read nothing until closed), reset (after 100,000 bytes), slam
+    (reset every connection at once), or trickle (answer a byte every
+    0.2 s, for ever)."""
 
     def __init__(self, mode: str = "read", byte: bytes = b"x") -> None:
         self.mode = mode
@@ -40,6 +41,9 @@ class Sink:
     def serve(self) -> None:
         try:
             sock, _ = self.server.accept()
+            while self.mode == "slam":
+                reset(sock)
+                sock, _ = self.server.accept()
         except OSError:
             return
         with sock:
