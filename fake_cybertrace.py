@@ -48,7 +48,10 @@ from typing import Callable, Iterable, Optional
 
 try:
     import listen_events_cybertrace as lec
-except ImportError:  # copied alone, without the module it shares code with
+except ModuleNotFoundError as exc:
+    if exc.name != "listen_events_cybertrace":
+        raise
+    # Copied alone, without the module it shares its code with.
     sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
              "folder (it holds the framing)"
              % os.path.basename(sys.argv[0] or "fake_cybertrace.py"))
@@ -490,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
         "its input port, detects Kaspersky's test indicators in them and "
         "delivers the detections to its output address, as CyberTrace does. "
         "Status goes to stderr.",
-        epilog="Try it: run this, then 'python3 send_events_cybertrace.py "
-        "--check 9998'. Ctrl+C or SIGTERM stops it (exit 0).")
+        epilog="Try it: run this, then the lab check against it, "
+        "'send_events_cybertrace.py --check 9998' (cybertrace-send once "
+        "installed). Ctrl+C or SIGTERM stops it (exit 0).")
     parser.add_argument(
         "--input", metavar="ADDR:PORT", type=address, default=INPUT,
         help="where to take events (CyberTrace's InputSettings > "
@@ -531,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "seconds"),
         default=RETRY_INTERVAL,
         help="between tries (default: %g)" % RETRY_INTERVAL)
+    parser.add_argument("--version", action="version",
+                        version="%(prog)s " + lec.__version__)
     parser.set_defaults(feeds="demo")
     return parser
 
