@@ -1430,7 +1430,8 @@ class Stats:
         self.next_draw = now + LIVE_SECONDS if console.live else float("inf")
         self.due = self._due()
         self.meter = RateMeter(now)
-        self.last_line = (now, 0)
+        # A line's rate is since the line before: a meter of two samples.
+        self.line_meter = RateMeter(now, 2)
 
     def tick(self, now: float) -> None:
         if now >= self.next_draw:
@@ -1457,9 +1458,8 @@ class Stats:
         """Print the counters as an ordinary line (for logs)."""
         now = time.monotonic() if now is None else now
         events, size, connections = self.counters()
-        since, before = self.last_line
-        self.last_line = (now, events)
-        rate = (events - before) / (now - since) if now > since else 0.0
+        since = self.line_meter.samples[-1][0]
+        rate = self.line_meter.rate(now, events)
         self.console.line("Stats after %s: %s, %s received, %s/s over the "
                           "last %s, %s open" % (
                               format_duration(now - self.started),
