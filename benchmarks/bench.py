@@ -663,7 +663,7 @@ def bench_sender(args, data_path: str, tools: dict) -> dict:
     return times
 
 
-# --- Ever-new shapes (-f json) -------------------------------------------------
+# --- Ever-new shapes (-f json) -----------------------------------------------
 
 def shapes_like(line: bytes, first: int, count: int) -> bytes:
     """Return count events of ever-new keys, as many "=" as line has: the
@@ -787,8 +787,8 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
         columns = bases + (["baseline"] if args.baseline else [])
         out("| receiver | events/s | MB/s | receiver CPU | %s | peak RSS |"
             % " | ".join("vs " + base for base in columns))
-        out("| --- | ---: | ---: | ---: |%s ---: |" % (" ---: |" *
-                                                     len(columns)))
+        out("| --- | ---: | ---: | ---: |%s ---: |"
+            % (" ---: |" * len(columns)))
         for name, runs in one.items():
             best = median([r.seconds for r in runs])
             cells = []
