@@ -954,8 +954,12 @@ class JsonFormatter:
     their general path, and nothing to anyone else's known templates.
     """
 
-    # Sites use a few dozen templates at most.
+    # Sites use a few dozen templates at most, of a few dozen fields and
+    # well under a KiB: a plan's regular expression grows with its fields
+    # (one of 90,000 fields took 6 s to compile and 37 MB to keep).
     max_plans = 256
+    max_plan_fields = 128
+    max_plan_bytes = 16 * 1024
     plans_per_count = 4
     # Compiling a plan costs about half a millisecond: at this rate, a
     # stream of ever-new shapes costs under 1% of a core in compiling.
@@ -1009,7 +1013,7 @@ class JsonFormatter:
                     continue
             if plan.batch is not batch:
                 plan.batch, plan.format = batch, plan.template % head
-                self.by_shape.move_to_end(plan.shape)
+                self.used(plan)
             out.append(plan.format % plan.values(found))
         return b"".join(out)
 
@@ -1029,8 +1033,20 @@ class JsonFormatter:
         return json_text(escape_controls(event) if self.escape_strings
                          else event, stamp, peer)
 
+    def used(self, plan: JsonPlan) -> None:
+        """Keep a plan in use, and first to be tried for its "=" count."""
+        # Once a batch: look-alike plans (the same keys but the last) fail
+        # late, and must not stand before a template's own for good.
+        self.by_shape.move_to_end(plan.shape)
+        bucket = self.by_count[plan.count]
+        if bucket[0] is not plan:
+            bucket.remove(plan)
+            bucket.insert(0, plan)
+
     def find(self, line: bytes) -> Optional[JsonPlan]:
         """Return the plan for line's shape, compiling one if allowed."""
+        if len(line) > self.max_plan_bytes:
+            return None  # no template is that long: not worth a plan
         shape = b"".join(_SHAPE.findall(line))
         plan = self.by_shape.get(shape)
         if plan is None:
@@ -1050,6 +1066,8 @@ class JsonFormatter:
             now - self.refilled) * self.builds_per_second)
         self.refilled = now
         if self.tokens < 1:
+            return None
+        if shape.count(b"=") > self.max_plan_fields:
             return None
         plan = JsonPlan.build(line)
         if plan is None:

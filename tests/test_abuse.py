@@ -75,6 +75,54 @@ class JsonPlanCacheTest(unittest.TestCase):
             self.assertEqual(json.loads(record)["fields"],
                              lec.parse_fields(line[:-1].decode()))
 
+    def count_plans(self):
+        """Return (plans built, lines tried), counted from now on."""
+        built, tries = [], []
+        original = lec.JsonPlan.__init__
+
+        def counting(plan, event):
+            original(plan, event)
+            built.append(plan)
+            match = plan.match
+
+            def counted(line):
+                tries.append(line)
+                return match(line)
+            plan.match = counted
+        return built, tries, mock.patch.object(lec.JsonPlan, "__init__",
+                                               counting)
+
+    def test_look_alike_shapes_do_not_stand_before_a_template(self):
+        known = TUTORIAL_EVENTS[1].encode() + b"\n"
+        last = known.rindex(b" ") + 1
+        formatter = lec.JsonFormatter()
+        built, tries, patch = self.count_plans()
+        with patch:
+            formatter.format(known, [known], "p", 0.0, False)
+            # Its keys but the last, renamed: a plan each, that fails late;
+            # as many as leave the template's own last in their list.
+            for number in range(lec.JsonFormatter.plans_per_count - 1):
+                alike = known[:last] + b"x%d" % number + known[last:]
+                formatter.format(alike, [alike], "x", 0.0, False)
+            del tries[:]
+            block = known * 1000
+            formatter.format(block, lec.split_lines(block), "p", 0.0, False)
+        self.assertEqual(len(built), lec.JsonFormatter.plans_per_count)
+        # The template's own plan is tried first again after a look or two.
+        self.assertLessEqual(len(tries), 1000 + lec.JsonFormatter
+                             .plans_per_count)
+
+    def test_no_plan_for_an_event_of_thousands_of_fields(self):
+        huge = b"- " + b" ".join(b"k%d=%d" % (i, i) for i in range(5000)) \
+            + b"\n"
+        formatter = lec.JsonFormatter()
+        built, _, patch = self.count_plans()
+        with patch:
+            for _ in range(3):
+                out = formatter.format(huge, [huge], "p", 0.0, False)
+        self.assertEqual(built, [])
+        self.assertEqual(len(json.loads(out)["fields"]), 5000)
+
     def test_the_listener_under_ever_new_shapes(self):
         with Listener("-f", "json") as listener:
             for first in range(0, 3000, 30):  # short connections
