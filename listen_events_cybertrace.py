@@ -1829,6 +1829,9 @@ class Connection:
         self.events = 0
         self.last_active = time.monotonic()
         self.event_started = None
+        # Given up its place (see Listener.retire): since when, and why.
+        self.retired_at = None
+        self.retired_for = ""
 
     def read(self, buffer: bytearray, size: int):
         """Read once into buffer: return a block of whole events (maybe
@@ -2082,6 +2085,10 @@ class Listener:
         self.stop_now = False
         self.reopen_requested = False
         self.next_sweep = 0.0
+        # Connections that gave their place up, closing; since when a peer
+        # waits for a place.
+        self.retiring = 0
+        self.waiting_since = None
 
     def address(self) -> tuple:
         """Return (host, port) where it listens, once bound."""
@@ -2163,8 +2170,10 @@ class Listener:
         every = min(1.0, self.settings.event_timeout / 4)
         if self.settings.idle_timeout:
             every = min(every, self.settings.idle_timeout / 4)
-        if not self.admission.accepting:
-            every = min(every, 0.25)  # a waiting peer may be given a place
+        if not self.admission.accepting or self.retiring:
+            # A waiting peer may be given a place; a retiring connection
+            # is closed once quiet.
+            every = min(every, self.drain_quiet_seconds)
         return every
 
     def sweep(self, now: float) -> None:
@@ -2172,6 +2181,11 @@ class Listener:
         peer when all places are taken."""
         settings = self.settings
         for conn in list(self.connections.values()):
+            if conn.retired_at is not None:
+                if now - conn.last_active >= self.drain_quiet_seconds or \
+                        now - conn.retired_at >= self.drain_seconds:
+                    self.remove(conn, conn.retired_for)
+                continue
             why = conn.overdue(now, settings.idle_timeout,
                                settings.event_timeout)
             if why:
@@ -2180,27 +2194,60 @@ class Listener:
         self.next_sweep = now + self.sweep_every()
 
     def make_room(self, now: float) -> None:
-        """Close the connection silent longest, if long enough, when a
-        peer waits and every place is taken."""
-        if self.stopping or not self.connections or \
-                not self.admission.peer_waiting():
+        """When every place is taken and a peer waits, retire the
+        connection silent longest: at once if silent EVICT_IDLE_SECONDS,
+        else once the peer has waited that long."""
+        if self.stopping or not self.admission.peer_waiting():
+            self.waiting_since = None
             return
-        conn = min(self.connections.values(), key=lambda c: c.last_active)
+        if self.waiting_since is None:
+            self.waiting_since = now
+        serving = [conn for conn in self.connections.values()
+                   if conn.retired_at is None]
+        if not serving:
+            return
+        conn = min(serving, key=lambda c: c.last_active)
         silent = now - conn.last_active
-        if silent >= EVICT_IDLE_SECONDS:
-            self.remove(conn, "silent for %s, its place given to a waiting "
+        if silent >= EVICT_IDLE_SECONDS or \
+                now - self.waiting_since >= EVICT_IDLE_SECONDS:
+            self.waiting_since = None
+            self.retire(conn, "silent for %s, its place given to a waiting "
                         "peer" % format_duration(silent))
+
+    def retire(self, conn: Connection, why: str) -> None:
+        """Give conn's place to another peer now, and close it once the
+        peer heard our FIN and stopped: what it sent until then is read
+        and written, as on a stop."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.remove(conn, why)
+            return
+        conn.retired_at = conn.last_active = time.monotonic()
+        conn.retired_for = why
+        self.retiring += 1
+        self.next_sweep = min(self.next_sweep,
+                              conn.retired_at + self.drain_quiet_seconds)
+        self.admission.resume()
+
+    def taken_places(self) -> int:
+        """Return how many places are taken: retiring connections have
+        given theirs up, but where the selector watches only so many
+        sockets (Windows' select()), they count until closed."""
+        if selector_capacity(self.selector) is not None:
+            return len(self.connections)
+        return len(self.connections) - self.retiring
 
     def accept(self) -> None:
         """Take the peers waiting to connect, as many as may be served."""
-        while not self.admission.full(len(self.connections)):
+        while not self.admission.full(self.taken_places()):
             if not self.accept_one():
                 return
-        self.admission.pause(len(self.connections))
+        self.admission.pause(self.taken_places())
 
     def accept_one(self) -> bool:
         """Serve the next peer in the accept queue; False when empty."""
-        taken = self.admission.take(len(self.connections))
+        taken = self.admission.take(self.taken_places())
         if taken is None:
             return False
         sock, address = taken
@@ -2258,7 +2305,7 @@ class Listener:
             self.remove(conn, "reset by peer")
             return False
         if block is None:
-            self.remove(conn)
+            self.remove(conn, conn.retired_for)
             return False
         self.bytes += conn.framer.received - received
         if conn.framer.split_events != splits:
@@ -2305,6 +2352,8 @@ class Listener:
 
     def forget(self, conn: Connection) -> None:
         """Close conn's socket and give its place to the next peer."""
+        if conn.retired_at is not None:
+            self.retiring -= 1
         self.selector.unregister(conn.sock)
         del self.connections[conn.sock]
         self.admission.left(conn)

@@ -179,6 +179,42 @@ class FullHouseTest(unittest.TestCase):
                 for sock in idle:
                     sock.close()
 
+    def test_peers_that_are_never_quite_silent_give_their_place_too(self):
+        # A byte every 0.5 s, a newline every third: never silent 2 s, no
+        # event unfinished for long, yet they hold every place.
+        stop = threading.Event()
+        with Listener("-f", "raw", "--max-connections", "3") as listener:
+            tricklers = [listener.connect() for _ in range(3)]
+
+            def trickle():
+                count = 0
+                while not stop.wait(0.5):
+                    count += 1
+                    for sock in tricklers:
+                        try:
+                            sock.sendall(b"\n" if count % 3 == 0 else b"t")
+                        except OSError:
+                            pass  # the one that gave its place up
+            thread = threading.Thread(target=trickle)
+            thread.start()
+            try:
+                listener.wait_stderr("3 connections open")
+                with listener.connect() as late:
+                    late.sendall(b"late\n")
+                    listener.wait_for(lambda: b"late\n" in listener.out,
+                                      what="the late peer's event")
+                    # Its place was given after the peer waited 2 s; the
+                    # one retired heard a FIN first, and was read to its end.
+                    listener.wait_stderr(r"Closed 127\.0\.0\.1:\d+ \(silent "
+                                         r"for \S+ s, its place given to a "
+                                         r"waiting peer\)")
+            finally:
+                stop.set()
+                thread.join(TIMEOUT)
+                for sock in tricklers:
+                    sock.close()
+            self.assertNotIn("Traceback", listener.stderr_text)
+
     def test_one_host_takes_at_most_max_per_host(self):
         with Listener("-f", "raw", "--max-per-host", "2") as listener:
             kept = [listener.connect() for _ in range(2)]
