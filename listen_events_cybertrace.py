@@ -108,6 +108,8 @@ LONGEST_WAIT = 60.0
 # are counted in one line, as rsyslog's rate limiting does.
 REJECT_LINES = 5
 REJECT_WINDOW = 10.0
+# So many "Connection from" and "Closed" lines a window, at most.
+CONNECTION_LINES = 100
 # Time allowed on stop to read what the kernel already acknowledged to peers:
 # they count it as delivered, yet a stop must not wait on a peer for ever.
 DRAIN_SECONDS = 2.0
@@ -1634,6 +1636,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- Peers: who is let in, each one's reading, the listening socket ----------
 
+class Throttle:
+    """Print at most a few lines of a kind every window of seconds, then
+    one line that counts the rest, as rsyslog's rate limiting does: peers
+    coming and going by the thousand must not flood the log.
+
+    say(kind, line) prints or counts; summary(counts, seconds) words what
+    was counted ({kind: count}) over the seconds of a window.
+    """
+
+    def __init__(self, console: Console, lines: int, window: float,
+                 summary: Callable[[dict, float], str]) -> None:
+        self.console = console
+        self.lines = lines
+        self.window = window
+        self.summary = summary
+        self.started = self.ends = 0.0
+        self.shown = 0
+        self.hidden = collections.Counter()
+
+    def say(self, kind: str, line: str) -> None:
+        now = time.monotonic()
+        if now >= self.ends:
+            self.flush(now)
+            self.started, self.ends = now, now + self.window
+            self.shown = 0
+        if self.shown < self.lines:
+            self.shown += 1
+            self.console.status(line)
+        else:
+            self.hidden[kind] += 1
+
+    def due(self) -> Optional[float]:
+        """Return when flush() has a line to print, or None."""
+        return self.ends if self.hidden else None
+
+    def flush(self, now: Optional[float] = None) -> None:
+        """Print the count of the lines not shown one by one."""
+        if self.hidden:
+            now = time.monotonic() if now is None else now
+            self.console.status(self.summary(
+                dict(self.hidden), min(now, self.ends) - self.started))
+            self.hidden.clear()
+
+
+def say_rejected(counts: dict, seconds: float) -> str:
+    rejected = counts["rejected"]
+    return "Rejected %s more %s in the last %s (not shown one by one)" % (
+        format_count(rejected), "connection" if rejected == 1 else
+        "connections", format_duration(seconds))
+
+
+def say_connections(counts: dict, seconds: float) -> str:
+    opened = counts.get("opened", 0)
+    return "%s more %s opened and %s closed in the last %s (not shown one " \
+        "by one)" % (format_count(opened), "connection" if opened == 1 else
+                     "connections", format_count(counts.get("closed", 0)),
+                     format_duration(seconds))
+
+
 class Admission:
     """Let peers in: take them from the accept queue while a place is free,
     refuse those --allow or --max-per-host keep out (counted, and said
@@ -1655,9 +1716,8 @@ class Admission:
         self.per_host = collections.Counter()
         self.accepted = self.rejected = 0
         self.first_rejected = ""
-        # Rejections in the REJECT_WINDOW under way: lines shown, and not.
-        self.window_ends = 0.0
-        self.shown = self.hidden = 0
+        self.refusals = Throttle(console, REJECT_LINES, REJECT_WINDOW,
+                                 say_rejected)
         self.full_warned = -REJECT_WINDOW  # when every place was last taken
 
     def open(self, listen: tuple, on_ready: Callable[[], None]) -> None:
@@ -1758,36 +1818,11 @@ class Admission:
         return open_connections >= self.max_connections
 
     def reject(self, address: tuple, why: str) -> None:
-        """Count a peer refused, and say so: a few lines a window, then
-        one line for the rest (see flush)."""
+        """Count a peer refused, and say so (a few lines a window)."""
         self.rejected += 1
         self.first_rejected = self.first_rejected or format_peer(address)
-        now = time.monotonic()
-        if now >= self.window_ends:
-            self.flush()
-            self.window_ends = now + REJECT_WINDOW
-            self.shown = 0
-        if self.shown < REJECT_LINES:
-            self.shown += 1
-            self.console.status("Rejected connection from %s%s"
-                                % (format_peer(address), why))
-        else:
-            self.hidden += 1
-
-    def due(self) -> Optional[float]:
-        """Return when flush() has a line to print, or None."""
-        return self.window_ends if self.hidden else None
-
-    def flush(self) -> None:
-        """Print the count of rejections not shown one by one."""
-        if self.hidden:
-            self.console.status("Rejected %s more %s in the last %s (not "
-                                "shown one by one)" % (
-                                    format_count(self.hidden),
-                                    plural(self.hidden, "connection")[
-                                        len(format_count(self.hidden)) + 1:],
-                                    format_duration(REJECT_WINDOW)))
-            self.hidden = 0
+        self.refusals.say("rejected", "Rejected connection from %s%s"
+                          % (format_peer(address), why))
 
     def out_of_descriptors(self, open_connections: int) -> None:
         """Serve no more than are open now: the system has no descriptor
@@ -2089,6 +2124,9 @@ class Listener:
         # waits for a place.
         self.retiring = 0
         self.waiting_since = None
+        self.comings = Throttle(self.console, CONNECTION_LINES,
+                                REJECT_WINDOW, say_connections)
+        self.throttles = (self.admission.refusals, self.comings)
 
     def address(self) -> tuple:
         """Return (host, port) where it listens, once bound."""
@@ -2131,7 +2169,8 @@ class Listener:
         while not self.stopping:
             now = time.monotonic()
             due = [t for t in (deadline, self.next_sweep, self.stats.due,
-                               self.admission.due()) if t is not None]
+                               *(throttle.due() for throttle in
+                                 self.throttles)) if t is not None]
             wait = min(max(0.0, min(due) - now), LONGEST_WAIT)
             if self.output.stalled():
                 self.wait_for_output(now + wait)
@@ -2144,7 +2183,8 @@ class Listener:
             if deadline is not None and time.monotonic() >= deadline:
                 self.stopping = timed_out = True
         self.drain()
-        self.admission.flush()
+        for throttle in self.throttles:
+            throttle.flush()
         count = self.settings.count
         if timed_out and count and not self.sink.full():
             self.warn("timeout: received %s of %s" % (
@@ -2154,7 +2194,7 @@ class Listener:
 
     def run_timers(self, now: float) -> None:
         """Do what is due: a reopen asked for (SIGHUP), the connections'
-        deadlines, the counters, the count of rejected peers."""
+        deadlines, the counters, the lines not shown one by one."""
         if self.reopen_requested:
             self.reopen_requested = False
             self.sink.reopen()
@@ -2162,8 +2202,9 @@ class Listener:
             self.sweep(now)
         if self.stats.due is not None and now >= self.stats.due:
             self.stats.tick(now)
-        if self.admission.due() is not None and now >= self.admission.due():
-            self.admission.flush()
+        for throttle in self.throttles:
+            if throttle.due() is not None and now >= throttle.due():
+                throttle.flush(now)
 
     def sweep_every(self) -> float:
         """Return how often to look for connections past their time."""
@@ -2256,7 +2297,7 @@ class Listener:
         self.admission.joined(conn)
         self.selector.register(sock, selectors.EVENT_READ,
                                functools.partial(self.serve_peer, conn))
-        self.status("Connection from " + conn.peer)
+        self.comings.say("opened", "Connection from " + conn.peer)
         return True
 
     def serve_peer(self, conn: Connection) -> None:
@@ -2346,7 +2387,7 @@ class Listener:
         if block:
             self.emit(block, conn)
         self.forget(conn)
-        self.status("Closed %s%s: %s" % (
+        self.comings.say("closed", "Closed %s%s: %s" % (
             conn.peer, " (%s)" % why if why else "",
             plural(conn.events, "event")))
 
