@@ -524,7 +524,7 @@ class LiveLine:
         self.shown = ""  # the line now on the screen
         self.width = 80
         self.lock = threading.RLock()
-        self.stderr_flags = False  # once known (see pipe_flags)
+        self.stderr_flags = False  # once known (see stream_flags)
 
     @staticmethod
     def on_stderr() -> bool:
@@ -542,7 +542,7 @@ class LiveLine:
             sys.stderr.flush()
             if self.stderr_flags is False:
                 try:
-                    self.stderr_flags = pipe_flags(sys.stderr.fileno()) \
+                    self.stderr_flags = stream_flags(sys.stderr.fileno()) \
                         if self.never_block else None
                 except (OSError, ValueError, AttributeError):
                     self.stderr_flags = None  # not a file (a StringIO)
@@ -1109,9 +1109,9 @@ class Output:
     """Write formatted events to stdout or to a file that SIGHUP reopens.
 
     Events go out whole: a write that fails halfway into a file is cut
-    back to the last whole event, and a pipe whose reader stalls is never
-    waited on (the loop must still see signals): what it cannot take now
-    stays pending until flush() finds room.
+    back to the last whole event, and a pipe, socket or terminal whose
+    reader stalls is never waited on (the loop must still see signals):
+    what it cannot take now stays pending until flush() finds room.
     """
 
     # A reopen that failed (SIGHUP) is tried again on a write, this often.
@@ -1132,9 +1132,8 @@ class Output:
         self.pending = bytearray()
         self.reopen_failed = None  # why the last reopen failed, if it did
         self.next_reopen = 0.0
-        self.flags = pipe_flags(self.fd)
-        if self.flags is not None:
-            widen_pipe(self.fd)
+        self.flags = stream_flags(self.fd)
+        widen_pipe(self.fd)
         self.writes_in_pipe = 0  # since it was last seen empty
         # A Windows console shows UTF-8 only through sys.stdout, which
         # writes wide characters; os.write would use its code page.
@@ -1164,9 +1163,8 @@ class Output:
             return self.reopen_failed
         os.close(self.fd)
         self.fd = fd
-        self.flags = pipe_flags(fd)
-        if self.flags is not None:
-            widen_pipe(fd)
+        self.flags = stream_flags(fd)
+        widen_pipe(fd)
         self.reopen_failed = None
         return None
 
@@ -1273,17 +1271,21 @@ class Output:
             os.close(self.fd)
 
 
-def pipe_flags(fd: int) -> Optional[int]:
-    """Return the file status flags of fd if it is a pipe (written without
-    blocking, see write_now), else None."""
+def stream_flags(fd: int) -> Optional[int]:
+    """Return the file status flags of fd if a reader can stall it (a pipe,
+    a socket, a terminal: written without waiting, see write_now), else
+    None (a file, which never stalls; or Windows, where select() cannot
+    watch pipes)."""
     try:
         import fcntl
         import stat
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or
+                os.isatty(fd)):
             return None
         return fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK
     except (ImportError, OSError, AttributeError):
-        return None  # Windows: its pipes cannot be watched by select()
+        return None
 
 
 def widen_pipe(fd: int) -> None:
@@ -1292,7 +1294,9 @@ def widen_pipe(fd: int) -> None:
     # waiting for the reader; a larger pipe also rides out its pauses.
     try:
         import fcntl
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        import stat
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except (ImportError, AttributeError, OSError):
         pass  # not Linux, or above /proc/sys/fs/pipe-max-size
 

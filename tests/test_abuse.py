@@ -404,6 +404,37 @@ class OutputFailureTest(unittest.TestCase):
             if writer is not None:
                 os.close(writer)
 
+    def test_a_stalled_socket_or_terminal_does_not_stop_sigterm(self):
+        for kind in ("socket", "terminal"):
+            with self.subTest(kind):
+                if kind == "socket":
+                    ours, theirs = socket.socketpair()
+                    reader, writer = ours.detach(), theirs.detach()
+                else:
+                    reader, writer = pty.openpty()
+                try:
+                    self.stop_stalled(writer)
+                finally:
+                    os.close(reader)
+                    os.close(writer)
+
+    def stop_stalled(self, stdout: int) -> None:
+        """Flood a listener writing to stdout, which nobody reads; stop it
+        with SIGTERM."""
+        with Listener("-f", "raw", stdout=stdout) as listener, \
+                listener.connect() as sock:
+            sock.settimeout(0.5)
+            try:
+                for _ in range(200000):
+                    sock.sendall(b"y" * 99 + b"\n")
+            except socket.timeout:
+                pass  # the listener stopped reading: stalled
+            listener.signal(signal.SIGTERM)
+            self.assertEqual(listener.finish(), 1)
+            self.assertRegex(listener.stderr_text.strip().splitlines()[-1],
+                             r"error: gave up writing to stdout: nothing "
+                             r"read it for 2\.0 s$")
+
     def test_a_fifo_nobody_reads_is_an_error_not_a_hang(self):
         with tempfile.TemporaryDirectory() as tmp:
             fifo = os.path.join(tmp, "fifo")
