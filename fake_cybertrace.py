@@ -66,6 +66,9 @@ PING = b"PING"  # only right after X-KF-ReplyBack
 # keeps what one connection holds small.
 INBOUND_EVENT_BYTES = 64 * 1024
 MAX_CLIENTS = 128
+# A connection silent this long is closed, so that idle ones cannot hold
+# every place for good.
+IDLE_TIMEOUT = 60.0
 # Detections waiting for an output that is down, at most.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 
@@ -558,7 +561,8 @@ def main(argv: Optional[list] = None) -> int:
             output=args.output, input=args.input, detect=detect, alert=True,
             noise=args.noise, retries=args.retries,
             retry_interval=args.retry_interval, status=status,
-            record=False, idle_timeout=None, alert_output=args.alert_output)
+            record=False, idle_timeout=IDLE_TIMEOUT,
+            alert_output=args.alert_output)
     except lec.UserError as exc:
         status("%s: error: %s" % (parser.prog, exc))
         return 1

@@ -367,7 +367,7 @@ def ip_of(host: str):
 def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         host, port = default_host, text
     elif text.startswith("["):
         host, sep, port = text[1:].partition("]:")
@@ -380,7 +380,8 @@ def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
         if ":" in host:
             raise ValueError("put an IPv6 address in brackets: [ADDR]:PORT")
         host = host or default_host
-    if not port.isdigit() or int(port) > 65535:
+    # isdigit() alone takes "²", which int() does not.
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError("port must be a number from 0 to 65535")
     return host, int(port)
 
@@ -463,7 +464,11 @@ def argument_type(convert: Callable, name: str) -> Callable:
 def parse_number(kind, text: str):
     """Convert text to an int or a finite float, in words when it fails."""
     # Python's own words ("invalid literal for int() with base 10") are
-    # meant for programmers.
+    # meant for programmers; and it takes digits of every script, and
+    # "1_0", which no one types on purpose.
+    if not text.isascii() or "_" in text:
+        raise ValueError("not a whole number" if kind is int
+                         else "not a number")
     try:
         value = kind(text)
     except ValueError:
@@ -1102,7 +1107,10 @@ def formatter(name: str, escape: bool = False) -> Callable:
 # --- Output ------------------------------------------------------------------
 
 class OutputFailed(UserError):
-    """Events could not be written; the listener stops and says how many."""
+    """Events could not be written; the listener stops and says how many.
+    hung_up: the output was a terminal that went away (EIO)."""
+
+    hung_up = False
 
 
 class Output:
@@ -1223,8 +1231,10 @@ class Output:
             except OSError as exc:
                 total = self.untear(data, total)
                 self.pending = bytearray(view[total:])
-                raise OutputFailed("cannot write to %s: %s" % (
+                error = OutputFailed("cannot write to %s: %s" % (
                     self.name, exc.strerror))
+                error.hung_up = self.terminal and exc.errno == errno.EIO
+                raise error
         return total
 
     def fitting(self, data, writable: bool) -> int:
@@ -2122,6 +2132,7 @@ class Listener:
         self.stopping = False
         self.draining = False
         self.stop_now = False
+        self.hung_up = False  # SIGHUP with events going to a terminal
         self.reopen_requested = False
         self.next_sweep = 0.0
         # Connections that gave their place up, closing; since when a peer
@@ -2417,10 +2428,11 @@ class Listener:
                 self.reopen_requested = True
             elif number == getattr(signal, "SIGUSR1", None):
                 self.stats.print_line()  # as dd does
-            elif self.draining or number == getattr(signal, "SIGHUP", None):
-                # Asked to stop again, or the terminal we write to hung
-                # up: there is no one to write out to.
-                self.stopping = self.stop_now = True
+            elif number == getattr(signal, "SIGHUP", None):
+                # The terminal we write to hung up: no one to write out to.
+                self.stopping = self.stop_now = self.hung_up = True
+            elif self.draining:
+                self.stop_now = True  # asked to stop again: now
             else:
                 self.stopping = True
 
@@ -2614,7 +2626,9 @@ def main(argv: Optional[list] = None) -> int:
         console.line("%s: error: %s" % (prog, exc))
         if not settings.output:
             silence_stdout()
-        status = 1
+        # A terminal that hung up ends the listener normally, whether
+        # events were on their way to it or not; what they were is counted.
+        status = 0 if listener.hung_up or exc.hung_up else 1
     except UserError as exc:
         console.line("%s: error: %s" % (prog, exc))
         status = 1

@@ -326,7 +326,12 @@ class Spool:
                     "--repeat keeps %s to send it again, and it passed %s: "
                     "save it to a file and give that instead" % (
                         self.name, format_bytes(self.limit)))
-            self.file.write(memoryview(buffer)[:got])
+            try:
+                self.file.write(memoryview(buffer)[:got])
+            except OSError as exc:
+                raise UserError("--repeat keeps %s in a temporary file to "
+                                "send it again, and cannot write it: %s" % (
+                                    self.name, exc.strerror)) from None
         return got
 
     def replay(self) -> BinaryIO:
@@ -1010,16 +1015,20 @@ class Replies:
 
     def read(self) -> None:
         leave_signals_to_main()
+        error = None
         try:
             for block in receive_blocks(self.sock):
                 self.take(block)
         except socket.timeout:
-            self.error = "timed out waiting for answers"
+            error = "timed out waiting for answers"
         except OSError as exc:
-            self.error = exc.strerror or str(exc)
+            error = exc.strerror or str(exc)
         except UserError as exc:
-            self.error = str(exc)
+            error = str(exc)
         with self.cond:
+            # The first reason stays: a wait that timed out shuts the
+            # socket down, which this read then fails on.
+            self.error = self.error or error
             self.closed = True
             self.cond.notify_all()
 

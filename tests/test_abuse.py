@@ -466,6 +466,33 @@ class OutputFailureTest(unittest.TestCase):
             if secondary is not None:
                 os.close(secondary)
 
+    def test_a_terminal_that_hangs_up_while_events_flow(self):
+        primary, secondary = pty.openpty()
+        try:
+            with Listener("-f", "raw", stdout=secondary) as listener, \
+                    listener.connect() as sock:
+                os.close(secondary)
+                secondary = None
+                sock.sendall(b"before\n")
+                os.read(primary, 1024)
+                # The terminal goes: writes to it fail (EIO) from now on.
+                os.close(primary)
+                primary = None
+                try:
+                    for _ in range(50):
+                        sock.sendall(b"after\n")
+                except OSError:
+                    pass  # it stopped on its own, at the first write
+                listener.signal(signal.SIGHUP)
+                self.assertEqual(listener.finish(), 0)
+                self.assertRegex(listener.stderr_text, r"Stopped: .* (more "
+                                 r"received, not written|1 event,)")
+                self.assertNotIn("Traceback", listener.stderr_text)
+        finally:
+            for fd in (primary, secondary):
+                if fd is not None:
+                    os.close(fd)
+
 
 class EscapeTest(unittest.TestCase):
     EVENT = b"a\x1b]0;owned\x07b \xc2\x9b k=\x1b[2J\n"
@@ -526,6 +553,23 @@ class NumberBoundsTest(unittest.TestCase):
                 self.assertEqual(len(proc.stderr.splitlines()), 1)
                 self.assertRegex(proc.stderr, r"error: argument .*: must be "
                                               r"from [\d.,]+ to [\d.,]+$")
+
+
+class DigitsTest(unittest.TestCase):
+    def test_only_ascii_digits_make_numbers_and_ports(self):
+        for script, args, words in (
+                (LISTENER, ("-l", "127.0.0.1:\u00b2"), "port must be a "
+                 "number from 0 to 65535"),
+                (LISTENER, ("-t", "\uff15"), "not a number"),
+                (LISTENER, ("-n", "1_0"), "not a whole number"),
+                (SENDER, ("-c", "\u0663", "-e", "x"), "expected ADDR:PORT")):
+            with self.subTest(args=args):
+                proc = subprocess.run([sys.executable, str(script), *args],
+                                      capture_output=True, text=True,
+                                      timeout=TIMEOUT, env=user_env())
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertEqual(len(proc.stderr.splitlines()), 1)
+                self.assertIn(words, proc.stderr)
 
 
 class SlammingPeerTest(unittest.TestCase):
