@@ -251,8 +251,8 @@ class SpoofTest(unittest.TestCase):
         port = free_port()
         with StandIn("--output", "127.0.0.1:%d" % free_port()) as stand_in, \
                 Process([sys.executable, str(SENDER), "--check", str(port),
-                         "-c", "127.0.0.1:%d" % stand_in.port, "-t", "2",
-                         "--strict"]) as check:
+                         "-c", "127.0.0.1:%d" % stand_in.port, "-t",
+                         "1.5", "--strict"]) as check:
             # After the test events went out: earlier, nothing counts.
             check.wait_stderr("Sent 17 test events")
             with socket.socket() as spoofer:
