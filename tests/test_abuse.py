@@ -566,8 +566,10 @@ class SlammingPeerTest(unittest.TestCase):
                 err = proc.stderr.decode()
                 self.assertNotIn("Traceback", err)
                 if proc.returncode:
-                    self.assertRegex(err, r"^\S+: error: connection to "
-                                          r"127\.0\.0\.1:\d+ lost: .*\n$")
+                    self.assertRegex(err, r"^\S+: error: (connection to "
+                                          r"127\.0\.0\.1:\d+ lost|cannot "
+                                          r"connect to 127\.0\.0\.1:\d+): "
+                                          r"[^\n]*\n$")
 
 
 class SenderTimeoutTest(unittest.TestCase):
