@@ -17,10 +17,12 @@ The file, top to bottom:
   and stops at --count (EventSink).
 - The counters: the live line, --stats and SIGUSR1 (Stats).
 - Settings and the command line.
-- Peers: who is let in (Admission), each peer's reading and deadlines
-  (Connection), the memory of unfinished events (BufferBudget), the
-  listening socket.
-- Listener: the loop, its timers and signals, the drain on stop.
+- Peers: who is let in (Admission), one peer's socket, framing and
+  deadlines (Connection), the memory of unfinished events (BufferBudget),
+  reading peers into the sink (Reader), closing connections past their
+  time and making room for waiting peers (Sweeper), the listening socket.
+- Listener: the loop, its timers and signals, accepting, each peer's turn,
+  the drain on stop.
 - main().
 """
 
@@ -1648,7 +1650,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- Peers: who is let in, each one's reading, the listening socket ----------
+# --- Peers: who is let in, their reading and deadlines, the listening socket -
 
 class Throttle:
     """Print at most a few lines of a kind every window of seconds, then
@@ -1878,7 +1880,7 @@ class Connection:
         self.events = 0
         self.last_active = time.monotonic()
         self.event_started = None
-        # Given up its place (see Listener.retire): since when, and why.
+        # Given up its place (see Sweeper.retire): since when, and why.
         self.retired_at = None
         self.retired_for = ""
 
@@ -1960,6 +1962,185 @@ def return_freed_memory() -> None:
             trim = bool  # not glibc: nothing to ask
         return_freed_memory.trim = trim
     trim(0)
+
+
+class Reader:
+    """Read from peers into the sink: whole events only, a long one in
+    pieces, and the unfinished ones of every connection kept within
+    --max-buffer-bytes."""
+
+    def __init__(self, settings: Settings, sink: EventSink, console: Console,
+                 connections: dict,
+                 closed: Callable[[Connection, str], None]) -> None:
+        self.sink = sink
+        self.console = console
+        self.connections = connections  # the listener's, by socket
+        self.closed = closed  # closed(conn, why): the peer closed or reset
+        self.max_event_bytes = settings.max_event_bytes
+        self.budget = BufferBudget(settings.max_buffer_bytes)
+        # One receive buffer for every connection: the loop reads one
+        # connection at a time, and a buffer per peer would cost megabytes.
+        self.read_size = JSON_RECV_SIZE if settings.format == "json" \
+            else RECV_SIZE
+        self.buffer = bytearray(settings.max_event_bytes + 1 + RECV_SIZE)
+        self.bytes = 0
+
+    def receive(self, conn: Connection) -> bool:
+        """Read once from conn; return True if the read came full and
+        more may be waiting."""
+        splits = conn.framer.split_events
+        received = conn.framer.received
+        held = conn.held
+        try:
+            block = conn.read(self.buffer, self.read_size)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            # A reset peer ends its own connection, nobody else's.
+            self.closed(conn, "reset by peer")
+            return False
+        if block is None:
+            self.closed(conn, conn.retired_for)
+            return False
+        size = conn.framer.received - received
+        self.bytes += size
+        if conn.framer.split_events != splits:
+            self.warn_split(conn)
+        if block:
+            self.emit(block, conn)
+        if self.budget.change(conn.held - held):
+            self.keep_within_budget()
+        return size >= self.read_size and not self.sink.full()
+
+    def finish(self, conn: Connection) -> None:
+        """Write out conn's unfinished event: the peer is leaving."""
+        splits = conn.framer.split_events
+        self.budget.change(-conn.held)
+        block = conn.framer.close()
+        if conn.framer.split_events != splits:
+            self.warn_split(conn)
+        if block:
+            self.emit(block, conn)
+
+    def keep_within_budget(self) -> None:
+        """Write out the largest unfinished events until the rest fit."""
+        for conn, piece, first in self.budget.pieces(
+                self.connections.values(), self.sink.full):
+            if first:
+                self.console.warn(
+                    "event from %s split into pieces: unfinished events "
+                    "held reached --max-buffer-bytes (%s)"
+                    % (conn.peer, format_bytes(self.budget.limit)))
+            self.emit(piece, conn)
+
+    def warn_split(self, conn: Connection) -> None:
+        self.console.warn("event from %s longer than %s, split into pieces"
+                          % (conn.peer, plural(self.max_event_bytes, "byte")))
+
+    def emit(self, block, conn: Connection) -> None:
+        conn.events += self.sink.emit(block, conn.peer)
+
+
+class Sweeper:
+    """Keep places for the peers that use them: close connections past
+    their time (--idle-timeout, --event-timeout), and when every place is
+    taken and a peer waits, retire the connection silent longest."""
+
+    def __init__(self, settings: Settings, connections: dict,
+                 admission: Admission,
+                 remove: Callable[[Connection, str], None],
+                 quiet_seconds: float, longest_seconds: float) -> None:
+        self.idle_timeout = settings.idle_timeout
+        self.event_timeout = settings.event_timeout
+        self.connections = connections  # the listener's, by socket
+        self.admission = admission
+        self.remove = remove  # remove(conn, why): close it, say why
+        # A retired connection closes once silent quiet_seconds after our
+        # FIN, or longest_seconds after it at most: as on a stop.
+        self.quiet_seconds = quiet_seconds
+        self.longest_seconds = longest_seconds
+        # Where the selector watches only so many sockets (Windows'
+        # select()), a retiring connection keeps its place until closed.
+        self.retired_hold_places = \
+            selector_capacity(admission.selector) is not None
+        self.retiring = 0
+        self.waiting_since = None  # since when a peer waits for a place
+        self.due = 0.0
+
+    def start(self, now: float) -> None:
+        self.due = now + self.every()
+
+    def every(self) -> float:
+        """Return how often to look for connections past their time."""
+        every = min(1.0, self.event_timeout / 4)
+        if self.idle_timeout:
+            every = min(every, self.idle_timeout / 4)
+        if not self.admission.accepting or self.retiring:
+            # A waiting peer may be given a place; a retiring connection
+            # is closed once quiet.
+            every = min(every, self.quiet_seconds)
+        return every
+
+    def sweep(self, now: float, stopping: bool) -> None:
+        """Close connections past their time; unless stopping, make room
+        for a waiting peer when all places are taken."""
+        for conn in list(self.connections.values()):
+            if conn.retired_at is not None:
+                if now - conn.last_active >= self.quiet_seconds or \
+                        now - conn.retired_at >= self.longest_seconds:
+                    self.remove(conn, conn.retired_for)
+                continue
+            why = conn.overdue(now, self.idle_timeout, self.event_timeout)
+            if why:
+                self.remove(conn, why)
+        if stopping or not self.admission.peer_waiting():
+            self.waiting_since = None
+        else:
+            self.make_room(now)
+        self.due = now + self.every()
+
+    def make_room(self, now: float) -> None:
+        """Retire the connection silent longest: at once if silent
+        EVICT_IDLE_SECONDS, else once a peer has waited that long."""
+        if self.waiting_since is None:
+            self.waiting_since = now
+        serving = [conn for conn in self.connections.values()
+                   if conn.retired_at is None]
+        if not serving:
+            return
+        conn = min(serving, key=lambda c: c.last_active)
+        silent = now - conn.last_active
+        if silent >= EVICT_IDLE_SECONDS or \
+                now - self.waiting_since >= EVICT_IDLE_SECONDS:
+            self.waiting_since = None
+            self.retire(conn, "silent for %s, its place given to a waiting "
+                        "peer" % format_duration(silent))
+
+    def retire(self, conn: Connection, why: str) -> None:
+        """Give conn's place to another peer now, and close it once the
+        peer heard our FIN and stopped: what it sent until then is read
+        and written, as on a stop."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.remove(conn, why)
+            return
+        conn.retired_at = conn.last_active = time.monotonic()
+        conn.retired_for = why
+        self.retiring += 1
+        self.due = min(self.due, conn.retired_at + self.quiet_seconds)
+        self.admission.resume()
+
+    def left(self, conn: Connection) -> None:
+        """Count conn gone."""
+        if conn.retired_at is not None:
+            self.retiring -= 1
+
+    def taken_places(self) -> int:
+        """Return how many places are taken."""
+        if self.retired_hold_places:
+            return len(self.connections)
+        return len(self.connections) - self.retiring
 
 
 def receive_buffer_granted() -> bool:
@@ -2098,11 +2279,12 @@ class Listener:
     """Accept any number of peers and write their events, never interleaved.
 
     One selectors loop serves every peer; each registered socket carries
-    the function that handles it.  Timers (--timeout, the connections'
-    deadlines, the counters) ride on the loop's wake-ups; signals arrive on
-    a socket.  While the output is a pipe that takes nothing, the loop
-    waits on a second selector that holds only the pipe and the signals:
-    peers wait in their sockets, and Ctrl+C or SIGTERM still stops it.
+    the function that handles it.  Timers (--timeout, the sweep of
+    connections past their time, the counters) ride on the loop's
+    wake-ups; signals arrive on a socket.  While the output is a pipe that
+    takes nothing, the loop waits on a second selector that holds only the
+    pipe and the signals: peers wait in their sockets, and Ctrl+C or
+    SIGTERM still stops it.
     """
 
     drain_seconds = DRAIN_SECONDS
@@ -2115,33 +2297,31 @@ class Listener:
         self.console = console or Console(settings.quiet)
         self.selector = selectors.DefaultSelector()
         self.stall_selector = selectors.DefaultSelector()
+        self.connections = {}
         self.sink = EventSink(settings, output, self.console)
         self.admission = Admission(settings, self.console, self.selector)
-        self.budget = BufferBudget(settings.max_buffer_bytes)
+        self.reader = Reader(settings, self.sink, self.console,
+                             self.connections, self.remove)
+        self.sweeper = Sweeper(settings, self.connections, self.admission,
+                               self.remove, self.drain_quiet_seconds,
+                               self.drain_seconds)
         self.stats = Stats(self.counters, self.console, settings.stats)
-        self.connections = {}
-        # One receive buffer for every connection: the loop reads one
-        # connection at a time, and a buffer per peer would cost megabytes.
-        self.read_size = JSON_RECV_SIZE if settings.format == "json" \
-            else RECV_SIZE
-        self.buffer = bytearray(settings.max_event_bytes + 1 + RECV_SIZE)
-        self.bytes = 0
         # What was never written, the output having failed: unfinished
         # events, and bytes the kernel had acknowledged, never read.
         self.abandoned = self.unread = 0
-        self.stopping = False
+        self.stop_asked = False
         self.draining = False
         self.stop_now = False
         self.hung_up = False  # SIGHUP with events going to a terminal
         self.reopen_requested = False
-        self.next_sweep = 0.0
-        # Connections that gave their place up, closing; since when a peer
-        # waits for a place.
-        self.retiring = 0
-        self.waiting_since = None
         self.comings = Throttle(self.console, CONNECTION_LINES,
                                 REJECT_WINDOW, say_connections)
         self.throttles = (self.admission.refusals, self.comings)
+
+    @property
+    def stopping(self) -> bool:
+        """Tell whether to stop serving: asked to, or --count is met."""
+        return self.stop_asked or self.sink.full()
 
     def address(self) -> tuple:
         """Return (host, port) where it listens, once bound."""
@@ -2149,7 +2329,7 @@ class Listener:
 
     def counters(self) -> tuple:
         """Return (events written, bytes received, open connections)."""
-        return self.sink.events, self.bytes, len(self.connections)
+        return self.sink.events, self.reader.bytes, len(self.connections)
 
     # Status lines go to stderr so that stdout carries only events.
     def status(self, message: str) -> None:
@@ -2179,11 +2359,11 @@ class Listener:
         timeout = self.settings.timeout
         started = time.monotonic()
         deadline = started + timeout if timeout else None
-        self.next_sweep = started + self.sweep_every()
+        self.sweeper.start(started)
         timed_out = False
         while not self.stopping:
             now = time.monotonic()
-            due = [t for t in (deadline, self.next_sweep, self.stats.due,
+            due = [t for t in (deadline, self.sweeper.due, self.stats.due,
                                *(throttle.due() for throttle in
                                  self.throttles)) if t is not None]
             wait = min(max(0.0, min(due) - now), LONGEST_WAIT)
@@ -2196,7 +2376,7 @@ class Listener:
                     break
             self.run_timers(time.monotonic())
             if deadline is not None and time.monotonic() >= deadline:
-                self.stopping = timed_out = True
+                self.stop_asked = timed_out = True
         self.drain()
         for throttle in self.throttles:
             throttle.flush()
@@ -2208,102 +2388,29 @@ class Listener:
         return 0
 
     def run_timers(self, now: float) -> None:
-        """Do what is due: a reopen asked for (SIGHUP), the connections'
-        deadlines, the counters, the lines not shown one by one."""
+        """Do what is due: a reopen asked for (SIGHUP), the sweep, the
+        counters, the lines not shown one by one."""
         if self.reopen_requested:
             self.reopen_requested = False
             self.sink.reopen()
-        if now >= self.next_sweep:
-            self.sweep(now)
+        if now >= self.sweeper.due:
+            self.sweeper.sweep(now, self.stopping)
         if self.stats.due is not None and now >= self.stats.due:
             self.stats.tick(now)
         for throttle in self.throttles:
             if throttle.due() is not None and now >= throttle.due():
                 throttle.flush(now)
 
-    def sweep_every(self) -> float:
-        """Return how often to look for connections past their time."""
-        every = min(1.0, self.settings.event_timeout / 4)
-        if self.settings.idle_timeout:
-            every = min(every, self.settings.idle_timeout / 4)
-        if not self.admission.accepting or self.retiring:
-            # A waiting peer may be given a place; a retiring connection
-            # is closed once quiet.
-            every = min(every, self.drain_quiet_seconds)
-        return every
-
-    def sweep(self, now: float) -> None:
-        """Close connections past their time; make room for a waiting
-        peer when all places are taken."""
-        settings = self.settings
-        for conn in list(self.connections.values()):
-            if conn.retired_at is not None:
-                if now - conn.last_active >= self.drain_quiet_seconds or \
-                        now - conn.retired_at >= self.drain_seconds:
-                    self.remove(conn, conn.retired_for)
-                continue
-            why = conn.overdue(now, settings.idle_timeout,
-                               settings.event_timeout)
-            if why:
-                self.remove(conn, why)
-        self.make_room(now)
-        self.next_sweep = now + self.sweep_every()
-
-    def make_room(self, now: float) -> None:
-        """When every place is taken and a peer waits, retire the
-        connection silent longest: at once if silent EVICT_IDLE_SECONDS,
-        else once the peer has waited that long."""
-        if self.stopping or not self.admission.peer_waiting():
-            self.waiting_since = None
-            return
-        if self.waiting_since is None:
-            self.waiting_since = now
-        serving = [conn for conn in self.connections.values()
-                   if conn.retired_at is None]
-        if not serving:
-            return
-        conn = min(serving, key=lambda c: c.last_active)
-        silent = now - conn.last_active
-        if silent >= EVICT_IDLE_SECONDS or \
-                now - self.waiting_since >= EVICT_IDLE_SECONDS:
-            self.waiting_since = None
-            self.retire(conn, "silent for %s, its place given to a waiting "
-                        "peer" % format_duration(silent))
-
-    def retire(self, conn: Connection, why: str) -> None:
-        """Give conn's place to another peer now, and close it once the
-        peer heard our FIN and stopped: what it sent until then is read
-        and written, as on a stop."""
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.remove(conn, why)
-            return
-        conn.retired_at = conn.last_active = time.monotonic()
-        conn.retired_for = why
-        self.retiring += 1
-        self.next_sweep = min(self.next_sweep,
-                              conn.retired_at + self.drain_quiet_seconds)
-        self.admission.resume()
-
-    def taken_places(self) -> int:
-        """Return how many places are taken: retiring connections have
-        given theirs up, but where the selector watches only so many
-        sockets (Windows' select()), they count until closed."""
-        if selector_capacity(self.selector) is not None:
-            return len(self.connections)
-        return len(self.connections) - self.retiring
-
     def accept(self) -> None:
         """Take the peers waiting to connect, as many as may be served."""
-        while not self.admission.full(self.taken_places()):
+        while not self.admission.full(self.sweeper.taken_places()):
             if not self.accept_one():
                 return
-        self.admission.pause(self.taken_places())
+        self.admission.pause(self.sweeper.taken_places())
 
     def accept_one(self) -> bool:
         """Serve the next peer in the accept queue; False when empty."""
-        taken = self.admission.take(self.taken_places())
+        taken = self.admission.take(self.sweeper.taken_places())
         if taken is None:
             return False
         sock, address = taken
@@ -2332,10 +2439,7 @@ class Listener:
     def take_turn(self, conn: Connection) -> None:
         """Read from conn while its reads fill the buffer and none waits."""
         for _ in range(READS_PER_TURN):
-            received = conn.framer.received
-            if not self.receive(conn) or \
-                    conn.framer.received - received < self.read_size or \
-                    self.others_waiting(conn):
+            if not self.reader.receive(conn) or self.others_waiting(conn):
                 return
 
     def others_waiting(self, conn: Connection) -> bool:
@@ -2347,60 +2451,9 @@ class Listener:
         return any(key.fileobj is not conn.sock
                    for key, _ in self.selector.select(0))
 
-    def receive(self, conn: Connection) -> bool:
-        """Read once from conn; return True if more may be waiting."""
-        splits = conn.framer.split_events
-        received = conn.framer.received
-        held = conn.held
-        try:
-            block = conn.read(self.buffer, self.read_size)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            # A reset peer ends its own connection, nobody else's.
-            self.remove(conn, "reset by peer")
-            return False
-        if block is None:
-            self.remove(conn, conn.retired_for)
-            return False
-        self.bytes += conn.framer.received - received
-        if conn.framer.split_events != splits:
-            self.warn_split(conn)
-        if block:
-            self.emit(block, conn)
-        if self.budget.change(conn.held - held):
-            self.keep_within_budget()
-        return not self.sink.full()
-
-    def keep_within_budget(self) -> None:
-        """Write out the largest unfinished events until the rest fit."""
-        for conn, piece, first in self.budget.pieces(
-                self.connections.values(), self.sink.full):
-            if first:
-                self.warn("event from %s split into pieces: unfinished "
-                          "events held reached --max-buffer-bytes (%s)"
-                          % (conn.peer, format_bytes(self.budget.limit)))
-            self.emit(piece, conn)
-
-    def warn_split(self, conn: Connection) -> None:
-        self.warn("event from %s longer than %s, split into pieces" % (
-            conn.peer, plural(self.settings.max_event_bytes, "byte")))
-
-    def emit(self, block, conn: Connection) -> None:
-        """Write a block of events from conn; stop once --count is met."""
-        conn.events += self.sink.emit(block, conn.peer)
-        if self.sink.full():
-            self.stopping = True
-
     def remove(self, conn: Connection, why: str = "") -> None:
         """Close conn, writing out its unfinished event first."""
-        splits = conn.framer.split_events
-        self.budget.change(-conn.held)
-        block = conn.framer.close()
-        if conn.framer.split_events != splits:
-            self.warn_split(conn)
-        if block:
-            self.emit(block, conn)
+        self.reader.finish(conn)
         self.forget(conn)
         self.comings.say("closed", "Closed %s%s: %s" % (
             conn.peer, " (%s)" % why if why else "",
@@ -2408,8 +2461,7 @@ class Listener:
 
     def forget(self, conn: Connection) -> None:
         """Close conn's socket and give its place to the next peer."""
-        if conn.retired_at is not None:
-            self.retiring -= 1
+        self.sweeper.left(conn)
         self.selector.unregister(conn.sock)
         del self.connections[conn.sock]
         self.admission.left(conn)
@@ -2430,11 +2482,11 @@ class Listener:
                 self.stats.print_line()  # as dd does
             elif number == getattr(signal, "SIGHUP", None):
                 # The terminal we write to hung up: no one to write out to.
-                self.stopping = self.stop_now = self.hung_up = True
+                self.stop_asked = self.stop_now = self.hung_up = True
             elif self.draining:
                 self.stop_now = True  # asked to stop again: now
             else:
-                self.stopping = True
+                self.stop_asked = True
 
     def wait_for_output(self, deadline: float) -> bool:
         """Wait until a stalled pipe took what waits, or the deadline;
@@ -2538,7 +2590,7 @@ class Listener:
         extra = " (%s)" % "; ".join(lost) if lost else ""
         return "Stopped: %s%s, %s received, %s, %s rejected" % (
             plural(self.sink.written(), "event"), extra,
-            format_bytes(self.bytes),
+            format_bytes(self.reader.bytes),
             plural(self.admission.accepted, "connection"),
             format_count(self.admission.rejected))
 
