@@ -37,22 +37,9 @@ class JsonPlanCacheTest(unittest.TestCase):
     """Ever-new shapes cost their own events, not the known templates'."""
 
     def test_plans_are_bounded_and_known_templates_stay_quick(self):
-        built = []
-        tries = []
-        original = lec.JsonPlan.__init__
-
-        def counting(plan, event):
-            original(plan, event)
-            built.append(plan)
-            match = plan.match
-
-            def counted(line):
-                tries.append(line)
-                return match(line)
-            plan.match = counted
-
+        built, tries, patch = self.count_plans()
         formatter = lec.JsonFormatter()
-        with mock.patch.object(lec.JsonPlan, "__init__", counting):
+        with patch:
             for _ in range(3):  # the known templates get their plans
                 formatter.format(KNOWN, lec.split_lines(KNOWN), "p", 0.0,
                                  False)
