@@ -92,7 +92,6 @@ class PeerFaultTest(unittest.TestCase):
                              sorted(b"peer=%d seq=%d" % (n, s)
                                     for n in range(12) for s in range(5)))
 
-
     def test_more_peers_than_file_descriptors(self):
         # 12 descriptors: the listener runs out after a few peers.
         code = ("import os, resource, sys\n"

@@ -626,7 +626,7 @@ class FramerTest(unittest.TestCase):
         format_json = lec.JsonFormatter().format
         for _ in range(3):  # the first batch builds the plan, later use it
             out = format_json(block, lec.split_lines(block),
-                                  "[fe80::1%eth0]:5", 0.0, False)
+                              "[fe80::1%eth0]:5", 0.0, False)
             for line in out.splitlines():
                 record = json.loads(line)
                 self.assertEqual(record["peer"], "[fe80::1%eth0]:5")
@@ -649,7 +649,7 @@ class FramerTest(unittest.TestCase):
                 (b"x=1|y=2\n", b"x=1 |y=2\n", {"x": "1", "y": "2"})):
             for block in (clean, clean, spaced + clean, spaced):
                 out = format_json(block, lec.split_lines(block), "p",
-                                      0.0, False)
+                                  0.0, False)
                 for line, record in zip(lec.split_lines(block),
                                         map(json.loads, out.splitlines())):
                     self.assertEqual(record["event"], line[:-1].decode())

@@ -357,7 +357,8 @@ class ArgumentWordsTest(unittest.TestCase):
                             (("--idle-timeout", "nan"), "nan: not a finite "
                              "number"),
                             (("--stats", "inf"), "inf: not a finite number"),
-                            (("--stats", "0"), "0: must be from 0.01 to 10,000,000"),
+                            (("--stats", "0"),
+                             "0: must be from 0.01 to 10,000,000"),
                             (("--allow", "10.0.0.0/33"), "10.0.0.0/33: not a "
                              "network")):
             with self.subTest(args=args):

@@ -82,7 +82,6 @@ class FairnessTest(unittest.TestCase):
                 self.assertEqual(listener.stop(), 0)
 
 
-
 class ReleaseTest(unittest.TestCase):
     def test_release_gives_up_a_piece_and_keeps_the_event_going(self):
         framer = lec.EventFramer()

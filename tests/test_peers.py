@@ -48,8 +48,8 @@ def wait_file(path: str, predicate, what: str) -> bytes:
             if predicate(data):
                 return data
         time.sleep(0.02)
-    raise AssertionError("timed out waiting for %s; got %r" % (what,
-                                                              data[-500:]))
+    raise AssertionError("timed out waiting for %s; got %r"
+                         % (what, data[-500:]))
 
 
 class Rsyslog:
