@@ -793,10 +793,14 @@ class EmbeddedListener:
         return self.listener.admission.accepted
 
     @property
-    def rejected(self) -> tuple:
-        """How many connections it refused (--allow), and the first's peer."""
-        admission = self.listener.admission
-        return admission.rejected, admission.first_rejected
+    def rejected(self) -> int:
+        """How many connections it refused (--allow)."""
+        return self.listener.admission.rejected
+
+    @property
+    def first_rejected(self) -> str:
+        """The peer of the first connection it refused, or ""."""
+        return self.listener.admission.first_rejected
 
     def stop(self) -> None:
         """Make serve() write out what arrived and return, from any thread."""
@@ -1317,12 +1321,23 @@ def pipe_state(fd: int) -> Optional[tuple]:
     """Return a pipe's (size, bytes unread) (Linux), or None."""
     try:
         import fcntl
-        import termios
         size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
-        unread = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     except (ImportError, AttributeError, OSError):
         return None
-    return size, int.from_bytes(unread, sys.byteorder)
+    unread = unread_count(fd)
+    return None if unread is None else (size, unread)
+
+
+def unread_count(fd: int) -> Optional[int]:
+    """Return how many bytes wait unread in a pipe or socket, or None where
+    the system cannot tell."""
+    try:
+        import fcntl
+        import termios
+        answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except (ImportError, AttributeError, OSError):
+        return None
+    return int.from_bytes(answer, sys.byteorder)
 
 
 def write_now(fd: int, data, flags: Optional[int]) -> int:
@@ -1698,17 +1713,16 @@ class Throttle:
 
 def say_rejected(counts: dict, seconds: float) -> str:
     rejected = counts["rejected"]
-    return "Rejected %s more %s in the last %s (not shown one by one)" % (
-        format_count(rejected), "connection" if rejected == 1 else
-        "connections", format_duration(seconds))
+    return "Rejected %s in the last %s (not shown one by one)" % (
+        plural(rejected, "more connection", "more connections"),
+        format_duration(seconds))
 
 
 def say_connections(counts: dict, seconds: float) -> str:
     opened = counts.get("opened", 0)
-    return "%s more %s opened and %s closed in the last %s (not shown one " \
-        "by one)" % (format_count(opened), "connection" if opened == 1 else
-                     "connections", format_count(counts.get("closed", 0)),
-                     format_duration(seconds))
+    return "%s opened and %s closed in the last %s (not shown one by one)" \
+        % (plural(opened, "more connection", "more connections"),
+           format_count(counts.get("closed", 0)), format_duration(seconds))
 
 
 class Admission:
@@ -1971,11 +1985,11 @@ class Reader:
 
     def __init__(self, settings: Settings, sink: EventSink, console: Console,
                  connections: dict,
-                 closed: Callable[[Connection, str], None]) -> None:
+                 remove: Callable[[Connection, str], None]) -> None:
         self.sink = sink
         self.console = console
         self.connections = connections  # the listener's, by socket
-        self.closed = closed  # closed(conn, why): the peer closed or reset
+        self.remove = remove  # remove(conn, why): the peer closed or reset
         self.max_event_bytes = settings.max_event_bytes
         self.budget = BufferBudget(settings.max_buffer_bytes)
         # One receive buffer for every connection: the loop reads one
@@ -1997,10 +2011,10 @@ class Reader:
             return False
         except OSError:
             # A reset peer ends its own connection, nobody else's.
-            self.closed(conn, "reset by peer")
+            self.remove(conn, "reset by peer")
             return False
         if block is None:
-            self.closed(conn, conn.retired_for)
+            self.remove(conn, conn.retired_for)
             return False
         size = conn.framer.received - received
         self.bytes += size
@@ -2331,13 +2345,6 @@ class Listener:
         """Return (events written, bytes received, open connections)."""
         return self.sink.events, self.reader.bytes, len(self.connections)
 
-    # Status lines go to stderr so that stdout carries only events.
-    def status(self, message: str) -> None:
-        self.console.status(message)
-
-    def warn(self, message: str) -> None:
-        self.console.warn(message)
-
     def watch_signals(self, reader: socket.socket) -> None:
         """Act on the signal numbers that arrive on reader."""
         take = functools.partial(self.take_signals, reader)
@@ -2350,7 +2357,7 @@ class Listener:
         server = self.admission.server
         where = announce(server, self.console)
         warn_unmatched_allow(server, self.settings.allow, self.console)
-        self.status("Waiting for CyberTrace (OutputSettings > "
+        self.console.status("Waiting for CyberTrace (OutputSettings > "
                     "ConnectionString = %s); Ctrl+C to stop" % where)
 
     def serve(self) -> int:
@@ -2382,7 +2389,7 @@ class Listener:
             throttle.flush()
         count = self.settings.count
         if timed_out and count and not self.sink.full():
-            self.warn("timeout: received %s of %s" % (
+            self.console.warn("timeout: received %s of %s" % (
                 format_count(self.sink.events), plural(count, "event")))
             return 1
         return 0
@@ -2431,7 +2438,7 @@ class Listener:
         except UserError:
             raise
         except Exception as exc:  # a last line of defence, not flow control
-            self.warn("dropping %s after an internal error: %r"
+            self.console.warn("dropping %s after an internal error: %r"
                       % (conn.peer, exc))
             if conn.sock in self.connections:
                 self.forget(conn)
@@ -2497,16 +2504,14 @@ class Listener:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self.stall_selector.register(output.fd, selectors.EVENT_WRITE)
+            self.stall_selector.register(output.fd, selectors.EVENT_WRITE,
+                                         output.flush)
             try:
                 keys = self.stall_selector.select(left)
             finally:
                 self.stall_selector.unregister(output.fd)
             for key, _ in keys:
-                if key.fileobj == output.fd:
-                    output.flush()
-                else:
-                    key.data()
+                key.data()
         return not output.stalled()
 
     def drain(self) -> None:
@@ -2565,7 +2570,7 @@ class Listener:
         for conn in list(self.connections.values()):
             if conn.held:
                 self.abandoned += 1
-            self.unread += unread_bytes(conn.sock)
+            self.unread += unread_count(conn.sock.fileno()) or 0
             self.forget(conn)
 
     def close(self) -> None:
@@ -2595,6 +2600,14 @@ class Listener:
             format_count(self.admission.rejected))
 
 
+class ListenerConsole(Console):
+    """The console of a listener run from the command line."""
+
+    # Its loop serves the signals: a line that stderr cannot take now is
+    # dropped rather than waited for.
+    never_block = True
+
+
 class OwnedListener(Listener):
     """The listener of an EmbeddedListener."""
 
@@ -2602,18 +2615,6 @@ class OwnedListener(Listener):
     # then tells that nothing more is on its way.
     drain_seconds = 0.5
     drain_quiet_seconds = 0.05
-
-
-def unread_bytes(sock: socket.socket) -> int:
-    """Return how many received bytes wait unread in sock (0 where the
-    system cannot tell)."""
-    try:
-        import fcntl
-        import termios
-        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except (ImportError, AttributeError, OSError):
-        return 0
-    return int.from_bytes(answer, sys.byteorder)
 
 
 def readable_now(sock: socket.socket) -> bool:
@@ -2664,8 +2665,7 @@ def main(argv: Optional[list] = None) -> int:
         print("%s: error: %s" % (prog, exc), file=sys.stderr)
         return 1
     keep_freed_memory()
-    console = Console.for_stderr(settings.quiet)
-    console.never_block = True
+    console = ListenerConsole.for_stderr(settings.quiet)
     listener = Listener(settings, output, console)
     pair = install_signals(listener)
     try:
@@ -2685,7 +2685,7 @@ def main(argv: Optional[list] = None) -> int:
         console.line("%s: error: %s" % (prog, exc))
         status = 1
     else:
-        listener.status(listener.summary())
+        console.status(listener.summary())
     finally:
         listener.close()
         restore_signals(pair)

@@ -1320,15 +1320,22 @@ class Probe:
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
-    def answered_all(self) -> bool:
-        return self.finished and self.answered >= len(self.events)
+    def outcome(self) -> ProbeOutcome:
+        """Return what CyberTrace said so far."""
+        return ProbeOutcome(
+            asked=len(self.events), answered=self.answered,
+            finished=self.finished, detected=set(self.detected),
+            late=self.aborted and self.error is None, error=self.error)
 
     def has_come(self, found: set) -> bool:
         """Tell whether found holds every indicator CyberTrace detects
         when asked; without its answer, all 17."""
-        if self.answered_all():
-            return self.detected <= found
-        return self.finished and len(found) == len(TEST_INDICATORS)
+        if not self.finished:
+            return False
+        outcome = self.outcome()
+        if outcome.answered_all:
+            return outcome.detected <= found
+        return len(found) == len(TEST_INDICATORS)
 
     def run(self) -> None:
         leave_signals_to_main()
@@ -1389,6 +1396,24 @@ class Probe:
 
 
 @dataclasses.dataclass
+class ProbeOutcome:
+    """What CyberTrace said when asked directly (the probe)."""
+
+    asked: int = 0  # test events asked about; 0: not asked
+    answered: int = 0
+    finished: bool = False
+    detected: set = dataclasses.field(default_factory=set)
+    late: bool = False  # cut short at the deadline
+    error: Optional[str] = None
+
+    @property
+    def answered_all(self) -> bool:
+        """Tell whether CyberTrace answered every test event directly."""
+        return self.finished and self.asked > 0 and \
+            self.answered >= self.asked
+
+
+@dataclasses.dataclass
 class CheckResult:
     """What the check found: all the report and the diagnosis read."""
 
@@ -1401,31 +1426,17 @@ class CheckResult:
     connections: int  # connections the check's listener took
     rejected: int  # connections refused: not from CyberTrace's host
     first_rejected: str
-    # What CyberTrace said when asked directly (the probe): events asked
-    # about (0: not asked), answers, whether it finished, what it detects,
-    # whether it was cut short at the deadline, and what failed.
-    probe_asked: int
-    probe_answered: int
-    probe_finished: bool
-    probe_detected: set
-    probe_late: bool
-    probe_error: Optional[str]
-
-    @property
-    def answered_all(self) -> bool:
-        """Tell whether CyberTrace answered every test event directly."""
-        return self.probe_finished and self.probe_asked > 0 and \
-            self.probe_answered >= self.probe_asked
+    probe: ProbeOutcome
 
     @property
     def confirmed(self) -> list:
         """The indicators that arrived and that CyberTrace detects when
         asked directly; all that arrived when it did not answer."""
         found = self.arrivals.found
-        if not self.answered_all:
+        if not self.probe.answered_all:
             return [i for i in TEST_INDICATORS if i in found]
         return [i for i in TEST_INDICATORS
-                if i in found and i in self.probe_detected]
+                if i in found and i in self.probe.detected]
 
     @property
     def unconfirmed(self) -> list:
@@ -1465,7 +1476,7 @@ class LabCheck:
             self.listen()
             try:
                 self.send()
-                self.ask()
+                self.probe_directly()
                 self.wait()
             except KeyboardInterrupt:
                 interrupted = True  # still say what came
@@ -1479,19 +1490,7 @@ class LabCheck:
         if self.failure:
             raise UserError("the check's listener failed: %r"
                             % self.failure[0])
-        result = self.result(ended)
-        table_error = None
-        try:
-            write_stdout(report(result).encode())
-        except UserError as exc:
-            table_error = exc
-        if interrupted:
-            return interrupted_status(self.prog)
-        for line in diagnose(result):
-            console.line(line)
-        if table_error is not None:
-            raise table_error
-        return result.status()
+        return self.report(self.result(ended), interrupted)
 
     def listen(self) -> None:
         """Listen where CyberTrace delivers, before anything is sent."""
@@ -1535,7 +1534,7 @@ class LabCheck:
             send_all(connection, frame_lines(self.events), self.args.verbose)
             connection.finish(max(0.001, self.deadline - time.monotonic()))
 
-    def ask(self) -> None:
+    def probe_directly(self) -> None:
         """Ask CyberTrace directly, alongside, what it detects."""
         self.probe = Probe(self.args.connect, self.events, self.deadline,
                            self.arrivals.wake)
@@ -1549,6 +1548,21 @@ class LabCheck:
         """Wait for what CyberTrace detects, or the deadline."""
         self.arrivals.wait(self.probe.has_come, self.deadline)
 
+    def report(self, result: CheckResult, interrupted: bool) -> int:
+        """Print the table, then the diagnosis; return the exit status."""
+        table_error = None
+        try:
+            write_stdout(report(result).encode())
+        except UserError as exc:
+            table_error = exc
+        if interrupted:
+            return interrupted_status(self.prog)
+        for line in diagnose(result):
+            console.line(line)
+        if table_error is not None:
+            raise table_error
+        return result.status()
+
     def stop_listening(self) -> None:
         self.listener.stop()
         if self.serving is not None:
@@ -1556,21 +1570,16 @@ class LabCheck:
         self.listener.close()
 
     def result(self, ended: float) -> CheckResult:
-        probe = self.probe
-        rejected, first_rejected = self.listener.rejected
+        """Gather what the phases found."""
         return CheckResult(
             here=self.here, strict=self.args.strict,
             loopback_only=self.loopback_only(),
             check_port=self.args.check[1], arrivals=self.arrivals,
             waited=ended - (self.arrivals.sent_at or ended),
-            connections=self.listener.accepted, rejected=rejected,
-            first_rejected=first_rejected,
-            probe_asked=len(probe.events) if probe else 0,
-            probe_answered=probe.answered if probe else 0,
-            probe_finished=bool(probe and probe.finished),
-            probe_detected=set(probe.detected) if probe else set(),
-            probe_late=bool(probe and probe.aborted and probe.error is None),
-            probe_error=probe.error if probe else None)
+            connections=self.listener.accepted,
+            rejected=self.listener.rejected,
+            first_rejected=self.listener.first_rejected,
+            probe=self.probe.outcome() if self.probe else ProbeOutcome())
 
 
 def connect_patiently(address: tuple, deadline: float) -> socket.socket:
@@ -1599,7 +1608,7 @@ def report(result: CheckResult) -> str:
         if arrival is None:
             rows.append((indicator, expected, "-", "-", "not detected"))
             continue
-        latency = "{:,.1f} ms".format(arrival.latency * 1000)
+        latency = format_latency(arrival.latency)
         if indicator not in confirmed:
             latency += " (unconfirmed)"
         rows.append((indicator, expected,
@@ -1612,7 +1621,8 @@ def report(result: CheckResult) -> str:
     took = max(arrivals.found[i].latency for i in confirmed) if found \
         else result.waited
     lines.append("%d of %d test indicators detected and delivered to %s in "
-                 "%.1f s" % (found, len(TEST_INDICATORS), result.here, took))
+                 "%s" % (found, len(TEST_INDICATORS), result.here,
+                         format_latency(took)))
     if arrivals.others:
         lines.append("%s (service alerts, detections of events this check "
                      "did not send); the first: %s" % (
@@ -1623,21 +1633,28 @@ def report(result: CheckResult) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def format_latency(seconds: float) -> str:
+    """Return 2.2 ms below a second, 3.4 s above."""
+    if seconds < 1:
+        return "%.1f ms" % (seconds * 1000)
+    return "%.1f s" % seconds
+
+
 def probe_note(result: CheckResult) -> str:
     """Say what CyberTrace answered when asked directly."""
-    total = len(TEST_INDICATORS)
-    if result.answered_all:
-        if not result.probe_detected:
+    total, probe = len(TEST_INDICATORS), result.probe
+    if probe.answered_all:
+        if not probe.detected:
             return ("its feeds detect none of the test indicators: check "
                     "that feeds are loaded (CyberTrace answered all %d when "
                     "asked directly)" % total)
         return "CyberTrace detects %d of %d when asked directly" % (
-            len(result.probe_detected), total)
-    if result.probe_late:
+            len(probe.detected), total)
+    if probe.late:
         return "CyberTrace did not answer in time when asked directly " \
-               "(%d of %d answered)" % (result.probe_answered, total)
+               "(%d of %d answered)" % (probe.answered, total)
     return "CyberTrace did not answer when asked directly: %s" % (
-        result.probe_error or "no answer")
+        probe.error or "no answer")
 
 
 def diagnose(result: CheckResult) -> List[str]:
@@ -1657,7 +1674,7 @@ def diagnose(result: CheckResult) -> List[str]:
         return lines
     if found:
         return lines + diagnose_some(result, found)
-    if result.answered_all and not result.probe_detected:
+    if result.probe.answered_all and not result.probe.detected:
         if not result.arrivals.events:
             return lines + [probe_note(result), "nothing reached %s either, "
                             "as nothing was detected: run the check again "
@@ -1670,8 +1687,8 @@ def diagnose_some(result: CheckResult, found: int) -> List[str]:
     """Say why only some came back: lost on the way, or not in the feeds
     (warnings, or errors with --strict)."""
     total = len(TEST_INDICATORS)
-    detected = result.probe_detected
-    directly = result.answered_all and detected
+    detected = result.probe.detected
+    directly = result.probe.answered_all and detected
     lines = []
     if directly and not detected <= set(result.arrivals.found):
         lines.append("CyberTrace detects %d of %d when asked directly, but "
@@ -1714,8 +1731,8 @@ def diagnose_delivery(result: CheckResult) -> str:
 
 def diagnose_detection(result: CheckResult) -> str:
     """Say what CyberTrace detects when asked, beside what reached us."""
-    detected = result.probe_detected
-    if not (result.answered_all and detected):
+    detected = result.probe.detected
+    if not (result.probe.answered_all and detected):
         return probe_note(result)
     total, here = len(TEST_INDICATORS), result.here
     if result.connections and result.arrivals.events:
