@@ -71,6 +71,8 @@ MAX_CLIENTS = 128
 IDLE_TIMEOUT = 60.0
 # Detections waiting for an output that is down, at most.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
+# Status lines, to stderr while it is there.
+CONSOLE = lec.Console()
 
 # The test indicators and the category of the feed that has each.
 INDICATORS = {
@@ -286,7 +288,8 @@ class FakeCyberTrace:
                  noise: bool = False, retries: int = RETRIES,
                  retry_interval: float = RETRY_INTERVAL,
                  status: Optional[Callable[[str], None]] = None,
-                 record: bool = True, idle_timeout: Optional[float] = 15,
+                 record: bool = False,
+                 idle_timeout: Optional[float] = IDLE_TIMEOUT,
                  alert_output: Optional[tuple] = None) -> None:
         self.pong = pong
         self.answer = answer
@@ -560,29 +563,20 @@ def main(argv: Optional[list] = None) -> int:
         stand_in = FakeCyberTrace(
             output=args.output, input=args.input, detect=detect, alert=True,
             noise=args.noise, retries=args.retries,
-            retry_interval=args.retry_interval, status=status,
-            record=False, idle_timeout=IDLE_TIMEOUT,
+            retry_interval=args.retry_interval, status=CONSOLE.status,
             alert_output=args.alert_output)
     except lec.UserError as exc:
-        status("%s: error: %s" % (parser.prog, exc))
+        CONSOLE.line("%s: error: %s" % (parser.prog, exc))
         return 1
     with stand_in:
         while not stop.wait(0.5):
             pass
-    status("Stopped: %s, %s delivered" % (
+    CONSOLE.status("Stopped: %s, %s delivered" % (
         lec.plural(stand_in.accepted, "connection"),
         lec.plural(stand_in.delivery.delivered + (
             stand_in.alerts.delivered if args.alert_output else 0),
             "event")))
     return 0
-
-
-def status(message: str) -> None:
-    """Print a status line to stderr, if stderr is still there."""
-    try:
-        print(message, file=sys.stderr, flush=True)
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

@@ -2358,7 +2358,7 @@ class Listener:
         where = announce(server, self.console)
         warn_unmatched_allow(server, self.settings.allow, self.console)
         self.console.status("Waiting for CyberTrace (OutputSettings > "
-                    "ConnectionString = %s); Ctrl+C to stop" % where)
+                            "ConnectionString = %s); Ctrl+C to stop" % where)
 
     def serve(self) -> int:
         """Serve until stopped; write out what was received; return the
@@ -2439,7 +2439,7 @@ class Listener:
             raise
         except Exception as exc:  # a last line of defence, not flow control
             self.console.warn("dropping %s after an internal error: %r"
-                      % (conn.peer, exc))
+                              % (conn.peer, exc))
             if conn.sock in self.connections:
                 self.forget(conn)
 

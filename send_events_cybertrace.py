@@ -43,13 +43,15 @@ from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional
 
 try:
     from listen_events_cybertrace import (
-        LISTEN_ADDR, LISTEN_PORT, SECONDS, Console, EmbeddedListener,
+        LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS, Console,
+        EmbeddedListener,
         EventFramer, OneLineParser, RateMeter, UserError, argument_type,
         bounded, escape_block, escape_controls, format_address, format_bytes,
         format_count, format_duration, format_progress, interface_addresses,
         ip_of, keep_freed_memory, parse_address, parse_fields, parse_network,
         parse_response, peer_gone, plural, receive_blocks,
-        resolved_addresses, split_lines, write_stdout, __version__)
+        resolved_addresses, split_lines, to_text, write_stdout,
+        __version__)
 except ModuleNotFoundError as exc:
     if exc.name != "listen_events_cybertrace":
         raise
@@ -79,10 +81,6 @@ CONNECT_PATIENCE = 2.0
 # --reconnect retries at once, then after 0.5 s, doubling up to 30 s.
 RECONNECT_FIRST = 0.5
 RECONNECT_MAX = 30.0
-# Large reads and sends: a million events go out in a few hundred system
-# calls.  As for the listener's reads, a block's lines must fit in one of
-# Python's 1 MiB arenas, or each block maps and faults in a fresh one.
-READ_SIZE = 512 * 1024
 # select() said the socket is readable, so even without this flag
 # (Windows) the read does not block.
 DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -94,7 +92,6 @@ TERMINAL_NOTICE = ("Reading events from the terminal, one per line; %s to "
                    "send and finish" % EOF_KEY)
 # Files smaller than this go out before a progress line could mean anything.
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
-PROGRESS_INTERVAL = 0.25  # seconds between redraws, as pv's few a second
 # --rate's bounds: at the least one event every 100 s, so that a wait for
 # the next never overflows a timer.
 RATE = (0.01, 1e9)
@@ -276,12 +273,14 @@ def frame_file(name: str, source: BinaryIO, sniff: bool = True,
     """
     # Events are not split on the way out: CyberTrace splits long ones.
     framer = EventFramer(sys.maxsize)
-    buffer = bytearray(2 * READ_SIZE)
+    # Read as the listener reads, for its reasons: a million events go out
+    # in a few hundred system calls, and a block fits one 1 MiB arena.
+    buffer = bytearray(2 * RECV_SIZE)
     tally = [0] if tally is None else tally
     while True:
         try:
             before = framer.received
-            block = framer.read(source.readinto, buffer, READ_SIZE)
+            block = framer.read(source.readinto, buffer, RECV_SIZE)
         except OSError as exc:
             raise UserError("cannot read %s: %s" % (name, exc.strerror))
         if block is None:
@@ -292,7 +291,7 @@ def frame_file(name: str, source: BinaryIO, sniff: bool = True,
             if buffer.find(b"\0", 0, framer.received) >= 0:
                 console.warn("%s looks binary (NUL bytes in its first %d "
                              "KiB); sending it as it is"
-                             % (name, READ_SIZE // 1024))
+                             % (name, RECV_SIZE // 1024))
         block, count = drop_blank_lines(block)
         dropped = framer.received - before - len(block)
         if count:
@@ -708,7 +707,7 @@ def echo(block) -> None:
     """Print a block's events to stderr as the tutorial does."""
     if console.on_stderr():
         block = escape_block(block)
-    text = bytes(block).decode("utf-8", "backslashreplace")
+    text = to_text(block)
     console.write("".join("Sending:\n%s\n" % line
                           for line in text[:-1].split("\n")))
 
@@ -1088,7 +1087,7 @@ def ping(address: tuple, timeout: float) -> float:
                         "a word" % where)
     if answer.strip() != b"PONG":
         raise UserError("no PONG from %s: it answered %s" % (
-            where, visible(answer[:64].decode("utf-8", "backslashreplace"))))
+            where, visible(to_text(answer[:64]))))
     return time.monotonic() - started
 
 
@@ -1106,7 +1105,7 @@ class Progress:
         self.tally = tally  # tally[0]: bytes read from files and not sent
         self.total = total  # bytes the sources hold, if known
         self.started = time.monotonic()
-        self.meter = RateMeter(self.started, int(1 / PROGRESS_INTERVAL) + 1)
+        self.meter = RateMeter(self.started, int(1 / LIVE_SECONDS) + 1)
         self.stopped = threading.Event()
         console.live = True
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -1125,7 +1124,7 @@ class Progress:
 
     def run(self) -> None:
         leave_signals_to_main()
-        while not self.stopped.wait(PROGRESS_INTERVAL):
+        while not self.stopped.wait(LIVE_SECONDS):
             console.show(self.line())
 
     def line(self) -> str:
@@ -1879,9 +1878,7 @@ def refuse_ignored(parser: argparse.ArgumentParser,
 
 def refuse_for_the_check(parser: argparse.ArgumentParser,
                          args: argparse.Namespace) -> None:
-    """Exit 2 on what --check cannot take; give -t its default."""
-    if args.timeout is None:
-        args.timeout = CHECK_TIMEOUT if args.check else TIMEOUT
+    """Exit 2 on what --check cannot take, or what only it takes."""
     if not args.check:
         for name, given in (("--strict", args.strict),
                             ("--allow", args.allow)):
@@ -1955,7 +1952,8 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
             # Count now, while the socket still answers; a second Ctrl+C
             # must not cut the cleanup short.
             HoldInterrupts.stopping = True
-            raise Interrupted(interrupted(connection, replies)) from None
+            raise Interrupted(say_got_through(connection, replies)) \
+                from None
         finally:
             if progress is not None:
                 progress.stop()
@@ -1978,7 +1976,8 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
     return summary + "; " + replies.summary()
 
 
-def interrupted(connection: Connection, replies: Optional[Replies]) -> str:
+def say_got_through(connection: Connection,
+                    replies: Optional[Replies]) -> str:
     """Say what got through before Ctrl+C."""
     text = say_sent(*connection.counts())
     if replies is not None:
@@ -1992,6 +1991,8 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     refuse_ignored(parser, args)
     refuse_for_the_check(parser, args)
+    if args.timeout is None:
+        args.timeout = CHECK_TIMEOUT if args.check else TIMEOUT
     args.test_events = args.test_events or args.demo
     console.quiet = args.quiet
     keep_freed_memory()

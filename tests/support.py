@@ -18,7 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LISTENER = ROOT / "listen_events_cybertrace.py"
 SENDER = ROOT / "send_events_cybertrace.py"
-FIXTURES = ROOT.parent / "shared" / "fixtures"
 TIMEOUT = 15.0
 
 sys.path.insert(0, str(ROOT))
@@ -28,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 # would do nothing.  A handler, unlike SIG_IGN, is reset by exec.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+import fake_cybertrace  # noqa: E402 (found through the path above)
 
 # The tutorial's four example events, from its output section.
 # flake8: noqa: E501
@@ -85,6 +86,16 @@ def run_sender(*args: str, stdin: bytes = b"", timeout: float = TIMEOUT):
     return subprocess.run([sys.executable, str(SENDER), *args], input=stdin,
                           capture_output=True, timeout=timeout,
                           env=user_env())
+
+
+class RecordingStandIn(fake_cybertrace.FakeCyberTrace):
+    """The stand-in, keeping every byte each connection sent, and quick to
+    close a connection a test left idle."""
+
+    def __init__(self, **settings) -> None:
+        settings.setdefault("record", True)
+        settings.setdefault("idle_timeout", 15)
+        super().__init__(**settings)
 
 
 def address(server) -> str:

@@ -15,8 +15,7 @@ import sys
 import tempfile
 import unittest
 
-from fake_cybertrace import FakeCyberTrace
-from support import ROOT, SENDER, TIMEOUT, Listener, user_env
+from support import ROOT, SENDER, TIMEOUT, Listener, RecordingStandIn, user_env
 
 GUARD = ROOT / "tests" / "posixless"
 
@@ -111,7 +110,7 @@ class PosixlessTest(unittest.TestCase):
             self.assertClean(listener.err)
 
     def test_sender_ping_and_reply_back(self):
-        with FakeCyberTrace() as ct:
+        with RecordingStandIn() as ct:
             where = "%s:%d" % ct.address
             done = run_sender("--ping", "-c", where)
             self.assertEqual(done.returncode, 0, done.stderr)

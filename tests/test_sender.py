@@ -9,8 +9,9 @@ import threading
 import time
 import unittest
 
-from fake_cybertrace import FakeCyberTrace, INDICATORS, read_flags
-from support import TIMEOUT, Listener, address, reset, run_sender, wait_until
+from fake_cybertrace import INDICATORS, read_flags
+from support import (TIMEOUT, Listener, RecordingStandIn, address, reset,
+                     run_sender, wait_until)
 
 import send_events_cybertrace as sec
 
@@ -99,7 +100,7 @@ class FramingTest(unittest.TestCase):
                          b"last without newline\n")
 
     def test_default_mode_sends_no_flags(self):
-        with FakeCyberTrace() as ct:
+        with RecordingStandIn() as ct:
             proc = run_sender("-c", address(ct), "-e", "a=1", "-e", "b=2")
             self.assertEqual(proc.returncode, 0, proc.stderr)
             # The sender is done once the bytes are acknowledged; the
@@ -145,7 +146,7 @@ class FramingTest(unittest.TestCase):
             self.assertGreaterEqual(took, 0.5)
 
     def test_demo_sends_one_event_per_test_indicator(self):
-        with FakeCyberTrace() as ct:
+        with RecordingStandIn() as ct:
             proc = run_sender("--demo", "-c", address(ct))
             self.assertEqual(proc.returncode, 0, proc.stderr)
             wait_until(lambda: ct.received().count(b"\n") >=
@@ -160,7 +161,7 @@ class FramingTest(unittest.TestCase):
 
 class ReplyBackTest(unittest.TestCase):
     def test_reply_back_prints_answers_until_each_lookup_finished(self):
-        with FakeCyberTrace() as ct:
+        with RecordingStandIn() as ct:
             proc = run_sender("--reply-back", "-c", address(ct), "-e",
                               "url=http://fakess123.nu", "-e", "nothing here",
                               "-e", "md5=776735A8CA96DB15B422879DA599F474 "
@@ -179,7 +180,7 @@ class ReplyBackTest(unittest.TestCase):
         self.assertIn("3 events", proc.stderr.decode())
 
     def test_no_answer_fails_after_the_timeout(self):
-        with FakeCyberTrace(answer=False) as ct:
+        with RecordingStandIn(answer=False) as ct:
             started = time.monotonic()
             proc = run_sender("--reply-back", "-c", address(ct), "-t", "0.5",
                               "-e", "x=1")
@@ -190,7 +191,7 @@ class ReplyBackTest(unittest.TestCase):
                          r"\(timed out waiting for answers\)\n$")
 
     def test_flags_glued_to_the_first_event_are_parsed(self):
-        with FakeCyberTrace() as ct, \
+        with RecordingStandIn() as ct, \
                 socket.create_connection(ct.address, TIMEOUT) as sock:
             sock.sendall(b"X-KF-SendFinishedEventX-KF-ReplyBack"
                          b"url=http://fakess123.nu\n")
@@ -215,14 +216,14 @@ class ReplyBackTest(unittest.TestCase):
 class PingTest(unittest.TestCase):
     def test_pong_with_or_without_newline(self):
         for pong in (b"PONG", b"PONG\n", b"PONG\r\n"):
-            with self.subTest(pong=pong), FakeCyberTrace(pong=pong) as ct:
+            with self.subTest(pong=pong), RecordingStandIn(pong=pong) as ct:
                 proc = run_sender("--ping", "-c", address(ct))
                 self.assertEqual(proc.returncode, 0, proc.stderr)
                 self.assertEqual(ct.flags(), [[b"X-KF-ReplyBack", b"PING"]])
                 self.assertIn(b"PONG", proc.stderr)
 
     def test_no_pong_is_exit_1(self):
-        with FakeCyberTrace(pong=b"") as ct:
+        with RecordingStandIn(pong=b"") as ct:
             proc = run_sender("--ping", "-c", address(ct))
         self.assertEqual(proc.returncode, 1)
         self.assertIn(b"no PONG", proc.stderr)
@@ -319,7 +320,7 @@ class ErrorTest(unittest.TestCase):
 class EndToEndTest(unittest.TestCase):
     def test_demo_detections_reach_the_listener(self):
         with Listener("-f", "json") as listener, \
-                FakeCyberTrace(output=listener.address) as ct:
+                RecordingStandIn(output=listener.address) as ct:
             proc = run_sender("--demo", "-c", address(ct))
             self.assertEqual(proc.returncode, 0, proc.stderr)
             listener.wait_stdout(len(INDICATORS))

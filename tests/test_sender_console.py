@@ -13,8 +13,8 @@ import threading
 import time
 import unittest
 
-from fake_cybertrace import FakeCyberTrace
-from support import SENDER, TIMEOUT, address, run_sender, user_env
+from support import (SENDER, TIMEOUT, RecordingStandIn, address, run_sender,
+                     user_env)
 from test_sender import Sink
 
 try:
@@ -84,7 +84,7 @@ class RefuseTest(unittest.TestCase):
             self.assertFalse(server.connected())
 
     def test_ping_with_quiet_and_timeout_still_works(self):
-        with FakeCyberTrace() as ct:
+        with RecordingStandIn() as ct:
             proc = run_sender("--ping", "-q", "-t", "5", "-c", address(ct))
         self.assertEqual((proc.returncode, proc.stderr), (0, b""))
 
@@ -122,7 +122,7 @@ class BinaryTest(unittest.TestCase):
     def test_nul_bytes_warn_once_and_are_sent(self):
         content = b"first\x00event\n\x00\x01\x02 binary\n" * 3
         with tempfile.NamedTemporaryFile(suffix=".bin") as f, \
-                FakeCyberTrace() as ct:
+                RecordingStandIn() as ct:
             f.write(content)
             f.flush()
             proc = run_sender("-c", address(ct), "--repeat", "2", f.name,
@@ -141,7 +141,7 @@ class BinaryTest(unittest.TestCase):
         self.assertEqual(len(lines), 3, lines)
 
     def test_text_gives_no_warning(self):
-        with FakeCyberTrace() as ct:
+        with RecordingStandIn() as ct:
             proc = run_sender("-c", address(ct), stdin=b"\xff\xfe text\n")
             self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertNotIn(b"warning", proc.stderr)
@@ -165,7 +165,7 @@ class WordsTest(unittest.TestCase):
                  (("-e", "nothing"), "1 event answered: 0 detections"),
                  (("-e", "src=192.0.2.4"), "1 event answered: 1 detection")]
         for events, summary in cases:
-            with self.subTest(summary), FakeCyberTrace() as ct:
+            with self.subTest(summary), RecordingStandIn() as ct:
                 proc = run_sender("--reply-back", "-c", address(ct), *events)
             self.assertEqual(proc.returncode, 0, proc.stderr)
             self.assertRegex(proc.stderr.decode(),
@@ -326,7 +326,7 @@ class Console:
 @unittest.skipIf(pty is None, "no pseudo-terminals here")
 class TerminalTest(unittest.TestCase):
     def test_typing_events_at_the_terminal_says_how_to_finish(self):
-        with FakeCyberTrace() as ct, Console("-c", address(ct)) as console:
+        with RecordingStandIn() as ct, Console("-c", address(ct)) as console:
             console.wait_screen(re.escape(NOTICE + b"\r\n"))
             console.type(b"first event\n")
             wait_until(lambda: ct.received() == b"first event\n",
@@ -346,7 +346,7 @@ class TerminalTest(unittest.TestCase):
             for args, stdin in (((f.name,), None), (("-e", "x"), None),
                                 ((), f.name)):
                 with self.subTest(args=args, stdin=stdin), \
-                        FakeCyberTrace() as ct, open(stdin or os.devnull) \
+                        RecordingStandIn() as ct, open(stdin or os.devnull) \
                         as source, Console("-c", address(ct), *args,
                                            stdin=source if stdin else None) \
                         as console:
@@ -355,7 +355,7 @@ class TerminalTest(unittest.TestCase):
                     self.assertRegex(bytes(console.screen), rb"^Sent 1 event")
 
     def test_quiet_says_nothing_at_the_terminal(self):
-        with FakeCyberTrace() as ct, Console("-q", "-c", address(ct)) \
+        with RecordingStandIn() as ct, Console("-q", "-c", address(ct)) \
                 as console:
             console.type(b"typed\n\x04")
             self.assertEqual(console.finish(), 0)
@@ -418,7 +418,7 @@ class InterruptTest(ConsoleTestCase):
             console.wait_screen(re.escape(NOTICE))
             self.assertEqual(self.interrupt(console), (0, 0))
             self.assertFalse(server.connected())
-        with FakeCyberTrace() as ct, Console("-c", address(ct)) as console:
+        with RecordingStandIn() as ct, Console("-c", address(ct)) as console:
             console.wait_screen(re.escape(NOTICE))
             console.type(b"one\n")
             wait_until(lambda: ct.received() == b"one\n", "the event")
@@ -488,7 +488,7 @@ class InterruptTest(ConsoleTestCase):
         self.assertLess(acked, 20000)
 
     def test_while_waiting_for_answers(self):
-        with FakeCyberTrace(answer=False) as ct, Console(
+        with RecordingStandIn(answer=False) as ct, Console(
                 "--reply-back", "-t", "30", "-c", address(ct), "-e",
                 "url=http://fakess123.nu", "-e", "two") as console:
             wait_until(lambda: ct.received() == b"url=http://fakess123.nu\n"
