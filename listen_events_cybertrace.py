@@ -1466,8 +1466,9 @@ class Stats:
     """Report the counters: live on a terminal, every --stats SECONDS, and
     at once on SIGUSR1 (as dd does).
 
-    The serving loop only calls tick() when due comes, on the wake-ups it
-    has anyway; counters() returns (events, bytes, open connections).
+    A timer of the serving loop, as Sweeper and Throttle are: the loop
+    calls fire() once due() comes, on the wake-ups it has anyway.
+    counters() returns (events, bytes, open connections).
     """
 
     def __init__(self, counters: Callable[[], tuple], console: Console,
@@ -1479,24 +1480,23 @@ class Stats:
         self.every = every
         self.next_line = now + every if every else float("inf")
         self.next_draw = now + LIVE_SECONDS if console.live else float("inf")
-        self.due = self._due()
         self.meter = RateMeter(now)
         # A line's rate is since the line before: a meter of two samples.
         self.line_meter = RateMeter(now, 2)
 
-    def tick(self, now: float) -> None:
+    def due(self) -> Optional[float]:
+        """Return when fire() is next needed; None for never."""
+        due = min(self.next_line, self.next_draw)
+        return None if due == float("inf") else due
+
+    def fire(self, now: float) -> None:
+        """Redraw the live line, print the --stats line: what is due."""
         if now >= self.next_draw:
             self.draw(now)
             self.next_draw = now + LIVE_SECONDS
         if now >= self.next_line:
             self.print_line(now)
             self.next_line = max(self.next_line + self.every, now)
-        self.due = self._due()
-
-    def _due(self) -> Optional[float]:
-        """Return when tick() is next needed; None for never."""
-        due = min(self.next_line, self.next_draw)
-        return None if due == float("inf") else due
 
     def draw(self, now: float) -> None:
         events, size, connections = self.counters()
@@ -1699,8 +1699,11 @@ class Throttle:
             self.hidden[kind] += 1
 
     def due(self) -> Optional[float]:
-        """Return when flush() has a line to print, or None."""
+        """Return when fire() has a line to print, or None."""
         return self.ends if self.hidden else None
+
+    def fire(self, now: float) -> None:
+        self.flush(now)
 
     def flush(self, now: Optional[float] = None) -> None:
         """Print the count of the lines not shown one by one."""
@@ -1804,9 +1807,14 @@ class Admission:
             self.selector.register(self.server, selectors.EVENT_READ,
                                    self.on_ready)
 
+    @property
+    def paused(self) -> bool:
+        """Tell whether it stopped taking peers: every place is taken."""
+        return not self.accepting
+
     def peer_waiting(self) -> bool:
         """Tell whether a peer waits while every place is taken."""
-        return not self.accepting and readable_now(self.server)
+        return self.paused and readable_now(self.server)
 
     def close(self) -> None:
         """Stop listening: no more peers."""
@@ -2063,7 +2071,8 @@ class Sweeper:
     def __init__(self, settings: Settings, connections: dict,
                  admission: Admission,
                  remove: Callable[[Connection, str], None],
-                 quiet_seconds: float, longest_seconds: float) -> None:
+                 quiet_seconds: float, longest_seconds: float,
+                 retired_hold_places: bool) -> None:
         self.idle_timeout = settings.idle_timeout
         self.event_timeout = settings.event_timeout
         self.connections = connections  # the listener's, by socket
@@ -2075,29 +2084,32 @@ class Sweeper:
         self.longest_seconds = longest_seconds
         # Where the selector watches only so many sockets (Windows'
         # select()), a retiring connection keeps its place until closed.
-        self.retired_hold_places = \
-            selector_capacity(admission.selector) is not None
+        self.retired_hold_places = retired_hold_places
         self.retiring = 0
         self.waiting_since = None  # since when a peer waits for a place
-        self.due = 0.0
+        self.next_sweep = 0.0
 
     def start(self, now: float) -> None:
-        self.due = now + self.every()
+        self.next_sweep = now + self.every()
+
+    def due(self) -> float:
+        """Return when fire() is next needed (it is a timer, as Stats)."""
+        return self.next_sweep
 
     def every(self) -> float:
         """Return how often to look for connections past their time."""
         every = min(1.0, self.event_timeout / 4)
         if self.idle_timeout:
             every = min(every, self.idle_timeout / 4)
-        if not self.admission.accepting or self.retiring:
+        if self.admission.paused or self.retiring:
             # A waiting peer may be given a place; a retiring connection
             # is closed once quiet.
             every = min(every, self.quiet_seconds)
         return every
 
-    def sweep(self, now: float, stopping: bool) -> None:
-        """Close connections past their time; unless stopping, make room
-        for a waiting peer when all places are taken."""
+    def fire(self, now: float) -> None:
+        """Close connections past their time; make room for a waiting
+        peer when all places are taken."""
         for conn in list(self.connections.values()):
             if conn.retired_at is not None:
                 if now - conn.last_active >= self.quiet_seconds or \
@@ -2107,11 +2119,11 @@ class Sweeper:
             why = conn.overdue(now, self.idle_timeout, self.event_timeout)
             if why:
                 self.remove(conn, why)
-        if stopping or not self.admission.peer_waiting():
-            self.waiting_since = None
-        else:
+        if self.admission.peer_waiting():
             self.make_room(now)
-        self.due = now + self.every()
+        else:
+            self.waiting_since = None
+        self.next_sweep = now + self.every()
 
     def make_room(self, now: float) -> None:
         """Retire the connection silent longest: at once if silent
@@ -2142,7 +2154,8 @@ class Sweeper:
         conn.retired_at = conn.last_active = time.monotonic()
         conn.retired_for = why
         self.retiring += 1
-        self.due = min(self.due, conn.retired_at + self.quiet_seconds)
+        self.next_sweep = min(self.next_sweep,
+                              conn.retired_at + self.quiet_seconds)
         self.admission.resume()
 
     def left(self, conn: Connection) -> None:
@@ -2316,9 +2329,10 @@ class Listener:
         self.admission = Admission(settings, self.console, self.selector)
         self.reader = Reader(settings, self.sink, self.console,
                              self.connections, self.remove)
-        self.sweeper = Sweeper(settings, self.connections, self.admission,
-                               self.remove, self.drain_quiet_seconds,
-                               self.drain_seconds)
+        self.sweeper = Sweeper(
+            settings, self.connections, self.admission, self.remove,
+            self.drain_quiet_seconds, self.drain_seconds,
+            retired_hold_places=selector_capacity(self.selector) is not None)
         self.stats = Stats(self.counters, self.console, settings.stats)
         # What was never written, the output having failed: unfinished
         # events, and bytes the kernel had acknowledged, never read.
@@ -2331,6 +2345,8 @@ class Listener:
         self.comings = Throttle(self.console, CONNECTION_LINES,
                                 REJECT_WINDOW, say_connections)
         self.throttles = (self.admission.refusals, self.comings)
+        # What the loop fires when due: each has due() and fire(now).
+        self.timers = (self.sweeper, self.stats, *self.throttles)
 
     @property
     def stopping(self) -> bool:
@@ -2370,9 +2386,8 @@ class Listener:
         timed_out = False
         while not self.stopping:
             now = time.monotonic()
-            due = [t for t in (deadline, self.sweeper.due, self.stats.due,
-                               *(throttle.due() for throttle in
-                                 self.throttles)) if t is not None]
+            due = [t for t in (deadline, *(timer.due() for timer in
+                                           self.timers)) if t is not None]
             wait = min(max(0.0, min(due) - now), LONGEST_WAIT)
             if self.output.stalled():
                 self.wait_for_output(now + wait)
@@ -2395,18 +2410,15 @@ class Listener:
         return 0
 
     def run_timers(self, now: float) -> None:
-        """Do what is due: a reopen asked for (SIGHUP), the sweep, the
-        counters, the lines not shown one by one."""
+        """Do what is due: a reopen asked for (SIGHUP), then the timers
+        (the sweep, the counters, the lines not shown one by one)."""
         if self.reopen_requested:
             self.reopen_requested = False
             self.sink.reopen()
-        if now >= self.sweeper.due:
-            self.sweeper.sweep(now, self.stopping)
-        if self.stats.due is not None and now >= self.stats.due:
-            self.stats.tick(now)
-        for throttle in self.throttles:
-            if throttle.due() is not None and now >= throttle.due():
-                throttle.flush(now)
+        for timer in self.timers:
+            due = timer.due()
+            if due is not None and now >= due:
+                timer.fire(now)
 
     def accept(self) -> None:
         """Take the peers waiting to connect, as many as may be served."""
