@@ -131,6 +131,10 @@ OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE,
 
 
 # --- Shared with send_events_cybertrace.py and fake_cybertrace.py ------------
+#
+# All they import is below, but for these constants from the top of the
+# file: LISTEN_ADDR, LISTEN_PORT, RECV_SIZE, LIVE_SECONDS, SECONDS and
+# OUT_OF_DESCRIPTORS.
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, exit status 1."""
