@@ -28,6 +28,17 @@ def run(*argv: str) -> subprocess.CompletedProcess:
 
 
 class ReadmeTest(unittest.TestCase):
+    def test_it_stays_short_and_its_links_lead_somewhere(self):
+        # What a user needs, in order; reference detail lives in docs/.
+        self.assertLessEqual(len(README.encode()), 25 * 1024)
+        docs = [ROOT / "README.md", *ROOT.glob("docs/*.md"),
+                ROOT / "TESTING.md", ROOT / "benchmarks" / "README.md"]
+        for page in docs:
+            text = page.read_text(encoding="utf-8")
+            for target in re.findall(r"\]\(([^):#]+)[#)]", text):
+                with self.subTest(page=page.name, link=target):
+                    self.assertTrue((page.parent / target).exists())
+
     def test_troubleshooting_is_a_top_level_section(self):
         self.assertIn("Address already in use", section("Troubleshooting"))
 
