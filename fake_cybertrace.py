@@ -417,7 +417,7 @@ class FakeCyberTrace:
             found -= events
         return events, found
 
-    def respond(self, block, send_finished: bool) -> tuple:
+    def respond(self, block: lec.Block, send_finished: bool) -> tuple:
         """Return (events in block, the lines that answer them)."""
         lines = []
         events = bytes(block).decode("utf-8", "replace")[:-1].split("\n")

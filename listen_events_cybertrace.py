@@ -45,9 +45,14 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 __version__ = "1.1.0"
+
+# What a read yields: bytes, or a view into a receive buffer.
+Block = Union[bytes, bytearray, memoryview]
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 LISTEN_ADDR = "127.0.0.1"
 LISTEN_PORT = 9998
@@ -261,7 +266,7 @@ class EventFramer:
         return b"\n".join(out)
 
 
-def split_lines(block) -> list:
+def split_lines(block: Block) -> list:
     """Return a block's events, each with its b"\\n"."""
     # BytesIO finds line ends with memchr: four times faster than
     # bytes.count(b"\\n") or bytes.split(b"\\n"), which test every byte.
@@ -347,7 +352,7 @@ def _control_escapes() -> dict:
 _TERMINAL_ESCAPES = _control_escapes()
 
 
-def to_text(block) -> str:
+def to_text(block: Block) -> str:
     """Decode a block, showing bytes that are not UTF-8 as \\xNN escapes."""
     return bytes(block).decode("utf-8", "backslashreplace")
 
@@ -358,13 +363,13 @@ def escape_controls(text: str) -> str:
     return text.translate(_TERMINAL_ESCAPES)
 
 
-def escape_block(block) -> bytes:
+def escape_block(block: Block) -> bytes:
     """Return a block of events safe to print: bytes that are not UTF-8 as
     \\xNN, and escape_controls'."""
     return escape_controls(to_text(block)).encode("utf-8")
 
 
-def ip_of(host: str):
+def ip_of(host: str) -> IPAddress:
     """Return the IP address a numeric host names (an IPv6 scope, %eth0,
     dropped); ValueError for a name."""
     return ipaddress.ip_address(host.split("%", 1)[0])
@@ -467,7 +472,7 @@ def argument_type(convert: Callable, name: str) -> Callable:
     return parse
 
 
-def parse_number(kind, text: str):
+def parse_number(kind: type, text: str) -> float:
     """Convert text to an int or a finite float, in words when it fails."""
     # Python's own words ("invalid literal for int() with base 10") are
     # meant for programmers; and it takes digits of every script, and
@@ -485,7 +490,7 @@ def parse_number(kind, text: str):
     return value
 
 
-def bounded(kind: type, low, high) -> Callable:
+def bounded(kind: type, low: float, high: float) -> Callable:
     """Return a converter to kind (int or float) that takes low to high:
     a number beyond any sane use is a slip, and would overflow a timer or
     an allocation further on."""
@@ -498,7 +503,7 @@ def bounded(kind: type, low, high) -> Callable:
     return convert
 
 
-def format_number(number) -> str:
+def format_number(number: float) -> str:
     """Return a bound as people write it: 0.01, 1, 10,000,000."""
     return format_count(int(number)) if number == int(number) \
         else "%g" % number
@@ -639,7 +644,7 @@ class RateMeter:
         return (count - before) / (now - then) if now > then else 0.0
 
 
-def parse_network(text: str):
+def parse_network(text: str) -> IPNetwork:
     """Convert text to an IP network, in words when it fails."""
     try:
         return ipaddress.ip_network(text, strict=False)
@@ -826,12 +831,13 @@ class EmbeddedListener:
 # with their b"\n", escape whether control characters must be shown as
 # escapes (the output is a terminal, or --escape).
 
-def format_raw(block, lines: list, peer: str, when: float, escape: bool):
+def format_raw(block: Block, lines: list, peer: str, when: float,
+               escape: bool) -> Block:
     """Format each event on one line as received, or escaped."""
     return escape_block(block) if escape else block
 
 
-def format_text(block, lines: list, peer: str, when: float,
+def format_text(block: Block, lines: list, peer: str, when: float,
                 escape: bool) -> bytes:
     """Format each event as the tutorial does: "Received:", then it."""
     if escape:
@@ -992,7 +998,7 @@ class JsonFormatter:
         self.tokens = float(self.build_burst)
         self.refilled = time.monotonic()
 
-    def format(self, block, lines: list, peer: str, when: float,
+    def format(self, block: Block, lines: list, peer: str, when: float,
                escape: bool) -> bytes:
         """Format a block of events received from peer at when."""
         stamp = iso_time(when)
@@ -1195,7 +1201,7 @@ class Output:
         """Tell whether events wait for a pipe's reader to take them."""
         return bool(self.pending)
 
-    def write(self, data, peer: str = "") -> None:
+    def write(self, data: Block, peer: str = "") -> None:
         """Write events (from peer); what a stalled pipe cannot take waits."""
         if self.pending:
             self.pending += data
@@ -1212,7 +1218,7 @@ class Output:
                 written = self._write(view, writable=True)
             del self.pending[:written]
 
-    def _write(self, data, writable: bool = False) -> int:
+    def _write(self, data: Block, writable: bool = False) -> int:
         """Write data; return how much a full pipe took, or raise."""
         if self.console is not None:
             try:
@@ -1247,7 +1253,7 @@ class Output:
                 raise error
         return total
 
-    def fitting(self, data, writable: bool) -> int:
+    def fitting(self, data: Block, writable: bool) -> int:
         """Return how much of data to write into the pipe now: whole events
         only, so that a reader that never comes back finds no event cut
         short; 0 to wait for room.  writable: select() said so."""
@@ -1269,7 +1275,7 @@ class Output:
             return whole
         return room  # an event larger than that: pieces it is
 
-    def untear(self, data, written: int) -> int:
+    def untear(self, data: Block, written: int) -> int:
         """Cut a file back to the last whole event of what was written of
         data; return how much of data is left in it."""
         whole = event_boundary(bytes(data[:written]), self.lines_per_event)
@@ -1344,7 +1350,7 @@ def unread_count(fd: int) -> Optional[int]:
     return int.from_bytes(answer, sys.byteorder)
 
 
-def write_now(fd: int, data, flags: Optional[int]) -> int:
+def write_now(fd: int, data: Block, flags: Optional[int]) -> int:
     """Write what fd takes now; BlockingIOError if a pipe takes nothing."""
     if flags is None:
         return os.write(fd, data)
@@ -1386,7 +1392,7 @@ class Handover:
     def __init__(self, take: Callable[[bytes, str], None]) -> None:
         self.take = take
 
-    def write(self, data, peer: str = "") -> None:
+    def write(self, data: Block, peer: str = "") -> None:
         self.take(bytes(data), peer)
 
     def stalled(self) -> bool:
@@ -1419,7 +1425,7 @@ class EventSink:
         """Tell whether --count events were written."""
         return bool(self.limit) and self.events >= self.limit
 
-    def emit(self, block, peer: str) -> int:
+    def emit(self, block: Block, peer: str) -> int:
         """Format and write a block of events from peer at once; return
         how many of its events were handed to the output."""
         lines = split_lines(block)
@@ -2063,7 +2069,7 @@ class Reader:
         self.console.warn("event from %s longer than %s, split into pieces"
                           % (conn.peer, plural(self.max_event_bytes, "byte")))
 
-    def emit(self, block, conn: Connection) -> None:
+    def emit(self, block: Block, conn: Connection) -> None:
         conn.events += self.sink.emit(block, conn.peer)
 
 

@@ -39,19 +39,19 @@ import sys
 import tempfile
 import threading
 import time
-from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional
+from typing import (BinaryIO, Callable, Iterable, Iterator, List, Optional,
+                    Union)
 
 try:
     from listen_events_cybertrace import (
-        LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS, Console,
-        EmbeddedListener,
-        EventFramer, OneLineParser, RateMeter, UserError, argument_type,
-        bounded, escape_block, escape_controls, format_address, format_bytes,
-        format_count, format_duration, format_progress, interface_addresses,
-        ip_of, keep_freed_memory, parse_address, parse_fields, parse_network,
-        parse_response, peer_gone, plural, receive_blocks,
-        resolved_addresses, split_lines, to_text, write_stdout,
-        __version__)
+        LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS, Block,
+        Console, EmbeddedListener, EventFramer, OneLineParser, RateMeter,
+        UserError, argument_type, bounded, escape_block, escape_controls,
+        format_address, format_bytes, format_count, format_duration,
+        format_progress, interface_addresses, ip_of, keep_freed_memory,
+        parse_address, parse_fields, parse_network, parse_response,
+        peer_gone, plural, receive_blocks, resolved_addresses, split_lines,
+        to_text, write_stdout, __version__)
 except ModuleNotFoundError as exc:
     if exc.name != "listen_events_cybertrace":
         raise
@@ -243,7 +243,7 @@ def test_events() -> List[bytes]:
     return events
 
 
-def drop_blank_lines(block) -> tuple:
+def drop_blank_lines(block: Block) -> tuple:
     """Return a framed block without blank lines, and its event count."""
     lines = split_lines(block)
     # The least line starts with the lowest byte: above b" ", no line is
@@ -410,7 +410,7 @@ def some_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
 
 
 def paced(blocks: Iterable[tuple], rate: float,
-          clock=time.monotonic) -> Iterator[tuple]:
+          clock: Callable[[], float] = time.monotonic) -> Iterator[tuple]:
     """Yield the events of blocks in batches, rate events per second."""
     started = clock()
     sent = 0
@@ -451,14 +451,14 @@ def reading_terminal(sources: list) -> bool:
 
 # --- Acknowledgements --------------------------------------------------------
 
-def count_lines(block, end: int) -> int:
+def count_lines(block: Block, end: int) -> int:
     """Count the events in the first end bytes of a block."""
     if isinstance(block, memoryview):
         return block.obj.count(b"\n", 0, min(end, len(block)))
     return block.count(b"\n", 0, end)
 
 
-def event_start(block, offset: int) -> int:
+def event_start(block: Block, offset: int) -> int:
     """Return where the event holding a block's byte at offset starts."""
     if isinstance(block, memoryview):
         return block.obj.rfind(b"\n", 0, min(offset, len(block))) + 1
@@ -487,7 +487,7 @@ class AckLedger:
         self.measured = True
         self.keep = 0
 
-    def begin(self, block) -> None:
+    def begin(self, block: Block) -> None:
         """Start sending block."""
         self.sending = block, self.bytes, self.events
 
@@ -526,7 +526,8 @@ class AckLedger:
             return self.acked
         return max(0, self.bytes - self.keep)
 
-    def delivered(self, block=None, start: int = 0, before: int = 0) -> int:
+    def delivered(self, block: Optional[Block] = None, start: int = 0,
+                  before: int = 0) -> int:
         """Return how many whole events the peer acknowledged."""
         for offset, events, tail in self.tails:
             if self.acked < offset + len(tail):
@@ -612,7 +613,7 @@ class Connection:
     def bytes(self) -> int:
         return self.ledger.bytes
 
-    def send(self, block, events: int) -> None:
+    def send(self, block: Block, events: int) -> None:
         """Send a block of events whole, or raise SendError with counts."""
         ledger = self.ledger
         ledger.begin(block)
@@ -703,7 +704,7 @@ class Connection:
             pause = min(pause * 2, 0.02)
 
 
-def echo(block) -> None:
+def echo(block: Block) -> None:
     """Print a block's events to stderr as the tutorial does."""
     if console.on_stderr():
         block = escape_block(block)
@@ -712,7 +713,8 @@ def echo(block) -> None:
                           for line in text[:-1].split("\n")))
 
 
-def send_all(sender, blocks: Iterable[tuple], verbose: bool) -> None:
+def send_all(sender: Union[Connection, Resender], blocks: Iterable[tuple],
+             verbose: bool) -> None:
     """Send every block with sender.send (a Connection, or a Resender),
     echoing events to stderr when verbose."""
     for block, count in blocks:
@@ -826,7 +828,7 @@ class Resender:
         """Events sent: what a progress line shows."""
         return self.sent
 
-    def send(self, block, count: int) -> None:
+    def send(self, block: Block, count: int) -> None:
         """Send a block of count events over whatever connection works."""
         self.queue.append((block, count, self.taken))
         self.taken += count
@@ -961,7 +963,7 @@ class Resender:
         return line
 
 
-def touched(block, sent: int) -> int:
+def touched(block: Block, sent: int) -> int:
     """Count the events of a block whose first byte is among sent bytes."""
     return count_lines(block, sent - 1) + 1 if sent > 0 else 0
 
