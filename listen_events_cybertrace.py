@@ -1554,7 +1554,8 @@ class Settings:
 
     def __init__(self, **given) -> None:
         for name, value in given.items():
-            if not hasattr(Settings, name) or name.startswith("_"):
+            known = hasattr(Settings, name) and not name.startswith("_")
+            if not known or callable(getattr(Settings, name)):
                 raise TypeError("no setting %r" % name)
             setattr(self, name, value)
 
