@@ -261,9 +261,9 @@ class Delivery:
             if self.sock is None:
                 self.sock = socket.create_connection(self.address, timeout=5)
             self.sock.sendall(data)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a bad name
             self.drop()
-            return exc.strerror or str(exc)
+            return getattr(exc, "strerror", None) or str(exc)
         return None
 
     def drop(self) -> None:
@@ -335,9 +335,10 @@ class FakeCyberTrace:
         except OSError as exc:
             # create_server adds the address, in Python's notation, to the
             # system's words: say only the latter, after our own address.
+            why = exc.strerror if isinstance(exc, socket.gaierror) else \
+                os.strerror(exc.errno) if exc.errno else exc
             raise lec.UserError("cannot listen on %s: %s" % (
-                lec.format_address(*address),
-                os.strerror(exc.errno) if exc.errno else exc))
+                lec.format_address(*address), why))
 
     def accept_loop(self) -> None:
         """Take connections, a thread each, MAX_CLIENTS at once at most."""

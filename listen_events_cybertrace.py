@@ -394,6 +394,11 @@ def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     # isdigit() alone takes "²", which int() does not.
     if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError("port must be a number from 0 to 65535")
+    try:
+        host.encode("idna")  # as the resolver will, with an exception
+    except UnicodeError:
+        raise ValueError("a part of the host name is empty or over 63 "
+                         "characters") from None
     return host, int(port)
 
 

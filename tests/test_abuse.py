@@ -527,13 +527,18 @@ class NumberBoundsTest(unittest.TestCase):
 
 
 class DigitsTest(unittest.TestCase):
-    def test_only_ascii_digits_make_numbers_and_ports(self):
+    def test_only_ascii_digits_and_resolvable_names_make_addresses(self):
         for script, args, words in (
                 (LISTENER, ("-l", "127.0.0.1:\u00b2"), "port must be a "
                  "number from 0 to 65535"),
                 (LISTENER, ("-t", "\uff15"), "not a number"),
                 (LISTENER, ("-n", "1_0"), "not a whole number"),
-                (SENDER, ("-c", "\u0663", "-e", "x"), "expected ADDR:PORT")):
+                (SENDER, ("-c", "\u0663", "-e", "x"), "expected ADDR:PORT"),
+                # Names the resolver's IDNA step refuses with an exception.
+                (LISTENER, ("-l", "x..y:1"), "host name is empty or over"),
+                (SENDER, ("-c", "a" * 64 + ":1", "-e", "x"), "over 63"),
+                (SENDER, ("--check", ".:0"), "over 63"),
+                (STAND_IN, ("--output", "a" * 64 + ":1"), "over 63")):
             with self.subTest(args=args):
                 proc = subprocess.run([sys.executable, str(script), *args],
                                       capture_output=True, text=True,
