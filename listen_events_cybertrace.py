@@ -239,12 +239,12 @@ class EventFramer:
         if not self._cutting:
             self.split_events += 1
             self._cutting = True
-        pieces = []
+        # Sliced by index: taking a piece off the front each time copies
+        # the rest, quadratic when the pieces are small.
         pending = self.pending
-        while len(pending) > size + 1:
-            pieces.append(pending[:size])
-            pending = pending[size:]
-        self.pending = pending
+        count = -(-(len(pending) - size - 1) // size)
+        pieces = [pending[i:i + size] for i in range(0, count * size, size)]
+        self.pending = pending[count * size:]
         pieces.append(b"")
         return b"\n".join(pieces)
 
@@ -2020,6 +2020,11 @@ class Reader:
         # connection at a time, and a buffer per peer would cost megabytes.
         self.read_size = JSON_RECV_SIZE if settings.format == "json" \
             else RECV_SIZE
+        # A long event cut into tiny pieces (a small --max-event-bytes) is
+        # an event per few bytes: smaller reads keep a round of the loop,
+        # and so a stop, as quick as with events of a common size.
+        self.read_size = min(self.read_size, max(
+            JSON_RECV_SIZE, settings.max_event_bytes * 64))
         self.buffer = bytearray(settings.max_event_bytes + 1 + RECV_SIZE)
         self.bytes = 0
 

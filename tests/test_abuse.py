@@ -147,6 +147,18 @@ class ConnectionFloodTest(unittest.TestCase):
                       err)
 
 
+class TinyPiecesTest(unittest.TestCase):
+    def test_a_long_event_cut_into_one_byte_pieces_costs_its_length(self):
+        # Cutting piece by piece off the front copied the rest each time:
+        # 8 MiB in 1-byte pieces took minutes, holding off signals.
+        size = 8 << 20
+        with Listener("-f", "raw", "--max-event-bytes", "1") as listener:
+            listener.send(b"Z" * size)
+            listener.wait_stdout(size)
+            self.assertEqual(listener.stop(), 0)
+        self.assertEqual(bytes(listener.out), b"Z\n" * size)
+
+
 class SlowPeerTest(unittest.TestCase):
     def test_an_event_trickled_byte_by_byte_has_a_deadline(self):
         # A byte every 0.1 s keeps --idle-timeout 0.4 from ever firing.
