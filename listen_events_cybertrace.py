@@ -350,6 +350,7 @@ def _control_escapes() -> dict:
 
 
 _TERMINAL_ESCAPES = _control_escapes()
+_LINE_BREAKS = {ord("\n"): "\\x0a", ord("\t"): "\\x09"}
 
 
 def to_text(block: Block) -> str:
@@ -361,6 +362,12 @@ def escape_controls(text: str) -> str:
     """Show the characters that steer a terminal (ESC, BEL, C1 codes,
     bidirectional overrides) as visible escapes, so text is safe to print."""
     return text.translate(_TERMINAL_ESCAPES)
+
+
+def escape_line(text: str) -> str:
+    """Return text safe within a one-line message (a file name): what
+    escape_controls() shows, and line breaks and tabs too."""
+    return escape_controls(text).translate(_LINE_BREAKS)
 
 
 def escape_block(block: Block) -> bytes:
@@ -1148,7 +1155,7 @@ class Output:
 
     def __init__(self, path: Optional[str], lines_per_event: int = 1) -> None:
         self.path = path
-        self.name = escape_controls(path) if path else "stdout"
+        self.name = escape_line(path) if path else "stdout"
         # Lines each event takes (text: "Received:" and the event), to cut
         # and count whole events.
         self.lines_per_event = lines_per_event

@@ -47,11 +47,11 @@ try:
         LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS, Block,
         Console, EmbeddedListener, EventFramer, OneLineParser, RateMeter,
         UserError, argument_type, bounded, escape_block, escape_controls,
-        format_address, format_bytes, format_count, format_duration,
-        format_progress, interface_addresses, ip_of, keep_freed_memory,
-        parse_address, parse_fields, parse_network, parse_response,
-        peer_gone, plural, receive_blocks, resolved_addresses, split_lines,
-        to_text, write_stdout, __version__)
+        escape_line, format_address, format_bytes, format_count,
+        format_duration, format_progress, interface_addresses, ip_of,
+        keep_freed_memory, parse_address, parse_fields, parse_network,
+        parse_response, peer_gone, plural, receive_blocks,
+        resolved_addresses, split_lines, to_text, write_stdout, __version__)
 except ModuleNotFoundError as exc:
     if exc.name != "listen_events_cybertrace":
         raise
@@ -348,7 +348,7 @@ def open_sources(args: argparse.Namespace) -> list:
     sources = []
     for name in args.files or ([] if args.event or args.test_events
                                else ["-"]):
-        shown = "stdin" if name == "-" else escape_controls(name)
+        shown = "stdin" if name == "-" else escape_line(name)
         try:
             if name == "-":
                 source = open(sys.stdin.fileno(), "rb", buffering=0,

@@ -500,13 +500,18 @@ class EscapeTest(unittest.TestCase):
                     self.assertNotIn(control, out)
 
     def test_status_lines_escape_file_names(self):
-        proc = subprocess.run([sys.executable, str(LISTENER), "-o",
-                               "/nonexistent/\x1b]0;owned\x07.log"],
-                              capture_output=True, timeout=TIMEOUT)
-        self.assertEqual(proc.returncode, 1)
-        self.assertIn(b"cannot open /nonexistent/\\x1b]0;owned\\x07.log",
-                      proc.stderr)
-        self.assertNotIn(b"\x1b", proc.stderr)
+        name = "/nonexistent/a\nb\x1b]0;owned\x07.log"
+        shown = b"/nonexistent/a\\x0ab\\x1b]0;owned\\x07.log"
+        for script, args in ((LISTENER, ("-o", name)), (SENDER, (name,))):
+            with self.subTest(script=script.name):
+                proc = subprocess.run([sys.executable, str(script), *args],
+                                      capture_output=True, timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 1)
+                self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
+                self.assertIn(b"cannot open " if script == LISTENER
+                              else b"cannot read ", proc.stderr)
+                self.assertIn(shown, proc.stderr)
+                self.assertNotIn(b"\x1b", proc.stderr)
 
 
 STAND_IN = ROOT / "fake_cybertrace.py"
