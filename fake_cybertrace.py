@@ -44,6 +44,7 @@ import socket
 import sys
 import threading
 import time
+import types
 from typing import Callable, Iterable, Optional
 
 try:
@@ -71,6 +72,10 @@ MAX_CLIENTS = 128
 IDLE_TIMEOUT = 60.0
 # Detections waiting for an output that is down, at most.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
+# With the output down and peers sending, every batch fails: so many lines
+# about it a window, then a count, as the listener's Rejected lines.
+FAILURE_LINES = 5
+FAILURE_WINDOW = 10.0
 # Status lines, to stderr while it is there.
 CONSOLE = lec.Console()
 
@@ -191,6 +196,9 @@ class Delivery:
         self.retries = retries
         self.interval = interval
         self.status = status
+        self.failures = lec.Throttle(types.SimpleNamespace(status=status),
+                                     FAILURE_LINES, FAILURE_WINDOW,
+                                     say_failures)
         self.sock = None
         self.queue = []  # (when due, order, data, attempts so far)
         self.queued = 0  # bytes in the queue
@@ -241,16 +249,19 @@ class Delivery:
             events = data.count(b"\n")
             if error is None:
                 self.delivered += events
+                self.failures.flush()
             elif attempts < self.retries:
-                self.status("cannot deliver %s to %s: %s; retry %d of %d in "
-                            "%g s" % (lec.plural(events, "event"), self.where,
-                                      error, attempts + 1, self.retries,
-                                      self.interval))
+                self.failures.say("failed", "cannot deliver %s to %s: %s; "
+                                  "retry %d of %d in %g s" % (
+                                      lec.plural(events, "event"),
+                                      self.where, error, attempts + 1,
+                                      self.retries, self.interval))
                 self.push(time.monotonic() + self.interval, data,
                           attempts + 1)
             else:
-                self.status("gave up delivering %s to %s: %s" % (
-                    lec.plural(events, "event"), self.where, error))
+                self.failures.say("gave up", "gave up delivering %s to %s: "
+                                  "%s" % (lec.plural(events, "event"),
+                                          self.where, error))
 
     def send(self, data: bytes) -> Optional[str]:
         """Send data on the kept connection or a new one; return an error."""
@@ -277,6 +288,15 @@ class Delivery:
             self.cond.notify()
         self.thread.join(15)
         self.drop()
+        self.failures.flush()
+
+
+def say_failures(counts: dict, seconds: float) -> str:
+    return "%s failed and %s given up in the last %s (not shown one by " \
+        "one)" % (lec.plural(counts.get("failed", 0), "more delivery",
+                             "more deliveries"),
+                  lec.format_count(counts.get("gave up", 0)),
+                  lec.format_duration(seconds))
 
 
 class FakeCyberTrace:

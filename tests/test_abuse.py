@@ -672,6 +672,23 @@ class StandInTest(unittest.TestCase):
         found = stand_in.wait_stderr(r"Listening on 127\.0\.0\.1:(\d+)")
         return stand_in, ("127.0.0.1", int(found.group(1)))
 
+    def test_an_output_that_is_down_costs_a_few_lines_and_a_count(self):
+        stand_in, address = self.start(sys.executable)
+        with stand_in:
+            for _ in range(12):
+                proc = run_sender("-c", "%s:%d" % address, "--test-events")
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+            stand_in.wait_for(lambda: stand_in.stderr_text.count(
+                ": 17 events, 3 detections\n") == 12)
+            stand_in.signal(signal.SIGTERM)
+            self.assertEqual(stand_in.finish(), 0)
+        failures = re.findall(r"(?m)^cannot deliver .*$",
+                              stand_in.stderr_text)
+        self.assertEqual(len(failures), 5, stand_in.stderr_text)
+        self.assertRegex(stand_in.stderr_text, r"(?m)^\d+ more deliveries "
+                         r"failed and 0 given up in the last [\d.]+ s \(not "
+                         r"shown one by one\)\n")
+
     def test_out_of_file_descriptors_it_goes_on(self):
         code = ("import os, resource, sys\n"
                 "resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))\n"
