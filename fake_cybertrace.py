@@ -573,13 +573,15 @@ def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     detect = {"all": INDICATORS, "demo": DEMO_FEEDS, "none": ()}[args.feeds]
-    stop = threading.Event()
-    # Ctrl+C and SIGTERM only set an event: no exception can then cut the
-    # start or the shutdown short.  (A SIGINT ignored by the shell, as for
-    # "&" in a script, stays ignored.)
+    stop = []  # the signals that asked us to stop
+    # Ctrl+C and SIGTERM are only noted: no exception can then cut the
+    # start or the shutdown short.  Noted in a list, not a threading.Event:
+    # the handler runs in the main thread, which may be holding the
+    # event's lock, and would wait on itself for ever.  (A SIGINT ignored
+    # by the shell, as for "&" in a script, stays ignored.)
     for number in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(number) is not signal.SIG_IGN:
-            signal.signal(number, lambda *_: stop.set())
+            signal.signal(number, lambda number, _: stop.append(number))
     try:
         stand_in = FakeCyberTrace(
             output=args.output, input=args.input, detect=detect, alert=True,
@@ -590,8 +592,8 @@ def main(argv: Optional[list] = None) -> int:
         CONSOLE.line("%s: error: %s" % (parser.prog, exc))
         return 1
     with stand_in:
-        while not stop.wait(0.5):
-            pass
+        while not stop:
+            time.sleep(0.1)
     CONSOLE.status("Stopped: %s, %s delivered" % (
         lec.plural(stand_in.accepted, "connection"),
         lec.plural(stand_in.delivery.delivered + (
