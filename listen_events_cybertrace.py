@@ -401,6 +401,8 @@ def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     # isdigit() alone takes "²", which int() does not.
     if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError("port must be a number from 0 to 65535")
+    if any(char.isspace() or not char.isprintable() for char in host):
+        raise ValueError("a host name has no spaces or control characters")
     try:
         host.encode("idna")  # as the resolver will, with an exception
     except UnicodeError:
@@ -479,7 +481,8 @@ def argument_type(convert: Callable, name: str) -> Callable:
         try:
             return convert(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError("%s: %s" % (text, exc)) from None
+            raise argparse.ArgumentTypeError(
+                "%s: %s" % (escape_line(text), exc)) from None
     parse.__name__ = name
     return parse
 

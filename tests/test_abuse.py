@@ -555,7 +555,12 @@ class DigitsTest(unittest.TestCase):
                 (LISTENER, ("-l", "x..y:1"), "host name is empty or over"),
                 (SENDER, ("-c", "a" * 64 + ":1", "-e", "x"), "over 63"),
                 (SENDER, ("--check", ".:0"), "over 63"),
-                (STAND_IN, ("--output", "a" * 64 + ":1"), "over 63")):
+                (STAND_IN, ("--output", "a" * 64 + ":1"), "over 63"),
+                # One line, whatever the name holds: it is escaped.
+                (LISTENER, ("-l", "a\nb\x1b]0;X\x07:1"),
+                 "a\\x0ab\\x1b]0;X\\x07:1: a host name has no spaces or "
+                 "control characters"),
+                (SENDER, ("-c", "a b:1", "-e", "x"), "no spaces")):
             with self.subTest(args=args):
                 proc = subprocess.run([sys.executable, str(script), *args],
                                       capture_output=True, text=True,
