@@ -44,7 +44,6 @@ import socket
 import sys
 import threading
 import time
-import types
 from typing import Callable, Iterable, Optional
 
 try:
@@ -196,8 +195,7 @@ class Delivery:
         self.retries = retries
         self.interval = interval
         self.status = status
-        self.failures = lec.Throttle(types.SimpleNamespace(status=status),
-                                     FAILURE_LINES, FAILURE_WINDOW,
+        self.failures = lec.Throttle(status, FAILURE_LINES, FAILURE_WINDOW,
                                      say_failures)
         self.sock = None
         self.queue = []  # (when due, order, data, attempts so far)

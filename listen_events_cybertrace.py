@@ -240,9 +240,10 @@ class EventFramer:
             self.split_events += 1
             self._cutting = True
         # Sliced by index: taking a piece off the front each time copies
-        # the rest, quadratic when the pieces are small.
+        # the rest, quadratic when the pieces are small.  The pieces leave
+        # 2 to size + 1 bytes pending.
         pending = self.pending
-        count = -(-(len(pending) - size - 1) // size)
+        count = (len(pending) - 2) // size
         pieces = [pending[i:i + size] for i in range(0, count * size, size)]
         self.pending = pending[count * size:]
         pieces.append(b"")
@@ -350,7 +351,7 @@ def _control_escapes() -> dict:
 
 
 _TERMINAL_ESCAPES = _control_escapes()
-_LINE_BREAKS = {ord("\n"): "\\x0a", ord("\t"): "\\x09"}
+_LINE_ESCAPES = {**_TERMINAL_ESCAPES, ord("\n"): "\\x0a", ord("\t"): "\\x09"}
 
 
 def to_text(block: Block) -> str:
@@ -367,7 +368,7 @@ def escape_controls(text: str) -> str:
 def escape_line(text: str) -> str:
     """Return text safe within a one-line message (a file name): what
     escape_controls() shows, and line breaks and tabs too."""
-    return escape_controls(text).translate(_LINE_BREAKS)
+    return text.translate(_LINE_ESCAPES)
 
 
 def escape_block(block: Block) -> bytes:
@@ -1698,13 +1699,13 @@ class Throttle:
     one line that counts the rest, as rsyslog's rate limiting does: peers
     coming and going by the thousand must not flood the log.
 
-    say(kind, line) prints or counts; summary(counts, seconds) words what
-    was counted ({kind: count}) over the seconds of a window.
+    say(kind, line) prints (with show) or counts; summary(counts, seconds)
+    words what was counted ({kind: count}) over the seconds of a window.
     """
 
-    def __init__(self, console: Console, lines: int, window: float,
-                 summary: Callable[[dict, float], str]) -> None:
-        self.console = console
+    def __init__(self, show: Callable[[str], None], lines: int,
+                 window: float, summary: Callable[[dict, float], str]) -> None:
+        self.show = show
         self.lines = lines
         self.window = window
         self.summary = summary
@@ -1720,7 +1721,7 @@ class Throttle:
             self.shown = 0
         if self.shown < self.lines:
             self.shown += 1
-            self.console.status(line)
+            self.show(line)
         else:
             self.hidden[kind] += 1
 
@@ -1735,7 +1736,7 @@ class Throttle:
         """Print the count of the lines not shown one by one."""
         if self.hidden:
             now = time.monotonic() if now is None else now
-            self.console.status(self.summary(
+            self.show(self.summary(
                 dict(self.hidden), min(now, self.ends) - self.started))
             self.hidden.clear()
 
@@ -1775,7 +1776,7 @@ class Admission:
         self.per_host = collections.Counter()
         self.accepted = self.rejected = 0
         self.first_rejected = ""
-        self.refusals = Throttle(console, REJECT_LINES, REJECT_WINDOW,
+        self.refusals = Throttle(console.status, REJECT_LINES, REJECT_WINDOW,
                                  say_rejected)
         self.full_warned = -REJECT_WINDOW  # when every place was last taken
 
@@ -2373,7 +2374,7 @@ class Listener:
         self.stop_now = False
         self.hung_up = False  # SIGHUP with events going to a terminal
         self.reopen_requested = False
-        self.comings = Throttle(self.console, CONNECTION_LINES,
+        self.comings = Throttle(self.console.status, CONNECTION_LINES,
                                 REJECT_WINDOW, say_connections)
         self.throttles = (self.admission.refusals, self.comings)
         # What the loop fires when due: each has due() and fire(now).
