@@ -35,6 +35,7 @@ to run it in-process on a free port.
 from __future__ import annotations
 
 import argparse
+import collections
 import heapq
 import itertools
 import os
@@ -75,6 +76,10 @@ MAX_QUEUED_BYTES = 16 * 1024 * 1024
 # about it a window, then a count, as the listener's Rejected lines.
 FAILURE_LINES = 5
 FAILURE_WINDOW = 10.0
+# With --eps or --lookup-ms, at most so many events wait for a lookup, all
+# connections together; past it they are dropped and counted, as CyberTrace
+# drops events over its EPSLimit.
+MAX_WAITING = 10000
 # Status lines, to stderr while it is there.
 CONSOLE = lec.Console()
 
@@ -297,6 +302,35 @@ def say_failures(counts: dict, seconds: float) -> str:
                   lec.format_duration(seconds))
 
 
+class Capacity:
+    """Pace lookups for all connections: eps a second, a bounded queue."""
+
+    def __init__(self, eps: Optional[float], lookup: float,
+                 waiting: int = MAX_WAITING) -> None:
+        self.gap = 1.0 / eps if eps else 0.0
+        self.lookup = lookup
+        self.max_waiting = waiting
+        self.lock = threading.Lock()
+        self.next_slot = 0.0
+        self.waiting = 0
+        self.dropped = 0
+
+    def admit(self) -> Optional[float]:
+        """Return when the event's lookup may start, or None: dropped."""
+        with self.lock:
+            if self.waiting >= self.max_waiting:
+                self.dropped += 1
+                return None
+            slot = max(time.monotonic(), self.next_slot)
+            self.next_slot = slot + self.gap
+            self.waiting += 1
+            return slot
+
+    def done(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+
+
 class FakeCyberTrace:
     """Serve CyberTrace's input protocol; by default on a free port."""
 
@@ -308,8 +342,17 @@ class FakeCyberTrace:
                  status: Optional[Callable[[str], None]] = None,
                  record: bool = False,
                  idle_timeout: Optional[float] = IDLE_TIMEOUT,
-                 alert_output: Optional[tuple] = None) -> None:
+                 alert_output: Optional[tuple] = None,
+                 eps: Optional[float] = None, scanners: Optional[int] = None,
+                 lookup_ms: float = 0.0, queue: int = MAX_WAITING) -> None:
         self.pong = pong
+        # Paced lookups only when asked: the plain path stays fast.
+        self.capacity = Capacity(eps, lookup_ms / 1000.0, queue) \
+            if eps or lookup_ms else None
+        # Connections served at once; PING needs none (CyberTrace keeps a
+        # scanner free for it).
+        self.scanners = threading.BoundedSemaphore(scanners) \
+            if scanners else None
         self.answer = answer
         self.detect = set(INDICATORS if detect is None else detect)
         self.noise = noise
@@ -387,6 +430,7 @@ class FakeCyberTrace:
 
     def handle(self, sock: socket.socket, peer: tuple) -> None:
         peer = lec.format_peer(peer)
+        scanned = False
         sock.settimeout(self.idle_timeout)
         record = [[], bytearray()]
         with self.lock:
@@ -400,10 +444,18 @@ class FakeCyberTrace:
                 self.status("%s: PING, answered %s" % (
                     peer, self.pong.decode("ascii", "backslashreplace")))
                 return
-            events, found = self.serve_events(sock, flags, rest, record[1])
-            self.status("%s%s: %s, %s" % (
+            if self.scanners is not None:
+                if not self.scanners.acquire(blocking=False):
+                    self.status("%s: waits for a scanner (all busy)" % peer)
+                    self.scanners.acquire()
+                scanned = True
+            events, found, dropped = self.serve_events(sock, flags, rest,
+                                                       record[1])
+            self.status("%s%s: %s, %s%s" % (
                 peer, " (%s)" % b"".join(flags).decode() if flags else "",
-                lec.plural(events, "event"), lec.plural(found, "detection")))
+                lec.plural(events, "event"), lec.plural(found, "detection"),
+                ", %s dropped (over --eps or its queue)" % lec.format_count(
+                    dropped) if dropped else ""))
         except OSError as exc:
             self.status("%s: %s" % (peer, exc.strerror or exc))
         finally:
@@ -412,11 +464,13 @@ class FakeCyberTrace:
                 if not self.record:
                     self.connections.remove(record)
             sock.close()
+            if scanned:
+                self.scanners.release()
             self.slots.release()
 
     def serve_events(self, sock: socket.socket, flags: list, rest: bytes,
                      raw: bytearray) -> tuple:
-        """Answer each event; return (events, detections)."""
+        """Answer each event; return (events, detections, dropped)."""
         reply_back = b"X-KF-ReplyBack" in flags
         send_finished = b"X-KF-SendFinishedEvent" in flags
         if self.noise and self.delivery is not None and not reply_back:
@@ -426,15 +480,73 @@ class FakeCyberTrace:
             sock = Recorder(sock, raw, self.lock)
             with self.lock:
                 raw += rest
+        blocks = lec.receive_blocks(sock, rest, INBOUND_EVENT_BYTES,
+                                    INBOUND_EVENT_BYTES)
+        target = sock if reply_back else None
+        if self.capacity is not None:
+            return self.serve_paced(blocks, send_finished, target)
         events = found = 0
-        for block in lec.receive_blocks(sock, rest, INBOUND_EVENT_BYTES,
-                                        INBOUND_EVENT_BYTES):
+        for block in blocks:
             count, lines = self.respond(block, send_finished)
             events, found = events + count, found + len(lines)
-            self.send(lines, sock if reply_back else None)
+            self.send(lines, target)
         if send_finished:
             found -= events
-        return events, found
+        return events, found, 0
+
+    def serve_paced(self, blocks: Iterable, send_finished: bool,
+                    target) -> tuple:
+        """Answer each event when its lookup is done, as --eps and
+        --lookup-ms say, reading on meanwhile; return (events, detections,
+        dropped)."""
+        capacity = self.capacity
+        cond = threading.Condition()
+        waiting = collections.deque()  # (when its lookup may start, event)
+        ended = []
+        counts = [0, 0]  # detections, events dropped
+
+        def answer() -> None:
+            busy = 0.0  # when this connection's scanner is free again
+            while True:
+                with cond:
+                    while not waiting and not ended:
+                        cond.wait()
+                    if not waiting:
+                        return
+                    due, event = waiting.popleft()
+                busy = max(due, busy) + capacity.lookup
+                time.sleep(max(0.0, busy - time.monotonic()))
+                capacity.done()
+                found = detections(event, self.detect)
+                counts[0] += len(found)
+                if send_finished:
+                    found.append(finished_event(found))
+                try:
+                    self.send(found, target)
+                except OSError:
+                    pass  # the reader sees it too, and says it
+
+        answerer = threading.Thread(target=answer, daemon=True)
+        answerer.start()
+        events = 0
+        try:
+            for block in blocks:
+                text = bytes(block).decode("utf-8", "replace")[:-1]
+                for event in text.split("\n"):
+                    events += 1
+                    due = capacity.admit()
+                    if due is None:
+                        counts[1] += 1
+                        continue
+                    with cond:
+                        waiting.append((due, event))
+                        cond.notify()
+        finally:
+            with cond:
+                ended.append(True)
+                cond.notify()
+            answerer.join()
+        return events, counts[0], counts[1]
 
     def respond(self, block: lec.Block, send_finished: bool) -> tuple:
         """Return (events in block, the lines that answer them)."""
@@ -560,6 +672,29 @@ def build_parser() -> argparse.ArgumentParser:
                                "seconds"),
         default=RETRY_INTERVAL,
         help="between tries (default: %g)" % RETRY_INTERVAL)
+    parser.add_argument(
+        "--eps", metavar="N",
+        type=lec.argument_type(lec.bounded(float, 1, 10000000), "N"),
+        help="look up N events a second at most, all connections together "
+        "(CyberTrace's EPSLimit); more wait in a queue (--queue), and "
+        "past it are dropped and counted (default: no limit)")
+    parser.add_argument(
+        "--queue", metavar="N", default=MAX_WAITING,
+        type=lec.argument_type(lec.bounded(int, 1, 1000000), "N"),
+        help="with --eps or --lookup-ms, at most N events wait for a lookup "
+        "(default: %d)" % MAX_WAITING)
+    parser.add_argument(
+        "--scanners", metavar="N",
+        type=lec.argument_type(lec.bounded(int, 1, MAX_CLIENTS), "N"),
+        help="serve N connections at once (CyberTrace's ScannersCount); the "
+        "next one waits, unread, until one closes; PING is always answered, "
+        "as CyberTrace keeps a scanner free for it (default: %d)"
+        % MAX_CLIENTS)
+    parser.add_argument(
+        "--lookup-ms", metavar="X",
+        type=lec.argument_type(lec.bounded(float, 0, 60000), "ms"),
+        default=0.0, help="each lookup takes X ms, one at a time per "
+        "connection (default: 0)")
     parser.add_argument("--version", action="version",
                         version="%(prog)s " + lec.__version__)
     parser.set_defaults(feeds="demo")
@@ -585,18 +720,22 @@ def main(argv: Optional[list] = None) -> int:
             output=args.output, input=args.input, detect=detect, alert=True,
             noise=args.noise, retries=args.retries,
             retry_interval=args.retry_interval, status=CONSOLE.status,
-            alert_output=args.alert_output)
+            alert_output=args.alert_output, eps=args.eps,
+            scanners=args.scanners, lookup_ms=args.lookup_ms,
+            queue=args.queue)
     except lec.UserError as exc:
         CONSOLE.line("%s: error: %s" % (parser.prog, exc))
         return 1
     with stand_in:
         while not stop:
             time.sleep(0.1)
-    CONSOLE.status("Stopped: %s, %s delivered" % (
+    dropped = stand_in.capacity.dropped if stand_in.capacity else 0
+    CONSOLE.status("Stopped: %s, %s delivered%s" % (
         lec.plural(stand_in.accepted, "connection"),
         lec.plural(stand_in.delivery.delivered + (
             stand_in.alerts.delivered if args.alert_output else 0),
-            "event")))
+            "event"), ", %s dropped (over --eps or its queue)"
+        % lec.format_count(dropped) if dropped else ""))
     return 0
 
 

@@ -532,5 +532,64 @@ class StandInTest(unittest.TestCase):
             self.assertNotIn("Traceback", stand_in.stderr_text)
 
 
+class CapacityTest(unittest.TestCase):
+    """--eps, --queue, --scanners and --lookup-ms give the stand-in a
+    capacity to measure."""
+
+    def answers(self, port: int, events: int) -> list:
+        with socket.create_connection(("127.0.0.1", port), TIMEOUT) as sock:
+            sock.sendall(b"X-KF-SendFinishedEventX-KF-ReplyBack" +
+                         b"x=1\n" * events)
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return data.splitlines()
+                data += chunk
+
+    def test_over_eps_and_its_queue_events_are_dropped_and_counted(self):
+        with StandIn("--eps", "20", "--queue", "3") as stand_in:
+            lines = self.answers(stand_in.port, 20)
+            found = stand_in.wait_stderr(r": 20 events, 0 detections, "
+                                         r"(\d+) dropped \(over --eps or its "
+                                         r"queue\)\n")
+            self.assertEqual(stand_in.stop(), 0)
+        self.assertGreater(len(lines), 0)
+        self.assertEqual(len(lines) + int(found.group(1)), 20)
+        self.assertRegex(stand_in.stderr_text, r"Stopped: 1 connection, 0 "
+                                               r"events delivered, \d+ "
+                                               r"dropped")
+
+    def test_lookup_ms_and_scanners(self):
+        with StandIn("--lookup-ms", "50", "--scanners", "1") as stand_in:
+            started = time.monotonic()
+            lines = self.answers(stand_in.port, 3)
+            took = time.monotonic() - started
+            # The next connection waits for the one scanner; a PING not.
+            with socket.create_connection(("127.0.0.1", stand_in.port),
+                                          TIMEOUT) as busy:
+                busy.sendall(b"x=1\n")
+                with socket.create_connection(
+                        ("127.0.0.1", stand_in.port), TIMEOUT) as waiting:
+                    waiting.sendall(b"y=1\n")
+                    stand_in.wait_stderr(r"waits for a scanner \(all busy\)")
+                proc, _ = run_check("--ping", "-c", str(stand_in.port))
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(stand_in.stop(), 0)
+        self.assertEqual(len(lines), 3)
+        # Three lookups one after another: 150 ms at least.
+        self.assertGreaterEqual(took, 0.15)
+
+    def test_bad_capacity_arguments(self):
+        for args in (["--eps", "0"], ["--scanners", "0"],
+                     ["--lookup-ms", "-1"], ["--queue", "0"]):
+            with self.subTest(args=args):
+                proc = subprocess.run([sys.executable, str(STAND_IN), *args],
+                                      capture_output=True, timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 2)
+                self.assertEqual(len(proc.stderr.splitlines()), 1)
+
+
 if __name__ == "__main__":
     unittest.main()
