@@ -122,26 +122,39 @@ _DATE = re.compile(r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d")
 _FIELD = re.compile(r"(?:^| )(url|src|dst|ip|md5|usrName)=(\S+)")
 
 
+# Flags are a few bytes; past so many of them the rest is taken as events,
+# so that a flood of flags costs no more than one of events.
+MAX_FLAG_BYTES = 4096
+
+
 def read_flags(sock: socket.socket) -> tuple:
-    """Return (flags, bytes after them) from the start of a connection."""
-    buf = b""
+    """Return (flags, bytes after them) from the start of a connection;
+    a flag given again is kept once."""
+    buf = bytearray()
+    start = 0  # of what is not yet a flag
     flags = []
     while True:
-        if flags and flags[-1] == b"X-KF-ReplyBack" and buf.startswith(PING):
+        last = flags[-1] if flags else None
+        if last == b"X-KF-ReplyBack" and buf.startswith(PING, start):
             flags.append(PING)
-            return flags, buf[len(PING):]
-        token = next((f for f in FLAGS if buf.startswith(f)), None)
-        if token is not None:
+            return flags, bytes(buf[start + len(PING):])
+        token = next((f for f in FLAGS if buf.startswith(f, start)), None)
+        if token is not None and start < MAX_FLAG_BYTES:
+            if token in flags:
+                flags.remove(token)  # kept once, where last given
             flags.append(token)
-            buf = buf[len(token):]
+            start += len(token)
             continue
-        wanted = FLAGS + ((PING,) if flags and flags[-1] ==
-                          b"X-KF-ReplyBack" else ())
-        if buf and not any(w.startswith(buf) for w in wanted):
-            return flags, buf
+        rest = bytes(buf[start:])
+        wanted = FLAGS + ((PING,) if last == b"X-KF-ReplyBack" else ())
+        if start >= MAX_FLAG_BYTES or rest and not any(
+                w.startswith(rest) for w in wanted):
+            return flags, rest
         data = sock.recv(65536)
         if not data:
-            return flags, buf
+            return flags, rest
+        del buf[:start]
+        start = 0
         buf += data
 
 

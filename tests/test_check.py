@@ -591,5 +591,24 @@ class CapacityTest(unittest.TestCase):
                 self.assertEqual(len(proc.stderr.splitlines()), 1)
 
 
+class FlagFloodTest(unittest.TestCase):
+    def test_a_flood_of_flags_is_bounded_and_its_line_short(self):
+        with StandIn() as stand_in:
+            with socket.create_connection(("127.0.0.1", stand_in.port),
+                                          TIMEOUT) as sock:
+                sock.sendall(b"X-KF-ReplyBack" + b"X-KF-SaveStatistic" *
+                             60000 + b"\n")
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(TIMEOUT)
+                while sock.recv(65536):
+                    pass
+            line = stand_in.wait_stderr(r"127\.0\.0\.1:\d+ \(X-KF-[^\n]*"
+                                        r"\n").group(0)
+            self.assertEqual(stand_in.stop(), 0)
+        # The flags once each; the rest of the flood taken as events.
+        self.assertLess(len(line), 200, line[:300])
+        self.assertIn("(X-KF-ReplyBackX-KF-SaveStatistic): ", line)
+
+
 if __name__ == "__main__":
     unittest.main()
