@@ -67,9 +67,10 @@ PING = b"PING"  # only right after X-KF-ReplyBack
 # keeps what one connection holds small.
 INBOUND_EVENT_BYTES = 64 * 1024
 MAX_CLIENTS = 128
-# A connection silent this long is closed, so that idle ones cannot hold
-# every place for good.
-IDLE_TIMEOUT = 60.0
+# CyberTrace documents no idle timeout, so none by default: with every place
+# taken, the connection silent longest gives its place to a new one, as
+# nginx frees keep-alive connections when out of them.
+IDLE_TIMEOUT = None
 # Detections waiting for an output that is down, at most.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 # With the output down and peers sending, every batch fails: so many lines
@@ -376,7 +377,7 @@ class FakeCyberTrace:
         self.connections = []  # (flags, raw bytes after the flags)
         self.accepted = 0
         self.threads = []
-        self.open = []
+        self.heard = {}  # each open connection: when it last sent
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.closing = False
         self.server = self.bind(input)
@@ -418,11 +419,14 @@ class FakeCyberTrace:
         """Take connections, a thread each, MAX_CLIENTS at once at most."""
         short = False  # of file descriptors: said once, until it ends
         while True:
-            self.slots.acquire()
+            full = not self.slots.acquire(blocking=False)
             try:
                 sock, peer = self.server.accept()
+                if full:
+                    self.make_room()
             except OSError as exc:
-                self.slots.release()
+                if not full:
+                    self.slots.release()
                 if self.closing:
                     return
                 if exc.errno in lec.OUT_OF_DESCRIPTORS:
@@ -434,24 +438,45 @@ class FakeCyberTrace:
                 continue  # a peer that reset before it was taken
             short = False
             with self.lock:
-                self.open.append(sock)
+                self.heard[sock] = time.monotonic()
             thread = threading.Thread(target=self.handle, args=(sock, peer),
                                       daemon=True)
             thread.start()
             self.threads = [t for t in self.threads if t.is_alive()]
             self.threads.append(thread)
 
+    def make_room(self) -> None:
+        """Close the connection silent longest, and take its place."""
+        with self.lock:
+            oldest = min(self.heard, key=self.heard.get)
+            silent = time.monotonic() - self.heard.get(oldest, 0)
+        try:
+            oldest.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.status("all %d places taken: closing the connection silent "
+                    "longest (%s) for a new one" % (
+                        MAX_CLIENTS, lec.format_duration(silent)))
+        self.slots.acquire()
+
     def handle(self, sock: socket.socket, peer: tuple) -> None:
         peer = lec.format_peer(peer)
         scanned = False
         sock.settimeout(self.idle_timeout)
         record = [[], bytearray()]
+        tally = [0, 0, 0]  # events, detections, dropped
+        watched = Recorder(sock, None, self.lock, self.heard)
         with self.lock:
             self.connections.append(record)
             self.accepted += 1
+            self.heard[sock] = time.monotonic()
         try:
-            flags, rest = read_flags(sock)
+            flags, rest = read_flags(watched)
             record[0] = flags
+            if self.record:  # what came after the flags
+                with self.lock:
+                    watched.raw = record[1]
+                    watched.raw += rest
             if PING in flags:
                 sock.sendall(self.pong)
                 self.status("%s: PING, answered %s" % (
@@ -462,61 +487,57 @@ class FakeCyberTrace:
                     self.status("%s: waits for a scanner (all busy)" % peer)
                     self.scanners.acquire()
                 scanned = True
-            events, found, dropped = self.serve_events(sock, flags, rest,
-                                                       record[1])
-            self.status("%s%s: %s, %s%s" % (
-                peer, " (%s)" % b"".join(flags).decode() if flags else "",
-                lec.plural(events, "event"), lec.plural(found, "detection"),
-                ", %s dropped (over --eps or its queue)" % lec.format_count(
-                    dropped) if dropped else ""))
+            self.serve_events(watched, flags, rest, tally)
+            why = ""
         except OSError as exc:
-            self.status("%s: %s" % (peer, exc.strerror or exc))
+            why = exc.strerror or str(exc)
         finally:
             with self.lock:
-                self.open.remove(sock)
+                self.heard.pop(sock, None)
                 if not self.record:
                     self.connections.remove(record)
             sock.close()
             if scanned:
                 self.scanners.release()
             self.slots.release()
+        if PING not in record[0]:
+            self.status("%s%s: %s (%s), %s%s%s" % (
+                peer, " (%s)" % b"".join(record[0]).decode()
+                if record[0] else "", lec.plural(tally[0], "event"),
+                lec.format_bytes(watched.bytes),
+                lec.plural(tally[1], "detection"),
+                ", %s dropped (over --eps or its queue)" % lec.format_count(
+                    tally[2]) if tally[2] else "",
+                "; %s" % why if why else ""))
 
-    def serve_events(self, sock: socket.socket, flags: list, rest: bytes,
-                     raw: bytearray) -> tuple:
-        """Answer each event; return (events, detections, dropped)."""
+    def serve_events(self, sock: "Recorder", flags: list, rest: bytes,
+                     tally: list) -> None:
+        """Answer each event, counting in tally (events, detections,
+        dropped)."""
         reply_back = b"X-KF-ReplyBack" in flags
         send_finished = b"X-KF-SendFinishedEvent" in flags
         if self.noise and self.delivery is not None and not reply_back:
             self.alerts.put([NOISE[0] % now_date()])
             self.delivery.put([NOISE[1]])
-        if self.record:
-            sock = Recorder(sock, raw, self.lock)
-            with self.lock:
-                raw += rest
         blocks = lec.receive_blocks(sock, rest, INBOUND_EVENT_BYTES,
                                     INBOUND_EVENT_BYTES)
         target = sock if reply_back else None
         if self.capacity is not None:
-            return self.serve_paced(blocks, send_finished, target)
-        events = found = 0
+            return self.serve_paced(blocks, send_finished, target, tally)
         for block in blocks:
             count, lines = self.respond(block, send_finished)
-            events, found = events + count, found + len(lines)
+            tally[0] += count
+            tally[1] += len(lines) - (count if send_finished else 0)
             self.send(lines, target)
-        if send_finished:
-            found -= events
-        return events, found, 0
 
     def serve_paced(self, blocks: Iterable, send_finished: bool,
-                    target) -> tuple:
+                    target, counts: list) -> None:
         """Answer each event when its lookup is done, as --eps and
-        --lookup-ms say, reading on meanwhile; return (events, detections,
-        dropped)."""
+        --lookup-ms say, reading on meanwhile."""
         capacity = self.capacity
         cond = threading.Condition()
         waiting = collections.deque()  # (when its lookup may start, event)
         ended = []
-        counts = [0, 0]  # detections, events dropped
 
         def answer() -> None:
             busy = 0.0  # when this connection's scanner is free again
@@ -531,7 +552,7 @@ class FakeCyberTrace:
                 time.sleep(max(0.0, busy - time.monotonic()))
                 capacity.done()
                 found = detections(event, self.detect)
-                counts[0] += len(found)
+                counts[1] += len(found)
                 if send_finished:
                     found.append(finished_event(found))
                 try:
@@ -541,15 +562,14 @@ class FakeCyberTrace:
 
         answerer = threading.Thread(target=answer, daemon=True)
         answerer.start()
-        events = 0
         try:
             for block in blocks:
                 text = bytes(block).decode("utf-8", "replace")[:-1]
                 for event in text.split("\n"):
-                    events += 1
+                    counts[0] += 1
                     due = capacity.admit()
                     if due is None:
-                        counts[1] += 1
+                        counts[2] += 1
                         continue
                     with cond:
                         waiting.append((due, event))
@@ -559,7 +579,6 @@ class FakeCyberTrace:
                 ended.append(True)
                 cond.notify()
             answerer.join()
-        return events, counts[0], counts[1]
 
     def respond(self, block: lec.Block, send_finished: bool) -> tuple:
         """Return (events in block, the lines that answer them)."""
@@ -598,7 +617,7 @@ class FakeCyberTrace:
             pass
         self.server.close()
         with self.lock:
-            for sock in self.open:
+            for sock in list(self.heard):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -617,18 +636,25 @@ class FakeCyberTrace:
 
 
 class Recorder:
-    """A connection that keeps every byte received (for the tests)."""
+    """A connection that notes when it last sent and how much, and keeps
+    every byte received if given raw (for the tests)."""
 
-    def __init__(self, sock: socket.socket, raw: bytearray,
-                 lock: threading.Lock) -> None:
+    def __init__(self, sock: socket.socket, raw: Optional[bytearray],
+                 lock: threading.Lock, heard: dict) -> None:
         self.sock = sock
         self.raw = raw
         self.lock = lock
+        self.heard = heard
+        self.bytes = 0
 
     def recv(self, size: int) -> bytes:
         data = self.sock.recv(size)
+        self.bytes += len(data)
         with self.lock:
-            self.raw += data
+            if self.raw is not None:
+                self.raw += data
+            if data:
+                self.heard[self.sock] = time.monotonic()
         return data
 
     def sendall(self, data: bytes) -> None:

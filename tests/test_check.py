@@ -551,7 +551,7 @@ class CapacityTest(unittest.TestCase):
     def test_over_eps_and_its_queue_events_are_dropped_and_counted(self):
         with StandIn("--eps", "20", "--queue", "3") as stand_in:
             lines = self.answers(stand_in.port, 20)
-            found = stand_in.wait_stderr(r": 20 events, 0 detections, "
+            found = stand_in.wait_stderr(r": 20 events \(116 bytes\), 0 detections, "
                                          r"(\d+) dropped \(over --eps or its "
                                          r"queue\)\n")
             self.assertEqual(stand_in.stop(), 0)
