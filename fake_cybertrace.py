@@ -267,6 +267,10 @@ class Delivery:
             if error is None:
                 self.delivered += events
                 self.failures.flush()
+                if attempts:
+                    self.status("delivered %s to %s on retry %d of %d" % (
+                        lec.plural(events, "event"), self.where, attempts,
+                        self.retries))
             elif attempts < self.retries:
                 self.failures.say("failed", "cannot deliver %s to %s: %s; "
                                   "retry %d of %d in %g s" % (

@@ -13,6 +13,7 @@ import unittest
 
 from support import (ROOT, SENDER, TIMEOUT, Listener, Process, user_env)
 
+import fake_cybertrace
 import send_events_cybertrace as sec
 
 STAND_IN = ROOT / "fake_cybertrace.py"
@@ -517,6 +518,8 @@ class StandInTest(unittest.TestCase):
             with Listener("-f", "raw", listen="127.0.0.1:%d" % port) as out:
                 out.wait_stdout(1)
                 self.assertIn(b"alert=KL_ALERT_ServiceStarted", out.out)
+                stand_in.wait_stderr(r"delivered 1 event to 127\.0\.0\.1:%d "
+                                     r"on retry \d of 3\n" % port)
 
     def test_gives_up_after_the_retries(self):
         with StandIn("--output", "127.0.0.1:%d" % free_port(), "--retries",
@@ -589,6 +592,34 @@ class CapacityTest(unittest.TestCase):
                                       capture_output=True, timeout=TIMEOUT)
                 self.assertEqual(proc.returncode, 2)
                 self.assertEqual(len(proc.stderr.splitlines()), 1)
+
+
+class CrowdTest(unittest.TestCase):
+    def test_an_idle_crowd_gives_its_place_to_a_newcomer_and_a_ping(self):
+        saved = fake_cybertrace.MAX_CLIENTS
+        fake_cybertrace.MAX_CLIENTS = 3
+        lines = []
+        try:
+            with fake_cybertrace.FakeCyberTrace(status=lines.append) as ct:
+                crowd = [socket.create_connection(ct.address, TIMEOUT)
+                         for _ in range(3)]
+                try:
+                    for sock in crowd:
+                        sock.sendall(b"a=1")  # a trickle, no whole event
+                    proc, _ = run_check("--ping", "-c", "%s:%d" % ct.address)
+                    self.assertEqual(proc.returncode, 0, proc.stderr)
+                    with socket.create_connection(ct.address,
+                                                  TIMEOUT) as newcomer:
+                        newcomer.sendall(b"X-KF-ReplyBack192.0.2.1\n")
+                        newcomer.settimeout(TIMEOUT)
+                        self.assertIn(b"192.0.2.1", newcomer.recv(65536))
+                finally:
+                    for sock in crowd:
+                        sock.close()
+        finally:
+            fake_cybertrace.MAX_CLIENTS = saved
+        self.assertTrue(any("closing the connection silent longest" in line
+                            for line in lines), lines)
 
 
 class FlagFloodTest(unittest.TestCase):
