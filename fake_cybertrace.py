@@ -217,7 +217,10 @@ class Delivery:
         self.failures = lec.Throttle(status, FAILURE_LINES, FAILURE_WINDOW,
                                      say_failures)
         self.sock = None
-        self.queue = []  # (when due, order, data, attempts so far)
+        self.queue = []  # heap of [when due, order, data, attempts so far]
+        # The same entries oldest first, for drops; a dropped entry's data
+        # becomes None and the run loop skips it (no search, no heapify).
+        self.ages = collections.deque()
         self.queued = 0  # bytes in the queue
         self.order = itertools.count()
         self.delivered = self.dropped = 0
@@ -233,16 +236,22 @@ class Delivery:
     def push(self, due: float, data: bytes, attempts: int) -> None:
         """Queue data; past MAX_QUEUED_BYTES, drop the oldest first."""
         with self.cond:
-            heapq.heappush(self.queue, (due, next(self.order), data,
-                                        attempts))
+            entry = [due, next(self.order), data, attempts]
+            heapq.heappush(self.queue, entry)
+            # A retry is as old as its first try: it goes by its order.
+            if attempts:
+                self.ages.appendleft(entry)
+            else:
+                self.ages.append(entry)
             self.queued += len(data)
             dropped = 0
-            while self.queued > MAX_QUEUED_BYTES and len(self.queue) > 1:
-                oldest = min(self.queue, key=lambda entry: entry[1])
-                self.queue.remove(oldest)
-                heapq.heapify(self.queue)
+            while self.queued > MAX_QUEUED_BYTES and len(self.ages) > 1:
+                oldest = self.ages.popleft()
+                if oldest[2] is None:
+                    continue  # sent already
                 self.queued -= len(oldest[2])
                 dropped += oldest[2].count(b"\n")
+                oldest[2] = None
             self.dropped += dropped
             self.cond.notify()
         if dropped:
@@ -260,8 +269,14 @@ class Delivery:
                                    if self.queue else None)
                 if self.closed:
                     return
-                _, _, data, attempts = heapq.heappop(self.queue)
+                entry = heapq.heappop(self.queue)
+                _, _, data, attempts = entry
+                if data is None:
+                    continue  # dropped for newer ones
+                entry[2] = None
                 self.queued -= len(data)
+                while self.ages and self.ages[0][2] is None:
+                    self.ages.popleft()
             error = self.send(data)
             events = data.count(b"\n")
             if error is None:
