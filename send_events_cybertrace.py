@@ -48,13 +48,14 @@ try:
     from listen_events_cybertrace import (
         LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS, Block,
         Console, EmbeddedListener, EventFramer, OneLineParser, RateMeter,
-        UserError, argument_type, bounded, escape_block, escape_controls,
-        escape_line, format_address, format_bytes, format_count,
-        format_duration, format_progress, formatter, interface_addresses,
-        ip_of, keep_freed_memory, parse_address, parse_fields,
-        parse_network, parse_response, peer_gone, plural, reachable_hosts,
-        receive_blocks, resolved_addresses, split_lines, to_text,
-        write_stdout, __version__)
+        UserError, argument_type, binary_stdout, bounded, escape_block,
+        escape_controls, escape_line, format_address, format_bytes,
+        format_count, format_duration, format_progress, formatter,
+        interface_addresses, ip_of, keep_freed_memory, parse_address,
+        parse_fields, parse_network, parse_response, peer_gone, plural,
+        reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
+        split_lines, stream_flags, to_text, write_now, write_stdout,
+        __version__)
 except ModuleNotFoundError as exc:
     if exc.name != "listen_events_cybertrace":
         raise
@@ -93,6 +94,13 @@ FINISHED = b"LookupFinished"
 EOF_KEY = "Ctrl+Z then Enter" if sys.platform == "win32" else "Ctrl+D"
 TERMINAL_NOTICE = ("Reading events from the terminal, one per line; %s to "
                    "send and finish" % EOF_KEY)
+# A signal that comes while an interruption is reported ends us this soon,
+# whatever the report waits on (a stderr nobody reads).
+STOP_GRACE = 1.0
+# How long a stop waits for the thread that prints --reply-back's answers:
+# it looks up from a stdout that takes nothing this often.
+REPLIES_POLL = 0.05
+REPLIES_JOIN = 1.0
 # Files smaller than this go out before a progress line could mean anything.
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 # --rate's bounds: at the least one event every 100 s, so that a wait for
@@ -151,6 +159,11 @@ class NothingToSend(UserError):
 class Interrupted(Exception):
     """Ctrl+C or SIGTERM: the message says what got through."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        # Counted: from here on a signal must not tear the report.
+        HoldInterrupts.stopping = True
+
 
 # --- Ctrl+C and SIGTERM ------------------------------------------------------
 
@@ -164,7 +177,8 @@ class HoldInterrupts:
     holding = False
     pending = False  # a Ctrl+C came while holding
     number = None  # the signal that stopped us: SIGINT, SIGTERM, SIGBREAK
-    stopping = False  # a first Ctrl+C is being reported: ignore the next
+    stopping = False  # counted and being reported (see on_interrupt)
+    deadline = None  # the timer that ends us if the report is stuck
 
     def __enter__(self) -> None:
         HoldInterrupts.holding = True
@@ -178,12 +192,27 @@ class HoldInterrupts:
     @staticmethod
     def on_interrupt(number, frame) -> None:
         if HoldInterrupts.stopping:
+            # A traceback would tear the report, so none; but whatever the
+            # report waits on, this signal too must stop us.
+            HoldInterrupts.exit_soon()
             return
         HoldInterrupts.number = number
         if HoldInterrupts.holding:
             HoldInterrupts.pending = True
         else:
             raise KeyboardInterrupt
+
+
+    @staticmethod
+    def exit_soon() -> None:
+        """Exit within STOP_GRACE s with the first signal's status."""
+        if HoldInterrupts.deadline is None:
+            status = 143 if HoldInterrupts.number == getattr(
+                signal, "SIGTERM", None) else 130
+            timer = threading.Timer(STOP_GRACE, os._exit, (status,))
+            timer.daemon = True
+            timer.start()
+            HoldInterrupts.deadline = timer
 
 
 HOLD_INTERRUPTS = HoldInterrupts()
@@ -209,6 +238,7 @@ def install_interrupt_handlers() -> list:
 
 def interrupted_status(prog: str, detail: str = "") -> int:
     """Say that Ctrl+C or SIGTERM stopped us; return 130 or 143."""
+    HoldInterrupts.stopping = True
     terminated = HoldInterrupts.number == getattr(signal, "SIGTERM", None)
     # On a terminal, write over the ^C it echoed.
     erase = "\r" if console.on_stderr() else ""
@@ -1004,7 +1034,13 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
 # --- --reply-back, --ping and the progress line ------------------------------
 
 class Replies:
-    """Read CyberTrace's answers in a thread and print them to stdout."""
+    """Read CyberTrace's answers in a thread and print them to stdout.
+
+    stdout is written without waiting where a reader can stall it (a
+    pipe nobody reads), so that stop() always ends the thread: a thread
+    blocked in a write would hold the sender past -t and past every
+    signal, and sys.stdout's lock would hold its exit too.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -1014,6 +1050,10 @@ class Replies:
         self.closed = False
         self.cond = threading.Condition()
         self.escape = sys.stdout.isatty()
+        self.out = binary_stdout()
+        self.flags = stream_flags(self.out)
+        self.stopping = threading.Event()
+        self.stalled_since = None  # when stdout last took nothing
         self.thread = threading.Thread(target=self.read, daemon=True)
         self.thread.start()
 
@@ -1023,6 +1063,8 @@ class Replies:
         try:
             for block in receive_blocks(self.sock):
                 self.take(block)
+                if self.stopping.is_set():
+                    break
         except socket.timeout:
             error = "timed out waiting for answers"
         except OSError as exc:
@@ -1037,7 +1079,10 @@ class Replies:
             self.cond.notify_all()
 
     def take(self, block: bytes) -> None:
-        write_stdout(escape_block(block) if self.escape else block)
+        data = escape_block(block) if self.escape else block
+        written = self.write(data)
+        if written < len(data):  # stopped: count the lines printed whole
+            block = data[:data.rfind(b"\n", 0, written) + 1]
         finished = block.count(FINISHED)
         if finished:
             finished = sum(FINISHED in line for line in block.split(b"\n"))
@@ -1045,6 +1090,50 @@ class Replies:
             self.events += block.count(b"\n")
             self.finished += finished
             self.cond.notify_all()
+
+    def write(self, data: bytes) -> int:
+        """Write data to stdout; return how much of it, less once stopped."""
+        view = memoryview(data)
+        done = 0
+        while done < len(data) and not self.stopping.is_set():
+            if self.flags is not None and not select.select(
+                    [], [self.out], [], REPLIES_POLL)[1]:
+                if self.stalled_since is None:
+                    self.stalled_since = time.monotonic()
+                continue
+            try:
+                done += write_now(self.out, view[done:], self.flags)
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                silence_stdout()
+                raise UserError("cannot write to stdout: Broken pipe") \
+                    from None
+            except OSError as exc:
+                raise UserError("cannot write to stdout: %s" % (
+                    exc.strerror or exc)) from None
+            self.stalled_since = None
+        return done
+
+    def stalled(self) -> str:
+        """Say how long stdout has taken no answer, if it has stalled."""
+        since = self.stalled_since
+        if since is None:
+            return ""
+        return "stdout has taken no answer for %.1f s" % (
+            time.monotonic() - since)
+
+    def stop(self) -> None:
+        """Stop reading and printing answers; wait for that, briefly."""
+        self.stopping.set()
+        # Wake the reader if it is still waiting for data.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        # Where a write cannot be given up (Windows), the thread is left
+        # behind: it holds no lock that exit needs.
+        self.thread.join(REPLIES_JOIN)
 
     def wait_finished(self, expected: int, timeout: float) -> None:
         """Wait for expected LookupFinished answers, at most timeout s,
@@ -1054,7 +1143,8 @@ class Replies:
             while self.finished < expected and not self.closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.error = self.error or "timed out waiting for answers"
+                    self.error = self.error or self.stalled() or \
+                        "timed out waiting for answers"
                     return
                 self.cond.wait(left)
 
@@ -2209,32 +2299,34 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
         connection = Connection(sock, where)
         replies = progress = None
         try:
-            if args.reply_back:
-                connection.send(REPLY_BACK_FLAGS, 0)
-                replies = Replies(sock)
-            if watch is not None:
-                progress = Progress(connection, *watch)
-            send_all(connection, blocks, args.verbose)
-            if replies is None:
-                connection.finish(args.timeout)
-            else:
-                replies.wait_finished(connection.events, args.timeout)
+            try:
+                if args.reply_back:
+                    connection.send(REPLY_BACK_FLAGS, 0)
+                    replies = Replies(sock)
+                if watch is not None:
+                    progress = Progress(connection, *watch)
+                send_all(connection, blocks, args.verbose)
+                if replies is None:
+                    connection.finish(args.timeout)
+                else:
+                    replies.wait_finished(connection.events, args.timeout)
+            except SendError as exc:
+                # CyberTrace waits for us to read its answers: say why.
+                stalled = replies.stalled() if replies else ""
+                if not stalled:
+                    raise
+                raise SendError("%s; %s" % (exc, stalled), exc.reason) \
+                    from None
+            finally:
+                if progress is not None:
+                    progress.stop()
+                if replies is not None:
+                    replies.stop()
         except KeyboardInterrupt:
-            # Count now, while the socket still answers; a second Ctrl+C
-            # must not cut the cleanup short.
-            HoldInterrupts.stopping = True
+            # Here too when a signal cut the cleanup above short: the
+            # counts are the connection's, whatever the stage.
             raise Interrupted(say_got_through(connection, replies)) \
                 from None
-        finally:
-            if progress is not None:
-                progress.stop()
-            if replies is not None:
-                # Wake the reader if it is still waiting for data.
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                replies.thread.join()
     summary = sent_summary(connection.events, connection.bytes, where,
                            time.monotonic() - started)
     if replies is None:
