@@ -117,6 +117,9 @@ REJECT_LINES = 5
 REJECT_WINDOW = 10.0
 # So many "Connection from" and "Closed" lines a window, at most.
 CONNECTION_LINES = 100
+# So many "split into pieces" warnings a window: a peer sending one long
+# event after another must not flood the log either.
+SPLIT_LINES = 5
 # Time allowed on stop to read what the kernel already acknowledged to peers:
 # they count it as delivered, yet a stop must not wait on a peer for ever.
 DRAIN_SECONDS = 2.0
@@ -1748,6 +1751,13 @@ def say_rejected(counts: dict, seconds: float) -> str:
         format_duration(seconds))
 
 
+def say_splits(counts: dict, seconds: float) -> str:
+    return "%s longer than --max-event-bytes split in the last %s (not " \
+        "shown one by one)" % (plural(counts["split"], "more event",
+                                      "more events"),
+                               format_duration(seconds))
+
+
 def say_connections(counts: dict, seconds: float) -> str:
     opened = counts.get("opened", 0)
     return "%s opened and %s closed in the last %s (not shown one by one)" \
@@ -2027,6 +2037,8 @@ class Reader:
         self.remove = remove  # remove(conn, why): the peer closed or reset
         self.max_event_bytes = settings.max_event_bytes
         self.budget = BufferBudget(settings.max_buffer_bytes)
+        self.splits = Throttle(console.warn, SPLIT_LINES, REJECT_WINDOW,
+                               say_splits)
         # One receive buffer for every connection: the loop reads one
         # connection at a time, and a buffer per peer would cost megabytes.
         self.read_size = JSON_RECV_SIZE if settings.format == "json" \
@@ -2088,8 +2100,9 @@ class Reader:
             self.emit(piece, conn)
 
     def warn_split(self, conn: Connection) -> None:
-        self.console.warn("event from %s longer than %s, split into pieces"
-                          % (conn.peer, plural(self.max_event_bytes, "byte")))
+        self.splits.say("split", "event from %s longer than %s, split into "
+                        "pieces" % (conn.peer,
+                                    plural(self.max_event_bytes, "byte")))
 
     def emit(self, block: Block, conn: Connection) -> None:
         conn.events += self.sink.emit(block, conn.peer)
@@ -2376,7 +2389,8 @@ class Listener:
         self.reopen_requested = False
         self.comings = Throttle(self.console.status, CONNECTION_LINES,
                                 REJECT_WINDOW, say_connections)
-        self.throttles = (self.admission.refusals, self.comings)
+        self.throttles = (self.admission.refusals, self.comings,
+                          self.reader.splits)
         # What the loop fires when due: each has due() and fire(now).
         self.timers = (self.sweeper, self.stats, *self.throttles)
 
