@@ -120,6 +120,8 @@ CONNECTION_LINES = 100
 # So many "split into pieces" warnings a window: a peer sending one long
 # event after another must not flood the log either.
 SPLIT_LINES = 5
+# Out of file descriptors, try for one again this long after.
+DESCRIPTOR_RETRY_SECONDS = 0.5
 # Time allowed on stop to read what the kernel already acknowledged to peers:
 # they count it as delivered, yet a stop must not wait on a peer for ever.
 DRAIN_SECONDS = 2.0
@@ -1789,6 +1791,9 @@ class Admission:
         self.refusals = Throttle(console.status, REJECT_LINES, REJECT_WINDOW,
                                  say_rejected)
         self.full_warned = -REJECT_WINDOW  # when every place was last taken
+        # Out of descriptors: the --max-connections to come back to, the
+        # count served meanwhile, and when to try for more again.
+        self.limit = self.lowered_to = self.retry_at = None
 
     def open(self, listen: tuple, on_ready: Callable[[], None]) -> None:
         """Listen at listen; on_ready() runs when peers wait to connect."""
@@ -1815,6 +1820,7 @@ class Admission:
                 return None
             why = self.refusal(address)
             if why is None:
+                self.recovered(open_connections)
                 sock.setblocking(False)
                 return sock, address
             self.reject(address, why)
@@ -1900,10 +1906,37 @@ class Admission:
                           % (format_peer(address), why))
 
     def out_of_descriptors(self, open_connections: int) -> None:
-        """Serve no more than are open now: the system has no descriptor
-        left for another."""
-        self.console.warn("out of file descriptors; lower --max-connections")
-        self.max_connections = max(1, open_connections)
+        """Serve no more than are open now, for a while: the system has no
+        descriptor left for another."""
+        if self.limit is None:  # said once a shortage, not every retry
+            self.limit = self.max_connections
+            self.console.warn("out of file descriptors; serving %s until "
+                              "more are free" % plural(
+                                  max(1, open_connections), "connection"))
+        self.max_connections = self.lowered_to = max(1, open_connections)
+        self.retry_at = time.monotonic() + DESCRIPTOR_RETRY_SECONDS
+
+    def due(self) -> Optional[float]:
+        """Return when to try for descriptors again, or None."""
+        return self.retry_at
+
+    def fire(self, now: float) -> None:
+        # As nginx does on EMFILE: try again a moment later, for
+        # descriptors come back as other processes or peers close theirs.
+        self.retry_at = None
+        self.max_connections = self.limit
+        self.resume()
+
+    def recovered(self, open_connections: int) -> None:
+        """Say that descriptors came back, once a peer past the shortage's
+        count is in."""
+        if self.lowered_to is not None \
+                and open_connections >= self.lowered_to \
+                and self.retry_at is None:
+            self.console.status("file descriptors free again: serving up to "
+                                "%d connections (--max-connections)"
+                                % self.limit)
+            self.limit = self.lowered_to = None
 
     def fit_selector(self) -> None:
         """Lower --max-connections to what the selector can watch."""
@@ -2392,7 +2425,8 @@ class Listener:
         self.throttles = (self.admission.refusals, self.comings,
                           self.reader.splits)
         # What the loop fires when due: each has due() and fire(now).
-        self.timers = (self.sweeper, self.stats, *self.throttles)
+        self.timers = (self.sweeper, self.stats, self.admission,
+                       *self.throttles)
 
     @property
     def stopping(self) -> bool:
