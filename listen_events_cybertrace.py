@@ -391,6 +391,11 @@ def ip_of(host: str) -> IPAddress:
 def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
     text = text.strip()
+    if text.startswith(("\\\\.\\pipe\\", "//./pipe/")):
+        # CyberTrace's other ConnectionString form: say why it fails here.
+        raise ValueError("named pipes (\\\\.\\pipe\\NAME) exist only on "
+                         "Windows" if os.name != "nt" else
+                         "named pipes are not supported yet: use ADDR:PORT")
     if text.isascii() and text.isdigit():
         host, port = default_host, text
     elif text.startswith("["):
