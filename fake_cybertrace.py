@@ -27,14 +27,16 @@ speaking CyberTrace's event protocol:
 It detects the 17 indicators Kaspersky keeps for tests (--detect-all), by
 default only the 3 of them that the demo feeds carry (--demo-feeds), or
 none (--no-feeds: feeds not loaded).  Status goes to stderr; Ctrl+C stops.
-It serves 128 connections at once (more wait in the kernel's queue) and
-rides out running out of file descriptors.  The tests import FakeCyberTrace
+It serves 128 connections at once (with all taken, the one silent longest
+gives its place; none is closed for being idle) and rides out running out
+of file descriptors.  --eps, --scanners and --lookup-ms give it a capacity.  The tests import FakeCyberTrace
 to run it in-process on a free port.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import heapq
 import itertools
 import os
@@ -66,15 +68,20 @@ PING = b"PING"  # only right after X-KF-ReplyBack
 # keeps what one connection holds small.
 INBOUND_EVENT_BYTES = 64 * 1024
 MAX_CLIENTS = 128
-# A connection silent this long is closed, so that idle ones cannot hold
-# every place for good.
-IDLE_TIMEOUT = 60.0
+# CyberTrace documents no idle timeout, so none by default: with every place
+# taken, the connection silent longest gives its place to a new one, as
+# nginx frees keep-alive connections when out of them.
+IDLE_TIMEOUT = None
 # Detections waiting for an output that is down, at most.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 # With the output down and peers sending, every batch fails: so many lines
 # about it a window, then a count, as the listener's Rejected lines.
 FAILURE_LINES = 5
 FAILURE_WINDOW = 10.0
+# With --eps or --lookup-ms, at most so many events wait for a lookup, all
+# connections together; past it they are dropped and counted, as CyberTrace
+# drops events over its EPSLimit.
+MAX_WAITING = 10000
 # Status lines, to stderr while it is there.
 CONSOLE = lec.Console()
 
@@ -117,26 +124,39 @@ _DATE = re.compile(r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d")
 _FIELD = re.compile(r"(?:^| )(url|src|dst|ip|md5|usrName)=(\S+)")
 
 
+# Flags are a few bytes; past so many of them the rest is taken as events,
+# so that a flood of flags costs no more than one of events.
+MAX_FLAG_BYTES = 4096
+
+
 def read_flags(sock: socket.socket) -> tuple:
-    """Return (flags, bytes after them) from the start of a connection."""
-    buf = b""
+    """Return (flags, bytes after them) from the start of a connection;
+    a flag given again is kept once."""
+    buf = bytearray()
+    start = 0  # of what is not yet a flag
     flags = []
     while True:
-        if flags and flags[-1] == b"X-KF-ReplyBack" and buf.startswith(PING):
+        last = flags[-1] if flags else None
+        if last == b"X-KF-ReplyBack" and buf.startswith(PING, start):
             flags.append(PING)
-            return flags, buf[len(PING):]
-        token = next((f for f in FLAGS if buf.startswith(f)), None)
-        if token is not None:
+            return flags, bytes(buf[start + len(PING):])
+        token = next((f for f in FLAGS if buf.startswith(f, start)), None)
+        if token is not None and start < MAX_FLAG_BYTES:
+            if token in flags:
+                flags.remove(token)  # kept once, where last given
             flags.append(token)
-            buf = buf[len(token):]
+            start += len(token)
             continue
-        wanted = FLAGS + ((PING,) if flags and flags[-1] ==
-                          b"X-KF-ReplyBack" else ())
-        if buf and not any(w.startswith(buf) for w in wanted):
-            return flags, buf
+        rest = bytes(buf[start:])
+        wanted = FLAGS + ((PING,) if last == b"X-KF-ReplyBack" else ())
+        if start >= MAX_FLAG_BYTES or rest and not any(
+                w.startswith(rest) for w in wanted):
+            return flags, rest
         data = sock.recv(65536)
         if not data:
-            return flags, buf
+            return flags, rest
+        del buf[:start]
+        start = 0
         buf += data
 
 
@@ -198,7 +218,10 @@ class Delivery:
         self.failures = lec.Throttle(status, FAILURE_LINES, FAILURE_WINDOW,
                                      say_failures)
         self.sock = None
-        self.queue = []  # (when due, order, data, attempts so far)
+        self.queue = []  # heap of [when due, order, data, attempts so far]
+        # The same entries oldest first, for drops; a dropped entry's data
+        # becomes None and the run loop skips it (no search, no heapify).
+        self.ages = collections.deque()
         self.queued = 0  # bytes in the queue
         self.order = itertools.count()
         self.delivered = self.dropped = 0
@@ -214,16 +237,22 @@ class Delivery:
     def push(self, due: float, data: bytes, attempts: int) -> None:
         """Queue data; past MAX_QUEUED_BYTES, drop the oldest first."""
         with self.cond:
-            heapq.heappush(self.queue, (due, next(self.order), data,
-                                        attempts))
+            entry = [due, next(self.order), data, attempts]
+            heapq.heappush(self.queue, entry)
+            # A retry is as old as its first try: it goes by its order.
+            if attempts:
+                self.ages.appendleft(entry)
+            else:
+                self.ages.append(entry)
             self.queued += len(data)
             dropped = 0
-            while self.queued > MAX_QUEUED_BYTES and len(self.queue) > 1:
-                oldest = min(self.queue, key=lambda entry: entry[1])
-                self.queue.remove(oldest)
-                heapq.heapify(self.queue)
+            while self.queued > MAX_QUEUED_BYTES and len(self.ages) > 1:
+                oldest = self.ages.popleft()
+                if oldest[2] is None:
+                    continue  # sent already
                 self.queued -= len(oldest[2])
                 dropped += oldest[2].count(b"\n")
+                oldest[2] = None
             self.dropped += dropped
             self.cond.notify()
         if dropped:
@@ -241,13 +270,23 @@ class Delivery:
                                    if self.queue else None)
                 if self.closed:
                     return
-                _, _, data, attempts = heapq.heappop(self.queue)
+                entry = heapq.heappop(self.queue)
+                _, _, data, attempts = entry
+                if data is None:
+                    continue  # dropped for newer ones
+                entry[2] = None
                 self.queued -= len(data)
+                while self.ages and self.ages[0][2] is None:
+                    self.ages.popleft()
             error = self.send(data)
             events = data.count(b"\n")
             if error is None:
                 self.delivered += events
                 self.failures.flush()
+                if attempts:
+                    self.status("delivered %s to %s on retry %d of %d" % (
+                        lec.plural(events, "event"), self.where, attempts,
+                        self.retries))
             elif attempts < self.retries:
                 self.failures.say("failed", "cannot deliver %s to %s: %s; "
                                   "retry %d of %d in %g s" % (
@@ -297,6 +336,35 @@ def say_failures(counts: dict, seconds: float) -> str:
                   lec.format_duration(seconds))
 
 
+class Capacity:
+    """Pace lookups for all connections: eps a second, a bounded queue."""
+
+    def __init__(self, eps: Optional[float], lookup: float,
+                 waiting: int = MAX_WAITING) -> None:
+        self.gap = 1.0 / eps if eps else 0.0
+        self.lookup = lookup
+        self.max_waiting = waiting
+        self.lock = threading.Lock()
+        self.next_slot = 0.0
+        self.waiting = 0
+        self.dropped = 0
+
+    def admit(self) -> Optional[float]:
+        """Return when the event's lookup may start, or None: dropped."""
+        with self.lock:
+            if self.waiting >= self.max_waiting:
+                self.dropped += 1
+                return None
+            slot = max(time.monotonic(), self.next_slot)
+            self.next_slot = slot + self.gap
+            self.waiting += 1
+            return slot
+
+    def done(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+
+
 class FakeCyberTrace:
     """Serve CyberTrace's input protocol; by default on a free port."""
 
@@ -308,8 +376,17 @@ class FakeCyberTrace:
                  status: Optional[Callable[[str], None]] = None,
                  record: bool = False,
                  idle_timeout: Optional[float] = IDLE_TIMEOUT,
-                 alert_output: Optional[tuple] = None) -> None:
+                 alert_output: Optional[tuple] = None,
+                 eps: Optional[float] = None, scanners: Optional[int] = None,
+                 lookup_ms: float = 0.0, queue: int = MAX_WAITING) -> None:
         self.pong = pong
+        # Paced lookups only when asked: the plain path stays fast.
+        self.capacity = Capacity(eps, lookup_ms / 1000.0, queue) \
+            if eps or lookup_ms else None
+        # Connections served at once; PING needs none (CyberTrace keeps a
+        # scanner free for it).
+        self.scanners = threading.BoundedSemaphore(scanners) \
+            if scanners else None
         self.answer = answer
         self.detect = set(INDICATORS if detect is None else detect)
         self.noise = noise
@@ -320,7 +397,7 @@ class FakeCyberTrace:
         self.connections = []  # (flags, raw bytes after the flags)
         self.accepted = 0
         self.threads = []
-        self.open = []
+        self.heard = {}  # each open connection: when it last sent
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.closing = False
         self.server = self.bind(input)
@@ -362,11 +439,14 @@ class FakeCyberTrace:
         """Take connections, a thread each, MAX_CLIENTS at once at most."""
         short = False  # of file descriptors: said once, until it ends
         while True:
-            self.slots.acquire()
+            full = not self.slots.acquire(blocking=False)
             try:
                 sock, peer = self.server.accept()
+                if full:
+                    self.make_room()
             except OSError as exc:
-                self.slots.release()
+                if not full:
+                    self.slots.release()
                 if self.closing:
                     return
                 if exc.errno in lec.OUT_OF_DESCRIPTORS:
@@ -378,63 +458,147 @@ class FakeCyberTrace:
                 continue  # a peer that reset before it was taken
             short = False
             with self.lock:
-                self.open.append(sock)
+                self.heard[sock] = time.monotonic()
             thread = threading.Thread(target=self.handle, args=(sock, peer),
                                       daemon=True)
             thread.start()
             self.threads = [t for t in self.threads if t.is_alive()]
             self.threads.append(thread)
 
+    def make_room(self) -> None:
+        """Close the connection silent longest, and take its place."""
+        with self.lock:
+            oldest = min(self.heard, key=self.heard.get)
+            silent = time.monotonic() - self.heard.get(oldest, 0)
+        try:
+            oldest.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.status("all %d places taken: closing the connection silent "
+                    "longest (%s) for a new one" % (
+                        MAX_CLIENTS, lec.format_duration(silent)))
+        self.slots.acquire()
+
     def handle(self, sock: socket.socket, peer: tuple) -> None:
         peer = lec.format_peer(peer)
+        scanned = False
         sock.settimeout(self.idle_timeout)
         record = [[], bytearray()]
+        tally = [0, 0, 0]  # events, detections, dropped
+        watched = Recorder(sock, None, self.lock, self.heard)
         with self.lock:
             self.connections.append(record)
             self.accepted += 1
+            self.heard[sock] = time.monotonic()
         try:
-            flags, rest = read_flags(sock)
+            flags, rest = read_flags(watched)
             record[0] = flags
+            if self.record:  # what came after the flags
+                with self.lock:
+                    watched.raw = record[1]
+                    watched.raw += rest
             if PING in flags:
                 sock.sendall(self.pong)
                 self.status("%s: PING, answered %s" % (
                     peer, self.pong.decode("ascii", "backslashreplace")))
                 return
-            events, found = self.serve_events(sock, flags, rest, record[1])
-            self.status("%s%s: %s, %s" % (
-                peer, " (%s)" % b"".join(flags).decode() if flags else "",
-                lec.plural(events, "event"), lec.plural(found, "detection")))
+            if self.scanners is not None:
+                if not self.scanners.acquire(blocking=False):
+                    self.status("%s: waits for a scanner (all busy)" % peer)
+                    self.scanners.acquire()
+                scanned = True
+            self.serve_events(watched, flags, rest, tally)
+            why = ""
         except OSError as exc:
-            self.status("%s: %s" % (peer, exc.strerror or exc))
+            why = exc.strerror or str(exc)
         finally:
             with self.lock:
-                self.open.remove(sock)
+                self.heard.pop(sock, None)
                 if not self.record:
                     self.connections.remove(record)
             sock.close()
+            if scanned:
+                self.scanners.release()
             self.slots.release()
+        if PING not in record[0]:
+            self.status("%s%s: %s (%s), %s%s%s" % (
+                peer, " (%s)" % b"".join(record[0]).decode()
+                if record[0] else "", lec.plural(tally[0], "event"),
+                lec.format_bytes(watched.bytes),
+                lec.plural(tally[1], "detection"),
+                ", %s dropped (over --eps or its queue)" % lec.format_count(
+                    tally[2]) if tally[2] else "",
+                "; %s" % why if why else ""))
 
-    def serve_events(self, sock: socket.socket, flags: list, rest: bytes,
-                     raw: bytearray) -> tuple:
-        """Answer each event; return (events, detections)."""
+    def serve_events(self, sock: "Recorder", flags: list, rest: bytes,
+                     tally: list) -> None:
+        """Answer each event, counting in tally (events, detections,
+        dropped)."""
         reply_back = b"X-KF-ReplyBack" in flags
         send_finished = b"X-KF-SendFinishedEvent" in flags
         if self.noise and self.delivery is not None and not reply_back:
             self.alerts.put([NOISE[0] % now_date()])
             self.delivery.put([NOISE[1]])
-        if self.record:
-            sock = Recorder(sock, raw, self.lock)
-            with self.lock:
-                raw += rest
-        events = found = 0
-        for block in lec.receive_blocks(sock, rest, INBOUND_EVENT_BYTES,
-                                        INBOUND_EVENT_BYTES):
+        blocks = lec.receive_blocks(sock, rest, INBOUND_EVENT_BYTES,
+                                    INBOUND_EVENT_BYTES)
+        target = sock if reply_back else None
+        if self.capacity is not None:
+            return self.serve_paced(blocks, send_finished, target, tally)
+        for block in blocks:
             count, lines = self.respond(block, send_finished)
-            events, found = events + count, found + len(lines)
-            self.send(lines, sock if reply_back else None)
-        if send_finished:
-            found -= events
-        return events, found
+            tally[0] += count
+            tally[1] += len(lines) - (count if send_finished else 0)
+            self.send(lines, target)
+
+    def serve_paced(self, blocks: Iterable, send_finished: bool,
+                    target, counts: list) -> None:
+        """Answer each event when its lookup is done, as --eps and
+        --lookup-ms say, reading on meanwhile."""
+        capacity = self.capacity
+        cond = threading.Condition()
+        waiting = collections.deque()  # (when its lookup may start, event)
+        ended = []
+
+        def answer() -> None:
+            busy = 0.0  # when this connection's scanner is free again
+            while True:
+                with cond:
+                    while not waiting and not ended:
+                        cond.wait()
+                    if not waiting:
+                        return
+                    due, event = waiting.popleft()
+                busy = max(due, busy) + capacity.lookup
+                time.sleep(max(0.0, busy - time.monotonic()))
+                capacity.done()
+                found = detections(event, self.detect)
+                counts[1] += len(found)
+                if send_finished:
+                    found.append(finished_event(found))
+                try:
+                    self.send(found, target)
+                except OSError:
+                    pass  # the reader sees it too, and says it
+
+        answerer = threading.Thread(target=answer, daemon=True)
+        answerer.start()
+        try:
+            for block in blocks:
+                text = bytes(block).decode("utf-8", "replace")[:-1]
+                for event in text.split("\n"):
+                    counts[0] += 1
+                    due = capacity.admit()
+                    if due is None:
+                        counts[2] += 1
+                        continue
+                    with cond:
+                        waiting.append((due, event))
+                        cond.notify()
+        finally:
+            with cond:
+                ended.append(True)
+                cond.notify()
+            answerer.join()
 
     def respond(self, block: lec.Block, send_finished: bool) -> tuple:
         """Return (events in block, the lines that answer them)."""
@@ -473,7 +637,7 @@ class FakeCyberTrace:
             pass
         self.server.close()
         with self.lock:
-            for sock in self.open:
+            for sock in list(self.heard):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -492,18 +656,25 @@ class FakeCyberTrace:
 
 
 class Recorder:
-    """A connection that keeps every byte received (for the tests)."""
+    """A connection that notes when it last sent and how much, and keeps
+    every byte received if given raw (for the tests)."""
 
-    def __init__(self, sock: socket.socket, raw: bytearray,
-                 lock: threading.Lock) -> None:
+    def __init__(self, sock: socket.socket, raw: Optional[bytearray],
+                 lock: threading.Lock, heard: dict) -> None:
         self.sock = sock
         self.raw = raw
         self.lock = lock
+        self.heard = heard
+        self.bytes = 0
 
     def recv(self, size: int) -> bytes:
         data = self.sock.recv(size)
+        self.bytes += len(data)
         with self.lock:
-            self.raw += data
+            if self.raw is not None:
+                self.raw += data
+            if data:
+                self.heard[self.sock] = time.monotonic()
         return data
 
     def sendall(self, data: bytes) -> None:
@@ -560,6 +731,29 @@ def build_parser() -> argparse.ArgumentParser:
                                "seconds"),
         default=RETRY_INTERVAL,
         help="between tries (default: %g)" % RETRY_INTERVAL)
+    parser.add_argument(
+        "--eps", metavar="N",
+        type=lec.argument_type(lec.bounded(float, 1, 10000000), "N"),
+        help="look up N events a second at most, all connections together "
+        "(CyberTrace's EPSLimit); more wait in a queue (--queue), and "
+        "past it are dropped and counted (default: no limit)")
+    parser.add_argument(
+        "--queue", metavar="N", default=MAX_WAITING,
+        type=lec.argument_type(lec.bounded(int, 1, 1000000), "N"),
+        help="with --eps or --lookup-ms, at most N events wait for a lookup "
+        "(default: %d)" % MAX_WAITING)
+    parser.add_argument(
+        "--scanners", metavar="N",
+        type=lec.argument_type(lec.bounded(int, 1, MAX_CLIENTS), "N"),
+        help="serve N connections at once (CyberTrace's ScannersCount); the "
+        "next one waits, unread, until one closes; PING is always answered, "
+        "as CyberTrace keeps a scanner free for it (default: %d)"
+        % MAX_CLIENTS)
+    parser.add_argument(
+        "--lookup-ms", metavar="X",
+        type=lec.argument_type(lec.bounded(float, 0, 60000), "ms"),
+        default=0.0, help="each lookup takes X ms, one at a time per "
+        "connection (default: 0)")
     parser.add_argument("--version", action="version",
                         version="%(prog)s " + lec.__version__)
     parser.set_defaults(feeds="demo")
@@ -585,18 +779,22 @@ def main(argv: Optional[list] = None) -> int:
             output=args.output, input=args.input, detect=detect, alert=True,
             noise=args.noise, retries=args.retries,
             retry_interval=args.retry_interval, status=CONSOLE.status,
-            alert_output=args.alert_output)
+            alert_output=args.alert_output, eps=args.eps,
+            scanners=args.scanners, lookup_ms=args.lookup_ms,
+            queue=args.queue)
     except lec.UserError as exc:
         CONSOLE.line("%s: error: %s" % (parser.prog, exc))
         return 1
     with stand_in:
         while not stop:
             time.sleep(0.1)
-    CONSOLE.status("Stopped: %s, %s delivered" % (
+    dropped = stand_in.capacity.dropped if stand_in.capacity else 0
+    CONSOLE.status("Stopped: %s, %s delivered%s" % (
         lec.plural(stand_in.accepted, "connection"),
         lec.plural(stand_in.delivery.delivered + (
             stand_in.alerts.delivered if args.alert_output else 0),
-            "event")))
+            "event"), ", %s dropped (over --eps or its queue)"
+        % lec.format_count(dropped) if dropped else ""))
     return 0
 
 

@@ -683,8 +683,9 @@ class StandInTest(unittest.TestCase):
             for _ in range(12):
                 proc = run_sender("-c", "%s:%d" % address, "--test-events")
                 self.assertEqual(proc.returncode, 0, proc.stderr)
-            stand_in.wait_for(lambda: stand_in.stderr_text.count(
-                ": 17 events, 3 detections\n") == 12)
+            stand_in.wait_for(lambda: len(re.findall(
+                r": 17 events \(\S+ \S+\), 3 detections\n",
+                stand_in.stderr_text)) == 12)
             stand_in.signal(signal.SIGTERM)
             self.assertEqual(stand_in.finish(), 0)
         failures = re.findall(r"(?m)^cannot deliver .*$",

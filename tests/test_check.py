@@ -13,6 +13,7 @@ import unittest
 
 from support import (ROOT, SENDER, TIMEOUT, Listener, Process, user_env)
 
+import fake_cybertrace
 import send_events_cybertrace as sec
 
 STAND_IN = ROOT / "fake_cybertrace.py"
@@ -517,6 +518,8 @@ class StandInTest(unittest.TestCase):
             with Listener("-f", "raw", listen="127.0.0.1:%d" % port) as out:
                 out.wait_stdout(1)
                 self.assertIn(b"alert=KL_ALERT_ServiceStarted", out.out)
+                stand_in.wait_stderr(r"delivered 1 event to 127\.0\.0\.1:%d "
+                                     r"on retry \d of 3\n" % port)
 
     def test_gives_up_after_the_retries(self):
         with StandIn("--output", "127.0.0.1:%d" % free_port(), "--retries",
@@ -530,6 +533,112 @@ class StandInTest(unittest.TestCase):
             self.assertEqual(stand_in.finish(), 0)
             self.assertRegex(stand_in.stderr_text, r"Stopped: 0 connections")
             self.assertNotIn("Traceback", stand_in.stderr_text)
+
+
+class CapacityTest(unittest.TestCase):
+    """--eps, --queue, --scanners and --lookup-ms give the stand-in a
+    capacity to measure."""
+
+    def answers(self, port: int, events: int) -> list:
+        with socket.create_connection(("127.0.0.1", port), TIMEOUT) as sock:
+            sock.sendall(b"X-KF-SendFinishedEventX-KF-ReplyBack" +
+                         b"x=1\n" * events)
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return data.splitlines()
+                data += chunk
+
+    def test_over_eps_and_its_queue_events_are_dropped_and_counted(self):
+        with StandIn("--eps", "20", "--queue", "3") as stand_in:
+            lines = self.answers(stand_in.port, 20)
+            found = stand_in.wait_stderr(r": 20 events \(116 bytes\), 0 detections, "
+                                         r"(\d+) dropped \(over --eps or its "
+                                         r"queue\)\n")
+            self.assertEqual(stand_in.stop(), 0)
+        self.assertGreater(len(lines), 0)
+        self.assertEqual(len(lines) + int(found.group(1)), 20)
+        self.assertRegex(stand_in.stderr_text, r"Stopped: 1 connection, 0 "
+                                               r"events delivered, \d+ "
+                                               r"dropped")
+
+    def test_lookup_ms_and_scanners(self):
+        with StandIn("--lookup-ms", "50", "--scanners", "1") as stand_in:
+            started = time.monotonic()
+            lines = self.answers(stand_in.port, 3)
+            took = time.monotonic() - started
+            # The next connection waits for the one scanner; a PING not.
+            with socket.create_connection(("127.0.0.1", stand_in.port),
+                                          TIMEOUT) as busy:
+                busy.sendall(b"x=1\n")
+                with socket.create_connection(
+                        ("127.0.0.1", stand_in.port), TIMEOUT) as waiting:
+                    waiting.sendall(b"y=1\n")
+                    stand_in.wait_stderr(r"waits for a scanner \(all busy\)")
+                proc, _ = run_check("--ping", "-c", str(stand_in.port))
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(stand_in.stop(), 0)
+        self.assertEqual(len(lines), 3)
+        # Three lookups one after another: 150 ms at least.
+        self.assertGreaterEqual(took, 0.15)
+
+    def test_bad_capacity_arguments(self):
+        for args in (["--eps", "0"], ["--scanners", "0"],
+                     ["--lookup-ms", "-1"], ["--queue", "0"]):
+            with self.subTest(args=args):
+                proc = subprocess.run([sys.executable, str(STAND_IN), *args],
+                                      capture_output=True, timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 2)
+                self.assertEqual(len(proc.stderr.splitlines()), 1)
+
+
+class CrowdTest(unittest.TestCase):
+    def test_an_idle_crowd_gives_its_place_to_a_newcomer_and_a_ping(self):
+        saved = fake_cybertrace.MAX_CLIENTS
+        fake_cybertrace.MAX_CLIENTS = 3
+        lines = []
+        try:
+            with fake_cybertrace.FakeCyberTrace(status=lines.append) as ct:
+                crowd = [socket.create_connection(ct.address, TIMEOUT)
+                         for _ in range(3)]
+                try:
+                    for sock in crowd:
+                        sock.sendall(b"a=1")  # a trickle, no whole event
+                    proc, _ = run_check("--ping", "-c", "%s:%d" % ct.address)
+                    self.assertEqual(proc.returncode, 0, proc.stderr)
+                    with socket.create_connection(ct.address,
+                                                  TIMEOUT) as newcomer:
+                        newcomer.sendall(b"X-KF-ReplyBack192.0.2.1\n")
+                        newcomer.settimeout(TIMEOUT)
+                        self.assertIn(b"192.0.2.1", newcomer.recv(65536))
+                finally:
+                    for sock in crowd:
+                        sock.close()
+        finally:
+            fake_cybertrace.MAX_CLIENTS = saved
+        self.assertTrue(any("closing the connection silent longest" in line
+                            for line in lines), lines)
+
+
+class FlagFloodTest(unittest.TestCase):
+    def test_a_flood_of_flags_is_bounded_and_its_line_short(self):
+        with StandIn() as stand_in:
+            with socket.create_connection(("127.0.0.1", stand_in.port),
+                                          TIMEOUT) as sock:
+                sock.sendall(b"X-KF-ReplyBack" + b"X-KF-SaveStatistic" *
+                             60000 + b"\n")
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(TIMEOUT)
+                while sock.recv(65536):
+                    pass
+            line = stand_in.wait_stderr(r"127\.0\.0\.1:\d+ \(X-KF-[^\n]*"
+                                        r"\n").group(0)
+            self.assertEqual(stand_in.stop(), 0)
+        # The flags once each; the rest of the flood taken as events.
+        self.assertLess(len(line), 200, line[:300])
+        self.assertIn("(X-KF-ReplyBackX-KF-SaveStatistic): ", line)
 
 
 if __name__ == "__main__":
