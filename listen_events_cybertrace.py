@@ -117,6 +117,11 @@ REJECT_LINES = 5
 REJECT_WINDOW = 10.0
 # So many "Connection from" and "Closed" lines a window, at most.
 CONNECTION_LINES = 100
+# So many "split into pieces" warnings a window: a peer sending one long
+# event after another must not flood the log either.
+SPLIT_LINES = 5
+# Out of file descriptors, try for one again this long after.
+DESCRIPTOR_RETRY_SECONDS = 0.5
 # Time allowed on stop to read what the kernel already acknowledged to peers:
 # they count it as delivered, yet a stop must not wait on a peer for ever.
 DRAIN_SECONDS = 2.0
@@ -386,6 +391,11 @@ def ip_of(host: str) -> IPAddress:
 def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
     text = text.strip()
+    if text.startswith(("\\\\.\\pipe\\", "//./pipe/")):
+        # CyberTrace's other ConnectionString form: say why it fails here.
+        raise ValueError("named pipes (\\\\.\\pipe\\NAME) exist only on "
+                         "Windows" if os.name != "nt" else
+                         "named pipes are not supported yet: use ADDR:PORT")
     if text.isascii() and text.isdigit():
         host, port = default_host, text
     elif text.startswith("["):
@@ -1748,6 +1758,13 @@ def say_rejected(counts: dict, seconds: float) -> str:
         format_duration(seconds))
 
 
+def say_splits(counts: dict, seconds: float) -> str:
+    return "%s longer than --max-event-bytes split in the last %s (not " \
+        "shown one by one)" % (plural(counts["split"], "more event",
+                                      "more events"),
+                               format_duration(seconds))
+
+
 def say_connections(counts: dict, seconds: float) -> str:
     opened = counts.get("opened", 0)
     return "%s opened and %s closed in the last %s (not shown one by one)" \
@@ -1779,6 +1796,9 @@ class Admission:
         self.refusals = Throttle(console.status, REJECT_LINES, REJECT_WINDOW,
                                  say_rejected)
         self.full_warned = -REJECT_WINDOW  # when every place was last taken
+        # Out of descriptors: the --max-connections to come back to, the
+        # count served meanwhile, and when to try for more again.
+        self.limit = self.lowered_to = self.retry_at = None
 
     def open(self, listen: tuple, on_ready: Callable[[], None]) -> None:
         """Listen at listen; on_ready() runs when peers wait to connect."""
@@ -1805,6 +1825,7 @@ class Admission:
                 return None
             why = self.refusal(address)
             if why is None:
+                self.recovered(open_connections)
                 sock.setblocking(False)
                 return sock, address
             self.reject(address, why)
@@ -1890,10 +1911,37 @@ class Admission:
                           % (format_peer(address), why))
 
     def out_of_descriptors(self, open_connections: int) -> None:
-        """Serve no more than are open now: the system has no descriptor
-        left for another."""
-        self.console.warn("out of file descriptors; lower --max-connections")
-        self.max_connections = max(1, open_connections)
+        """Serve no more than are open now, for a while: the system has no
+        descriptor left for another."""
+        if self.limit is None:  # said once a shortage, not every retry
+            self.limit = self.max_connections
+            self.console.warn("out of file descriptors; serving %s until "
+                              "more are free" % plural(
+                                  max(1, open_connections), "connection"))
+        self.max_connections = self.lowered_to = max(1, open_connections)
+        self.retry_at = time.monotonic() + DESCRIPTOR_RETRY_SECONDS
+
+    def due(self) -> Optional[float]:
+        """Return when to try for descriptors again, or None."""
+        return self.retry_at
+
+    def fire(self, now: float) -> None:
+        # As nginx does on EMFILE: try again a moment later, for
+        # descriptors come back as other processes or peers close theirs.
+        self.retry_at = None
+        self.max_connections = self.limit
+        self.resume()
+
+    def recovered(self, open_connections: int) -> None:
+        """Say that descriptors came back, once a peer past the shortage's
+        count is in."""
+        if self.lowered_to is not None \
+                and open_connections >= self.lowered_to \
+                and self.retry_at is None:
+            self.console.status("file descriptors free again: serving up to "
+                                "%d connections (--max-connections)"
+                                % self.limit)
+            self.limit = self.lowered_to = None
 
     def fit_selector(self) -> None:
         """Lower --max-connections to what the selector can watch."""
@@ -2027,6 +2075,8 @@ class Reader:
         self.remove = remove  # remove(conn, why): the peer closed or reset
         self.max_event_bytes = settings.max_event_bytes
         self.budget = BufferBudget(settings.max_buffer_bytes)
+        self.splits = Throttle(console.warn, SPLIT_LINES, REJECT_WINDOW,
+                               say_splits)
         # One receive buffer for every connection: the loop reads one
         # connection at a time, and a buffer per peer would cost megabytes.
         self.read_size = JSON_RECV_SIZE if settings.format == "json" \
@@ -2088,8 +2138,9 @@ class Reader:
             self.emit(piece, conn)
 
     def warn_split(self, conn: Connection) -> None:
-        self.console.warn("event from %s longer than %s, split into pieces"
-                          % (conn.peer, plural(self.max_event_bytes, "byte")))
+        self.splits.say("split", "event from %s longer than %s, split into "
+                        "pieces" % (conn.peer,
+                                    plural(self.max_event_bytes, "byte")))
 
     def emit(self, block: Block, conn: Connection) -> None:
         conn.events += self.sink.emit(block, conn.peer)
@@ -2376,9 +2427,11 @@ class Listener:
         self.reopen_requested = False
         self.comings = Throttle(self.console.status, CONNECTION_LINES,
                                 REJECT_WINDOW, say_connections)
-        self.throttles = (self.admission.refusals, self.comings)
+        self.throttles = (self.admission.refusals, self.comings,
+                          self.reader.splits)
         # What the loop fires when due: each has due() and fire(now).
-        self.timers = (self.sweeper, self.stats, *self.throttles)
+        self.timers = (self.sweeper, self.stats, self.admission,
+                       *self.throttles)
 
     @property
     def stopping(self) -> bool:

@@ -26,8 +26,10 @@ import argparse
 import collections
 import dataclasses
 import errno
+import functools
 import ipaddress
 import itertools
+import json
 import os
 import random
 import re
@@ -46,12 +48,14 @@ try:
     from listen_events_cybertrace import (
         LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS, Block,
         Console, EmbeddedListener, EventFramer, OneLineParser, RateMeter,
-        UserError, argument_type, bounded, escape_block, escape_controls,
-        escape_line, format_address, format_bytes, format_count,
-        format_duration, format_progress, interface_addresses, ip_of,
-        keep_freed_memory, parse_address, parse_fields, parse_network,
-        parse_response, peer_gone, plural, receive_blocks,
-        resolved_addresses, split_lines, to_text, write_stdout, __version__)
+        UserError, argument_type, binary_stdout, bounded, escape_block,
+        escape_controls, escape_line, format_address, format_bytes,
+        format_count, format_duration, format_progress, formatter,
+        interface_addresses, ip_of, keep_freed_memory, parse_address,
+        parse_fields, parse_network, parse_response, peer_gone, plural,
+        reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
+        split_lines, stream_flags, to_text, write_now, write_stdout,
+        __version__)
     import cybertrace_capacity as capacity
 except ModuleNotFoundError as exc:
     if exc.name not in ("listen_events_cybertrace", "cybertrace_capacity"):
@@ -91,6 +95,13 @@ FINISHED = b"LookupFinished"
 EOF_KEY = "Ctrl+Z then Enter" if sys.platform == "win32" else "Ctrl+D"
 TERMINAL_NOTICE = ("Reading events from the terminal, one per line; %s to "
                    "send and finish" % EOF_KEY)
+# A signal that comes while an interruption is reported ends us this soon,
+# whatever the report waits on (a stderr nobody reads).
+STOP_GRACE = 1.0
+# How long a stop waits for the thread that prints --reply-back's answers:
+# it looks up from a stdout that takes nothing this often.
+REPLIES_POLL = 0.05
+REPLIES_JOIN = 1.0
 # Files smaller than this go out before a progress line could mean anything.
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 # --rate's bounds: at the least one event every 100 s, so that a wait for
@@ -151,6 +162,11 @@ class NothingToSend(UserError):
 class Interrupted(Exception):
     """Ctrl+C or SIGTERM: the message says what got through."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        # Counted: from here on a signal must not tear the report.
+        HoldInterrupts.stopping = True
+
 
 # --- Ctrl+C and SIGTERM ------------------------------------------------------
 
@@ -164,7 +180,8 @@ class HoldInterrupts:
     holding = False
     pending = False  # a Ctrl+C came while holding
     number = None  # the signal that stopped us: SIGINT, SIGTERM, SIGBREAK
-    stopping = False  # a first Ctrl+C is being reported: ignore the next
+    stopping = False  # counted and being reported (see on_interrupt)
+    deadline = None  # the timer that ends us if the report is stuck
 
     def __enter__(self) -> None:
         HoldInterrupts.holding = True
@@ -178,12 +195,27 @@ class HoldInterrupts:
     @staticmethod
     def on_interrupt(number, frame) -> None:
         if HoldInterrupts.stopping:
+            # A traceback would tear the report, so none; but whatever the
+            # report waits on, this signal too must stop us.
+            HoldInterrupts.exit_soon()
             return
         HoldInterrupts.number = number
         if HoldInterrupts.holding:
             HoldInterrupts.pending = True
         else:
             raise KeyboardInterrupt
+
+
+    @staticmethod
+    def exit_soon() -> None:
+        """Exit within STOP_GRACE s with the first signal's status."""
+        if HoldInterrupts.deadline is None:
+            status = 143 if HoldInterrupts.number == getattr(
+                signal, "SIGTERM", None) else 130
+            timer = threading.Timer(STOP_GRACE, os._exit, (status,))
+            timer.daemon = True
+            timer.start()
+            HoldInterrupts.deadline = timer
 
 
 HOLD_INTERRUPTS = HoldInterrupts()
@@ -209,6 +241,7 @@ def install_interrupt_handlers() -> list:
 
 def interrupted_status(prog: str, detail: str = "") -> int:
     """Say that Ctrl+C or SIGTERM stopped us; return 130 or 143."""
+    HoldInterrupts.stopping = True
     terminated = HoldInterrupts.number == getattr(signal, "SIGTERM", None)
     # On a terminal, write over the ^C it echoed.
     erase = "\r" if console.on_stderr() else ""
@@ -1004,7 +1037,13 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
 # --- --reply-back, --ping and the progress line ------------------------------
 
 class Replies:
-    """Read CyberTrace's answers in a thread and print them to stdout."""
+    """Read CyberTrace's answers in a thread and print them to stdout.
+
+    stdout is written without waiting where a reader can stall it (a
+    pipe nobody reads), so that stop() always ends the thread: a thread
+    blocked in a write would hold the sender past -t and past every
+    signal, and sys.stdout's lock would hold its exit too.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -1014,6 +1053,10 @@ class Replies:
         self.closed = False
         self.cond = threading.Condition()
         self.escape = sys.stdout.isatty()
+        self.out = binary_stdout()
+        self.flags = stream_flags(self.out)
+        self.stopping = threading.Event()
+        self.stalled_since = None  # when stdout last took nothing
         self.thread = threading.Thread(target=self.read, daemon=True)
         self.thread.start()
 
@@ -1023,6 +1066,8 @@ class Replies:
         try:
             for block in receive_blocks(self.sock):
                 self.take(block)
+                if self.stopping.is_set():
+                    break
         except socket.timeout:
             error = "timed out waiting for answers"
         except OSError as exc:
@@ -1037,7 +1082,10 @@ class Replies:
             self.cond.notify_all()
 
     def take(self, block: bytes) -> None:
-        write_stdout(escape_block(block) if self.escape else block)
+        data = escape_block(block) if self.escape else block
+        written = self.write(data)
+        if written < len(data):  # stopped: count the lines printed whole
+            block = data[:data.rfind(b"\n", 0, written) + 1]
         finished = block.count(FINISHED)
         if finished:
             finished = sum(FINISHED in line for line in block.split(b"\n"))
@@ -1045,6 +1093,50 @@ class Replies:
             self.events += block.count(b"\n")
             self.finished += finished
             self.cond.notify_all()
+
+    def write(self, data: bytes) -> int:
+        """Write data to stdout; return how much of it, less once stopped."""
+        view = memoryview(data)
+        done = 0
+        while done < len(data) and not self.stopping.is_set():
+            if self.flags is not None and not select.select(
+                    [], [self.out], [], REPLIES_POLL)[1]:
+                if self.stalled_since is None:
+                    self.stalled_since = time.monotonic()
+                continue
+            try:
+                done += write_now(self.out, view[done:], self.flags)
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                silence_stdout()
+                raise UserError("cannot write to stdout: Broken pipe") \
+                    from None
+            except OSError as exc:
+                raise UserError("cannot write to stdout: %s" % (
+                    exc.strerror or exc)) from None
+            self.stalled_since = None
+        return done
+
+    def stalled(self) -> str:
+        """Say how long stdout has taken no answer, if it has stalled."""
+        since = self.stalled_since
+        if since is None:
+            return ""
+        return "stdout has taken no answer for %.1f s" % (
+            time.monotonic() - since)
+
+    def stop(self) -> None:
+        """Stop reading and printing answers; wait for that, briefly."""
+        self.stopping.set()
+        # Wake the reader if it is still waiting for data.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        # Where a write cannot be given up (Windows), the thread is left
+        # behind: it holds no lock that exit needs.
+        self.thread.join(REPLIES_JOIN)
 
     def wait_finished(self, expected: int, timeout: float) -> None:
         """Wait for expected LookupFinished answers, at most timeout s,
@@ -1054,7 +1146,8 @@ class Replies:
             while self.finished < expected and not self.closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.error = self.error or "timed out waiting for answers"
+                    self.error = self.error or self.stalled() or \
+                        "timed out waiting for answers"
                     return
                 self.cond.wait(left)
 
@@ -1231,19 +1324,99 @@ def cybertrace_hosts(host: str) -> list:
         found, key=lambda ip: (ip.version, ip))]
 
 
+def alert_name(event: str) -> Optional[str]:
+    """Return the service alert an event is (KL_ALERT_...), or None."""
+    found = _ALERT.search(event)
+    return found.group(1) if found else None
+
+
+_ALERT = re.compile(r"(?<![\w.])alert=(KL_ALERT_\w+)")
+
+
+def shown_addresses(server: socket.socket) -> List[str]:
+    """Return where server can be reached, as the listener says it: a
+    wildcard address is the host's addresses (see announce())."""
+    host, port = server.getsockname()[:2]
+    hosts = reachable_hosts(server)
+    if hosts is None:
+        return [format_address(host, port)]
+    if not hosts:
+        return ["this host's address:%d" % port]
+    return [format_address(each, port) for each in hosts]
+
+
+class OtherEvents:
+    """Write the events that are not the check's answers, whole, in a
+    listener format: to stdout, or appended to a file (-o)."""
+
+    def __init__(self, path: Optional[str], name: str) -> None:
+        self.path = path
+        self.file = None
+        if path is not None:
+            try:
+                # 0640 as the listener's files: detections are not for all.
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                             getattr(os, "O_BINARY", 0), 0o640)
+            except OSError as exc:
+                raise UserError("cannot open %s: %s" % (
+                    escape_line(path), exc.strerror)) from None
+            self.file = os.fdopen(fd, "ab")
+        self.escape = path is None and sys.stdout is not None and \
+            sys.stdout.isatty()
+        self.format = formatter(name, self.escape)
+        self.lock = threading.Lock()
+        self.written = 0
+        self.error = None  # why writing failed, once it did
+
+    @property
+    def where(self) -> str:
+        return "stdout" if self.path is None else escape_line(self.path)
+
+    def write(self, lines: list, peer: str) -> None:
+        """Write lines (events with their b"\\n", from peer) whole."""
+        with self.lock:
+            if self.error is not None:
+                return
+            data = self.format(b"".join(lines), lines, peer, time.time(),
+                               self.escape)
+            try:
+                if self.file is None:
+                    write_stdout(bytes(data))
+                else:
+                    self.file.write(data)
+                    self.file.flush()
+                self.written += len(lines)
+            except UserError as exc:
+                self.error = str(exc)
+            except OSError as exc:
+                self.error = "cannot write to %s: %s" % (
+                    self.where, exc.strerror or exc)
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError as exc:
+                if self.error is None:
+                    self.error = "cannot write to %s: %s" % (
+                        self.where, exc.strerror or exc)
+
+
 class Arrival:
     """The first event that named a test indicator, and what it carried."""
 
-    def __init__(self, latency: float, peer: str) -> None:
+    def __init__(self, latency: float, peer: str, at: int = 0) -> None:
         self.latency = latency
         self.peer = peer
+        self.at = at  # which of the check's addresses it arrived at
         self.categories = []
 
 
 class Arrivals:
     """The events that reach the check's listener, sorted as they come."""
 
-    def __init__(self, sent: List[bytes]) -> None:
+    def __init__(self, sent: List[bytes],
+                 write: Optional[Callable[[list, str], None]] = None) -> None:
         self.cond = threading.Condition()
         self.sent = {event.decode() for event in sent}
         self.sent_at = None  # monotonic time the test events went out
@@ -1251,10 +1424,17 @@ class Arrivals:
         self.events = 0
         self.others = 0
         self.first_other = None
+        self.others_at = collections.Counter()  # address number: events
+        self.alerts_at = {}  # address number: alert names, as they came
+        # Where the other events go, whole (OtherEvents.write): a check in
+        # the listener's place must drop nothing CyberTrace delivers.
+        self.write = write
 
-    def take(self, block: bytes, peer: str) -> None:
-        """Sort a block of events (called by the listener's thread)."""
+    def take(self, block: bytes, peer: str, at: int = 0) -> None:
+        """Sort a block of events that arrived at the check's address
+        number at (called by that address's listener thread)."""
         now = time.monotonic()
+        others = []
         with self.cond:
             for line in split_lines(block):
                 event = line[:-1].decode("utf-8", "replace")
@@ -1265,17 +1445,30 @@ class Arrivals:
                 if self.sent_at is not None and event not in self.sent:
                     named = named_indicators(event)
                 if not named:
-                    self.others += 1
-                    if self.first_other is None:
-                        self.first_other = event
+                    self.note_other(event, at)
+                    others.append(line)
                     continue
                 category = carried_category(event)
                 for indicator in named:
                     arrival = self.found.setdefault(
-                        indicator, Arrival(now - self.sent_at, peer))
+                        indicator, Arrival(now - self.sent_at, peer, at))
                     if category and category not in arrival.categories:
                         arrival.categories.append(category)
             self.cond.notify_all()
+        if others and self.write is not None:
+            self.write(others, peer)
+
+    def note_other(self, event: str, at: int) -> None:
+        """Count an event that is none of the check's answers."""
+        self.others += 1
+        self.others_at[at] += 1
+        if self.first_other is None:
+            self.first_other = event
+        name = alert_name(event)
+        if name is not None:
+            names = self.alerts_at.setdefault(at, [])
+            if name not in names:
+                names.append(name)
 
     def mark_sent(self) -> None:
         """Note that the test events go out now: latencies count from here,
@@ -1421,7 +1614,7 @@ class ProbeOutcome:
 class CheckResult:
     """What the check found: all the report and the diagnosis read."""
 
-    here: str  # where the check listened, as a ConnectionString
+    here: str  # where the check listened, as ConnectionStrings
     strict: bool
     loopback_only: bool  # the check listened on loopback, CyberTrace not
     check_port: int
@@ -1431,6 +1624,10 @@ class CheckResult:
     rejected: int  # connections refused: not from CyberTrace's host
     first_rejected: str
     probe: ProbeOutcome
+    # Each address the check listened at, as a ConnectionString.
+    addresses: List[str] = dataclasses.field(default_factory=list)
+    interrupted: bool = False  # by Ctrl+C or SIGTERM: no verdict
+    others_to: str = ""  # where the other events were written
 
     @property
     def confirmed(self) -> list:
@@ -1463,18 +1660,41 @@ class LabCheck:
         self.prog = prog
         self.deadline = time.monotonic() + args.timeout
         self.events = test_events()
-        self.arrivals = Arrivals(self.events)
+        self.result_file = None
+        if args.check_json is not None:
+            # Opened first: a file that cannot be written is said at once.
+            self.result_file = open_result_file(args.check_json)
+        self.others = OtherEvents(args.output, args.format)
+        self.arrivals = Arrivals(self.events, self.others.write)
         allow = args.allow or cybertrace_hosts(args.connect[0])
-        self.listener = EmbeddedListener(args.check, self.arrivals.take,
-                                         allow)
-        self.here = ""
-        self.serving = None
+        # One listener per address, each telling the arrivals its number.
+        self.listeners = [
+            EmbeddedListener(address, functools.partial(
+                self.arrivals.take, at=number), allow)
+            for number, address in enumerate(args.check)]
+        self.addresses = []
+        self.serving = []
         self.failure = []
         self.probe = None
+
+    @property
+    def here(self) -> str:
+        return ", ".join(self.addresses)
 
     def run(self) -> int:
         """Run the phases; print the table and diagnosis; return the exit
         status."""
+        try:
+            return self.run_phases()
+        except UserError as exc:
+            self.save({"status": 1, "verdict": None, "error": str(exc)})
+            raise
+        finally:
+            self.others.close()
+            if self.result_file is not None:
+                self.result_file.close()
+
+    def run_phases(self) -> int:
         interrupted = False
         try:
             self.listen()
@@ -1494,38 +1714,53 @@ class LabCheck:
         if self.failure:
             raise UserError("the check's listener failed: %r"
                             % self.failure[0])
-        return self.report(self.result(ended), interrupted)
+        return self.report(self.result(ended, interrupted))
 
     def listen(self) -> None:
         """Listen where CyberTrace delivers, before anything is sent."""
-        try:
-            self.here = self.listener.bind()
-        except UserError as exc:
-            if getattr(exc, "errno", None) in ADDRESS_IN_USE:
-                raise UserError("%s (stop the listener there while the "
-                                "check runs: the check listens in its place)"
-                                % exc)
-            raise
-        self.serving = threading.Thread(target=self.serve, daemon=True)
-        self.serving.start()
-        console.status("Listening on %s for CyberTrace's detections (its "
-                       "OutputSettings > ConnectionString)" % self.here)
-        if self.loopback_only():
-            console.warn("CyberTrace at %s cannot reach %s: use --check "
-                         "0.0.0.0:%d and point its ConnectionString at this "
-                         "host" % (self.args.connect[0], self.here,
-                                   self.args.check[1]))
+        for listener, address in zip(self.listeners, self.args.check):
+            try:
+                listener.bind()
+            except UserError as exc:
+                if getattr(exc, "errno", None) in ADDRESS_IN_USE:
+                    raise UserError("%s (stop the listener there while the "
+                                    "check runs: the check listens in its "
+                                    "place and writes what is not its own "
+                                    "to stdout or -o)" % exc)
+                raise
+            shown = shown_addresses(listener.listener.admission.server)
+            self.addresses.append(shown[0])
+            named = format_address(*listener.listener.address())
+            if shown != [named]:
+                named += " (this host: %s)" % ", ".join(shown[:6] + (
+                    ["and %d more" % (len(shown) - 6)] if len(shown) > 6
+                    else []))
+            console.status("Listening on %s for CyberTrace's detections "
+                           "(its OutputSettings > ConnectionString%s)" % (
+                               named, " or AlertConnectionString"
+                               if len(self.listeners) > 1 else ""))
+            if self.loopback_only(address):
+                console.warn("CyberTrace at %s cannot reach %s: use --check "
+                             "0.0.0.0:%d and point its ConnectionString at "
+                             "this host" % (self.args.connect[0], shown[0],
+                                            address[1]))
+        for listener in self.listeners:
+            thread = threading.Thread(target=self.serve, args=(listener,),
+                                      daemon=True)
+            thread.start()
+            self.serving.append(thread)
 
-    def serve(self) -> None:
-        """Run the check's listener; keep what stopped it, if not stop()."""
+    def serve(self, listener: EmbeddedListener) -> None:
+        """Run a listener; keep what stopped it, if not stop()."""
         leave_signals_to_main()
         try:
-            self.listener.serve()
+            listener.serve()
         except Exception as exc:  # reported by run(), not lost in a thread
             self.failure.append(exc)
 
-    def loopback_only(self) -> bool:
-        return is_loopback(self.args.check[0]) and \
+    def loopback_only(self, address: tuple) -> bool:
+        """Tell whether address is loopback while CyberTrace is not."""
+        return is_loopback(address[0]) and \
             not is_loopback(self.args.connect[0])
 
     def send(self) -> None:
@@ -1552,38 +1787,72 @@ class LabCheck:
         """Wait for what CyberTrace detects, or the deadline."""
         self.arrivals.wait(self.probe.has_come, self.deadline)
 
-    def report(self, result: CheckResult, interrupted: bool) -> int:
+    def report(self, result: CheckResult) -> int:
         """Print the table, then the diagnosis; return the exit status."""
         table_error = None
         try:
             write_stdout(report(result).encode())
         except UserError as exc:
             table_error = exc
-        if interrupted:
-            return interrupted_status(self.prog)
-        for line in diagnose(result):
+        diagnosis = [] if result.interrupted else diagnose(result)
+        status = (interrupted_status(self.prog) if result.interrupted
+                  else result.status())
+        self.save(result_json(result, status, diagnosis))
+        if result.interrupted:
+            return status
+        for line in diagnosis:
             console.line(line)
         if table_error is not None:
             raise table_error
-        return result.status()
+        if self.others.error is not None:
+            raise UserError(self.others.error)
+        return status
+
+    def save(self, record: dict) -> None:
+        """Write the result for monitoring (--check-json), if asked."""
+        if self.result_file is None:
+            return
+        try:
+            json.dump(record, self.result_file, indent=2)
+            self.result_file.write("\n")
+            self.result_file.flush()
+        except OSError as exc:
+            raise UserError("cannot write to %s: %s" % (
+                escape_line(self.args.check_json), exc.strerror)) from None
 
     def stop_listening(self) -> None:
-        self.listener.stop()
-        if self.serving is not None:
-            self.serving.join()
-        self.listener.close()
+        for listener in self.listeners:
+            listener.stop()
+        for thread in self.serving:
+            thread.join()
+        for listener in self.listeners:
+            listener.close()
 
-    def result(self, ended: float) -> CheckResult:
+    def result(self, ended: float, interrupted: bool) -> CheckResult:
         """Gather what the phases found."""
+        rejected = [listener.first_rejected for listener in self.listeners
+                    if listener.first_rejected]
         return CheckResult(
             here=self.here, strict=self.args.strict,
-            loopback_only=self.loopback_only(),
-            check_port=self.args.check[1], arrivals=self.arrivals,
+            loopback_only=all(self.loopback_only(address)
+                              for address in self.args.check),
+            check_port=self.args.check[0][1], arrivals=self.arrivals,
             waited=ended - (self.arrivals.sent_at or ended),
-            connections=self.listener.accepted,
-            rejected=self.listener.rejected,
-            first_rejected=self.listener.first_rejected,
-            probe=self.probe.outcome() if self.probe else ProbeOutcome())
+            connections=sum(each.accepted for each in self.listeners),
+            rejected=sum(each.rejected for each in self.listeners),
+            first_rejected=rejected[0] if rejected else "",
+            probe=self.probe.outcome() if self.probe else ProbeOutcome(),
+            addresses=list(self.addresses), interrupted=interrupted,
+            others_to=self.others.where)
+
+
+def open_result_file(path: str):
+    """Open --check-json's file for writing; UserError if it cannot be."""
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise UserError("cannot open %s: %s" % (escape_line(path),
+                                                exc.strerror)) from None
 
 
 def connect_patiently(address: tuple, deadline: float) -> socket.socket:
@@ -1606,35 +1875,99 @@ def report(result: CheckResult) -> str:
     """Return the table: a row per test indicator, the count, the others."""
     arrivals = result.arrivals
     confirmed = set(result.confirmed)
-    rows = [("indicator", "expected", "carried", "from", "latency")]
+    # Where each came is a column of its own once there are several.
+    several = len(result.addresses) > 1
+    rows = [("indicator", "expected", "carried", "from") +
+            (("at",) if several else ()) + ("latency",)]
     for _, indicator, expected in TEST_RECORDS:
         arrival = arrivals.found.get(indicator)
         if arrival is None:
-            rows.append((indicator, expected, "-", "-", "not detected"))
+            rows.append((indicator, expected, "-", "-") +
+                        (("-",) if several else ()) + ("not detected",))
             continue
         latency = format_latency(arrival.latency)
         if indicator not in confirmed:
             latency += " (unconfirmed)"
         rows.append((indicator, expected,
                      visible(", ".join(arrival.categories) or "-", 40),
-                     arrival.peer, latency))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+                     arrival.peer) +
+                    ((result.addresses[arrival.at],) if several else ()) +
+                    (latency,))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(text.ljust(width) for text, width in
-                       zip(row, widths)) + "  " + row[4] for row in rows]
+                       zip(row[:-1], widths)) + "  " + row[-1]
+             for row in rows]
     found = len(confirmed)
-    took = max(arrivals.found[i].latency for i in confirmed) if found \
-        else result.waited
-    lines.append("%d of %d test indicators detected and delivered to %s in "
-                 "%s" % (found, len(TEST_INDICATORS), result.here,
-                         format_latency(took)))
-    if arrivals.others:
-        lines.append("%s (service alerts, detections of events this check "
-                     "did not send); the first: %s" % (
-                         plural(arrivals.others, "other event"),
-                         visible(arrivals.first_other, 300)))
+    if result.interrupted:
+        lines.append("interrupted after %s, before the check could tell: no "
+                     "verdict" % format_latency(result.waited))
     else:
-        lines.append("no other events")
+        took = max(arrivals.found[i].latency for i in confirmed) if found \
+            else result.waited
+        lines.append("%d of %d test indicators detected and delivered to %s"
+                     " in %s" % (found, len(TEST_INDICATORS), result.here,
+                                 format_latency(took)))
+    lines.append(say_others(result))
     return "".join(line + "\n" for line in lines)
+
+
+def say_others(result: CheckResult) -> str:
+    """Say how many other events came, where they were written, and which
+    service alerts came to which address."""
+    arrivals = result.arrivals
+    if not arrivals.others:
+        return "no other events"
+    line = "%s (service alerts, detections of events this check did not " \
+           "send), written to %s" % (plural(arrivals.others, "other event"),
+                                     result.others_to)
+    for number, address in enumerate(result.addresses):
+        alerts = arrivals.alerts_at.get(number)
+        alerts = ("service alerts " + visible(", ".join(alerts), 200)
+                  if alerts else "no service alert")
+        if len(result.addresses) == 1:
+            return line + "; " + alerts
+        line += "; at %s: %d, %s" % (
+            address, arrivals.others_at.get(number, 0), alerts)
+    return line
+
+
+def result_json(result: CheckResult, status: int,
+                diagnosis: List[str]) -> dict:
+    """Return the whole result, as --check-json writes it."""
+    arrivals, confirmed = result.arrivals, set(result.confirmed)
+    indicators = []
+    for _, indicator, expected in TEST_RECORDS:
+        arrival = arrivals.found.get(indicator)
+        indicators.append({
+            "indicator": indicator, "expected": expected,
+            "arrived": arrival is not None,
+            "confirmed": indicator in confirmed,
+            "categories": arrival.categories if arrival else [],
+            "from": arrival.peer if arrival else None,
+            "at": result.addresses[arrival.at] if arrival else None,
+            "latency": round(arrival.latency, 4) if arrival else None})
+    probe = result.probe
+    verdict = None
+    if not result.interrupted:
+        verdict = "pass" if status == 0 else "fail"
+    return {
+        "version": __version__, "status": status, "verdict": verdict,
+        "interrupted": result.interrupted, "strict": result.strict,
+        "found": len(confirmed), "total": len(TEST_INDICATORS),
+        "addresses": result.addresses, "waited": round(result.waited, 4),
+        "indicators": indicators,
+        "others": {
+            "events": arrivals.others, "written_to": result.others_to,
+            "at": {address: {"events": arrivals.others_at.get(number, 0),
+                             "alerts": arrivals.alerts_at.get(number, [])}
+                   for number, address in enumerate(result.addresses)}},
+        "connections": result.connections, "rejected": result.rejected,
+        "first_rejected": result.first_rejected or None,
+        "probe": {"asked": probe.asked, "answered": probe.answered,
+                  "detected": [i for i in TEST_INDICATORS
+                               if i in probe.detected],
+                  "error": probe.error},
+        "diagnosis": diagnosis}
 
 
 def format_latency(seconds: float) -> str:
@@ -1807,7 +2140,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--ping", action="store_true",
                       help="check that CyberTrace is up: exit 0 on PONG")
     mode.add_argument(
-        "--check", metavar="ADDR:PORT",
+        "--check", metavar="ADDR:PORT", nargs="+", action="extend",
         type=argument_type(lambda text: parse_address(text, LISTEN_ADDR),
                            "address"),
         help="the lab check: listen at ADDR:PORT (CyberTrace's OutputSettings"
@@ -1815,8 +2148,12 @@ def build_parser() -> argparse.ArgumentParser:
         "is 127.0.0.1:9998; 0.0.0.0:9998 when CyberTrace runs on another "
         "host), send the test events to --connect and print which came back "
         "detected, from where, with their latency; on failure, say which "
-        "link is broken. Only CyberTrace's host (-c) may deliver, and only "
-        "what CyberTrace detects when asked directly counts")
+        "link is broken. Several addresses (or --check again) watch each "
+        "output at once: a tenant's, the AlertConnectionString. Only "
+        "CyberTrace's host (-c) may deliver, and only what CyberTrace "
+        "detects when asked directly counts. Every other event is written "
+        "whole, as the listener would (-f, -o): the check can stand in for "
+        "the listener")
     parser.add_argument(
         "--allow", metavar="CIDR", action="append",
         type=argument_type(parse_network, "network"),
@@ -1826,6 +2163,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true",
                         help="with --check, exit 0 only if all 17 test "
                         "indicators came back (the demo feeds detect 3)")
+    parser.add_argument(
+        "-f", "--format", choices=("text", "raw", "json"), default=None,
+        help="with --check, the listener's format for the events that are "
+        "not the check's answers (service alerts, others' detections): "
+        "text (default), raw or json")
+    parser.add_argument(
+        "-o", "--output", metavar="FILE",
+        help="with --check, append those events to FILE (created 0640) "
+        "instead of stdout, which then holds only the table")
+    parser.add_argument(
+        "--check-json", metavar="FILE",
+        help="with --check, also write the whole result to FILE as one "
+        "JSON object, for cron or monitoring (fields: docs/sender.md); the "
+        "exit status is the same")
     parser.add_argument(
         "-t", "--timeout", metavar="SECONDS",
         type=argument_type(bounded(float, *SECONDS), "seconds"),
@@ -1928,10 +2279,14 @@ def refuse_for_the_check(parser: argparse.ArgumentParser,
     """Exit 2 on what --check cannot take, or what only it takes."""
     if not args.check:
         for name, given in (("--strict", args.strict),
-                            ("--allow", args.allow)):
+                            ("--allow", args.allow),
+                            ("-f/--format", args.format),
+                            ("-o/--output", args.output),
+                            ("--check-json", args.check_json)):
             if given:
                 parser.error("argument %s: only with --check" % name)
         return
+    args.format = args.format or "text"
     # The check sends its own 17 test events, once, at once.
     for name, given in [("FILE", args.files), ("-e/--event", args.event),
                         ("--rate", args.rate),
@@ -1939,13 +2294,17 @@ def refuse_for_the_check(parser: argparse.ArgumentParser,
         if given:
             parser.error("argument --check: not allowed with %s (the check "
                          "sends the test events)" % name)
-    host, port = args.check
-    if port == args.connect[1] and (host == args.connect[0] or host in (
-            "0.0.0.0", "::") or is_loopback(host) and
-            is_loopback(args.connect[0])):
-        parser.error("argument --check: %s is CyberTrace's input (-c); "
-                     "--check takes where CyberTrace delivers detections, "
-                     "e.g. %d" % (format_address(host, port), LISTEN_PORT))
+    for number, (host, port) in enumerate(args.check):
+        if port and (host, port) in args.check[:number]:
+            parser.error("argument --check: %s given twice"
+                         % format_address(host, port))
+        if port == args.connect[1] and (host == args.connect[0] or host in (
+                "0.0.0.0", "::") or is_loopback(host) and
+                is_loopback(args.connect[0])):
+            parser.error("argument --check: %s is CyberTrace's input (-c); "
+                         "--check takes where CyberTrace delivers "
+                         "detections, e.g. %d" % (format_address(host, port),
+                                                  LISTEN_PORT))
 
 
 def run(args: argparse.Namespace) -> str:
@@ -1985,32 +2344,34 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
         connection = Connection(sock, where)
         replies = progress = None
         try:
-            if args.reply_back:
-                connection.send(REPLY_BACK_FLAGS, 0)
-                replies = Replies(sock)
-            if watch is not None:
-                progress = Progress(connection, *watch)
-            send_all(connection, blocks, args.verbose)
-            if replies is None:
-                connection.finish(args.timeout)
-            else:
-                replies.wait_finished(connection.events, args.timeout)
+            try:
+                if args.reply_back:
+                    connection.send(REPLY_BACK_FLAGS, 0)
+                    replies = Replies(sock)
+                if watch is not None:
+                    progress = Progress(connection, *watch)
+                send_all(connection, blocks, args.verbose)
+                if replies is None:
+                    connection.finish(args.timeout)
+                else:
+                    replies.wait_finished(connection.events, args.timeout)
+            except SendError as exc:
+                # CyberTrace waits for us to read its answers: say why.
+                stalled = replies.stalled() if replies else ""
+                if not stalled:
+                    raise
+                raise SendError("%s; %s" % (exc, stalled), exc.reason) \
+                    from None
+            finally:
+                if progress is not None:
+                    progress.stop()
+                if replies is not None:
+                    replies.stop()
         except KeyboardInterrupt:
-            # Count now, while the socket still answers; a second Ctrl+C
-            # must not cut the cleanup short.
-            HoldInterrupts.stopping = True
+            # Here too when a signal cut the cleanup above short: the
+            # counts are the connection's, whatever the stage.
             raise Interrupted(say_got_through(connection, replies)) \
                 from None
-        finally:
-            if progress is not None:
-                progress.stop()
-            if replies is not None:
-                # Wake the reader if it is still waiting for data.
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                replies.thread.join()
     summary = sent_summary(connection.events, connection.bytes, where,
                            time.monotonic() - started)
     if replies is None:

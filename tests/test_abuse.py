@@ -159,6 +159,22 @@ class TinyPiecesTest(unittest.TestCase):
         self.assertEqual(bytes(listener.out), b"Z\n" * size)
 
 
+class SplitWarningTest(unittest.TestCase):
+    def test_split_warnings_are_few_and_counted(self):
+        # Every overlong event was one warning: a peer sending them one
+        # after another flooded the log with thousands of lines.
+        with Listener("-f", "raw", "--max-event-bytes", "10") as listener:
+            for _ in range(12):
+                with listener.connect() as peer:
+                    peer.sendall(b"0123456789ab\n")
+            listener.wait_stdout(24)
+            self.assertEqual(listener.stop(), 0)
+        self.assertEqual(listener.stderr_text.count("split into pieces"),
+                         lec.SPLIT_LINES)
+        self.assertIn("7 more events longer than --max-event-bytes split",
+                      listener.stderr_text)
+
+
 class SlowPeerTest(unittest.TestCase):
     def test_an_event_trickled_byte_by_byte_has_a_deadline(self):
         # A byte every 0.1 s keeps --idle-timeout 0.4 from ever firing.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -19,8 +22,12 @@ import send_events_cybertrace as sec
 STAND_IN = ROOT / "fake_cybertrace.py"
 DEMO_FEEDS = {"192.0.2.1", "776735A8CA96DB15B422879DA599F474",
               "http://5a015004f9fc05290d87e86d69c4b237.com"}
+STAND_IN_NOISE = ("- category=KL_IP_Reputation matchedIndicator=192.0.2.10 "
+                  "url=- src=198.51.100.9 ip=192.0.2.10 md5=- sha1=- "
+                  "sha256=- usrName=- confidence=100 first_seen=01.01.2017 "
+                  "00:00 popularity=1")
 SUMMARY = (r"(?m)^(\d+) of 17 test indicators detected and delivered to "
-           r"127\.0\.0\.1:(\d+) in (\d+\.\d) (ms|s)$")
+           r"127\.0\.0\.1:(\d+)(?:, [\d.:]+)* in (\d+\.\d) (ms|s)$")
 
 
 def free_port() -> int:
@@ -62,18 +69,29 @@ def run_check(*args: str, timeout: float = TIMEOUT):
 class Table:
     """The check's stdout, read back: rows, summary and other events."""
 
-    def __init__(self, test: unittest.TestCase, out: bytes) -> None:
+    def __init__(self, test: unittest.TestCase, out: bytes,
+                 several: bool = False, interrupted: bool = False) -> None:
         text = out.decode()
+        # The other events come first, as they arrived (-f text).
+        self.before, _, text = text.rpartition("indicator ")
+        text = "indicator " + text
         lines = text.splitlines()
         test.assertEqual(lines[0].split(), ["indicator", "expected",
-                                            "carried", "from", "latency"],
-                         text)
+                                            "carried", "from"] +
+                         ["at"] * several + ["latency"], text)
         self.rows = {}
         for line in lines[1:18]:
             cells = re.split(r"\s{2,}", line.strip())
             self.rows[cells[0]] = cells
         test.assertEqual(list(self.rows), [i for _, i, _ in
                                            sec.TEST_RECORDS], text)
+        self.summary = lines[18]
+        self.others_line = lines[19]
+        test.assertEqual(len(lines), 20, text)
+        if interrupted:
+            test.assertRegex(self.summary, r"^interrupted after \d+\.\d m?s,"
+                             r" before the check could tell: no verdict$")
+            return
         summary = re.search(SUMMARY, text)
         test.assertIsNotNone(summary, text)
         test.assertEqual(lines[18], summary.group(0))
@@ -81,8 +99,6 @@ class Table:
         self.port = int(summary.group(2))
         self.seconds = float(summary.group(3)) / (
             1000 if summary.group(4) == "ms" else 1)
-        self.others_line = lines[19]
-        test.assertEqual(len(lines), 20, text)
 
     def detected(self) -> set:
         return {indicator for indicator, cells in self.rows.items()
@@ -183,8 +199,9 @@ class CheckTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 1, proc.stderr)
         table = Table(self, proc.stdout)
         self.assertEqual(table.found, 0)
-        self.assertRegex(table.others_line, r"^1 other event .*the first: "
-                                            r".*alert=KL_ALERT_UpdatedFeed")
+        self.assertRegex(table.others_line, r"^1 other event .*, written to "
+                                            r"stdout; service alerts "
+                                            r"KL_ALERT_UpdatedFeed$")
         err = proc.stderr.decode().splitlines()
         self.assertRegex(err[-2], r"^1 connection reached 127\.0\.0\.1:\d+ "
                                   r"with 1 event, none naming a test "
@@ -206,11 +223,15 @@ class CheckTest(unittest.TestCase):
         table, err, _ = self.check(["--noise", "--retries", "0"])
         self.assertEqual(table.detected(), DEMO_FEEDS)
         # The stand-in's 192.0.2.10 detection is not 192.0.2.1's.
-        self.assertRegex(table.others_line,
-                         r"^2 other events \(service alerts, detections of "
-                         r"events this check did not send\); the first: "
-                         r"\w{3} [ \d]\d \d\d:\d\d:\d\d alert=KL_ALERT_"
-                         r"UpdatedFeed ")
+        self.assertEqual(table.others_line,
+                         "2 other events (service alerts, detections of "
+                         "events this check did not send), written to "
+                         "stdout; service alerts KL_ALERT_UpdatedFeed")
+        # Both written whole, in the listener's text format.
+        self.assertRegex(table.before, r"\AReceived:\n\w{3} [ \d]\d "
+                         r"\d\d:\d\d:\d\d alert=KL_ALERT_UpdatedFeed feed=\S+ "
+                         r"records=200\nReceived:\n%s\n\Z"
+                         % re.escape(STAND_IN_NOISE))
 
     def test_address_in_use(self):
         with Listener() as listener:
@@ -234,9 +255,70 @@ class CheckTest(unittest.TestCase):
                 check.wait_stderr(r"waiting up to \d+ s")
                 check.signal(number)
                 self.assertEqual(check.finish(), status)
-                self.assertEqual(Table(self, bytes(check.out)).found, 0)
+                table = Table(self, bytes(check.out), interrupted=True)
+                self.assertNotIn("of 17", table.summary)
                 self.assertRegex(check.stderr_text, r": %s\n$" % word)
                 self.assertNotIn("Traceback", check.stderr_text)
+
+
+class OutputsTest(unittest.TestCase):
+    """--check on several addresses, -o and --check-json (issues 21, 24)."""
+
+    def test_two_addresses_alert_at_the_second_others_to_file_json(self):
+        detections, alerts = free_port(), free_port()
+        with tempfile.TemporaryDirectory() as folder:
+            events, result = (os.path.join(folder, name)
+                              for name in ("others.log", "result.json"))
+            with StandIn("--output", "127.0.0.1:%d" % detections,
+                         "--alert-output", "127.0.0.1:%d" % alerts,
+                         "--noise", "--retries", "0") as stand_in:
+                proc, _ = run_check(
+                    "--check", str(detections), "--check", str(alerts),
+                    "-c", str(stand_in.port), "-o", events, "-f", "raw",
+                    "--check-json", result)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            table = Table(self, proc.stdout, several=True)
+            with open(events, "rb") as file:
+                written = file.read()
+            with open(result, encoding="utf-8") as file:
+                record = json.load(file)
+            mode = os.stat(events).st_mode & 0o777
+        self.assertEqual(table.before, "")  # all in -o
+        self.assertEqual(table.found, 3)
+        for indicator in DEMO_FEEDS:
+            self.assertEqual(table.rows[indicator][4],
+                             "127.0.0.1:%d" % detections)
+        self.assertEqual(table.others_line, (
+            "2 other events (service alerts, detections of events this "
+            "check did not send), written to %s; at 127.0.0.1:%d: 1, no "
+            "service alert; at 127.0.0.1:%d: 1, service alerts "
+            "KL_ALERT_UpdatedFeed" % (events, detections, alerts)))
+        lines = written.decode().splitlines()
+        self.assertEqual(len(lines), 2, written)
+        self.assertIn(STAND_IN_NOISE, lines)
+        self.assertRegex(written.decode(), r"alert=KL_ALERT_UpdatedFeed "
+                                           r"feed=\S+ records=200\n")
+        self.assertEqual(mode, 0o640)
+        self.assertEqual(record["status"], 0)
+        self.assertEqual(record["verdict"], "pass")
+        self.assertEqual(record["found"], 3)
+        self.assertEqual(record["others"]["at"]["127.0.0.1:%d" % alerts],
+                         {"events": 1, "alerts": ["KL_ALERT_UpdatedFeed"]})
+        self.assertEqual({i["indicator"] for i in record["indicators"]
+                          if i["confirmed"]}, DEMO_FEEDS)
+
+    def test_wildcard_is_shown_as_the_host_addresses(self):
+        port = free_port()
+        with StandIn("--output", "127.0.0.1:%d" % port) as stand_in:
+            proc, _ = run_check("--check", "0.0.0.0:%d" % port, "-c",
+                                str(stand_in.port))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn(b"0.0.0.0", proc.stdout)
+        self.assertRegex(proc.stdout.decode(), r"(?m)^3 of 17 test "
+                         r"indicators detected and delivered to [\d.]+:%d "
+                         % port)
+        self.assertRegex(proc.stderr.decode(), r"Listening on 0\.0\.0\.0:%d"
+                         r" \(this host: [\d.]+:%d" % (port, port))
 
 
 class SpoofTest(unittest.TestCase):
@@ -378,9 +460,10 @@ class TokenTest(PlaysCyberTrace, unittest.TestCase):
         self.assertEqual(table.rows["http://fakess123ap.nu"][2],
                          "KL_Phishing_URL")
         self.assertEqual(table.rows["192.0.2.4"][2], "-")
-        self.assertRegex(table.others_line, r"^4 other events .*the first: "
-                                            r"- category=KL_IP_Reputation "
-                                            r"matchedIndicator=192\.0\.2\.10")
+        self.assertRegex(table.others_line, r"^4 other events .*, written "
+                                            r"to stdout; no service alert$")
+        self.assertIn("Received:\n- category=KL_IP_Reputation "
+                      "matchedIndicator=192.0.2.10", table.before)
 
     def test_token_pattern(self):
         named = sec.named_indicators

@@ -117,6 +117,37 @@ class PeerFaultTest(unittest.TestCase):
                              sorted(b"peer %d" % i for i in range(20)))
 
 
+    @unittest.skipUnless(hasattr(__import__("resource"), "prlimit"),
+                         "needs resource.prlimit (Linux)")
+    def test_descriptors_that_come_back_are_used_again(self):
+        # A brief shortage lowered --max-connections for good: peers that
+        # stay connected then waited for places given up every 2 s.
+        import resource
+        code = ("import os, resource, sys\n"
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (12, 64))\n"
+                "os.execv(sys.executable, [sys.executable, %r, '-l', "
+                "'127.0.0.1:0', '-f', 'raw'])\n" % str(LISTENER))
+        with Process([sys.executable, "-c", code]) as listener:
+            found = listener.wait_stderr(r"Starting on 127\.0\.0\.1:(\d+)")
+            address = ("127.0.0.1", int(found.group(1)))
+            peers = [socket.create_connection(address, timeout=TIMEOUT)
+                     for _ in range(12)]
+            try:
+                for index, sock in enumerate(peers):
+                    sock.sendall(b"peer %d\n" % index)
+                listener.wait_stderr("out of file descriptors")
+                resource.prlimit(listener.proc.pid, resource.RLIMIT_NOFILE,
+                                 (64, 64))
+                listener.wait_stderr("file descriptors free again")
+                listener.wait_stdout(12)
+            finally:
+                for sock in peers:
+                    sock.close()
+            listener.signal(signal.SIGTERM)
+            self.assertEqual(listener.finish(), 0)
+        self.assertEqual(sorted(bytes(listener.out).splitlines()),
+                         sorted(b"peer %d" % i for i in range(12)))
+
 class SignalMidStreamTest(unittest.TestCase):
     def test_every_byte_received_before_the_signal_is_written(self):
         for number in (signal.SIGTERM, signal.SIGINT):

@@ -500,6 +500,11 @@ class UserErrorTest(unittest.TestCase):
             with self.subTest(args=args):
                 self.assert_one_line_error(2, args, "error: argument")
 
+    def test_named_pipe_is_windows_only(self):
+        """CyberTrace's \\\\.\\pipe\\NAME form says why it fails here."""
+        self.assert_one_line_error(2, ("-l", r"\\.\pipe\cybertrace"),
+                                   "named pipes .* exist only on Windows")
+
     def test_version_and_help(self):
         code, out, _ = self.run_listener("--version")
         self.assertEqual(code, 0)
