@@ -65,6 +65,7 @@ class Step:
         self.due = 0  # events due during the step
         self.sent = 0  # events handed to the kernel
         self.answered = 0
+        self.in_time = 0  # answered by the step's end
         self.detections = 0
         self.capped = 0  # not sent: the connection's in-flight cap
         self.latencies: List[float] = []
@@ -88,7 +89,7 @@ class Step:
         return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
     def answered_rate(self) -> float:
-        return self.answered / self.seconds if self.seconds else 0.0
+        return self.in_time / self.seconds if self.seconds else 0.0
 
     def offered_rate(self) -> float:
         return self.due / self.seconds if self.seconds else 0.0
@@ -100,7 +101,7 @@ class Step:
                                      self.capped < self.due - self.sent)
 
     def as_dict(self) -> dict:
-        return {"rate": self.rate, "seconds": round(self.seconds, 3),
+        return {"rate": self.rate, "answered_in_step": self.in_time, "seconds": round(self.seconds, 3),
                 "offered": self.due, "sent": self.sent,
                 "answered": self.answered, "detections": self.detections,
                 "unanswered": self.unanswered, "capped": self.capped,
@@ -242,6 +243,7 @@ class CapacityTest:
             self.interrupted = True
         finally:
             step.seconds = self.clock() - started
+            step.in_time = step.answered
             step.cpu = time.process_time() - cpu
             stale = self.clock() - self.max_latency
             step.late = sum(1 for lane in lanes for entry in lane.waiting
@@ -342,8 +344,8 @@ class CapacityTest:
         if step.due == 0:
             return ""
         p99 = step.percentile(0.99)
-        if step.answered < KEEP_UP * step.due:
-            return "answered %s of %s" % (format_count(step.answered),
+        if step.in_time < KEEP_UP * step.due:
+            return "answered %s of %s" % (format_count(step.in_time),
                                           format_count(step.due))
         if p99 is not None and p99 > self.max_latency:
             return "p99 %s" % format_ms(p99)
@@ -356,6 +358,9 @@ class CapacityTest:
         """Climb until CyberTrace falls behind, the sender's own limit,
         --max-rate or --duration."""
         self.connect()
+        self.console.status("ramping up over %s to %s; Ctrl+C stops and "
+                            "reports" % (plural(self.connections,
+                                                "connection"), self.where))
         started = self.clock()
         good, bad = None, None
         rate = self.start_rate
@@ -435,8 +440,9 @@ class CapacityTest:
         return max(kept, key=Step.answered_rate) if kept else None
 
     def format_row(self, step: Step) -> str:
-        return "%10s %10s %10s %10s %9s %9s %9s %9s %10s  %s" % (
-            format_rate(step.rate), format_count(step.due),
+        return "%10s %10s %10s %10s %10s %9s %9s %9s %9s %10s  %s" % (
+            format_rate(step.rate), format_rate(step.answered_rate()),
+            format_count(step.due),
             format_count(step.answered), format_count(step.detections),
             format_ms(step.percentile(0.5)), format_ms(step.percentile(0.9)),
             format_ms(step.percentile(0.99)),
@@ -444,8 +450,8 @@ class CapacityTest:
             step.verdict)
 
     def table(self) -> List[str]:
-        rows = ["%10s %10s %10s %10s %9s %9s %9s %9s %10s  %s" % (
-            "rate/s", "offered", "answered", "detections", "p50", "p90",
+        rows = ["%10s %10s %10s %10s %10s %9s %9s %9s %9s %10s  %s" % (
+            "offered/s", "answered/s", "offered", "answered", "detections", "p50", "p90",
             "p99", "max", "unanswered", "")]
         return rows + [self.format_row(step) for step in self.steps]
 
@@ -456,6 +462,15 @@ class CapacityTest:
             first = self.steps[0] if self.steps else None
             if first is None:
                 return "CyberTrace at %s: nothing measured" % self.where
+            if self.interrupted:
+                return ("CyberTrace at %s: interrupted in the first step "
+                        "(%s/s offered) after %.1f s, %s of %s answered "
+                        "(p50 %s, p99 %s)" % (
+                            self.where, format_rate(first.rate),
+                            first.seconds, format_count(first.answered),
+                            plural(first.due, "event"),
+                            format_ms(first.percentile(0.5)),
+                            format_ms(first.percentile(0.99))))
             if first.verdict == "sender limit":
                 return ("CyberTrace at %s: not measured, the sender could "
                         "not offer %s events/s" % (self.where,
@@ -502,10 +517,8 @@ def run_load(address: tuple, events: List[bytes], options: dict,
              console: Console, json_path: Optional[str] = None,
              out: Callable[[str], None] = print) -> int:
     """Run the capacity test; print the table and the closing line;
-    return 0, or 130 on Ctrl+C."""
+    return 0, 1 when no step kept up, 130 on Ctrl+C."""
     test = CapacityTest(address, events, console=console, **options)
-    console.status("ramping up over %s to %s; Ctrl+C stops and reports"
-                   % (plural(test.connections, "connection"), test.where))
     try:
         test.run()
     except KeyboardInterrupt:
@@ -521,4 +534,6 @@ def run_load(address: tuple, events: List[bytes], options: dict,
         except OSError as exc:
             raise UserError("cannot write %s: %s" % (json_path,
                                                      exc.strerror))
-    return 130 if test.interrupted else 0
+    if test.interrupted:
+        return 130
+    return 0 if test.best() else 1
