@@ -2096,7 +2096,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with --reply-back, answered it), 1 on an error or when there are no "
         "events to send, 2 on bad arguments, 130 on Ctrl+C, 143 on SIGTERM;"
         " with --check, 0 when at least one test indicator came back "
-        "(--strict: all 17), else 1. "
+        "(--strict: all 17), else 1; with --load, 0 when a step kept up, "
+        "else 1. "
         "'Acknowledged by the peer' means that the peer's TCP stack "
         "received the bytes, not that a program read or processed them: a "
         "listener that rejects the connection after the TCP handshake still "
@@ -2307,6 +2308,26 @@ def refuse_for_the_check(parser: argparse.ArgumentParser,
                                                   LISTEN_PORT))
 
 
+def refuse_for_the_load(parser: argparse.ArgumentParser,
+                        args: argparse.Namespace) -> None:
+    """Exit 2 on what --load cannot take, or what only it takes."""
+    if args.load:
+        for name, given in (("--rate", args.rate),
+                            ("--repeat", args.repeat != 1),
+                            ("--reconnect", args.reconnect),
+                            ("-v/--verbose", args.verbose)):
+            if given:
+                parser.error("argument --load: not allowed with %s (the "
+                             "capacity test sets the pace)" % name)
+        return
+    defaults = build_parser()
+    for name in ("connections", "start_rate", "max_rate", "step_seconds",
+                 "duration", "max_latency", "in_flight", "json"):
+        if getattr(args, name) != defaults.get_default(name):
+            parser.error("argument --%s: only with --load"
+                         % name.replace("_", "-"))
+
+
 def run(args: argparse.Namespace) -> str:
     """Send as the arguments say; return the summary line."""
     where = format_address(*args.connect)
@@ -2423,6 +2444,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     refuse_ignored(parser, args)
     refuse_for_the_check(parser, args)
+    refuse_for_the_load(parser, args)
     if args.timeout is None:
         args.timeout = CHECK_TIMEOUT if args.check else TIMEOUT
     args.test_events = args.test_events or args.demo
