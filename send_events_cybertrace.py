@@ -56,8 +56,9 @@ try:
         reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
         split_lines, stream_flags, to_text, write_now, write_stdout,
         __version__)
+    import cybertrace_capacity as capacity
 except ModuleNotFoundError as exc:
-    if exc.name != "listen_events_cybertrace":
+    if exc.name not in ("listen_events_cybertrace", "cybertrace_capacity"):
         raise
     # Copied alone, without the module it shares its code with.
     sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
@@ -110,6 +111,8 @@ REPEAT_LIMIT = 10 ** 9
 # --repeat reads a pipe once and keeps it in a temporary file to send
 # again: at most this much, so that an endless pipe cannot fill the disk.
 SPOOL_LIMIT = 1024 * 1024 * 1024
+# --load sends the first this many events round and round.
+LOAD_EVENTS = 100000
 
 # Indicators that Kaspersky keeps in its feeds so that CyberTrace always
 # detects them, with the field each belongs in and the kind of record that
@@ -2093,7 +2096,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with --reply-back, answered it), 1 on an error or when there are no "
         "events to send, 2 on bad arguments, 130 on Ctrl+C, 143 on SIGTERM;"
         " with --check, 0 when at least one test indicator came back "
-        "(--strict: all 17), else 1. "
+        "(--strict: all 17), else 1; with --load, 0 when a step kept up, "
+        "else 1. "
         "'Acknowledged by the peer' means that the peer's TCP stack "
         "received the bytes, not that a program read or processed them: a "
         "listener that rejects the connection after the TCP handshake still "
@@ -2127,6 +2131,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "(X-KF-SendFinishedEventX-KF-ReplyBack), print its "
                       "answers to stdout and wait for a LookupFinished per "
                       "event")
+    mode.add_argument(
+        "--load", action="store_true",
+        help="the capacity test: ramp the rate up over --connections "
+        "reply-back connections until CyberTrace falls behind, and print "
+        "per step the answered rate and the lookup latency (see "
+        "docs/sender.md, 'Measuring capacity'); it loads the CyberTrace "
+        "it is pointed at, production or lab")
     mode.add_argument("--ping", action="store_true",
                       help="check that CyberTrace is up: exit 0 on PONG")
     mode.add_argument(
@@ -2186,6 +2197,41 @@ def build_parser() -> argparse.ArgumentParser:
         "macOS's SO_NWRITE; Windows has neither), the events of the last "
         "send buffer's worth of bytes are resent. Input is not read while "
         "disconnected. Not with --ping, --reply-back or --check")
+    load = parser.add_argument_group("the capacity test (--load)")
+    load.add_argument(
+        "--connections", metavar="N", default=capacity.CONNECTIONS,
+        type=argument_type(bounded(int, 1, 1000), "N"),
+        help="connections to open (default: %d: CyberTrace serves "
+        "ScannersCount connections at once, 9 by default, and one must stay "
+        "free for PING)" % capacity.CONNECTIONS)
+    load.add_argument(
+        "--start-rate", metavar="EPS", default=capacity.START_RATE,
+        type=argument_type(bounded(float, *RATE), "EPS"),
+        help="the first step's rate; each next doubles it until one falls "
+        "behind, then the ramp narrows (default: %g)" % capacity.START_RATE)
+    load.add_argument("--max-rate", metavar="EPS",
+                      type=argument_type(bounded(float, *RATE), "EPS"),
+                      help="climb no higher than this rate")
+    load.add_argument(
+        "--step-seconds", metavar="SECONDS", default=capacity.STEP_SECONDS,
+        type=argument_type(bounded(float, 0.1, 3600), "seconds"),
+        help="how long each step lasts (default: %g)" % capacity.STEP_SECONDS)
+    load.add_argument("--duration", metavar="SECONDS",
+                      type=argument_type(bounded(float, *SECONDS), "seconds"),
+                      help="stop the ramp after this long")
+    load.add_argument(
+        "--max-latency", metavar="SECONDS", default=capacity.MAX_LATENCY,
+        type=argument_type(bounded(float, *SECONDS), "seconds"),
+        help="a step whose p99 latency passes this fell behind (default: %g)"
+        % capacity.MAX_LATENCY)
+    load.add_argument(
+        "--in-flight", metavar="N", default=capacity.IN_FLIGHT,
+        type=argument_type(bounded(int, 1, 10 ** 7), "N"),
+        help="events awaiting an answer per connection at most; past it "
+        "events are not sent and count as unanswered (default: %s)"
+        % format_count(capacity.IN_FLIGHT))
+    load.add_argument("--json", metavar="FILE",
+                      help="write the whole result as JSON to FILE")
     parser.add_argument("--rate", metavar="EPS",
                         type=argument_type(bounded(float, *RATE), "EPS"),
                         help="send at most EPS events per second")
@@ -2260,6 +2306,26 @@ def refuse_for_the_check(parser: argparse.ArgumentParser,
                          "--check takes where CyberTrace delivers "
                          "detections, e.g. %d" % (format_address(host, port),
                                                   LISTEN_PORT))
+
+
+def refuse_for_the_load(parser: argparse.ArgumentParser,
+                        args: argparse.Namespace) -> None:
+    """Exit 2 on what --load cannot take, or what only it takes."""
+    if args.load:
+        for name, given in (("--rate", args.rate),
+                            ("--repeat", args.repeat != 1),
+                            ("--reconnect", args.reconnect),
+                            ("-v/--verbose", args.verbose)):
+            if given:
+                parser.error("argument --load: not allowed with %s (the "
+                             "capacity test sets the pace)" % name)
+        return
+    defaults = build_parser()
+    for name in ("connections", "start_rate", "max_rate", "step_seconds",
+                 "duration", "max_latency", "in_flight", "json"):
+        if getattr(args, name) != defaults.get_default(name):
+            parser.error("argument --%s: only with --load"
+                         % name.replace("_", "-"))
 
 
 def run(args: argparse.Namespace) -> str:
@@ -2339,6 +2405,30 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
     return summary + "; " + replies.summary()
 
 
+def run_load(args: argparse.Namespace) -> int:
+    """Run the capacity test (cybertrace_capacity) with the events the
+    arguments name; return its exit status."""
+    args.test_events = args.test_events or not (args.files or args.event)
+    sources = open_sources(args)
+    try:
+        events = []
+        for block, _ in event_blocks(sources, 1):
+            events.extend(bytes(block)[:-1].split(b"\n"))
+            # Sent round and round: a sample this size is plenty.
+            if len(events) >= LOAD_EVENTS:
+                break
+    finally:
+        close_sources(sources)
+    if not events:
+        raise NothingToSend("no events to send")
+    options = {name: getattr(args, name) for name in (
+        "connections", "start_rate", "max_rate", "step_seconds", "duration",
+        "max_latency", "in_flight", "timeout")}
+    live = Console.for_stderr(args.quiet)
+    return capacity.run_load(args.connect, events[:LOAD_EVENTS], options,
+                             live, args.json)
+
+
 def say_got_through(connection: Connection,
                     replies: Optional[Replies]) -> str:
     """Say what got through before Ctrl+C."""
@@ -2354,6 +2444,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     refuse_ignored(parser, args)
     refuse_for_the_check(parser, args)
+    refuse_for_the_load(parser, args)
     if args.timeout is None:
         args.timeout = CHECK_TIMEOUT if args.check else TIMEOUT
     args.test_events = args.test_events or args.demo
@@ -2363,6 +2454,8 @@ def main(argv: Optional[list] = None) -> int:
     try:
         if args.check:
             return LabCheck(args, parser.prog).run()
+        if args.load:
+            return run_load(args)
         summary = run(args)
     except NothingToSend as exc:
         console.warn(str(exc))
