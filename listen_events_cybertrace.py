@@ -2743,7 +2743,14 @@ def install_signals(listener: Listener) -> tuple:
 
 def restore_signals(pair: tuple) -> None:
     signal.set_wakeup_fd(-1)
+    hangup = getattr(signal, "SIGHUP", None)
     for number in signal_numbers():
+        if number == hangup:
+            # The listener is past its summary: a terminal's hang-up that
+            # comes now (the shell sends one as the terminal goes) must not
+            # turn a clean exit into death by signal.
+            signal.signal(number, signal.SIG_IGN)
+            continue
         signal.signal(number, signal.SIG_DFL if number != signal.SIGINT
                       else signal.default_int_handler)
     for sock in pair:
