@@ -2083,6 +2083,18 @@ def diagnose_detection(result: CheckResult) -> str:
 
 # --- The command line --------------------------------------------------------
 
+def peer_address(text: str) -> tuple:
+    """Parse CyberTrace's input address, which has a real port."""
+    address = parse_address(text, CYBERTRACE_ADDR)
+    if address[1] == 0:
+        # Port 0 means "any free port" only to a listener; to connect
+        # to it is a refusal that says nothing about the mistake.
+        raise ValueError("port 0 is not a port to connect to: give "
+                         "CyberTrace's input port (InputSettings > "
+                         "ConnectionString), e.g. 9999")
+    return address
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     default = format_address(CYBERTRACE_ADDR, CYBERTRACE_PORT)
@@ -2120,8 +2132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-c", "--connect", metavar="ADDR:PORT", default=(CYBERTRACE_ADDR,
                                                          CYBERTRACE_PORT),
-        type=argument_type(lambda text: parse_address(text, CYBERTRACE_ADDR),
-                           "address"),
+        type=argument_type(peer_address, "address"),
         help="CyberTrace's input address (InputSettings > ConnectionString)"
         ": 192.0.2.10:9999, [::1]:9999 or a bare PORT (default: %s)"
         % default)

@@ -248,6 +248,15 @@ class ErrorTest(unittest.TestCase):
                           r"error: cannot connect to 127\.0\.0\.1:\d+: "
                           r"Connection refused")
 
+    def test_port_zero_is_an_argument_error(self):
+        # Port 0 only means "a free port" to a listener: it was a late
+        # "Connection refused" on 127.0.0.1:0.
+        for text in ("0", "127.0.0.1:0", "[::1]:0"):
+            with self.subTest(text=text):
+                self.assert_error(run_sender("-c", text, "-e", "x"),
+                                  r"argument -c/--connect: .*port 0 is not "
+                                  r"a port to connect to", status=2)
+
     def test_host_not_found(self):
         self.assert_error(run_sender("-c", "no-such-host.invalid:9999",
                                      "-e", "x"),
