@@ -207,6 +207,12 @@ class CapacityTest:
         cycle = len(lines)
         last_live = 0.0
         try:
+            if len(self.steps) == 1:
+                # Said once the first step exists: a Ctrl+C from now on
+                # reports it.
+                self.console.status(
+                    "ramping up over %s to %s; Ctrl+C stops and reports"
+                    % (plural(self.connections, "connection"), self.where))
             while True:
                 now = self.clock()
                 due = min(int((now - started) * step.rate) + 1,
@@ -358,9 +364,6 @@ class CapacityTest:
         """Climb until CyberTrace falls behind, the sender's own limit,
         --max-rate or --duration."""
         self.connect()
-        self.console.status("ramping up over %s to %s; Ctrl+C stops and "
-                            "reports" % (plural(self.connections,
-                                                "connection"), self.where))
         started = self.clock()
         good, bad = None, None
         rate = self.start_rate
