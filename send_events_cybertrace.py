@@ -93,8 +93,8 @@ REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 PING = b"X-KF-ReplyBackPING"
 FINISHED = b"LookupFinished"
 EOF_KEY = "Ctrl+Z then Enter" if sys.platform == "win32" else "Ctrl+D"
-TERMINAL_NOTICE = ("Reading events from the terminal, one per line; %s to "
-                   "send and finish" % EOF_KEY)
+TERMINAL_NOTICE = ("Reading events from the terminal: each line is sent "
+                   "when you press Enter; %s to finish" % EOF_KEY)
 # A signal that comes while an interruption is reported ends us this soon,
 # whatever the report waits on (a stderr nobody reads).
 STOP_GRACE = 1.0
