@@ -92,6 +92,11 @@ DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 PING = b"X-KF-ReplyBackPING"
 FINISHED = b"LookupFinished"
+# CyberTrace splits an inbound event over 64 KB into several (online help
+# 178566); cutting them here, the same way, keeps the sender's memory and
+# time bounded on a line that never ends (a pipe, /dev/zero), where
+# holding it whole cost its square in copies.
+CYBERTRACE_EVENT_BYTES = 64 * 1024
 EOF_KEY = "Ctrl+Z then Enter" if sys.platform == "win32" else "Ctrl+D"
 TERMINAL_NOTICE = ("Reading events from the terminal: each line is sent "
                    "when you press Enter; %s to finish" % EOF_KEY)
@@ -307,8 +312,7 @@ def frame_file(name: str, source: BinaryIO, sniff: bool = True,
     bytes read and not sent (a CR, a blank line, the start of an
     unfinished line): with the bytes sent, how far the file went.
     """
-    # Events are not split on the way out: CyberTrace splits long ones.
-    framer = EventFramer(sys.maxsize)
+    framer = EventFramer(CYBERTRACE_EVENT_BYTES)
     # Read as the listener reads, for its reasons: a million events go out
     # in a few hundred system calls, and a block fits one 1 MiB arena.
     buffer = bytearray(2 * RECV_SIZE)
@@ -338,6 +342,15 @@ def frame_file(name: str, source: BinaryIO, sniff: bool = True,
     if count:
         yield block, count
     tally[0] -= len(block)  # the newline added to the last line
+    if framer.split_events:
+        # One line per file, however many: a file of long lines must not
+        # become a flood of warnings.
+        console.warn("%s: %s longer than %d KiB sent in pieces of %d KiB, "
+                     "as CyberTrace splits them" % (
+                         escape_line(name),
+                         plural(framer.split_events, "event"),
+                         CYBERTRACE_EVENT_BYTES // 1024,
+                         CYBERTRACE_EVENT_BYTES // 1024))
 
 
 class Spool:
