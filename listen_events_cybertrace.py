@@ -112,6 +112,16 @@ COUNT_LIMIT = 10 ** 15
 # (/proc/sys/fs/pipe-max-size).
 PIPE_SIZE = 1024 * 1024
 PAGE = 4096
+# Output files are created for their owner and group only: detections name
+# hosts, users and what they did (as rsyslog's $FileCreateMode 0640).
+FILE_MODE = 0o640
+# While the output stalls, so many formatted bytes wait at most; the events
+# after them wait as received (held within --max-buffer-bytes, as peers stop
+# being read), for JSON can make an event six times its size.
+OUTPUT_BACKLOG = 1024 * 1024
+# How often an event waiting for room in a pipe looks for it: select() says
+# a pipe is writable once a single page is free.
+ROOM_POLL_SECONDS = 0.01
 # The loop wakes at least this often, whatever its timers say: a wait of
 # days would overflow select() (2**31 ms at most).
 LONGEST_WAIT = 60.0
@@ -152,6 +162,11 @@ OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE,
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, exit status 1."""
+
+
+class ArgumentError(UserError):
+    """An argument found wrong only once used (an --allow that the listening
+    socket can never match); printed as one line, exit status 2."""
 
 
 class EventFramer:
@@ -565,12 +580,19 @@ class LiveLine:
     # serves signals) drops a line that a full pipe cannot take now.
     never_block = False
 
+    # Lines held while gate() says a write would land inside a half-written
+    # event (stdout is this very terminal), at most so many.
+    held_lines = 100
+
     def __init__(self, live: bool = False) -> None:
         self.live = live
         self.shown = ""  # the line now on the screen
         self.width = 80
         self.lock = threading.RLock()
         self.stderr_flags = False  # once known (see stream_flags)
+        self.gate = None  # gate() tells to hold lines for now
+        self.held = []
+        self.dropped = 0  # lines past held_lines
 
     @staticmethod
     def on_stderr() -> bool:
@@ -583,6 +605,12 @@ class LiveLine:
     def write(self, text: str) -> None:
         # With stderr closed (2>&-), print(file=None) would go to stdout.
         if sys.stderr is None:
+            return
+        if self.gate is not None and self.gate():
+            if len(self.held) < self.held_lines:
+                self.held.append(text)
+            else:
+                self.dropped += text.count("\n")
             return
         try:
             sys.stderr.flush()
@@ -613,6 +641,8 @@ class LiveLine:
         # A line that wraps could no longer be rewritten with \r.
         text = text[:self.width - 1 if self.width > 1 else 79]
         with self.lock:
+            if self.gate is not None and self.gate():
+                return  # redrawn once the event is whole
             if text != self.shown:
                 # Spaces, not an ANSI erase: every console understands them.
                 gone = len(self.shown) - len(text)
@@ -631,6 +661,27 @@ class LiveLine:
         with self.lock:
             self.clear()
             self.write(message + "\n")
+
+    def release(self, end_line: bool = False) -> None:
+        """Write the lines held while an event was half-written, once it is
+        whole (or, with end_line, at once, on a line of their own)."""
+        with self.lock:
+            if not end_line and (not (self.held or self.dropped) or (
+                    self.gate is not None and self.gate())):
+                return
+            gate, self.gate = self.gate, None
+            held, self.held = self.held, []
+            try:
+                if end_line:
+                    held.insert(0, "\n")
+                if self.dropped:
+                    held.append("%s not shown while an event was "
+                                "half-written\n" % plural(
+                                    self.dropped, "more status line"))
+                    self.dropped = 0
+                self.write("".join(held))
+            finally:
+                self.gate = gate
 
 
 class Console(LiveLine):
@@ -1188,7 +1239,9 @@ class Output:
     """Write formatted events to stdout or to a file that SIGHUP reopens.
 
     Events go out whole: a write that fails halfway into a file is cut
-    back to the last whole event, and a pipe, socket or terminal whose
+    back to the last whole event; a pipe gets only whole events, each
+    once the pipe has room for all of it, so that a reader that stops for
+    good finds no event cut short; and a pipe, socket or terminal whose
     reader stalls is never waited on (the loop must still see signals):
     what it cannot take now stays pending until flush() finds room.
     """
@@ -1196,9 +1249,11 @@ class Output:
     # A reopen that failed (SIGHUP) is tried again on a write, this often.
     reopen_every = 1.0
 
-    def __init__(self, path: Optional[str], lines_per_event: int = 1) -> None:
+    def __init__(self, path: Optional[str], lines_per_event: int = 1,
+                 file_mode: int = FILE_MODE) -> None:
         self.path = path
         self.name = escape_line(path) if path else "stdout"
+        self.file_mode = file_mode
         # Lines each event takes (text: "Received:" and the event), to cut
         # and count whole events.
         self.lines_per_event = lines_per_event
@@ -1209,11 +1264,14 @@ class Output:
             raise UserError("cannot open %s: %s" % (self.name, exc.strerror))
         self.terminal = os.isatty(self.fd)
         self.pending = bytearray()
+        # Where the bytes written so far stop: lines into an event, and
+        # whether in the middle of a line (a short write to a terminal).
+        self.lines_in = 0
+        self.mid_line = False
         self.reopen_failed = None  # why the last reopen failed, if it did
         self.next_reopen = 0.0
-        self.flags = stream_flags(self.fd)
-        widen_pipe(self.fd)
-        self.writes_in_pipe = 0  # since it was last seen empty
+        self.warn = None  # warn(message), from whoever shows warnings
+        self.opened()
         # A Windows console shows UTF-8 only through sys.stdout, which
         # writes wide characters; os.write would use its code page.
         self.console = None
@@ -1224,12 +1282,35 @@ class Output:
         # O_BINARY: on Windows, a file opened without it gets "\r\n".
         # O_NONBLOCK: a FIFO nobody reads fails at once (ENXIO) instead of
         # holding the listener in open(); set back to blocking at once.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                     getattr(os, "O_BINARY", 0) |
-                     getattr(os, "O_NONBLOCK", 0), 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0) | \
+            getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL,
+                         self.file_mode)
+        except FileExistsError:
+            # As it is (a FIFO, or the file logrotate's "create" made).
+            fd = os.open(self.path, flags | os.O_CREAT, self.file_mode)
+        else:
+            # The mode asked for, not what the umask leaves of it: detections
+            # are for their readers only, and 0660 must mean 0660.
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, self.file_mode)
         if getattr(os, "O_NONBLOCK", 0):  # Windows has none to clear
             os.set_blocking(fd, True)
         return fd
+
+    def opened(self) -> None:
+        """Learn what the new fd is: whether it stalls, whether a pipe."""
+        self.flags = stream_flags(self.fd)
+        widen_pipe(self.fd)
+        # A pipe's writes that its reader has not taken whole yet, as
+        # (bytes written to it in all at that write's end, what it wrote):
+        # the pages they take, and the events lost if the reader goes.
+        self.in_pipe = collections.deque() \
+            if self.flags is not None and pipe_state(self.fd) else None
+        self.sent_bytes = 0
+        self.room_wanted = None  # an event waits for this much room
+        self.unread_lost = self.events_lost = 0
 
     def reopen(self) -> Optional[str]:
         """Open the file anew (after logrotate), keeping the old one if it
@@ -1242,8 +1323,7 @@ class Output:
             return self.reopen_failed
         os.close(self.fd)
         self.fd = fd
-        self.flags = stream_flags(fd)
-        widen_pipe(fd)
+        self.opened()
         self.reopen_failed = None
         return None
 
@@ -1256,6 +1336,25 @@ class Output:
         """Tell whether events wait for a pipe's reader to take them."""
         return bool(self.pending)
 
+    def mid_event(self) -> bool:
+        """Tell whether the bytes written so far end inside an event."""
+        return self.mid_line or bool(self.lines_in)
+
+    def watched_pipe(self) -> Optional[int]:
+        """Return the fd of a pipe whose reader going away select() tells
+        (Linux: POLLERR on its write end, as coreutils' tail watches), or
+        None."""
+        if self.in_pipe is None or not sys.platform.startswith("linux"):
+            return None
+        return self.fd
+
+    def check_reader(self) -> None:
+        """Fail as a write would if the pipe's reader went away."""
+        if pipe_reader_gone(self.fd):
+            self.count_lost()
+            raise OutputFailed("cannot write to %s: %s" % (
+                self.name, os.strerror(errno.EPIPE)))
+
     def write(self, data: Block, peer: str = "") -> None:
         """Write events (from peer); what a stalled pipe cannot take waits."""
         if self.pending:
@@ -1267,13 +1366,15 @@ class Output:
 
     def flush(self) -> None:
         """Write what waits, as much as the pipe takes now (select() said
-        it takes some)."""
+        it takes some, or room_wanted is polled for)."""
         if self.pending:
+            if self.room_wanted is not None:
+                self.check_reader()  # no write to fail and tell
             with memoryview(self.pending) as view:
-                written = self._write(view, writable=True)
+                written = self._write(view)
             del self.pending[:written]
 
-    def _write(self, data: Block, writable: bool = False) -> int:
+    def _write(self, data: Block) -> int:
         """Write data; return how much a full pipe took, or raise."""
         if self.console is not None:
             try:
@@ -1289,46 +1390,114 @@ class Output:
         while total < len(view):
             size = len(view) - total
             if self.flags is not None:
-                size = self.fitting(view[total:], writable)
-                writable = False
+                size = self.fitting(view[total:])
                 if not size:
                     return total  # flush() goes on when there is room
             try:
-                total += write_now(self.fd, view[total:total + size],
-                                   self.flags)
-                self.writes_in_pipe += 1
+                written = write_now(self.fd, view[total:total + size],
+                                    self.flags)
             except BlockingIOError:
                 return total  # the pipe is full: flush() goes on later
             except OSError as exc:
                 total = self.untear(data, total)
                 self.pending = bytearray(view[total:])
+                if exc.errno == errno.EPIPE:
+                    self.count_lost()
                 error = OutputFailed("cannot write to %s: %s" % (
                     self.name, exc.strerror))
                 error.hung_up = self.terminal and exc.errno == errno.EIO
                 raise error
+            if self.flags is not None:
+                self.wrote(view[total:total + written],
+                           total + written == len(view))
+            total += written
         return total
 
-    def fitting(self, data: Block, writable: bool) -> int:
+    def wrote(self, piece: memoryview, to_the_end: bool) -> None:
+        """Note a write to a pipe, socket or terminal: where it stopped,
+        and what a pipe holds."""
+        if to_the_end:
+            self.lines_in, self.mid_line = 0, False  # data is whole events
+        elif self.lines_per_event == 1:
+            self.mid_line = piece[-1] != 10  # b"\n"
+        else:
+            # A part: a pipe's whole events, a short write to a terminal.
+            text = bytes(piece)
+            self.lines_in = (self.lines_in + text.count(b"\n")) % \
+                self.lines_per_event
+            self.mid_line = not text.endswith(b"\n")
+        if self.in_pipe is not None:
+            self.sent_bytes += len(piece)
+            # The receive buffer that raw events are views of is read into
+            # again: keep a copy.  Formatted events are bytes of their own.
+            if not isinstance(piece.obj, bytes):
+                piece = bytes(piece)
+            self.in_pipe.append((self.sent_bytes, piece))
+
+    def fitting(self, data: Block) -> int:
         """Return how much of data to write into the pipe now: whole events
-        only, so that a reader that never comes back finds no event cut
-        short; 0 to wait for room.  writable: select() said so."""
+        only, each once it fits whole, so that a reader that never comes
+        back finds no event cut short; 0 to wait for room (room_wanted)."""
         state = pipe_state(self.fd)
         if state is None:
             return len(data)
         size, unread = state
-        if not unread:
-            self.writes_in_pipe = 0
+        in_pipe = self.in_pipe
+        if in_pipe is None:  # a pipe that F_GETPIPE_SZ failed on before
+            return len(data)
+        taken = self.sent_bytes - unread
+        while in_pipe and in_pipe[0][0] <= taken:
+            in_pipe.popleft()
         # A pipe holds pages, and each write may leave part of one unused.
-        room = size - unread - (self.writes_in_pipe + 1) * PAGE
+        room = size - unread - (len(in_pipe) + 1) * PAGE
+        if self.room_wanted is not None:
+            if room < self.room_wanted:
+                return 0  # the event that waits still does not fit
+            self.room_wanted = None
         if len(data) <= room:
             return len(data)
         # Nearly full: whole events of up to PIPE_BUF bytes, which a pipe
         # takes whole or not at all.
-        room = max(room, select.PIPE_BUF)
-        whole = event_boundary(bytes(data[:room]), self.lines_per_event)
-        if whole or not writable:
+        whole = event_boundary(bytes(data[:max(room, select.PIPE_BUF)]),
+                               self.lines_per_event, self.lines_in)
+        if whole:
             return whole
-        return room  # an event larger than that: pieces it is
+        # The next event does not fit now: wait until it does, polled, for
+        # select() says a pipe takes more once it has one page free.
+        need = first_event_end(data, self.lines_per_event, self.lines_in)
+        if need + 2 * PAGE > size:
+            size = widen_pipe(self.fd, need + 2 * PAGE) or size
+        if need + 2 * PAGE <= size:
+            self.room_wanted = need + PAGE
+            return 0
+        # Larger than the pipe can ever hold: it goes in pieces, torn if
+        # the reader stops in its middle.
+        if room < select.PIPE_BUF:
+            self.room_wanted = size // 4
+            return 0
+        if self.warn is not None and not self.mid_event():
+            self.warn("an event of %s is larger than %s's pipe (%s): it "
+                      "goes out in parts, cut short if the reader stops "
+                      "before its end" % (format_bytes(need), self.name,
+                                          format_bytes(size)))
+        return room
+
+    def count_lost(self) -> None:
+        """Count what the pipe's reader left unread when it went: bytes,
+        and events it did not take whole."""
+        unread = unread_count(self.fd) if self.in_pipe is not None else 0
+        if not unread:
+            return
+        lines, left = 0, unread
+        for _, piece in reversed(self.in_pipe):
+            part = bytes(piece[-left:]) if left < len(piece) else piece
+            lines += bytes(part).count(b"\n")
+            left -= len(part)
+            if left <= 0:
+                break
+        self.unread_lost = unread
+        self.events_lost = -(-lines // self.lines_per_event)
+        self.in_pipe.clear()
 
     def untear(self, data: Block, written: int) -> int:
         """Cut a file back to the last whole event of what was written of
@@ -1346,6 +1515,15 @@ class Output:
         """Return how many events were handed over and not written whole."""
         lines = self.pending.count(b"\n")
         return -(-lines // self.lines_per_event)
+
+    def shares_stderr(self) -> bool:
+        """Tell whether stderr is the very file events go to (a terminal,
+        2>&1 into a pipe)."""
+        try:
+            ours, theirs = os.fstat(self.fd), os.fstat(2)
+        except OSError:
+            return False
+        return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
     def close(self) -> None:
         if self.path:
@@ -1369,17 +1547,31 @@ def stream_flags(fd: int) -> Optional[int]:
         return None
 
 
-def widen_pipe(fd: int) -> None:
-    """Let a pipe we write to hold a whole read's events (Linux)."""
+def widen_pipe(fd: int, size: int = PIPE_SIZE) -> Optional[int]:
+    """Let a pipe we write to hold size bytes, a whole read's events by
+    default (Linux); return its size, or None where it has none."""
     # With the default 64 KiB, a 512 KiB batch takes eight rounds of
     # waiting for the reader; a larger pipe also rides out its pauses.
     try:
         import fcntl
         import stat
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < size:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
     except (ImportError, AttributeError, OSError):
-        pass  # not Linux, or above /proc/sys/fs/pipe-max-size
+        return None  # not Linux, or above /proc/sys/fs/pipe-max-size
+
+
+def pipe_reader_gone(fd: int) -> bool:
+    """Tell whether the reader of the pipe we write to went away."""
+    try:
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR and POLLHUP come unasked
+        return bool(poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False  # no poll() (Windows): the next write tells
 
 
 def pipe_state(fd: int) -> Optional[tuple]:
@@ -1419,11 +1611,27 @@ def write_now(fd: int, data: Block, flags: Optional[int]) -> int:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
-def event_boundary(data: bytes, lines_per_event: int) -> int:
-    """Return where the last whole event in data ends."""
+def event_boundary(data: bytes, lines_per_event: int,
+                   lines_before: int = 0) -> int:
+    """Return where the last whole event in data ends; data starts
+    lines_before lines into an event."""
     cut = data.rfind(b"\n") + 1
-    while cut and data.count(b"\n", 0, cut) % lines_per_event:
+    while cut and (data.count(b"\n", 0, cut) + lines_before) % \
+            lines_per_event:
         cut = data.rfind(b"\n", 0, cut - 1) + 1
+    return cut
+
+
+def first_event_end(data: Block, lines_per_event: int,
+                    lines_before: int = 0) -> int:
+    """Return where the first event in data ends (data starts lines_before
+    lines into it), or len(data)."""
+    data = bytes(data)
+    cut = 0
+    for _ in range(lines_per_event - lines_before):
+        cut = data.find(b"\n", cut) + 1
+        if not cut:
+            return len(data)
     return cut
 
 
@@ -1443,12 +1651,17 @@ class Handover:
     path = None
     terminal = False
     reopen_failed = None
+    pending = b""
+    events_lost = unread_lost = 0
 
     def __init__(self, take: Callable[[bytes, str], None]) -> None:
         self.take = take
 
     def write(self, data: Block, peer: str = "") -> None:
         self.take(bytes(data), peer)
+
+    def flush(self) -> None:
+        pass
 
     def stalled(self) -> bool:
         return False
@@ -1459,12 +1672,22 @@ class Handover:
     def reopen_due(self) -> bool:
         return False
 
+    def watched_pipe(self) -> Optional[int]:
+        return None
+
+    def shares_stderr(self) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 
 
 class EventSink:
-    """Count, format and write blocks of events; stop at --count."""
+    """Count, format and write blocks of events; stop at --count.
+
+    While the output stalls, at most OUTPUT_BACKLOG formatted bytes wait
+    in it; later blocks wait as received, formatted as it takes them.
+    """
 
     def __init__(self, settings: Settings, output, console: Console) -> None:
         self.output = output
@@ -1475,6 +1698,13 @@ class EventSink:
         self.events = 0
         # Events received beyond --count: read, but not written.
         self.beyond_count = 0
+        # Blocks not formatted yet, as (block, events, peer, when).
+        self.waiting = collections.deque()
+        self.waiting_events = 0
+        output.warn = console.warn
+        if output.shares_stderr():
+            # Status lines, and the live line, go between whole events.
+            console.gate = output.mid_event
 
     def full(self) -> bool:
         """Tell whether --count events were written."""
@@ -1492,13 +1722,34 @@ class EventSink:
             del lines[self.limit - self.events:]
             block = b"".join(lines)
         self.events += len(lines)
+        if self.waiting or len(self.output.pending) >= OUTPUT_BACKLOG:
+            self.waiting.append((bytes(block), len(lines), peer,
+                                 time.time()))
+            self.waiting_events += len(lines)
+            return len(lines)
+        self.deliver(block, lines, peer, time.time())
+        return len(lines)
+
+    def deliver(self, block: Block, lines: list, peer: str,
+                when: float) -> None:
+        """Format a block of events and hand it to the output."""
         if self.console.shown and self.output.terminal:
             self.console.clear()
         if self.output.reopen_due():
             self.reopen()
-        self.output.write(self.format(block, lines, peer, time.time(),
+        self.output.write(self.format(block, lines, peer, when,
                                       self.escape), peer)
-        return len(lines)
+
+    def flush(self) -> None:
+        """Write what waits, as much as the output takes now; then the
+        status lines held while an event was half-written."""
+        output = self.output
+        output.flush()
+        while self.waiting and len(output.pending) < OUTPUT_BACKLOG:
+            block, events, peer, when = self.waiting.popleft()
+            self.waiting_events -= events
+            self.deliver(block, split_lines(block), peer, when)
+        self.console.release()
 
     def reopen(self) -> None:
         """Open --output anew (SIGHUP, or a reopen that failed), say so."""
@@ -1516,13 +1767,19 @@ class EventSink:
                               "file it was, trying again on the next SIGHUP "
                               "or write" % (output.name, why))
 
+    def unwritten(self) -> int:
+        """Return how many events were handed over and are not written
+        whole, or were left in a pipe whose reader went."""
+        return self.output.pending_events() + self.waiting_events + \
+            self.output.events_lost
+
     def written(self) -> int:
         """Return how many events were written whole."""
-        return self.events - self.output.pending_events()
+        return self.events - self.unwritten()
 
     def not_written(self) -> int:
         """Return how many events were received and not written."""
-        return self.beyond_count + self.output.pending_events()
+        return self.beyond_count + self.unwritten()
 
 
 # --- The counters: the live line, --stats and SIGUSR1 ------------------------
@@ -1602,6 +1859,7 @@ class Settings:
     event_timeout = EVENT_TIMEOUT
     max_event_bytes = MAX_EVENT_BYTES
     max_buffer_bytes = MAX_BUFFER_BYTES
+    file_mode = FILE_MODE
     count = None
     timeout = None
     stats = None
@@ -1618,6 +1876,19 @@ class Settings:
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> "Settings":
         return cls(**vars(args))
+
+
+def parse_mode(text: str) -> int:
+    """Convert an octal file mode (0640, 640) to a number, in words when it
+    fails."""
+    digits = text[2:] if text[:2] in ("0o", "0O") else text
+    if not digits or not digits.isascii() or \
+            any(char not in "01234567" for char in digits):
+        raise ValueError("not an octal mode (such as 0640)")
+    mode = int(digits, 8)
+    if mode > 0o777:
+        raise ValueError("must be from 0000 to 0777 (permissions only)")
+    return mode
 
 
 def _file_name(text: str) -> str:
@@ -1661,6 +1932,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_file_name,
         help="append events to FILE instead of stdout; SIGHUP reopens it "
         "(not on Windows)")
+    parser.add_argument(
+        "--file-mode", metavar="MODE",
+        type=argument_type(parse_mode, "mode"), default=FILE_MODE,
+        help="permissions of a FILE that -o or a reopen creates, in octal, "
+        "whatever the umask; a file that exists keeps its own (default: "
+        "%04o: owner and group)" % FILE_MODE)
     parser.add_argument(
         "--escape", action="store_true",
         help="show control characters (ESC, BEL, ...) as \\xNN text in "
@@ -2373,21 +2650,25 @@ def announce(server: socket.socket, console: Console) -> str:
     return where
 
 
-def warn_unmatched_allow(server: socket.socket, allow: Optional[list],
-                         console: Console) -> None:
-    """Warn of --allow networks no peer of server can come from."""
+def unmatched_allow(server: socket.socket, allow: Optional[list]) -> list:
+    """Return (never, why) for each --allow network that no peer of server
+    can come from (never), or none from another host."""
     versions = peer_ip_versions(server)
     where = format_peer(server.getsockname())
     loopback = ip_of(server.getsockname()[0]).is_loopback
+    found = []
     for network in allow or ():
         if network.version not in versions:
-            console.warn("--allow %s can never match: this socket (%s) only "
-                         "takes IPv%d peers" % (network, where,
-                                                min(versions)))
+            found.append((True, "%s can never match: this socket (%s) only "
+                          "takes IPv%d peers" % (network, where,
+                                                 min(versions))))
         elif loopback and not network.overlaps(ipaddress.ip_network(
                 "127.0.0.0/8" if network.version == 4 else "::1")):
-            console.warn("--allow %s can never match: this socket (%s) only "
-                         "takes peers on this host" % (network, where))
+            # Not never: a program here may connect from another of this
+            # host's addresses.
+            found.append((False, "%s can never match: this socket (%s) "
+                          "only takes peers on this host" % (network, where)))
+    return found
 
 
 def reachable_hosts(server: socket.socket) -> Optional[list]:
@@ -2443,6 +2724,9 @@ class Listener:
 
     drain_seconds = DRAIN_SECONDS
     drain_quiet_seconds = DRAIN_QUIET_SECONDS
+    # An --allow that no peer can match would refuse every peer for ever:
+    # a slip in the arguments (an embedder may know better).
+    allow_must_match = True
 
     def __init__(self, settings: Settings, output,
                  console: Optional[Console] = None) -> None:
@@ -2468,6 +2752,9 @@ class Listener:
         self.draining = False
         self.stop_now = False
         self.hung_up = False  # SIGHUP with events going to a terminal
+        # A copy of the fd of the pipe events go to, watched (see
+        # watch_output), and the output's fd it is a copy of.
+        self.watched = self.watched_of = None
         self.reopen_requested = False
         self.comings = Throttle(self.console.status, CONNECTION_LINES,
                                 REJECT_WINDOW, say_connections)
@@ -2500,8 +2787,11 @@ class Listener:
         """Listen where the settings say, and say where that is."""
         self.admission.open(self.settings.listen, self.accept)
         server = self.admission.server
+        for never, why in unmatched_allow(server, self.settings.allow):
+            if never and self.allow_must_match:
+                raise ArgumentError("argument --allow: " + why)
+            self.console.warn("--allow " + why)
         where = announce(server, self.console)
-        warn_unmatched_allow(server, self.settings.allow, self.console)
         self.console.status("Waiting for CyberTrace (OutputSettings > "
                             "ConnectionString = %s); Ctrl+C to stop" % where)
 
@@ -2514,6 +2804,7 @@ class Listener:
         self.sweeper.start(started)
         timed_out = False
         while not self.stopping:
+            self.watch_output()
             now = time.monotonic()
             due = [t for t in (deadline, *(timer.due() for timer in
                                            self.timers)) if t is not None]
@@ -2645,15 +2936,45 @@ class Listener:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self.stall_selector.register(output.fd, selectors.EVENT_WRITE,
-                                         output.flush)
+            # An event that waits for room in a pipe looks for it now and
+            # then: select() says a pipe is writable at every page freed.
+            polling = output.room_wanted is not None
+            if polling:
+                left = min(left, ROOM_POLL_SECONDS)
+            else:
+                self.stall_selector.register(
+                    output.fd, selectors.EVENT_WRITE, self.sink.flush)
             try:
                 keys = self.stall_selector.select(left)
             finally:
-                self.stall_selector.unregister(output.fd)
+                if not polling:
+                    self.stall_selector.unregister(output.fd)
             for key, _ in keys:
                 key.data()
+            if polling:
+                self.sink.flush()
         return not output.stalled()
+
+    def watch_output(self) -> None:
+        """Watch the pipe events go to for its reader going away, so that
+        the listener ends at once (| head), not at its next write."""
+        fd = self.output.watched_pipe()
+        if fd == self.watched_of:
+            return  # a reopen gives a new number: the old is still open
+        self.unwatch_output()
+        self.watched_of = fd
+        if fd is not None:
+            # A copy of the fd: a reopen (SIGHUP) closes the original,
+            # whose number a new peer's socket may then take.
+            self.watched = os.dup(fd)
+            self.selector.register(self.watched, selectors.EVENT_READ,
+                                   self.output.check_reader)
+
+    def unwatch_output(self) -> None:
+        if self.watched is not None:
+            self.selector.unregister(self.watched)
+            os.close(self.watched)
+            self.watched = self.watched_of = None
 
     def drain(self) -> None:
         """Write out what the kernel already accepted for us, then close."""
@@ -2716,6 +3037,7 @@ class Listener:
 
     def close(self) -> None:
         self.admission.close()
+        self.unwatch_output()
         for conn in list(self.connections.values()):
             self.selector.unregister(conn.sock)
             conn.sock.close()
@@ -2730,6 +3052,12 @@ class Listener:
         if unwritten:
             lost.append("%s more received, not written"
                         % format_count(unwritten))
+        if self.output.unread_lost:
+            # Written into a pipe, and gone with its reader: the kernel held
+            # them, unread, when it closed.
+            lost.append("%s of them (%s) left unread in the pipe by its "
+                        "reader" % (format_count(self.output.events_lost),
+                                    format_bytes(self.output.unread_lost)))
         if self.unread:
             lost.append("%s more sent by peers, never read"
                         % format_bytes(self.unread))
@@ -2756,6 +3084,9 @@ class OwnedListener(Listener):
     # then tells that nothing more is on its way.
     drain_seconds = 0.5
     drain_quiet_seconds = 0.05
+    # The check allows CyberTrace's host by every address it has, of
+    # both families, whatever it listens on.
+    allow_must_match = False
 
 
 def readable_now(sock: socket.socket) -> bool:
@@ -2808,7 +3139,7 @@ def main(argv: Optional[list] = None) -> int:
     prog = parser.prog
     try:
         output = Output(settings.output, 2 if settings.format == "text"
-                        else 1)
+                        else 1, settings.file_mode)
     except UserError as exc:
         print("%s: error: %s" % (prog, exc), file=sys.stderr)
         return 1
@@ -2822,6 +3153,10 @@ def main(argv: Optional[list] = None) -> int:
     except OutputFailed as exc:
         # What was lost is said even with -q: the summary counts it.
         listener.abandon()
+        # No more events will come to finish the one half-written.
+        if console.gate is not None:
+            console.release(end_line=output.mid_event())
+            console.gate = None
         console.line(listener.summary())
         console.line("%s: error: %s" % (prog, exc))
         if not settings.output:
@@ -2831,7 +3166,7 @@ def main(argv: Optional[list] = None) -> int:
         status = 0 if listener.hung_up or exc.hung_up else 1
     except UserError as exc:
         console.line("%s: error: %s" % (prog, exc))
-        status = 1
+        status = 2 if isinstance(exc, ArgumentError) else 1
     else:
         console.status(listener.summary())
     finally:

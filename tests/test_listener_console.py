@@ -314,13 +314,30 @@ class StatsTest(unittest.TestCase):
 
 
 class AllowFamilyTest(unittest.TestCase):
-    def test_networks_of_the_other_family_are_a_warning(self):
-        with Listener("--allow", "::1", "--allow", "127.0.0.0/8") as listener:
+    """An --allow that no peer can ever match is a bad argument (it would
+    refuse every peer for ever): one line, exit 2."""
+
+    def run_listener(self, listen: str, *args: str):
+        return subprocess.run([sys.executable, str(LISTENER), "-l", listen,
+                               *args], capture_output=True, text=True,
+                              timeout=TIMEOUT, env=user_env())
+
+    def test_networks_of_the_other_family_are_an_argument_error(self):
+        proc = self.run_listener("127.0.0.1:0", "--allow", "::1",
+                                 "--allow", "127.0.0.0/8")
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertRegex(proc.stderr, r"^\S+: error: argument --allow: "
+                         r"::1/128 can never match: this socket "
+                         r"\(127\.0\.0\.1:\d+\) only takes IPv4 peers\n$")
+
+    def test_a_network_elsewhere_on_loopback_is_a_warning(self):
+        # A program on this host may connect from another of its addresses.
+        with Listener("--allow", "192.0.2.0/24") as listener:
             listener.wait_stderr(WAITING % r"\S+")
-            self.assertIn("warning: --allow ::1/128 can never match: this "
-                          "socket (127.0.0.1:%d) only takes IPv4 peers\n"
-                          % listener.address[1], listener.stderr_text)
-            self.assertNotIn("127.0.0.0/8 can never", listener.stderr_text)
+            self.assertIn("warning: --allow 192.0.2.0/24 can never match: "
+                          "this socket (127.0.0.1:%d) only takes peers on "
+                          "this host\n" % listener.address[1],
+                          listener.stderr_text)
 
     @unittest.skipUnless(socket.has_ipv6, "no IPv6")
     def test_ipv6_sockets(self):
@@ -329,10 +346,11 @@ class AllowFamilyTest(unittest.TestCase):
                 probe.bind(("::1", 0))
         except OSError:
             self.skipTest("no IPv6 loopback")
-        with Listener("--allow", "10.0.0.0/8", listen="[::1]:0") as listener:
-            listener.wait_stderr("warning: --allow 10.0.0.0/8 can never "
-                                 r"match: this socket \(\[::1\]:\d+\) only "
-                                 "takes IPv6 peers")
+        proc = self.run_listener("[::1]:0", "--allow", "10.0.0.0/8")
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertRegex(proc.stderr, r"^\S+: error: argument --allow: "
+                         r"10\.0\.0\.0/8 can never match: this socket "
+                         r"\(\[::1\]:\d+\) only takes IPv6 peers\n$")
         # "::" takes IPv4 peers too (as ::ffff:a.b.c.d): no warning.
         with Listener("--allow", "10.0.0.0/8", "--allow", "::1",
                       listen="[::]:0") as listener:
@@ -368,6 +386,17 @@ class ArgumentWordsTest(unittest.TestCase):
                 self.assertIn(words, last)
                 self.assertNotIn("invalid literal", proc.stderr)
                 self.assertNotIn("could not convert", proc.stderr)
+
+    def test_file_modes_that_do_not_parse_say_so_in_words(self):
+        for mode, words in (("rw-r-----", "not an octal mode"),
+                            ("0648", "not an octal mode"),
+                            ("", "not an octal mode"),
+                            ("4755", "must be from 0000 to 0777")):
+            with self.subTest(mode=mode):
+                proc = self.run_listener("--file-mode", mode)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertRegex(proc.stderr, r"^\S+: error: argument "
+                                 r"--file-mode: .*%s" % words)
 
     def test_empty_output_file_name_is_a_usage_error(self):
         proc = self.run_listener("-o", "", "-t", "5")
