@@ -81,6 +81,10 @@ READS_PER_TURN = 8
 # with a millisecond's round trip: 1.25 MB).
 RECV_BUFFER = 2 * 1024 * 1024
 MAX_CONNECTIONS = 512
+# How much of a peer's address --max-per-host counts as one host: one
+# IPv4 address, but an IPv6 /64, since one machine commonly holds a whole
+# /64 and can pick a new address for every connection.
+PER_HOST_PREFIX = (32, 64)
 # When every connection is taken and a peer waits, the one silent longest
 # gives its place, if silent this long: idle peers cannot shut others out,
 # and one that is only between two events keeps its place.
@@ -719,6 +723,31 @@ class RateMeter:
         del self.samples[:-self.keep]
         then, before = self.samples[0]
         return (count - before) / (now - then) if now > then else 0.0
+
+
+def parse_prefixes(text: str) -> tuple:
+    """Parse --per-host-prefix "V4/V6" (or one number for IPv4 alone)."""
+    v4, sep, v6 = text.partition("/")
+    v6 = v6 if sep else str(PER_HOST_PREFIX[1])
+    if not all(part.isascii() and part.isdigit() for part in (v4, v6)) \
+            or not (1 <= int(v4) <= 32 and 1 <= int(v6) <= 128):
+        raise ValueError("expected V4/V6 prefix lengths, such as 32/64 or "
+                         "24/48 (IPv4 1 to 32, IPv6 1 to 128)")
+    return int(v4), int(v6)
+
+
+def host_key(host: str, prefixes: tuple = PER_HOST_PREFIX) -> str:
+    """Return the network that counts as a peer's host for --max-per-host."""
+    try:
+        ip = ip_of(host)
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    length = prefixes[0] if ip.version == 4 else prefixes[1]
+    if length == ip.max_prefixlen:
+        return str(ip)
+    return str(ipaddress.ip_network("%s/%d" % (ip, length), strict=False))
 
 
 def parse_network(text: str) -> IPNetwork:
@@ -1825,6 +1854,7 @@ class Settings:
     allow = None  # networks, or None for any
     max_connections = MAX_CONNECTIONS
     max_per_host = None
+    per_host_prefix = PER_HOST_PREFIX
     idle_timeout = None
     event_timeout = EVENT_TIMEOUT
     max_event_bytes = MAX_EVENT_BYTES
@@ -1932,6 +1962,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=argument_type(bounded(int, 1, MAX_CONNECTIONS_LIMIT), "N"),
         help="connections served at once from one host; more from it are "
         "refused (default: as many as --max-connections)")
+    parser.add_argument(
+        "--per-host-prefix", metavar="V4/V6",
+        default=PER_HOST_PREFIX,
+        type=argument_type(parse_prefixes, "prefix lengths"),
+        help="what --max-per-host counts as one host: peers whose addresses "
+        "share this many leading bits (default: %d/%d, one IPv4 address, "
+        "an IPv6 /64; 24/48 counts a whole /24 or /48 as one)"
+        % PER_HOST_PREFIX)
     parser.add_argument(
         "--idle-timeout", metavar="SECONDS", type=seconds,
         help="close a connection that sends nothing for SECONDS "
@@ -2062,6 +2100,7 @@ class Admission:
         self.allow = settings.allow
         self.max_connections = settings.max_connections
         self.max_per_host = settings.max_per_host
+        self.per_host_prefix = settings.per_host_prefix
         self.console = console
         self.selector = selector
         self.server = None
@@ -2153,7 +2192,7 @@ class Admission:
         """Return why a peer from address may not connect, or None."""
         if self.allow and not self.allowed(address[0]):
             return ""
-        host = peer_host(address[0])
+        host = self.host_of(address[0])
         if self.max_per_host and self.per_host[host] >= self.max_per_host:
             return ": %s from %s already (--max-per-host)" % (
                 plural(self.per_host[host], "connection"), host)
@@ -2168,14 +2207,19 @@ class Admission:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self.allow)
 
+    def host_of(self, host: str) -> str:
+        """Return what --max-per-host counts a peer from host under."""
+        return host_key(peer_host(host), self.per_host_prefix)
+
     def joined(self, conn: Connection) -> None:
         self.accepted += 1
-        self.per_host[conn.host] += 1
+        self.per_host[self.host_of(conn.host)] += 1
 
     def left(self, conn: Connection) -> None:
-        self.per_host[conn.host] -= 1
-        if not self.per_host[conn.host]:
-            del self.per_host[conn.host]
+        host = self.host_of(conn.host)
+        self.per_host[host] -= 1
+        if not self.per_host[host]:
+            del self.per_host[host]
 
     def full(self, open_connections: int) -> bool:
         return open_connections >= self.max_connections
@@ -3074,7 +3118,14 @@ def install_signals(listener: Listener) -> tuple:
 
 def restore_signals(pair: tuple) -> None:
     signal.set_wakeup_fd(-1)
+    hangup = getattr(signal, "SIGHUP", None)
     for number in signal_numbers():
+        if number == hangup:
+            # The listener is past its summary: a terminal's hang-up that
+            # comes now (the shell sends one as the terminal goes) must not
+            # turn a clean exit into death by signal.
+            signal.signal(number, signal.SIG_IGN)
+            continue
         signal.signal(number, signal.SIG_DFL if number != signal.SIGINT
                       else signal.default_int_handler)
     for sock in pair:

@@ -56,8 +56,9 @@ try:
         reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
         split_lines, stream_flags, to_text, write_now, write_stdout,
         __version__)
+    import cybertrace_capacity as capacity
 except ModuleNotFoundError as exc:
-    if exc.name != "listen_events_cybertrace":
+    if exc.name not in ("listen_events_cybertrace", "cybertrace_capacity"):
         raise
     # Copied alone, without the module it shares its code with.
     sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
@@ -91,9 +92,14 @@ DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 PING = b"X-KF-ReplyBackPING"
 FINISHED = b"LookupFinished"
+# CyberTrace splits an inbound event over 64 KB into several (online help
+# 178566); cutting them here, the same way, keeps the sender's memory and
+# time bounded on a line that never ends (a pipe, /dev/zero), where
+# holding it whole cost its square in copies.
+CYBERTRACE_EVENT_BYTES = 64 * 1024
 EOF_KEY = "Ctrl+Z then Enter" if sys.platform == "win32" else "Ctrl+D"
-TERMINAL_NOTICE = ("Reading events from the terminal, one per line; %s to "
-                   "send and finish" % EOF_KEY)
+TERMINAL_NOTICE = ("Reading events from the terminal: each line is sent "
+                   "when you press Enter; %s to finish" % EOF_KEY)
 # A signal that comes while an interruption is reported ends us this soon,
 # whatever the report waits on (a stderr nobody reads).
 STOP_GRACE = 1.0
@@ -110,6 +116,8 @@ REPEAT_LIMIT = 10 ** 9
 # --repeat reads a pipe once and keeps it in a temporary file to send
 # again: at most this much, so that an endless pipe cannot fill the disk.
 SPOOL_LIMIT = 1024 * 1024 * 1024
+# --load sends the first this many events round and round.
+LOAD_EVENTS = 100000
 
 # Indicators that Kaspersky keeps in its feeds so that CyberTrace always
 # detects them, with the field each belongs in and the kind of record that
@@ -304,8 +312,7 @@ def frame_file(name: str, source: BinaryIO, sniff: bool = True,
     bytes read and not sent (a CR, a blank line, the start of an
     unfinished line): with the bytes sent, how far the file went.
     """
-    # Events are not split on the way out: CyberTrace splits long ones.
-    framer = EventFramer(sys.maxsize)
+    framer = EventFramer(CYBERTRACE_EVENT_BYTES)
     # Read as the listener reads, for its reasons: a million events go out
     # in a few hundred system calls, and a block fits one 1 MiB arena.
     buffer = bytearray(2 * RECV_SIZE)
@@ -335,6 +342,15 @@ def frame_file(name: str, source: BinaryIO, sniff: bool = True,
     if count:
         yield block, count
     tally[0] -= len(block)  # the newline added to the last line
+    if framer.split_events:
+        # One line per file, however many: a file of long lines must not
+        # become a flood of warnings.
+        console.warn("%s: %s longer than %d KiB sent in pieces of %d KiB, "
+                     "as CyberTrace splits them" % (
+                         escape_line(name),
+                         plural(framer.split_events, "event"),
+                         CYBERTRACE_EVENT_BYTES // 1024,
+                         CYBERTRACE_EVENT_BYTES // 1024))
 
 
 class Spool:
@@ -2080,6 +2096,18 @@ def diagnose_detection(result: CheckResult) -> str:
 
 # --- The command line --------------------------------------------------------
 
+def peer_address(text: str) -> tuple:
+    """Parse CyberTrace's input address, which has a real port."""
+    address = parse_address(text, CYBERTRACE_ADDR)
+    if address[1] == 0:
+        # Port 0 means "any free port" only to a listener; to connect
+        # to it is a refusal that says nothing about the mistake.
+        raise ValueError("port 0 is not a port to connect to: give "
+                         "CyberTrace's input port (InputSettings > "
+                         "ConnectionString), e.g. 9999")
+    return address
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     default = format_address(CYBERTRACE_ADDR, CYBERTRACE_PORT)
@@ -2093,7 +2121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with --reply-back, answered it), 1 on an error or when there are no "
         "events to send, 2 on bad arguments, 130 on Ctrl+C, 143 on SIGTERM;"
         " with --check, 0 when at least one test indicator came back "
-        "(--strict: all 17), else 1. "
+        "(--strict: all 17), else 1; with --load, 0 when a step kept up, "
+        "else 1. "
         "'Acknowledged by the peer' means that the peer's TCP stack "
         "received the bytes, not that a program read or processed them: a "
         "listener that rejects the connection after the TCP handshake still "
@@ -2116,8 +2145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-c", "--connect", metavar="ADDR:PORT", default=(CYBERTRACE_ADDR,
                                                          CYBERTRACE_PORT),
-        type=argument_type(lambda text: parse_address(text, CYBERTRACE_ADDR),
-                           "address"),
+        type=argument_type(peer_address, "address"),
         help="CyberTrace's input address (InputSettings > ConnectionString)"
         ": 192.0.2.10:9999, [::1]:9999 or a bare PORT (default: %s)"
         % default)
@@ -2127,6 +2155,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "(X-KF-SendFinishedEventX-KF-ReplyBack), print its "
                       "answers to stdout and wait for a LookupFinished per "
                       "event")
+    mode.add_argument(
+        "--load", action="store_true",
+        help="the capacity test: ramp the rate up over --connections "
+        "reply-back connections until CyberTrace falls behind, and print "
+        "per step the answered rate and the lookup latency (see "
+        "docs/sender.md, 'Measuring capacity'); it loads the CyberTrace "
+        "it is pointed at, production or lab")
     mode.add_argument("--ping", action="store_true",
                       help="check that CyberTrace is up: exit 0 on PONG")
     mode.add_argument(
@@ -2186,6 +2221,41 @@ def build_parser() -> argparse.ArgumentParser:
         "macOS's SO_NWRITE; Windows has neither), the events of the last "
         "send buffer's worth of bytes are resent. Input is not read while "
         "disconnected. Not with --ping, --reply-back or --check")
+    load = parser.add_argument_group("the capacity test (--load)")
+    load.add_argument(
+        "--connections", metavar="N", default=capacity.CONNECTIONS,
+        type=argument_type(bounded(int, 1, 1000), "N"),
+        help="connections to open (default: %d: CyberTrace serves "
+        "ScannersCount connections at once, 9 by default, and one must stay "
+        "free for PING)" % capacity.CONNECTIONS)
+    load.add_argument(
+        "--start-rate", metavar="EPS", default=capacity.START_RATE,
+        type=argument_type(bounded(float, *RATE), "EPS"),
+        help="the first step's rate; each next doubles it until one falls "
+        "behind, then the ramp narrows (default: %g)" % capacity.START_RATE)
+    load.add_argument("--max-rate", metavar="EPS",
+                      type=argument_type(bounded(float, *RATE), "EPS"),
+                      help="climb no higher than this rate")
+    load.add_argument(
+        "--step-seconds", metavar="SECONDS", default=capacity.STEP_SECONDS,
+        type=argument_type(bounded(float, 0.1, 3600), "seconds"),
+        help="how long each step lasts (default: %g)" % capacity.STEP_SECONDS)
+    load.add_argument("--duration", metavar="SECONDS",
+                      type=argument_type(bounded(float, *SECONDS), "seconds"),
+                      help="stop the ramp after this long")
+    load.add_argument(
+        "--max-latency", metavar="SECONDS", default=capacity.MAX_LATENCY,
+        type=argument_type(bounded(float, *SECONDS), "seconds"),
+        help="a step whose p99 latency passes this fell behind (default: %g)"
+        % capacity.MAX_LATENCY)
+    load.add_argument(
+        "--in-flight", metavar="N", default=capacity.IN_FLIGHT,
+        type=argument_type(bounded(int, 1, 10 ** 7), "N"),
+        help="events awaiting an answer per connection at most; past it "
+        "events are not sent and count as unanswered (default: %s)"
+        % format_count(capacity.IN_FLIGHT))
+    load.add_argument("--json", metavar="FILE",
+                      help="write the whole result as JSON to FILE")
     parser.add_argument("--rate", metavar="EPS",
                         type=argument_type(bounded(float, *RATE), "EPS"),
                         help="send at most EPS events per second")
@@ -2260,6 +2330,26 @@ def refuse_for_the_check(parser: argparse.ArgumentParser,
                          "--check takes where CyberTrace delivers "
                          "detections, e.g. %d" % (format_address(host, port),
                                                   LISTEN_PORT))
+
+
+def refuse_for_the_load(parser: argparse.ArgumentParser,
+                        args: argparse.Namespace) -> None:
+    """Exit 2 on what --load cannot take, or what only it takes."""
+    if args.load:
+        for name, given in (("--rate", args.rate),
+                            ("--repeat", args.repeat != 1),
+                            ("--reconnect", args.reconnect),
+                            ("-v/--verbose", args.verbose)):
+            if given:
+                parser.error("argument --load: not allowed with %s (the "
+                             "capacity test sets the pace)" % name)
+        return
+    defaults = build_parser()
+    for name in ("connections", "start_rate", "max_rate", "step_seconds",
+                 "duration", "max_latency", "in_flight", "json"):
+        if getattr(args, name) != defaults.get_default(name):
+            parser.error("argument --%s: only with --load"
+                         % name.replace("_", "-"))
 
 
 def run(args: argparse.Namespace) -> str:
@@ -2339,6 +2429,30 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
     return summary + "; " + replies.summary()
 
 
+def run_load(args: argparse.Namespace) -> int:
+    """Run the capacity test (cybertrace_capacity) with the events the
+    arguments name; return its exit status."""
+    args.test_events = args.test_events or not (args.files or args.event)
+    sources = open_sources(args)
+    try:
+        events = []
+        for block, _ in event_blocks(sources, 1):
+            events.extend(bytes(block)[:-1].split(b"\n"))
+            # Sent round and round: a sample this size is plenty.
+            if len(events) >= LOAD_EVENTS:
+                break
+    finally:
+        close_sources(sources)
+    if not events:
+        raise NothingToSend("no events to send")
+    options = {name: getattr(args, name) for name in (
+        "connections", "start_rate", "max_rate", "step_seconds", "duration",
+        "max_latency", "in_flight", "timeout")}
+    live = Console.for_stderr(args.quiet)
+    return capacity.run_load(args.connect, events[:LOAD_EVENTS], options,
+                             live, args.json)
+
+
 def say_got_through(connection: Connection,
                     replies: Optional[Replies]) -> str:
     """Say what got through before Ctrl+C."""
@@ -2354,6 +2468,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     refuse_ignored(parser, args)
     refuse_for_the_check(parser, args)
+    refuse_for_the_load(parser, args)
     if args.timeout is None:
         args.timeout = CHECK_TIMEOUT if args.check else TIMEOUT
     args.test_events = args.test_events or args.demo
@@ -2363,6 +2478,8 @@ def main(argv: Optional[list] = None) -> int:
     try:
         if args.check:
             return LabCheck(args, parser.prog).run()
+        if args.load:
+            return run_load(args)
         summary = run(args)
     except NothingToSend as exc:
         console.warn(str(exc))

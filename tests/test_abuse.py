@@ -282,6 +282,37 @@ class FullHouseTest(unittest.TestCase):
             self.assertEqual(listener.stop(), 0)
             self.assertIn(", 1 rejected", listener.stderr_text)
 
+    def test_max_per_host_counts_by_prefix(self):
+        # Issue 25: peers from many addresses of one network each stayed
+        # under an exact-address cap and took every place; counted by a
+        # /16 they are one host, and a newcomer from elsewhere gets in.
+        with Listener("-f", "raw", "--max-connections", "4",
+                      "--max-per-host", "2", "--per-host-prefix",
+                      "16/64") as listener:
+            crowd = []
+            try:
+                for n in range(6):
+                    sock = socket.socket()
+                    crowd.append(sock)
+                    sock.bind(("127.0.%d.%d" % (n, n + 2), 0))
+                    sock.settimeout(TIMEOUT)
+                    sock.connect(listener.address)
+                listener.wait_stderr(r"Rejected connection from 127\.0\.2\."
+                                     r"4:\d+: 2 connections from 127\.0\.0\."
+                                     r"0/16 already \(--max-per-host\)")
+                with socket.socket() as other:
+                    other.bind(("127.1.0.1", 0))
+                    other.settimeout(TIMEOUT)
+                    other.connect(listener.address)
+                    other.sendall(b"newcomer\n")
+                    listener.wait_stdout(1)
+                self.assertEqual(bytes(listener.out), b"newcomer\n")
+            finally:
+                for sock in crowd:
+                    sock.close()
+            self.assertEqual(listener.stop(), 0)
+            self.assertIn(", 4 rejected", listener.stderr_text)
+
     def test_rejected_lines_are_few_and_counted(self):
         with Listener("-f", "raw", "--allow", "192.0.2.0/24") as listener:
             for _ in range(200):

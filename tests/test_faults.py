@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -15,6 +16,20 @@ from collections import defaultdict
 
 from support import (LISTENER, ROOT, SENDER, TIMEOUT, Listener, Process,
                      queue_peers, user_env)
+
+
+
+@contextlib.contextmanager
+def descriptor_limited_listener(soft: int, hard: int):
+    """Run the listener with RLIMIT_NOFILE (soft, hard); give its address."""
+    code = ("import os, resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d))\n"
+            "os.execv(sys.executable, [sys.executable, %r, '-l', "
+            "'127.0.0.1:0', '-f', 'raw'])\n" % (soft, hard, str(LISTENER)))
+    with Process([sys.executable, "-c", code]) as listener:
+        found = listener.wait_stderr(r"Starting on 127\.0\.0\.1:(\d+)")
+        listener.address = ("127.0.0.1", int(found.group(1)))
+        yield listener
 
 
 class PeerFaultTest(unittest.TestCase):
@@ -94,13 +109,8 @@ class PeerFaultTest(unittest.TestCase):
 
     def test_more_peers_than_file_descriptors(self):
         # 12 descriptors: the listener runs out after a few peers.
-        code = ("import os, resource, sys\n"
-                "resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))\n"
-                "os.execv(sys.executable, [sys.executable, %r, '-l', "
-                "'127.0.0.1:0', '-f', 'raw'])\n" % str(LISTENER))
-        with Process([sys.executable, "-c", code]) as listener:
-            found = listener.wait_stderr(r"Starting on 127\.0\.0\.1:(\d+)")
-            address = ("127.0.0.1", int(found.group(1)))
+        with descriptor_limited_listener(12, 12) as listener:
+            address = listener.address
             peers = [socket.create_connection(address, timeout=TIMEOUT)
                      for _ in range(20)]
             try:
@@ -116,20 +126,14 @@ class PeerFaultTest(unittest.TestCase):
             self.assertEqual(sorted(bytes(listener.out).splitlines()),
                              sorted(b"peer %d" % i for i in range(20)))
 
-
     @unittest.skipUnless(hasattr(__import__("resource"), "prlimit"),
                          "needs resource.prlimit (Linux)")
     def test_descriptors_that_come_back_are_used_again(self):
         # A brief shortage lowered --max-connections for good: peers that
         # stay connected then waited for places given up every 2 s.
         import resource
-        code = ("import os, resource, sys\n"
-                "resource.setrlimit(resource.RLIMIT_NOFILE, (12, 64))\n"
-                "os.execv(sys.executable, [sys.executable, %r, '-l', "
-                "'127.0.0.1:0', '-f', 'raw'])\n" % str(LISTENER))
-        with Process([sys.executable, "-c", code]) as listener:
-            found = listener.wait_stderr(r"Starting on 127\.0\.0\.1:(\d+)")
-            address = ("127.0.0.1", int(found.group(1)))
+        with descriptor_limited_listener(12, 64) as listener:
+            address = listener.address
             peers = [socket.create_connection(address, timeout=TIMEOUT)
                      for _ in range(12)]
             try:

@@ -128,6 +128,23 @@ class FramingTest(unittest.TestCase):
             self.assertTrue(sink.done.wait(TIMEOUT))
             self.assertEqual(bytes(sink.data), b"no source: stdin\n")
 
+    def test_a_long_line_from_a_pipe_is_cut_as_cybertrace_cuts_it(self):
+        # Held whole, a line from a pipe cost its square in copies and
+        # memory without end (/dev/zero); CyberTrace splits inbound events
+        # over 64 KB anyway.
+        line = bytes(range(32, 127)) * 40000  # 3.8 MB, one line
+        with Sink() as sink:
+            proc = run_sender("-c", address(sink), stdin=line + b"\nnext\n")
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertTrue(sink.done.wait(TIMEOUT))
+            pieces = bytes(sink.data).split(b"\n")
+        self.assertEqual(pieces[-2:], [b"next", b""])
+        self.assertEqual(b"".join(pieces[:-2]), line)
+        self.assertEqual({len(p) for p in pieces[:-3]}, {64 * 1024})
+        err = proc.stderr.decode()
+        self.assertEqual(len(re.findall("warning", err)), 1, err)
+        self.assertIn("stdin: 1 event longer than 64 KiB sent in pieces", err)
+
     def test_a_large_file_arrives_byte_exact(self):
         lines = [b"event=%d %s" % (i, b"x" * (i % 500)) for i in range(20000)]
         data = self.send_file(b"\r\n".join(lines))
@@ -247,6 +264,15 @@ class ErrorTest(unittest.TestCase):
                                      "-e", "x"),
                           r"error: cannot connect to 127\.0\.0\.1:\d+: "
                           r"Connection refused")
+
+    def test_port_zero_is_an_argument_error(self):
+        # Port 0 only means "a free port" to a listener: it was a late
+        # "Connection refused" on 127.0.0.1:0.
+        for text in ("0", "127.0.0.1:0", "[::1]:0"):
+            with self.subTest(text=text):
+                self.assert_error(run_sender("-c", text, "-e", "x"),
+                                  r"argument -c/--connect: .*port 0 is not "
+                                  r"a port to connect to", status=2)
 
     def test_host_not_found(self):
         self.assert_error(run_sender("-c", "no-such-host.invalid:9999",

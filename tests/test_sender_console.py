@@ -24,8 +24,8 @@ try:
 except ImportError:  # not a POSIX system: no pseudo-terminals
     pty = None
 
-NOTICE = (b"Reading events from the terminal, one per line; Ctrl+D to send "
-          b"and finish")
+NOTICE = (b"Reading events from the terminal: each line is sent when you "
+          b"press Enter; Ctrl+D to finish")
 
 
 class Server:
