@@ -1311,6 +1311,7 @@ class Output:
         self.sent_bytes = 0
         self.room_wanted = None  # an event waits for this much room
         self.unread_lost = self.events_lost = 0
+        self.oversize_warned = False
 
     def reopen(self) -> Optional[str]:
         """Open the file anew (after logrotate), keeping the old one if it
@@ -1475,11 +1476,12 @@ class Output:
         if room < select.PIPE_BUF:
             self.room_wanted = size // 4
             return 0
-        if self.warn is not None and not self.mid_event():
-            self.warn("an event of %s is larger than %s's pipe (%s): it "
-                      "goes out in parts, cut short if the reader stops "
-                      "before its end" % (format_bytes(need), self.name,
-                                          format_bytes(size)))
+        if self.warn is not None and not self.oversize_warned:
+            self.oversize_warned = True
+            self.warn("an event of %s is larger than %s's pipe (%s): such "
+                      "events go out in parts, cut short if the reader "
+                      "stops before their end (said once)" % (
+                          format_bytes(need), self.name, format_bytes(size)))
         return room
 
     def count_lost(self) -> None:
