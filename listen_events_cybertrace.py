@@ -1347,6 +1347,10 @@ class Output:
         None."""
         if self.in_pipe is None or not sys.platform.startswith("linux"):
             return None
+        # Opened for reading too (1<>FIFO), it would be readable whenever
+        # it holds events: only a write end is quiet until the reader goes.
+        if self.flags & getattr(os, "O_ACCMODE", 3) != os.O_WRONLY:
+            return None
         return self.fd
 
     def check_reader(self) -> None:

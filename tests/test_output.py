@@ -210,7 +210,7 @@ class SharedTerminalTest(unittest.TestCase):
                 time.sleep(0.01)
             port = int(re.search(rb"Starting on 127\.0\.0\.1:(\d+)",
                                  bytes(screen)).group(1))
-            ends = time.monotonic() + 2
+            ends = time.monotonic() + 1.5
             with socket.create_connection(("127.0.0.1", port),
                                           timeout=TIMEOUT) as flood:
                 flood.setblocking(False)
