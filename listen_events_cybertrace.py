@@ -592,6 +592,7 @@ class LiveLine:
         self.stderr_flags = False  # once known (see stream_flags)
         self.gate = None  # gate() tells to hold lines for now
         self.held = []
+        self.unsent = b""  # the rest of a line stderr took part of
         self.dropped = 0  # lines past held_lines
 
     @staticmethod
@@ -606,12 +607,17 @@ class LiveLine:
         # With stderr closed (2>&-), print(file=None) would go to stdout.
         if sys.stderr is None:
             return
-        if self.gate is not None and self.gate():
+        if self.holding():
             if len(self.held) < self.held_lines:
                 self.held.append(text)
             else:
                 self.dropped += text.count("\n")
             return
+        self.put(text)
+
+    def put(self, text: str) -> None:
+        """Write text to stderr now (the part a full pipe or terminal does
+        not take is dropped, or, shared with events, sent before them)."""
         try:
             sys.stderr.flush()
             if self.stderr_flags is False:
@@ -624,11 +630,37 @@ class LiveLine:
                 sys.stderr.write(text)
                 sys.stderr.flush()
             else:
-                write_now(sys.stderr.fileno(), text.encode(
-                    sys.stderr.encoding or "utf-8", "backslashreplace"),
-                    self.stderr_flags)
+                data = text.encode(sys.stderr.encoding or "utf-8",
+                                   "backslashreplace")
+                try:
+                    sent = write_now(sys.stderr.fileno(), data,
+                                     self.stderr_flags)
+                except BlockingIOError:
+                    sent = 0
+                if self.gate is not None:
+                    self.unsent = data[sent:]
         except (OSError, ValueError, AttributeError):
             pass
+
+    def holding(self) -> bool:
+        """Tell whether lines must wait: they share stdout's terminal or
+        pipe, and an event, or a line stderr took part of, is unfinished."""
+        return self.gate is not None and (not self.send_unsent() or
+                                          self.gate())
+
+    def send_unsent(self) -> bool:
+        """Write the rest of a line stderr took part of, before anything
+        else goes where it goes; tell whether none is left."""
+        if self.unsent:
+            try:
+                sent = write_now(sys.stderr.fileno(), self.unsent,
+                                 self.stderr_flags)
+            except BlockingIOError:
+                return False
+            except (OSError, ValueError, AttributeError):
+                sent = len(self.unsent)  # gone: nothing to wait for
+            self.unsent = self.unsent[sent:]
+        return not self.unsent
 
     def show(self, text: str) -> None:
         """Rewrite the live line with text, cut to the terminal's width."""
@@ -641,7 +673,7 @@ class LiveLine:
         # A line that wraps could no longer be rewritten with \r.
         text = text[:self.width - 1 if self.width > 1 else 79]
         with self.lock:
-            if self.gate is not None and self.gate():
+            if self.holding():
                 return  # redrawn once the event is whole
             if text != self.shown:
                 # Spaces, not an ANSI erase: every console understands them.
@@ -666,22 +698,19 @@ class LiveLine:
         """Write the lines held while an event was half-written, once it is
         whole (or, with end_line, at once, on a line of their own)."""
         with self.lock:
-            if not end_line and (not (self.held or self.dropped) or (
-                    self.gate is not None and self.gate())):
+            if not end_line and (not (self.held or self.dropped) or
+                                 self.holding()):
                 return
-            gate, self.gate = self.gate, None
             held, self.held = self.held, []
-            try:
-                if end_line:
-                    held.insert(0, "\n")
-                if self.dropped:
-                    held.append("%s not shown while an event was "
-                                "half-written\n" % plural(
-                                    self.dropped, "more status line"))
-                    self.dropped = 0
-                self.write("".join(held))
-            finally:
-                self.gate = gate
+            if end_line:
+                held.insert(0, self.unsent.decode("utf-8", "replace") +
+                            "\n")
+                self.unsent = b""
+            if self.dropped:
+                held.append("%s not shown while an event was half-written\n"
+                            % plural(self.dropped, "more status line"))
+                self.dropped = 0
+            self.put("".join(held))
 
 
 class Console(LiveLine):
@@ -1271,6 +1300,9 @@ class Output:
         self.reopen_failed = None  # why the last reopen failed, if it did
         self.next_reopen = 0.0
         self.warn = None  # warn(message), from whoever shows warnings
+        # Shared with stderr: before_write() tells whether the status line
+        # last written is whole, so that events may follow it.
+        self.before_write = None
         self.opened()
         # A Windows console shows UTF-8 only through sys.stdout, which
         # writes wide characters; os.write would use its code page.
@@ -1390,6 +1422,8 @@ class Output:
                 raise OutputFailed("cannot write to stdout: %s"
                                    % exc.strerror)
             return len(data)
+        if self.before_write is not None and not self.before_write():
+            return 0  # flush() goes on once the status line is whole
         view = memoryview(data)
         total = 0
         while total < len(view):
@@ -1711,6 +1745,7 @@ class EventSink:
         if output.shares_stderr():
             # Status lines, and the live line, go between whole events.
             console.gate = output.mid_event
+            output.before_write = console.send_unsent
 
     def full(self) -> bool:
         """Tell whether --count events were written."""

@@ -215,9 +215,11 @@ class SharedTerminalTest(unittest.TestCase):
                                           timeout=TIMEOUT) as flood:
                 flood.setblocking(False)
                 batch = (b"E" * (size - 1) + b"\n") * 20
+                rest = b""  # what a send left of the batch: events whole
                 while time.monotonic() < ends:
                     try:
-                        flood.send(batch)
+                        rest = rest or batch
+                        rest = rest[flood.send(rest):]
                     except BlockingIOError:
                         pass
                     with socket.create_connection(("127.0.0.1", port),
