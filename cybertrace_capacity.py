@@ -489,9 +489,11 @@ class CapacityTest:
                          format_ms(best.percentile(0.5)),
                          format_ms(best.percentile(0.99)))
         last = self.steps[-1]
-        if last.verdict.startswith("behind"):
-            worst = min((s for s in self.steps if s.verdict.startswith(
-                "behind")), key=lambda s: s.rate)
+        # The ramp may end on a step that kept up, narrowing down to the
+        # limit: the lowest rate it fell behind at is the news.
+        behind = [s for s in self.steps if s.verdict.startswith("behind")]
+        if behind and not self.interrupted:
+            worst = min(behind, key=lambda s: s.rate)
             text += "; at %s offered it fell behind (%s, p99 %s)" % (
                 format_rate(worst.rate), worst.verdict[len("behind: "):],
                 format_ms(worst.percentile(0.99)))

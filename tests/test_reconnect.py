@@ -232,7 +232,12 @@ class ReconnectTest(unittest.TestCase):
             listener.finish()
         outputs, total, err, _ = self.stream_through_outages(2, kill, 2000,
                                                              20000)
-        self.assertRegex(err, r"; 2 reconnects, [\d,]+ events? resent\n$")
+        # A reconnect that races the dying process's listening socket
+        # lands in its backlog and is reset too: one more, and no loss.
+        found = re.search(r"; (\d+) reconnects, [\d,]+ events? resent\n$",
+                          err)
+        self.assertIsNotNone(found, err)
+        self.assertGreaterEqual(int(found.group(1)), 2, err)
         self.check_outputs(outputs, total, err,
                            gap_bytes=receive_buffer_bound())
 
