@@ -42,6 +42,8 @@ import select
 import selectors
 import signal
 import socket
+import stat
+import struct
 import sys
 import threading
 import time
@@ -115,6 +117,10 @@ PAGE = 4096
 # Output files are created for their owner and group only: detections name
 # hosts, users and what they did (as rsyslog's $FileCreateMode 0640).
 FILE_MODE = 0o640
+# As syslog-ng's unix-stream(): any local user may connect, as any local
+# user may connect to the default loopback TCP address.
+SOCKET_MODE = 0o666
+UNIX_PREFIX = "unix:"
 # While the output stalls, so many formatted bytes wait at most; the events
 # after them wait as received (held within --max-buffer-bytes, as peers stop
 # being read), for JSON can make an event six times its size.
@@ -407,9 +413,39 @@ def ip_of(host: str) -> IPAddress:
     return ipaddress.ip_address(host.split("%", 1)[0])
 
 
+class UnixAddress(tuple):
+    """A UNIX stream socket's address, ("unix:PATH", None): the pair that
+    format_address(*address) names, as (host, port) is for TCP; .path is
+    the socket file."""
+
+    def __new__(cls, path: str) -> "UnixAddress":
+        return tuple.__new__(cls, (UNIX_PREFIX + path, None))
+
+    @property
+    def path(self) -> str:
+        return self[0][len(UNIX_PREFIX):]
+
+
+def parse_unix(text: str) -> UnixAddress:
+    """Parse "unix:/PATH" (socat's and syslog-ng's name for a UNIX stream
+    socket) into a UnixAddress."""
+    path = text[len(UNIX_PREFIX):]
+    if not hasattr(socket, "AF_UNIX"):
+        raise ValueError("UNIX sockets (unix:/PATH) exist only on Linux "
+                         "and macOS here")
+    if not path:
+        raise ValueError("expected unix:/PATH, the socket file")
+    if "\0" in path:
+        raise ValueError("a socket path has no NUL character")
+    return UnixAddress(path)
+
+
 def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
-    """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
+    """Split "host:port", "[v6]:port" or a bare "port" into (host, port);
+    "unix:/PATH" into a UnixAddress."""
     text = text.strip()
+    if text[:len(UNIX_PREFIX)].lower() == UNIX_PREFIX:
+        return parse_unix(text)
     if text.startswith(("\\\\.\\pipe\\", "//./pipe/")):
         # CyberTrace's other ConnectionString form: say why it fails here.
         raise ValueError("named pipes (\\\\.\\pipe\\NAME) exist only on "
@@ -441,8 +477,11 @@ def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     return host, int(port)
 
 
-def format_address(host: str, port: int) -> str:
-    """Return host and port as a ConnectionString, IPv6 in brackets."""
+def format_address(host: str, port: Optional[int]) -> str:
+    """Return host and port as a ConnectionString, IPv6 in brackets (a
+    UnixAddress's port is None: its host is all of it)."""
+    if port is None:
+        return host
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
@@ -450,6 +489,42 @@ def format_peer(address: tuple) -> str:
     """Return a socket address (from accept or getpeername) as a
     ConnectionString: 127.0.0.1:41882, [::1]:41882."""
     return format_address(peer_host(address[0]), address[1])
+
+
+def open_connection(address: tuple,
+                    timeout: Optional[float] = None) -> socket.socket:
+    """Connect to (host, port) over TCP, or to a UnixAddress; raise
+    OSError as socket.create_connection does."""
+    if not isinstance(address, UnixAddress):
+        return socket.create_connection(address, timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address.path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+Listen = collections.namedtuple("Listen", "label address")
+Listen.__doc__ = """One -l: its label ("" for none) and its address."""
+_LABEL = re.compile(r"([A-Za-z0-9_.-]*)=")
+
+
+def parse_listen(text: str) -> Listen:
+    """Parse -l's [LABEL=]ADDRESS into a Listen."""
+    # A label is a plain word before "=": a path (unix:/a=b), a pipe
+    # (\\.\pipe\a=b) or an address holds ":", "/" or "\\" before any
+    # "=", so none of them reads as a label.
+    found = _LABEL.match(text.strip())
+    label = ""
+    if found:
+        label = found.group(1)
+        if not label:
+            raise ValueError("empty label before '=': give LABEL=ADDRESS")
+        text = text.strip()[found.end():]
+    return Listen(label, parse_address(text))
 
 
 def peer_host(host: str) -> str:
@@ -962,18 +1037,19 @@ class EmbeddedListener:
 # --- Formats -----------------------------------------------------------------
 #
 # Each takes a block of whole events and returns the bytes to write:
-# format(block, lines, peer, when, escape), lines being the block's events
-# with their b"\n", escape whether control characters must be shown as
-# escapes (the output is a terminal, or --escape).
+# format(block, lines, peer, when, escape, listen), lines being the block's
+# events with their b"\n", escape whether control characters must be shown
+# as escapes (the output is a terminal, or --escape), listen where they
+# arrived (the label of its -l, or the address).
 
 def format_raw(block: Block, lines: list, peer: str, when: float,
-               escape: bool) -> Block:
+               escape: bool, listen: str = "") -> Block:
     """Format each event on one line as received, or escaped."""
     return escape_block(block) if escape else block
 
 
 def format_text(block: Block, lines: list, peer: str, when: float,
-                escape: bool) -> bytes:
+                escape: bool, listen: str = "") -> bytes:
     """Format each event as the tutorial does: "Received:", then it."""
     if escape:
         lines = split_lines(escape_block(block))
@@ -1019,10 +1095,17 @@ def has_controls(data: bytes) -> bool:
     return len(data.translate(None, _CONTROLS)) != len(data)
 
 
-def json_text(event: str, stamp: str, peer: str) -> str:
+def json_text(event: str, stamp: str, peer: str, listen: str = "") -> str:
     """Format one event the general way, for what no plan fits."""
-    return _encode_json({"time": stamp, "peer": peer, "event": event,
-                         "fields": parse_fields(event)}) + "\n"
+    return _encode_json({"time": stamp, "peer": peer, "listen": listen,
+                         "event": event, "fields": parse_fields(event)}
+                        ) + "\n"
+
+
+def json_member(text: str) -> bytes:
+    """Return text as the inside of a JSON string, for a plan's template
+    ("%" doubled: the template is formatted once more)."""
+    return json_bytes(_encode_json(text)[1:-1]).replace(b"%", b"%%")
 
 
 def json_bytes(text: str) -> bytes:
@@ -1079,7 +1162,8 @@ class JsonPlan:
             picks.extend(where)
         # Formatted twice: once a batch with its time and peer, then once
         # an event, with the groups that match() found, in the key order.
-        self.template = (b'{"time":"%s","peer":"%s","event":"%%s",'
+        self.template = (b'{"time":"%s","peer":"%s","listen":"%s",'
+                         b'"event":"%%s",'
                          b'"fields":{' + b",".join(fields) + b"}}\n")
         self.values = operator.methodcaller("group", *picks) \
             if len(picks) > 1 else (lambda found: (found.group(1),))
@@ -1132,17 +1216,26 @@ class JsonFormatter:
         self.by_shape = collections.OrderedDict()  # least recent first
         self.tokens = float(self.build_burst)
         self.refilled = time.monotonic()
+        # (peer, listen): the two as a template's JSON, made once a peer.
+        self.names = {}
 
     def format(self, block: Block, lines: list, peer: str, when: float,
-               escape: bool) -> bytes:
-        """Format a block of events received from peer at when."""
+               escape: bool, listen: str = "") -> bytes:
+        """Format a block of events received from peer at when, at listen."""
         stamp = iso_time(when)
         data = bytes(block)
         if escape or not valid_utf8(data):
-            return self.format_slowly(data, stamp, peer, escape)
+            return self.format_slowly(data, stamp, peer, escape, listen)
         # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
-        # second formatting.
-        head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
+        # second formatting; a UNIX socket's path may hold what JSON
+        # escapes.
+        names = self.names.get((peer, listen))
+        if names is None:
+            if len(self.names) >= 1024:
+                self.names.clear()
+            names = self.names[peer, listen] = (json_member(peer),
+                                                json_member(listen))
+        head = (stamp.encode(), *names)
         batch = object()
         out = []
         by_count = self.by_count
@@ -1153,7 +1246,7 @@ class JsonFormatter:
             if not clean:
                 if has_controls(line):
                     out.append(self.general(line[:-1].decode(), stamp,
-                                            peer).encode())
+                                            peer, listen).encode())
                     continue
                 if b'"' in line or b"\\" in line:
                     line = line.replace(b"\\", b"\\\\").replace(
@@ -1167,7 +1260,7 @@ class JsonFormatter:
                 found = plan and plan.match(line)
                 if not found:
                     out.append(json_text(original[:-1].decode(), stamp,
-                                         peer).encode())
+                                         peer, listen).encode())
                     continue
             if plan.batch is not batch:
                 plan.batch, plan.format = batch, plan.template % head
@@ -1176,20 +1269,21 @@ class JsonFormatter:
         return b"".join(out)
 
     def format_slowly(self, data: bytes, stamp: str, peer: str,
-                      escape: bool) -> bytes:
+                      escape: bool, listen: str = "") -> bytes:
         """Format every event of data through json: for what is not UTF-8,
         and what is escaped (terminal: what JSON leaves in strings)."""
-        out = "".join(self.general(event, stamp, peer) for event in
+        out = "".join(self.general(event, stamp, peer, listen) for event in
                       data.decode("utf-8", "surrogateescape")[:-1]
                       .split("\n"))
         if escape:
             out = out.translate(_JSON_TERMINAL_ESCAPES)
         return json_bytes(out)
 
-    def general(self, event: str, stamp: str, peer: str) -> str:
+    def general(self, event: str, stamp: str, peer: str,
+                listen: str = "") -> str:
         """Format one event through json (--escape: its controls as text)."""
         return json_text(escape_controls(event) if self.escape_strings
-                         else event, stamp, peer)
+                         else event, stamp, peer, listen)
 
     def used(self, plan: JsonPlan) -> None:
         """Keep a plan in use, and first to be tried for its "=" count."""
@@ -1738,7 +1832,7 @@ class EventSink:
         self.events = 0
         # Events received beyond --count: read, but not written.
         self.beyond_count = 0
-        # Blocks not formatted yet, as (block, events, peer, when).
+        # Blocks not formatted yet, as (block, events, peer, when, listen).
         self.waiting = collections.deque()
         self.waiting_events = 0
         output.warn = console.warn
@@ -1751,9 +1845,10 @@ class EventSink:
         """Tell whether --count events were written."""
         return bool(self.limit) and self.events >= self.limit
 
-    def emit(self, block: Block, peer: str) -> int:
-        """Format and write a block of events from peer at once; return
-        how many of its events were handed to the output."""
+    def emit(self, block: Block, peer: str, listen: str = "") -> int:
+        """Format and write a block of events from peer, received at listen
+        (its label or address), at once; return how many of its events
+        were handed to the output."""
         lines = split_lines(block)
         if self.full():
             self.beyond_count += len(lines)
@@ -1765,21 +1860,21 @@ class EventSink:
         self.events += len(lines)
         if self.waiting or len(self.output.pending) >= OUTPUT_BACKLOG:
             self.waiting.append((bytes(block), len(lines), peer,
-                                 time.time()))
+                                 time.time(), listen))
             self.waiting_events += len(lines)
             return len(lines)
-        self.deliver(block, lines, peer, time.time())
+        self.deliver(block, lines, peer, time.time(), listen)
         return len(lines)
 
     def deliver(self, block: Block, lines: list, peer: str,
-                when: float) -> None:
+                when: float, listen: str = "") -> None:
         """Format a block of events and hand it to the output."""
         if self.console.shown and self.output.terminal:
             self.console.clear()
         if self.output.reopen_due():
             self.reopen()
         self.output.write(self.format(block, lines, peer, when,
-                                      self.escape), peer)
+                                      self.escape, listen), peer)
 
     def flush(self) -> None:
         """Write what waits, as much as the output takes now; then the
@@ -1787,9 +1882,9 @@ class EventSink:
         output = self.output
         output.flush()
         while self.waiting and len(output.pending) < OUTPUT_BACKLOG:
-            block, events, peer, when = self.waiting.popleft()
+            block, events, peer, when, listen = self.waiting.popleft()
             self.waiting_events -= events
-            self.deliver(block, split_lines(block), peer, when)
+            self.deliver(block, split_lines(block), peer, when, listen)
         self.console.release()
 
     def reopen(self) -> None:
@@ -1889,7 +1984,7 @@ class Settings:
     """What the listener does, from its command line or its embedder:
     Settings(listen=(host, port), format="raw", ...); the rest defaults."""
 
-    listen = (LISTEN_ADDR, LISTEN_PORT)
+    listen = (LISTEN_ADDR, LISTEN_PORT)  # or a list of Listen
     format = "text"
     output = None
     allow = None  # networks, or None for any
@@ -1901,6 +1996,7 @@ class Settings:
     max_event_bytes = MAX_EVENT_BYTES
     max_buffer_bytes = MAX_BUFFER_BYTES
     file_mode = FILE_MODE
+    socket_mode = SOCKET_MODE
     count = None
     timeout = None
     stats = None
@@ -1956,13 +2052,24 @@ def build_parser() -> argparse.ArgumentParser:
         "also when --count was not reached before --timeout), 2 on bad "
         "arguments.")
     parser.add_argument(
-        "-l", "--listen", metavar="ADDR:PORT",
-        type=argument_type(parse_address, "address"),
-        default=(LISTEN_ADDR, LISTEN_PORT),
+        "-l", "--listen", metavar="[LABEL=]ADDR", action="append",
+        type=argument_type(parse_listen, "address"),
         help="address to listen on, as in CyberTrace's ConnectionString: "
         "192.0.2.105:9998, [::1]:9998, a host name, or a bare PORT; port 0 "
-        "picks a free one (default: %s)" % format_address(LISTEN_ADDR,
-                                                          LISTEN_PORT))
+        "picks a free one; unix:/PATH for a UNIX stream socket (Linux, "
+        "macOS). Repeat it to listen at several addresses at once, each "
+        "event marked with where it arrived: LABEL=ADDR names it so "
+        "(alerts=0.0.0.0:9997), else its address does (default: %s)"
+        % format_address(LISTEN_ADDR, LISTEN_PORT))
+    parser.add_argument(
+        "--socket-mode", metavar="MODE",
+        type=argument_type(parse_mode, "mode"), default=SOCKET_MODE,
+        help="permissions of a unix:/PATH socket, in octal, whatever the "
+        "umask: who may connect and send events (default: %04o, any local "
+        "user, as syslog-ng's unix-stream() and as the loopback TCP "
+        "default; 0660: owner and group). --allow does not apply to "
+        "UNIX sockets. A socket file left by a listener that is gone is "
+        "replaced; the socket is removed on exit" % SOCKET_MODE)
     parser.add_argument(
         "-f", "--format", choices=FORMATS, default="text",
         help="text: 'Received:' lines, as Kaspersky's tutorial prints them; "
@@ -2144,7 +2251,7 @@ class Admission:
         self.per_host_prefix = settings.per_host_prefix
         self.console = console
         self.selector = selector
-        self.server = None
+        self.places = []  # open, each registered while accepting
         self.on_ready = None
         self.accepting = True
         self.per_host = collections.Counter()
@@ -2157,19 +2264,42 @@ class Admission:
         # count served meanwhile, and when to try for more again.
         self.limit = self.lowered_to = self.retry_at = None
 
-    def open(self, listen: tuple, on_ready: Callable[[], None]) -> None:
-        """Listen at listen; on_ready() runs when peers wait to connect."""
-        self.fit_selector()
-        self.server = open_server(listen, self.backlog)
-        self.on_ready = on_ready
-        self.selector.register(self.server, selectors.EVENT_READ, on_ready)
+    @property
+    def server(self) -> Optional[socket.socket]:
+        """The first place's listening socket (an embedder's only one)."""
+        return self.places[0].server if self.places else None
 
-    def take(self, open_connections: int) -> Optional[tuple]:
-        """Take the next peer that may be served from the accept queue:
-        (socket, address), or None when the queue is empty."""
+    def open(self, places: list,
+             on_ready: Callable[[TcpPlace], None]) -> None:
+        """Listen at every place, or at none (raise the first failure);
+        on_ready(place) runs when peers wait to connect there."""
+        self.fit_selector()
+        try:
+            for place in places:
+                try:
+                    place.open(self.backlog)
+                except UserError as exc:
+                    if place.label:
+                        exc.args = ("%s (-l %s=...)" % (exc, place.label),)
+                    raise
+                self.places.append(place)
+        except BaseException:
+            for place in places:
+                place.close()
+            self.places = []
+            raise
+        self.on_ready = on_ready
+        for place in self.places:
+            self.selector.register(place.server, selectors.EVENT_READ,
+                                   functools.partial(on_ready, place))
+
+    def take(self, open_connections: int,
+             place: TcpPlace) -> Optional[tuple]:
+        """Take the next peer that may be served from place's accept
+        queue: (socket, address), or None when the queue is empty."""
         while True:
             try:
-                sock, address = self.server.accept()
+                sock, address = place.accept()
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
@@ -2180,12 +2310,13 @@ class Admission:
                     if not open_connections:
                         time.sleep(0.1)  # no close will wake us: no spin
                 return None
-            why = self.refusal(address)
+            peer, host = place.peer_of(sock, address)
+            why = self.refusal(host, place)
             if why is None:
                 self.recovered(open_connections)
                 sock.setblocking(False)
                 return sock, address
-            self.reject(address, why)
+            self.reject(peer, why, place)
             sock.close()
 
     def pause(self, open_connections: int) -> None:
@@ -2193,7 +2324,8 @@ class Admission:
         kernel's queue."""
         if self.accepting and self.full(open_connections):
             self.accepting = False
-            self.selector.unregister(self.server)
+            for place in self.places:
+                self.selector.unregister(place.server)
             now = time.monotonic()
             # Once a window: peers coming and going at the limit would
             # print it each time.
@@ -2207,10 +2339,12 @@ class Admission:
 
     def resume(self) -> None:
         """Take peers again: a place is free."""
-        if not self.accepting and self.server is not None:
+        if not self.accepting and self.places:
             self.accepting = True
-            self.selector.register(self.server, selectors.EVENT_READ,
-                                   self.on_ready)
+            for place in self.places:
+                self.selector.register(
+                    place.server, selectors.EVENT_READ,
+                    functools.partial(self.on_ready, place))
 
     @property
     def paused(self) -> bool:
@@ -2219,21 +2353,22 @@ class Admission:
 
     def peer_waiting(self) -> bool:
         """Tell whether a peer waits while every place is taken."""
-        return self.paused and readable_now(self.server)
+        return self.paused and any(readable_now(place.server)
+                                   for place in self.places)
 
     def close(self) -> None:
-        """Stop listening: no more peers."""
-        if self.server is not None:
+        """Stop listening: no more peers (a UNIX socket's file goes)."""
+        for place in self.places:
             if self.accepting:
-                self.selector.unregister(self.server)
-            self.server.close()
-            self.server = None
+                self.selector.unregister(place.server)
+            place.close()
+        self.places = []
 
-    def refusal(self, address: tuple) -> Optional[str]:
-        """Return why a peer from address may not connect, or None."""
-        if self.allow and not self.allowed(address[0]):
+    def refusal(self, host: str, place: TcpPlace) -> Optional[str]:
+        """Return why a peer from host may not connect to place, or None."""
+        if self.allow and place.takes_allow and not self.allowed(host):
             return ""
-        host = self.host_of(address[0])
+        host = self.host_of(host)
         if self.max_per_host and self.per_host[host] >= self.max_per_host:
             return ": %s from %s already (--max-per-host)" % (
                 plural(self.per_host[host], "connection"), host)
@@ -2250,10 +2385,13 @@ class Admission:
 
     def host_of(self, host: str) -> str:
         """Return what --max-per-host counts a peer from host under."""
+        if host.startswith(UNIX_PREFIX):
+            return host  # the local processes of a UNIX socket: one host
         return host_key(peer_host(host), self.per_host_prefix)
 
     def joined(self, conn: Connection) -> None:
         self.accepted += 1
+        conn.place.accepted += 1
         self.per_host[self.host_of(conn.host)] += 1
 
     def left(self, conn: Connection) -> None:
@@ -2265,12 +2403,15 @@ class Admission:
     def full(self, open_connections: int) -> bool:
         return open_connections >= self.max_connections
 
-    def reject(self, address: tuple, why: str) -> None:
+    def reject(self, peer: str, why: str, place: TcpPlace) -> None:
         """Count a peer refused, and say so (a few lines a window)."""
         self.rejected += 1
-        self.first_rejected = self.first_rejected or format_peer(address)
+        place.rejected += 1
+        self.first_rejected = self.first_rejected or peer
+        if len(self.places) > 1:
+            peer += " at " + place.shown
         self.refusals.say("rejected", "Rejected connection from %s%s"
-                          % (format_peer(address), why))
+                          % (peer, why))
 
     def out_of_descriptors(self, open_connections: int) -> None:
         """Serve no more than are open now, for a while: the system has no
@@ -2329,12 +2470,23 @@ class Connection:
     """One peer: its socket, its framing, when it last sent and when its
     unfinished event began."""
 
-    def __init__(self, sock: socket.socket, address: tuple,
-                 max_event_bytes: int) -> None:
+    def __init__(self, sock: socket.socket, address,
+                 max_event_bytes: int, place: Optional[TcpPlace] = None,
+                 named: bool = False) -> None:
         self.sock = sock
-        self.address = address[:2]
-        self.peer = format_peer(address)
-        self.host = peer_host(address[0])
+        self.place = place or TcpPlace(address[:2])
+        self.address = address[:2] if isinstance(address, tuple) else address
+        self.peer, self.host = self.place.peer_of(sock, address)
+        # Where it arrived: the label of its -l, or the address.  Marks
+        # its events (JSON's "listen") wherever a format names it.
+        self.listen = self.place.listen
+        # How status lines name it: with where it arrived when there are
+        # several places (named).
+        self.where = self.peer
+        if named and not self.place.peer_names_place:
+            self.where += " at " + self.place.shown
+        elif named and self.place.label:
+            self.where += " at " + self.place.label
         self.framer = EventFramer(max_event_bytes)
         self.events = 0
         self.last_active = time.monotonic()
@@ -2496,16 +2648,16 @@ class Reader:
                 self.console.warn(
                     "event from %s split into pieces: unfinished events "
                     "held reached --max-buffer-bytes (%s)"
-                    % (conn.peer, format_bytes(self.budget.limit)))
+                    % (conn.where, format_bytes(self.budget.limit)))
             self.emit(piece, conn)
 
     def warn_split(self, conn: Connection) -> None:
         self.splits.say("split", "event from %s longer than %s, split into "
-                        "pieces" % (conn.peer,
+                        "pieces" % (conn.where,
                                     plural(self.max_event_bytes, "byte")))
 
     def emit(self, block: Block, conn: Connection) -> None:
-        conn.events += self.sink.emit(block, conn.peer)
+        conn.events += self.sink.emit(block, conn.peer, conn.listen)
 
 
 class Sweeper:
@@ -2671,22 +2823,212 @@ def open_server(listen: tuple, backlog: int) -> socket.socket:
     return server
 
 
-def announce(server: socket.socket, console: Console) -> str:
-    """Say where server listens; return what to set in CyberTrace for it."""
+def clear_stale_socket(path: str) -> None:
+    """Remove a UNIX socket file at path that no program listens on; raise
+    a UserError if one does, or if the file is no socket."""
+    where = UNIX_PREFIX + path
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError("cannot listen on %s: %s" % (where, exc.strerror))
+    if not stat.S_ISSOCK(found.st_mode):
+        raise UserError("cannot listen on %s: the file there is not a "
+                        "socket (remove it, or give another path)" % where)
+    # As syslog-ng does before it binds: a socket file that refuses a
+    # connection is what a listener killed without cleaning up left.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            pass
+        except FileNotFoundError:
+            return
+        except socket.timeout:
+            raise UserError("cannot listen on %s: another program listens "
+                            "on it (its queue is full)" % where) from None
+        except OSError as exc:
+            raise UserError("cannot listen on %s: cannot tell whether "
+                            "another program listens on it: %s"
+                            % (where, exc.strerror)) from None
+        else:
+            raise UserError("cannot listen on %s: another program listens "
+                            "on it" % where)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise UserError("cannot listen on %s: cannot remove the stale "
+                        "socket file: %s" % (where, exc.strerror)) from None
+
+
+def open_unix_server(path: str, backlog: int, mode: int) -> socket.socket:
+    """Return a non-blocking UNIX stream socket listening at path, with
+    permissions mode, a stale socket file there replaced."""
+    where = UNIX_PREFIX + path
+    clear_stale_socket(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        server.bind(path)
+        bound = True
+        # Before listen(): until then no peer can connect, so none gets
+        # in under the umask's permissions.
+        os.chmod(path, mode)
+        server.listen(backlog)
+    except OSError as exc:
+        server.close()
+        if bound:
+            os.unlink(path)
+        raise UserError("cannot listen on %s: %s" % (
+            where, exc.strerror or exc)) from None
+    server.setblocking(False)
+    return server
+
+
+def peer_process(sock: socket.socket) -> Optional[int]:
+    """Return the process id of a UNIX socket's peer, where the system
+    tells (SO_PEERCRED on Linux, LOCAL_PEERPID on macOS), else None."""
+    try:
+        if hasattr(socket, "SO_PEERCRED"):
+            size = struct.calcsize("3i")
+            pid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, size))[0]
+        elif sys.platform == "darwin":
+            pid = sock.getsockopt(0, 2)  # SOL_LOCAL, LOCAL_PEERPID
+        else:
+            return None
+    except OSError:
+        return None
+    return pid or None
+
+
+class TcpPlace:
+    """A TCP address the listener listens at: its socket, its names, and
+    the counts the summary gives for it.
+
+    Each kind of place (TCP, UNIX) opens its socket, accepts from it and
+    names its peers; the loop serves them all alike.
+    """
+
+    takes_allow = True  # --allow's networks are IP networks
+    peer_names_place = False  # a peer's name holds the place's
+
+    def __init__(self, address: tuple, label: str = "") -> None:
+        self.address = address
+        self.label = label
+        self.server = None
+        self.name = format_address(*address)  # as bound, once open
+        self.accepted = self.rejected = 0
+        self.events = 0  # of the connections closed so far
+
+    @property
+    def listen(self) -> str:
+        """What events that arrive here are marked with: label or address."""
+        return self.label or self.name
+
+    @property
+    def shown(self) -> str:
+        """The place as lines name it: "alerts (0.0.0.0:9997)" or the
+        address."""
+        return "%s (%s)" % (self.label, self.name) if self.label \
+            else self.name
+
+    def open(self, backlog: int) -> None:
+        self.server = open_server(self.address, backlog)
+        self.name = format_address(*self.server.getsockname()[:2])
+
+    def accept(self) -> tuple:
+        """Accept a peer: (socket, address), or raise OSError."""
+        return self.server.accept()
+
+    def peer_of(self, sock: socket.socket, address) -> tuple:
+        """Return (peer, host) of a peer: how lines name it, and what
+        --max-per-host counts it under."""
+        return format_peer(address), peer_host(address[0])
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+class UnixPlace(TcpPlace):
+    """A UNIX stream socket the listener listens at: made with mode,
+    replacing a stale file, and removed when closed."""
+
+    takes_allow = False  # its peers are local processes: the mode decides
+    peer_names_place = True
+
+    def __init__(self, address: UnixAddress, label: str = "",
+                 mode: int = SOCKET_MODE) -> None:
+        super().__init__(address, label)
+        self.mode = mode
+        self.identity = None  # the file's (device, inode), once bound
+
+    def open(self, backlog: int) -> None:
+        self.server = open_unix_server(self.address.path, backlog, self.mode)
+        found = os.stat(self.address.path)
+        self.identity = found.st_dev, found.st_ino
+
+    def peer_of(self, sock: socket.socket, address) -> tuple:
+        # A connecting UNIX socket rarely has a name of its own: the
+        # process behind it is what tells peers apart.
+        pid = peer_process(sock)
+        peer = self.name if pid is None else "%s (pid %d)" % (self.name, pid)
+        return peer, self.name
+
+    def close(self) -> None:
+        super().close()
+        if self.identity is None:
+            return
+        try:
+            # Only our own file: another listener may have replaced it.
+            found = os.stat(self.address.path)
+            if (found.st_dev, found.st_ino) == self.identity:
+                os.unlink(self.address.path)
+        except OSError:
+            pass
+        self.identity = None
+
+
+def listen_places(listen, socket_mode: int = SOCKET_MODE) -> list:
+    """Return a place for each address of --listen (one address, as an
+    embedder gives it, or a list of Listen)."""
+    items = listen if isinstance(listen, list) else [listen]
+    places = []
+    for item in items:
+        if not isinstance(item, Listen):
+            item = Listen("", item)
+        if isinstance(item.address, UnixAddress):
+            places.append(UnixPlace(item.address, item.label, socket_mode))
+        else:
+            places.append(TcpPlace(item.address, item.label))
+    return places
+
+
+def announce(server: socket.socket, console: Console,
+             label: str = "") -> str:
+    """Say where server listens (as label, if one); return what to set in
+    CyberTrace for it."""
     host, port = server.getsockname()[:2]
     where = format_address(host, port)
+    named = where + (" as " + label if label else "")
     hosts = reachable_hosts(server)
     if hosts is None:
-        console.status("Starting on " + where)
+        console.status("Starting on " + named)
     elif hosts:
         shown = [format_address(h, port) for h in hosts[:6]]
         if len(hosts) > 6:
             shown.append("and %d more" % (len(hosts) - 6))
         console.status("Starting on %s (this host: %s)"
-                       % (where, ", ".join(shown)))
+                       % (named, ", ".join(shown)))
         where = shown[0]
     else:
-        console.status("Starting on %s (all interfaces)" % where)
+        console.status("Starting on %s (all interfaces)" % named)
         where = "this host's address:%d" % port
     return where
 
@@ -2778,6 +3120,7 @@ class Listener:
         self.stall_selector = selectors.DefaultSelector()
         self.connections = {}
         self.sink = EventSink(settings, output, self.console)
+        self.places = listen_places(settings.listen, settings.socket_mode)
         self.admission = Admission(settings, self.console, self.selector)
         self.reader = Reader(settings, self.sink, self.console,
                              self.connections, self.remove)
@@ -2811,7 +3154,8 @@ class Listener:
         return self.stop_asked or self.sink.full()
 
     def address(self) -> tuple:
-        """Return (host, port) where it listens, once bound."""
+        """Return (host, port) where it listens (the first address), once
+        bound."""
         return self.admission.server.getsockname()[:2]
 
     def counters(self) -> tuple:
@@ -2825,16 +3169,36 @@ class Listener:
         self.stall_selector.register(reader, selectors.EVENT_READ, take)
 
     def bind(self) -> None:
-        """Listen where the settings say, and say where that is."""
-        self.admission.open(self.settings.listen, self.accept)
-        server = self.admission.server
-        for never, why in unmatched_allow(server, self.settings.allow):
-            if never and self.allow_must_match:
-                raise ArgumentError("argument --allow: " + why)
-            self.console.warn("--allow " + why)
-        where = announce(server, self.console)
+        """Listen where the settings say, at every address or none, and
+        say where that is."""
+        self.admission.open(self.places, self.accept)
+        allow = self.settings.allow
+        tcp = [place for place in self.places if place.takes_allow]
+        for place in tcp:
+            for never, why in unmatched_allow(place.server, allow):
+                if never and self.allow_must_match and len(tcp) == 1:
+                    raise ArgumentError("argument --allow: " + why)
+                self.console.warn("--allow " + why)
+        if allow and len(tcp) < len(self.places):
+            self.console.warn("--allow does not apply to UNIX sockets: "
+                              "their peers are local processes, let in by "
+                              "the socket's permissions (--socket-mode)")
+        wheres = [self.announce(place) for place in self.places]
         self.console.status("Waiting for CyberTrace (OutputSettings > "
-                            "ConnectionString = %s); Ctrl+C to stop" % where)
+                            "ConnectionString = %s); Ctrl+C to stop"
+                            % ", ".join(wheres))
+
+    def announce(self, place: TcpPlace) -> str:
+        """Say where place listens; return what to set in CyberTrace."""
+        if isinstance(place, UnixPlace):
+            self.console.status("Starting on %s%s (mode %04o)" % (
+                place.name, " as " + place.label if place.label else "",
+                place.mode))
+            where = place.name
+        else:
+            where = announce(place.server, self.console,
+                             place.label)
+        return where
 
     def serve(self) -> int:
         """Serve until stopped; write out what was received; return the
@@ -2881,25 +3245,27 @@ class Listener:
             if due is not None and now >= due:
                 timer.fire(now)
 
-    def accept(self) -> None:
-        """Take the peers waiting to connect, as many as may be served."""
+    def accept(self, place: TcpPlace) -> None:
+        """Take the peers waiting to connect at place, as many as may be
+        served."""
         while not self.admission.full(self.sweeper.taken_places()):
-            if not self.accept_one():
+            if not self.accept_one(place):
                 return
         self.admission.pause(self.sweeper.taken_places())
 
-    def accept_one(self) -> bool:
-        """Serve the next peer in the accept queue; False when empty."""
-        taken = self.admission.take(self.sweeper.taken_places())
+    def accept_one(self, place: TcpPlace) -> bool:
+        """Serve the next peer in place's accept queue; False when empty."""
+        taken = self.admission.take(self.sweeper.taken_places(), place)
         if taken is None:
             return False
         sock, address = taken
-        conn = Connection(sock, address, self.settings.max_event_bytes)
+        conn = Connection(sock, address, self.settings.max_event_bytes,
+                          place, len(self.places) > 1)
         self.connections[sock] = conn
         self.admission.joined(conn)
         self.selector.register(sock, selectors.EVENT_READ,
                                functools.partial(self.serve_peer, conn))
-        self.comings.say("opened", "Connection from " + conn.peer)
+        self.comings.say("opened", "Connection from " + conn.where)
         return True
 
     def serve_peer(self, conn: Connection) -> None:
@@ -2912,7 +3278,7 @@ class Listener:
             raise
         except Exception as exc:  # a last line of defence, not flow control
             self.console.warn("dropping %s after an internal error: %r"
-                              % (conn.peer, exc))
+                              % (conn.where, exc))
             if conn.sock in self.connections:
                 self.forget(conn)
 
@@ -2936,7 +3302,7 @@ class Listener:
         self.reader.finish(conn)
         self.forget(conn)
         self.comings.say("closed", "Closed %s%s: %s" % (
-            conn.peer, " (%s)" % why if why else "",
+            conn.where, " (%s)" % why if why else "",
             plural(conn.events, "event")))
 
     def forget(self, conn: Connection) -> None:
@@ -2944,6 +3310,7 @@ class Listener:
         self.sweeper.left(conn)
         self.selector.unregister(conn.sock)
         del self.connections[conn.sock]
+        conn.place.events += conn.events
         self.admission.left(conn)
         conn.sock.close()
         if not self.stopping:
@@ -3023,10 +3390,11 @@ class Listener:
         deadline = time.monotonic() + self.drain_seconds
         # Peers in the accept queue completed their handshake and what they
         # sent was acknowledged: it counts as delivered, so take it too.
-        while not self.sink.full() and time.monotonic() < deadline and \
-                not self.stop_now:
-            if not self.accept_one():
-                break
+        for place in self.admission.places:
+            while not self.sink.full() and time.monotonic() < deadline \
+                    and not self.stop_now:
+                if not self.accept_one(place):
+                    break
         self.admission.close()
         self.read_until_peers_stop(deadline)
         if not self.output.stalled():  # else abandon() counts what waits
@@ -3078,6 +3446,8 @@ class Listener:
 
     def close(self) -> None:
         self.admission.close()
+        for place in self.places:
+            place.close()  # one that failed to open left nothing
         self.unwatch_output()
         for conn in list(self.connections.values()):
             self.selector.unregister(conn.sock)
@@ -3103,11 +3473,25 @@ class Listener:
             lost.append("%s more sent by peers, never read"
                         % format_bytes(self.unread))
         extra = " (%s)" % "; ".join(lost) if lost else ""
-        return "Stopped: %s%s, %s received, %s, %s rejected" % (
+        line = "Stopped: %s%s, %s received, %s, %s rejected" % (
             plural(self.sink.written(), "event"), extra,
             format_bytes(self.reader.bytes),
             plural(self.admission.accepted, "connection"),
             format_count(self.admission.rejected))
+        if len(self.places) > 1:
+            line += "".join("\n  %s" % self.place_summary(place)
+                            for place in self.places)
+        return line
+
+    def place_summary(self, place: TcpPlace) -> str:
+        """Say what came at one of several places."""
+        events = place.events + sum(conn.events for conn in
+                                    self.connections.values()
+                                    if conn.place is place)
+        return "%s: %s, %s, %s rejected" % (
+            place.shown, plural(events, "event"),
+            plural(place.accepted, "connection"),
+            format_count(place.rejected))
 
 
 class ListenerConsole(Console):
@@ -3173,10 +3557,28 @@ def restore_signals(pair: tuple) -> None:
         sock.close()
 
 
+def check_listen(parser: argparse.ArgumentParser,
+                 args: argparse.Namespace) -> None:
+    """Give -l its default; exit 2 on an address or label given twice."""
+    args.listen = args.listen or [Listen("", (LISTEN_ADDR, LISTEN_PORT))]
+    labels, addresses = set(), set()
+    for label, address in args.listen:
+        if label and label in labels:
+            parser.error("argument -l/--listen: label %s given twice"
+                         % label)
+        if address in addresses and address[1] != 0:
+            parser.error("argument -l/--listen: %s given twice"
+                         % format_address(*address))
+        labels.add(label)
+        addresses.add(address)
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the listener; return the exit status."""
     parser = build_parser()
-    settings = Settings.from_arguments(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    check_listen(parser, args)
+    settings = Settings.from_arguments(args)
     prog = parser.prog
     try:
         output = Output(settings.output, 2 if settings.format == "text"
