@@ -307,7 +307,7 @@ class Delivery:
             if self.sock is not None and lec.peer_gone(self.sock):
                 self.drop()
             if self.sock is None:
-                self.sock = socket.create_connection(self.address, timeout=5)
+                self.sock = lec.open_connection(self.address, timeout=5)
             self.sock.sendall(data)
         except (OSError, UnicodeError) as exc:  # UnicodeError: a bad name
             self.drop()
@@ -401,7 +401,8 @@ class FakeCyberTrace:
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.closing = False
         self.server = self.bind(input)
-        self.address = self.server.getsockname()[:2]
+        self.unix = input if isinstance(input, lec.UnixAddress) else None
+        self.address = self.unix or self.server.getsockname()[:2]
         self.status("Listening on %s (input); detections go to %s (output)%s;"
                     " detecting %d of %d test indicators" % (
                         lec.format_address(*self.address),
@@ -423,6 +424,11 @@ class FakeCyberTrace:
 
     @staticmethod
     def bind(address: tuple) -> socket.socket:
+        if isinstance(address, lec.UnixAddress):
+            # As the listener's: a stale file replaced, a live one refused.
+            server = lec.open_unix_server(address.path, 128, lec.SOCKET_MODE)
+            server.setblocking(True)
+            return server
         try:
             family = socket.getaddrinfo(address[0], address[1],
                                         type=socket.SOCK_STREAM)[0][0]
@@ -480,7 +486,11 @@ class FakeCyberTrace:
         self.slots.acquire()
 
     def handle(self, sock: socket.socket, peer: tuple) -> None:
-        peer = lec.format_peer(peer)
+        if self.unix is not None:
+            pid = lec.peer_process(sock)
+            peer = self.unix[0] + (" (pid %d)" % pid if pid else "")
+        else:
+            peer = lec.format_peer(peer)
         scanned = False
         sock.settimeout(self.idle_timeout)
         record = [[], bytearray()]
@@ -636,6 +646,11 @@ class FakeCyberTrace:
         except OSError:
             pass
         self.server.close()
+        if self.unix is not None:
+            try:
+                os.unlink(self.unix.path)
+            except OSError:
+                pass
         with self.lock:
             for sock in list(self.heard):
                 try:
@@ -695,12 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input", metavar="ADDR:PORT", type=address, default=INPUT,
         help="where to take events (CyberTrace's InputSettings > "
-        "ConnectionString); port 0 picks a free one (default: %s)"
-        % lec.format_address(*INPUT))
+        "ConnectionString); port 0 picks a free one; unix:/PATH for a UNIX "
+        "stream socket, as the 5.0 web UI offers, mode %04o (default: %s)"
+        % (lec.SOCKET_MODE, lec.format_address(*INPUT)))
     parser.add_argument(
         "--output", metavar="ADDR:PORT", type=address, default=OUTPUT,
         help="where to deliver detections and alerts (OutputSettings > "
-        "ConnectionString; default: %s)" % lec.format_address(*OUTPUT))
+        "ConnectionString), or unix:/PATH (default: %s)"
+        % lec.format_address(*OUTPUT))
     feeds = parser.add_mutually_exclusive_group()
     feeds.add_argument(
         "--demo-feeds", dest="feeds", action="store_const", const="demo",
