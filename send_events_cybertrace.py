@@ -46,14 +46,15 @@ from typing import (BinaryIO, Callable, Iterable, Iterator, List, Optional,
 
 try:
     from listen_events_cybertrace import (
-        LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS, Block,
-        Console, EmbeddedListener, EventFramer, OneLineParser, RateMeter,
+        LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS,
+        UNIX_PREFIX, Block, Console, EmbeddedListener, EventFramer,
+        OneLineParser, RateMeter,
         UserError, argument_type, binary_stdout, bounded, escape_block,
         escape_controls, escape_line, format_address, format_bytes,
         format_count, format_duration, format_progress, formatter,
         interface_addresses, ip_of, keep_freed_memory, open_connection,
-        parse_address,
-        parse_fields, parse_network, parse_response, peer_gone, plural,
+        parse_address, parse_fields, parse_network, parse_response,
+        peer_gone, plural,
         reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
         split_lines, stream_flags, to_text, write_now, write_stdout,
         __version__)
@@ -1314,6 +1315,8 @@ def visible(event: str, width: int = 0) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    if host.startswith(UNIX_PREFIX):
+        return True  # a UNIX socket's peer is on this host
     try:
         return ip_of(host).is_loopback
     except ValueError:
@@ -1323,6 +1326,8 @@ def is_loopback(host: str) -> bool:
 def cybertrace_hosts(host: str) -> list:
     """Return the networks CyberTrace at host delivers from: its addresses,
     and, when it runs on this host, this host's own."""
+    if host.startswith(UNIX_PREFIX):
+        host = "localhost"  # reached over a UNIX socket: on this host
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -2148,8 +2153,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          CYBERTRACE_PORT),
         type=argument_type(peer_address, "address"),
         help="CyberTrace's input address (InputSettings > ConnectionString)"
-        ": 192.0.2.10:9999, [::1]:9999 or a bare PORT (default: %s)"
-        % default)
+        ": 192.0.2.10:9999, [::1]:9999 or a bare PORT; unix:/PATH for a "
+        "UNIX stream socket (the 5.0 web UI's UNIX socket input; Linux, "
+        "macOS) (default: %s)" % default)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--reply-back", action="store_true",
                       help="ask CyberTrace to answer on this connection "
@@ -2321,6 +2327,10 @@ def refuse_for_the_check(parser: argparse.ArgumentParser,
             parser.error("argument --check: not allowed with %s (the check "
                          "sends the test events)" % name)
     for number, (host, port) in enumerate(args.check):
+        if port is None:
+            parser.error("argument --check: %s: the check listens on "
+                         "ADDR:PORT, as CyberTrace's OutputSettings > "
+                         "ConnectionString takes" % host)
         if port and (host, port) in args.check[:number]:
             parser.error("argument --check: %s given twice"
                          % format_address(host, port))
