@@ -2270,7 +2270,7 @@ class Admission:
         return self.places[0].server if self.places else None
 
     def open(self, places: list,
-             on_ready: Callable[[TcpPlace], None]) -> None:
+             on_ready: Callable[[Place], None]) -> None:
         """Listen at every place, or at none (raise the first failure);
         on_ready(place) runs when peers wait to connect there."""
         self.fit_selector()
@@ -2294,7 +2294,7 @@ class Admission:
                                    functools.partial(on_ready, place))
 
     def take(self, open_connections: int,
-             place: TcpPlace) -> Optional[tuple]:
+             place: Place) -> Optional[tuple]:
         """Take the next peer that may be served from place's accept
         queue: (socket, address), or None when the queue is empty."""
         while True:
@@ -2364,7 +2364,7 @@ class Admission:
             place.close()
         self.places = []
 
-    def refusal(self, host: str, place: TcpPlace) -> Optional[str]:
+    def refusal(self, host: str, place: Place) -> Optional[str]:
         """Return why a peer from host may not connect to place, or None."""
         if self.allow and place.takes_allow and not self.allowed(host):
             return ""
@@ -2403,7 +2403,7 @@ class Admission:
     def full(self, open_connections: int) -> bool:
         return open_connections >= self.max_connections
 
-    def reject(self, peer: str, why: str, place: TcpPlace) -> None:
+    def reject(self, peer: str, why: str, place: Place) -> None:
         """Count a peer refused, and say so (a few lines a window)."""
         self.rejected += 1
         place.rejected += 1
@@ -2471,7 +2471,7 @@ class Connection:
     unfinished event began."""
 
     def __init__(self, sock: socket.socket, address,
-                 max_event_bytes: int, place: Optional[TcpPlace] = None,
+                 max_event_bytes: int, place: Optional[Place] = None,
                  named: bool = False) -> None:
         self.sock = sock
         self.place = place or TcpPlace(address[:2])
@@ -2906,15 +2906,15 @@ def peer_process(sock: socket.socket) -> Optional[int]:
     return pid or None
 
 
-class TcpPlace:
-    """A TCP address the listener listens at: its socket, its names, and
-    the counts the summary gives for it.
+class Place:
+    """An address the listener listens at: its socket, its names, and the
+    counts the summary gives for it.
 
-    Each kind of place (TCP, UNIX) opens its socket, accepts from it and
-    names its peers; the loop serves them all alike.
+    Each kind of place (TcpPlace, UnixPlace) opens its socket, accepts
+    from it and names its peers; the loop serves them all alike.
     """
 
-    takes_allow = True  # --allow's networks are IP networks
+    takes_allow = True  # --allow's networks apply to its peers
     peer_names_place = False  # a peer's name holds the place's
 
     def __init__(self, address: tuple, label: str = "") -> None:
@@ -2938,8 +2938,8 @@ class TcpPlace:
             else self.name
 
     def open(self, backlog: int) -> None:
-        self.server = open_server(self.address, backlog)
-        self.name = format_address(*self.server.getsockname()[:2])
+        """Listen, or raise a UserError that names the address."""
+        raise NotImplementedError
 
     def accept(self) -> tuple:
         """Accept a peer: (socket, address), or raise OSError."""
@@ -2948,7 +2948,7 @@ class TcpPlace:
     def peer_of(self, sock: socket.socket, address) -> tuple:
         """Return (peer, host) of a peer: how lines name it, and what
         --max-per-host counts it under."""
-        return format_peer(address), peer_host(address[0])
+        raise NotImplementedError
 
     def close(self) -> None:
         if self.server is not None:
@@ -2956,7 +2956,18 @@ class TcpPlace:
             self.server = None
 
 
-class UnixPlace(TcpPlace):
+class TcpPlace(Place):
+    """A TCP address: (host, port)."""
+
+    def open(self, backlog: int) -> None:
+        self.server = open_server(self.address, backlog)
+        self.name = format_address(*self.server.getsockname()[:2])
+
+    def peer_of(self, sock: socket.socket, address) -> tuple:
+        return format_peer(address), peer_host(address[0])
+
+
+class UnixPlace(Place):
     """A UNIX stream socket the listener listens at: made with mode,
     replacing a stale file, and removed when closed."""
 
@@ -3188,7 +3199,7 @@ class Listener:
                             "ConnectionString = %s); Ctrl+C to stop"
                             % ", ".join(wheres))
 
-    def announce(self, place: TcpPlace) -> str:
+    def announce(self, place: Place) -> str:
         """Say where place listens; return what to set in CyberTrace."""
         if isinstance(place, UnixPlace):
             self.console.status("Starting on %s%s (mode %04o)" % (
@@ -3245,7 +3256,7 @@ class Listener:
             if due is not None and now >= due:
                 timer.fire(now)
 
-    def accept(self, place: TcpPlace) -> None:
+    def accept(self, place: Place) -> None:
         """Take the peers waiting to connect at place, as many as may be
         served."""
         while not self.admission.full(self.sweeper.taken_places()):
@@ -3253,7 +3264,7 @@ class Listener:
                 return
         self.admission.pause(self.sweeper.taken_places())
 
-    def accept_one(self, place: TcpPlace) -> bool:
+    def accept_one(self, place: Place) -> bool:
         """Serve the next peer in place's accept queue; False when empty."""
         taken = self.admission.take(self.sweeper.taken_places(), place)
         if taken is None:
@@ -3483,7 +3494,7 @@ class Listener:
                             for place in self.places)
         return line
 
-    def place_summary(self, place: TcpPlace) -> str:
+    def place_summary(self, place: Place) -> str:
         """Say what came at one of several places."""
         events = place.events + sum(conn.events for conn in
                                     self.connections.values()

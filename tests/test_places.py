@@ -17,8 +17,7 @@ import threading
 import unittest
 from pathlib import Path
 
-from support import (LISTENER, SENDER, TIMEOUT, Process, run_sender,
-                     user_env, wait_until)
+from support import LISTENER, SENDER, TIMEOUT, Process, run_sender, user_env
 
 import listen_events_cybertrace as lec
 
@@ -82,6 +81,16 @@ class ListenParsingTest(unittest.TestCase):
                 self.assertIn("only on Windows", str(caught.exception))
         with self.assertRaisesRegex(ValueError, "empty label"):
             lec.parse_listen("=127.0.0.1:1")
+
+    def test_help_states_the_socket_s_permissions_and_allow(self):
+        proc = subprocess.run([sys.executable, str(LISTENER), "--help"],
+                              env=dict(user_env(), COLUMNS="200"),
+                              capture_output=True, timeout=TIMEOUT)
+        text = " ".join(proc.stdout.decode().split())
+        self.assertIn("--socket-mode MODE", text)
+        self.assertIn("(default: 0666, any local user", text)
+        self.assertIn("--allow does not apply to UNIX sockets", text)
+        self.assertIn("LABEL=ADDR", text)
 
     def test_a_label_or_address_given_twice_is_an_argument_error(self):
         for args, said in (
@@ -333,6 +342,12 @@ class UnixSocketTest(unittest.TestCase):
                 sent = run_sender("-c", "unix:" + events, "--test-events")
                 self.assertEqual(sent.returncode, 0, sent.stderr)
                 proc.wait_stdout(18)  # 17 detections and the start alert
+                # Reply-back: the answers come back over the same socket.
+                answered = run_sender("-c", "unix:" + events, "--reply-back",
+                                      "--test-events")
+                self.assertEqual(answered.returncode, 0, answered.stderr)
+                self.assertIn(b"17 events answered: 17 detections",
+                              answered.stderr)
                 stand_in.signal(signal.SIGTERM)
                 self.assertEqual(stand_in.finish(), 0)
             self.assertFalse(os.path.exists(events))
