@@ -169,6 +169,10 @@ class ArgumentError(UserError):
     socket can never match); printed as one line, exit status 2."""
 
 
+# EventFramer.marks when no event was cut into pieces.
+NO_MARKS = ()
+
+
 class EventFramer:
     """Cut a byte stream into events at b"\\n", holding at most one event.
 
@@ -177,6 +181,10 @@ class EventFramer:
     max_event_bytes come out as several pieces of at most that size.  A
     block is bytes, or a memoryview of the caller's buffer when nothing had
     to change (no copy: the caller uses it before reading again).
+
+    After each call, marks lists the pieces in the block it returned, as
+    (line number in the block, piece number from 1, whether it is its
+    event's last piece); mostly it is empty.
     """
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
@@ -184,7 +192,8 @@ class EventFramer:
         self.pending = b""
         self.received = 0
         self.split_events = 0
-        self._cutting = False  # pieces of the pending event were emitted
+        self.piece = 0  # pieces of the pending event emitted so far
+        self.marks = NO_MARKS
 
     def read(self, readinto, buffer: bytearray, size: int = RECV_SIZE):
         """Read once with readinto after the pending bytes; None at EOF.
@@ -213,6 +222,7 @@ class EventFramer:
         """Frame buf[:total], which starts with the pending bytes."""
         end = buf.rfind(b"\n", 0, total) + 1
         view = memoryview(buf)
+        self.marks = NO_MARKS
         if end == 0:
             self.pending = bytes(view[:total])
             return self._cut_pending()
@@ -225,18 +235,25 @@ class EventFramer:
         first = buf.find(b"\n", 0, end)
         if max(first, end - first - 1) > self.max_event_bytes:
             block = self._cut_block(bytes(block))
-        self._cutting = False
+        elif self.piece:
+            self.marks = [(0, self.piece + 1, True)]
+        self.piece = 0
         if len(self.pending) > self.max_event_bytes + 1:
-            block = bytes(block) + self._cut_pending()
+            block = bytes(block)
+            block += self._cut_pending(block.count(b"\n"))
         return block
 
     def close(self) -> bytes:
         """Return the last event, which had no newline, if there is one."""
         rest, self.pending = self.pending, b""
+        self.marks = NO_MARKS
         if not rest:
             return b""
         if len(rest) > self.max_event_bytes:
             return self._cut_block(rest + b"\n")
+        if self.piece:
+            self.marks = [(0, self.piece + 1, True)]
+            self.piece = 0
         return rest + b"\n"
 
     def release(self) -> bytes:
@@ -246,23 +263,24 @@ class EventFramer:
         # b"\n" make it a piece of its own.
         keep = 2 if self.pending.endswith(b"\r") else 1
         piece = self.pending[:len(self.pending) - keep]
+        self.marks = NO_MARKS
         if not piece:
             return b""
         self.pending = self.pending[len(piece):]
-        if not self._cutting:
+        if not self.piece:
             self.split_events += 1
-            self._cutting = True
+        self.piece += 1
+        self.marks = [(0, self.piece, False)]
         return piece + b"\n"
 
-    def _cut_pending(self) -> bytes:
+    def _cut_pending(self, first_line: int = 0) -> bytes:
         # Keep one byte beyond the limit: it may be the b"\r" of a b"\r\n"
         # still in flight, which must not become an event of its own.
         size = self.max_event_bytes
         if len(self.pending) <= size + 1:
             return b""
-        if not self._cutting:
+        if not self.piece:
             self.split_events += 1
-            self._cutting = True
         # Sliced by index: taking a piece off the front each time copies
         # the rest, quadratic when the pieces are small.  The pieces leave
         # 2 to size + 1 bytes pending.
@@ -270,6 +288,11 @@ class EventFramer:
         count = (len(pending) - 2) // size
         pieces = [pending[i:i + size] for i in range(0, count * size, size)]
         self.pending = pending[count * size:]
+        marks = list(self.marks)
+        marks.extend((first_line + number, self.piece + number + 1, False)
+                     for number in range(count))
+        self.marks = marks
+        self.piece += count
         pieces.append(b"")
         return b"\n".join(pieces)
 
@@ -277,16 +300,24 @@ class EventFramer:
         size = self.max_event_bytes
         lines = block.split(b"\n")
         lines.pop()
-        if max(map(len, lines)) <= size:
-            return block
         out = []
+        marks = []
         for index, line in enumerate(lines):
+            # The first line may end an event whose pieces came before.
+            before = self.piece if index == 0 else 0
             if len(line) <= size:
+                if before:
+                    marks.append((len(out), before + 1, True))
                 out.append(line)
                 continue
-            if index or not self._cutting:
+            if not before:
                 self.split_events += 1
+            count = (len(line) + size - 1) // size
+            marks.extend((len(out) + number, before + number + 1,
+                          number == count - 1) for number in range(count))
             out.extend(line[i:i + size] for i in range(0, len(line), size))
+        self.piece = 0
+        self.marks = marks
         out.append(b"")
         return b"\n".join(out)
 
@@ -347,8 +378,12 @@ _WHITE = " \t\n\r\x0b\x0c"
 def parse_fields(event: str) -> dict:
     """Return the event's key=value pairs; a repeated key gets a list."""
     parts = _FIELD_SPLIT.split(event)
-    keys = parts[1::2]
-    values = [value.rstrip(_WHITE) for value in parts[2::2]]
+    return group_fields(parts[1::2], [value.rstrip(_WHITE)
+                                      for value in parts[2::2]])
+
+
+def group_fields(keys: list, values: list) -> dict:
+    """Return keys and their values as a dict; a repeated key gets a list."""
     fields = dict(zip(keys, values))
     if len(fields) == len(keys):
         return fields
@@ -361,6 +396,108 @@ def parse_fields(event: str) -> dict:
         else:
             fields[key] = [fields[key], value]
     return fields
+
+
+# --- What an event is: CyberTrace's templates --------------------------------
+#
+# Kaspersky ships templates for each SIEM (online help 197106, 296063): the
+# default key=value one, ArcSight's CEF, RSA NetWitness's with a syslog
+# <PRI> first, KUMA's with "|" between fields.  read_event() reads them all
+# into (kind, fields), for -f json and the lab check alike.
+
+# The marker of the event CyberTrace sends after each event it looked up
+# (X-KF-SendFinishedEvent): one of its fields is "LookupFinished" (296063).
+# Looked for anywhere in the event, first, since such an event may quote
+# the event it answers.
+FINISHED = b"LookupFinished"
+_FINISHED_TEXT = FINISHED.decode()
+_ALERT = re.compile(r"(?<![\w.])alert=(KL_ALERT_\w+)")
+# What a detection's template names its matched indicator: the default
+# template's key, and KUMA's.
+DETECTION_KEYS = ("matchedIndicator", "MatchedIndicator")
+# CEF's Device Event Class ID and Name in Kaspersky's ArcSight templates.
+CEF_KINDS = {"CyberTrace Service Event": "alert", "1": "alert",
+             "CyberTrace Detection Event": "detection", "2": "detection"}
+KINDS = ("detection", "alert", "finished", "unknown")
+# A syslog priority, as RSA NetWitness's template begins:
+# "<232>%CyberTrace:ALERT_EVENT alert=...".
+_PRI = re.compile(r"<(\d{1,3})>")
+# ArcSight's names for CEF's seven header fields, in their order.
+CEF_HEADER = ("cefVersion", "deviceVendor", "deviceProduct", "deviceVersion",
+              "deviceEventClassId", "name", "severity")
+# CEF: at the start (after a <PRI>), or after a syslog header of words
+# ("Sep 19 08:26:10 host CEF:0|..."); each header field ends at a "|" that
+# no backslash escapes.
+_CEF = re.compile(r"(?:[^|=]* )?CEF:" + r"((?:[^|\\]|\\.)*)\|" * 7,
+                  re.DOTALL)
+_CEF_HEADER_ESCAPE = re.compile(r"\\([|\\])")
+# In the extension, pairs are separated by spaces only ("|" is text there),
+# and a key never holds a backslash, so an escaped "\=" ends no key.
+_CEF_KEY = re.compile(r"(?:^| )([^\s|=\\]+)=", re.ASCII)
+_CEF_VALUE_ESCAPE = re.compile(r"\\([\\=nr])")
+_CEF_UNESCAPED = {"\\": "\\", "=": "=", "n": "\n", "r": "\r"}
+
+
+def alert_name(event: str) -> Optional[str]:
+    """Return the service alert an event is (KL_ALERT_...), or None."""
+    found = _ALERT.search(event)
+    return found.group(1) if found else None
+
+
+def read_event(event: str) -> tuple:
+    """Return (kind, fields) for an event of any of CyberTrace's templates.
+
+    fields: a leading syslog <PRI> as "pri", a CEF header by ArcSight's
+    names (CEF_HEADER) and its extension un-escaped, or else the event's
+    key=value pairs; a key that repeats gets a list.  kind: see event_kind.
+    """
+    pri = _PRI.match(event) if event[:1] == "<" else None
+    text = event[pri.end():] if pri else event
+    header = _CEF.match(text) if "CEF:" in text else None
+    if pri is None and header is None:
+        fields = parse_fields(event)
+        return event_kind(event, fields), fields
+    keys, values = (["pri"], [pri.group(1)]) if pri else ([], [])
+    if header is None:
+        parts = _FIELD_SPLIT.split(text)
+        keys += parts[1::2]
+        values += [value.rstrip(_WHITE) for value in parts[2::2]]
+        fields = group_fields(keys, values)
+        return event_kind(event, fields), fields
+    head = [_CEF_HEADER_ESCAPE.sub(r"\1", value) for value in header.groups()]
+    parts = _CEF_KEY.split(text[header.end():])
+    keys += [*CEF_HEADER, *parts[1::2]]
+    values += head
+    values += [unescape_cef(value.rstrip(_WHITE)) for value in parts[2::2]]
+    fields = group_fields(keys, values)
+    # Name first: a site may number its classes, not name them anew.
+    return event_kind(event, fields, (head[5], head[4])), fields
+
+
+def unescape_cef(value: str) -> str:
+    """Undo CEF's escapes in an extension's value: \\\\ \\= \\n \\r."""
+    if "\\" not in value:
+        return value
+    return _CEF_VALUE_ESCAPE.sub(lambda m: _CEF_UNESCAPED[m.group(1)], value)
+
+
+def event_kind(event: str, fields: dict, cef: tuple = ()) -> str:
+    """Return what an event is: "finished" (it holds LookupFinished),
+    "alert" (alert=KL_ALERT_...), "alert" or "detection" by a CEF header's
+    Name or Device Event Class ID (cef: those two, un-escaped), "detection"
+    (a matched indicator's key), or "unknown"."""
+    if _FINISHED_TEXT in event:
+        return "finished"
+    if alert_name(event) is not None:
+        return "alert"
+    for value in cef:
+        kind = CEF_KINDS.get(value)
+        if kind is not None:
+            return kind
+    for key in DETECTION_KEYS:
+        if key in fields:
+            return "detection"
+    return "unknown"
 
 
 def _control_escapes() -> dict:
@@ -1006,6 +1143,9 @@ _FIELD_SPLIT_BYTES = re.compile(rb"(?:^|[ |])([^\s|=]+)=")
 # An event's shape: its keys in order, with what comes before each.
 _SHAPE = re.compile(rb"(?:^|[ |])[^\s|=]+=")
 _CONTROLS = bytes(range(0x20)).replace(b"\n", b"")
+# What makes an event's kind or fields more than its keys tell (see
+# read_event): such events take the general path.  A <PRI> starts a line.
+_KIND_MARKERS = (FINISHED, b"KL_ALERT_", b"CEF:")
 
 
 def iso_time(when: float) -> str:
@@ -1021,8 +1161,17 @@ def has_controls(data: bytes) -> bool:
 
 def json_text(event: str, stamp: str, peer: str) -> str:
     """Format one event the general way, for what no plan fits."""
-    return _encode_json({"time": stamp, "peer": peer, "event": event,
-                         "fields": parse_fields(event)}) + "\n"
+    kind, fields = read_event(event)
+    return _encode_json({"time": stamp, "peer": peer, "kind": kind,
+                         "event": event, "fields": fields}) + "\n"
+
+
+def json_piece(event: str, stamp: str, peer: str, kind: str, fields: dict,
+               piece: int, last: bool) -> str:
+    """Format one piece of an event cut into several."""
+    return _encode_json({"time": stamp, "peer": peer, "kind": kind,
+                         "event": event, "fields": fields, "piece": piece,
+                         "last": last}) + "\n"
 
 
 def json_bytes(text: str) -> bytes:
@@ -1079,8 +1228,12 @@ class JsonPlan:
             picks.extend(where)
         # Formatted twice: once a batch with its time and peer, then once
         # an event, with the groups that match() found, in the key order.
-        self.template = (b'{"time":"%s","peer":"%s","event":"%%s",'
-                         b'"fields":{' + b",".join(fields) + b"}}\n")
+        # Its events hold none of _KIND_MARKERS, so their kind is their
+        # keys', the same for all.
+        kind = read_event(event.decode("utf-8", "replace"))[0].encode()
+        self.template = (b'{"time":"%s","peer":"%s","kind":"' + kind +
+                         b'","event":"%%s","fields":{' + b",".join(fields) +
+                         b"}}\n")
         self.values = operator.methodcaller("group", *picks) \
             if len(picks) > 1 else (lambda found: (found.group(1),))
         self.batch = None
@@ -1132,14 +1285,20 @@ class JsonFormatter:
         self.by_shape = collections.OrderedDict()  # least recent first
         self.tokens = float(self.build_burst)
         self.refilled = time.monotonic()
+        # The kind of each peer's event whose pieces are coming, given to
+        # every piece: only the first has the text that tells it.
+        self.piece_kinds = {}
 
     def format(self, block: Block, lines: list, peer: str, when: float,
-               escape: bool) -> bytes:
-        """Format a block of events received from peer at when."""
+               escape: bool, marks=NO_MARKS) -> bytes:
+        """Format a block of events received from peer at when; marks:
+        the pieces of split events in it (EventFramer.marks)."""
         stamp = iso_time(when)
         data = bytes(block)
         if escape or not valid_utf8(data):
-            return self.format_slowly(data, stamp, peer, escape)
+            return self.format_slowly(data, stamp, peer, escape, marks)
+        if marks:
+            return self.format_pieces(data, lines, peer, when, marks)
         # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
         # second formatting.
         head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
@@ -1148,8 +1307,15 @@ class JsonFormatter:
         by_count = self.by_count
         clean = not has_controls(data) and b'"' not in data and \
             b"\\" not in data
+        plain = not (data[:1] == b"<" or b"\n<" in data or
+                     any(marker in data for marker in _KIND_MARKERS))
         for original in lines:
             line = original
+            if not plain and (line[:1] == b"<" or any(
+                    marker in line for marker in _KIND_MARKERS)):
+                out.append(self.general(line[:-1].decode(), stamp,
+                                        peer).encode())
+                continue
             if not clean:
                 if has_controls(line):
                     out.append(self.general(line[:-1].decode(), stamp,
@@ -1176,20 +1342,60 @@ class JsonFormatter:
         return b"".join(out)
 
     def format_slowly(self, data: bytes, stamp: str, peer: str,
-                      escape: bool) -> bytes:
+                      escape: bool, marks=NO_MARKS) -> bytes:
         """Format every event of data through json: for what is not UTF-8,
         and what is escaped (terminal: what JSON leaves in strings)."""
-        out = "".join(self.general(event, stamp, peer) for event in
-                      data.decode("utf-8", "surrogateescape")[:-1]
-                      .split("\n"))
+        events = data.decode("utf-8", "surrogateescape")[:-1].split("\n")
+        pieces = {line: (number, last) for line, number, last in marks}
+        out = "".join(self.general(event, stamp, peer, pieces.get(index))
+                      for index, event in enumerate(events))
         if escape:
             out = out.translate(_JSON_TERMINAL_ESCAPES)
         return json_bytes(out)
 
-    def general(self, event: str, stamp: str, peer: str) -> str:
-        """Format one event through json (--escape: its controls as text)."""
-        return json_text(escape_controls(event) if self.escape_strings
-                         else event, stamp, peer)
+    def format_pieces(self, data: bytes, lines: list, peer: str,
+                      when: float, marks) -> bytes:
+        """Format a block that holds pieces of split events: the pieces
+        one by one, the whole events between them as usual."""
+        stamp = iso_time(when)
+        out = []
+        start = 0
+        for index, number, last in marks:
+            if index >= len(lines):
+                break  # --count left them out
+            if start < index:
+                run = lines[start:index]
+                out.append(self.format(b"".join(run), run, peer, when,
+                                       False))
+            out.append(self.general(lines[index][:-1].decode(), stamp, peer,
+                                    (number, last)).encode())
+            start = index + 1
+        if start < len(lines):
+            run = lines[start:]
+            out.append(self.format(b"".join(run), run, peer, when, False))
+        return b"".join(out)
+
+    def general(self, event: str, stamp: str, peer: str,
+                piece: Optional[tuple] = None) -> str:
+        """Format one event through json (--escape: its controls as text);
+        piece: (its number, whether it is the last) for a piece."""
+        if self.escape_strings:
+            event = escape_controls(event)
+        if piece is None:
+            return json_text(event, stamp, peer)
+        number, last = piece
+        if number == 1:
+            # The first piece starts the event: the fields are its own.
+            kind, fields = read_event(event)
+            if len(self.piece_kinds) >= MAX_CONNECTIONS_LIMIT:
+                self.piece_kinds.clear()  # peers that left mid-event
+            self.piece_kinds[peer] = kind
+        else:
+            # The others start anywhere, mid-key or mid-value: no fields.
+            fields = {}
+            kind = (self.piece_kinds.pop(peer, "unknown") if last else
+                    self.piece_kinds.get(peer, "unknown"))
+        return json_piece(event, stamp, peer, kind, fields, number, last)
 
     def used(self, plan: JsonPlan) -> None:
         """Keep a plan in use, and first to be tried for its "=" count."""
@@ -1733,6 +1939,8 @@ class EventSink:
         self.output = output
         self.console = console
         self.format = formatter(settings.format, settings.escape)
+        # Only JSON says which events are pieces.
+        self.marks_pieces = settings.format == "json"
         self.escape = settings.escape or output.terminal
         self.limit = settings.count
         self.events = 0
@@ -1751,9 +1959,10 @@ class EventSink:
         """Tell whether --count events were written."""
         return bool(self.limit) and self.events >= self.limit
 
-    def emit(self, block: Block, peer: str) -> int:
+    def emit(self, block: Block, peer: str, marks=NO_MARKS) -> int:
         """Format and write a block of events from peer at once; return
-        how many of its events were handed to the output."""
+        how many of its events were handed to the output.  marks: the
+        pieces of split events in it (EventFramer.marks)."""
         lines = split_lines(block)
         if self.full():
             self.beyond_count += len(lines)
@@ -1765,21 +1974,24 @@ class EventSink:
         self.events += len(lines)
         if self.waiting or len(self.output.pending) >= OUTPUT_BACKLOG:
             self.waiting.append((bytes(block), len(lines), peer,
-                                 time.time()))
+                                 time.time(), marks))
             self.waiting_events += len(lines)
             return len(lines)
-        self.deliver(block, lines, peer, time.time())
+        self.deliver(block, lines, peer, time.time(), marks)
         return len(lines)
 
     def deliver(self, block: Block, lines: list, peer: str,
-                when: float) -> None:
+                when: float, marks=NO_MARKS) -> None:
         """Format a block of events and hand it to the output."""
         if self.console.shown and self.output.terminal:
             self.console.clear()
         if self.output.reopen_due():
             self.reopen()
-        self.output.write(self.format(block, lines, peer, when,
-                                      self.escape), peer)
+        if marks and self.marks_pieces:
+            data = self.format(block, lines, peer, when, self.escape, marks)
+        else:
+            data = self.format(block, lines, peer, when, self.escape)
+        self.output.write(data, peer)
 
     def flush(self) -> None:
         """Write what waits, as much as the output takes now; then the
@@ -1787,9 +1999,9 @@ class EventSink:
         output = self.output
         output.flush()
         while self.waiting and len(output.pending) < OUTPUT_BACKLOG:
-            block, events, peer, when = self.waiting.popleft()
+            block, events, peer, when, marks = self.waiting.popleft()
             self.waiting_events -= events
-            self.deliver(block, split_lines(block), peer, when)
+            self.deliver(block, split_lines(block), peer, when, marks)
         self.console.release()
 
     def reopen(self) -> None:
@@ -2505,7 +2717,7 @@ class Reader:
                                     plural(self.max_event_bytes, "byte")))
 
     def emit(self, block: Block, conn: Connection) -> None:
-        conn.events += self.sink.emit(block, conn.peer)
+        conn.events += self.sink.emit(block, conn.peer, conn.framer.marks)
 
 
 class Sweeper:

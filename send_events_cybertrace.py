@@ -46,10 +46,10 @@ from typing import (BinaryIO, Callable, Iterable, Iterator, List, Optional,
 
 try:
     from listen_events_cybertrace import (
-        LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS, Block,
-        Console, EmbeddedListener, EventFramer, OneLineParser, RateMeter,
-        UserError, argument_type, binary_stdout, bounded, escape_block,
-        escape_controls, escape_line, format_address, format_bytes,
+        FINISHED, LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS,
+        Block, Console, EmbeddedListener, EventFramer, OneLineParser,
+        RateMeter, UserError, alert_name, argument_type, binary_stdout,
+        bounded, escape_block, escape_controls, escape_line, format_address, format_bytes,
         format_count, format_duration, format_progress, formatter,
         interface_addresses, ip_of, keep_freed_memory, parse_address,
         parse_fields, parse_network, parse_response, peer_gone, plural,
@@ -91,7 +91,6 @@ RECONNECT_MAX = 30.0
 DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 PING = b"X-KF-ReplyBackPING"
-FINISHED = b"LookupFinished"
 # CyberTrace splits an inbound event over 64 KB into several (online help
 # 178566); cutting them here, the same way, keeps the sender's memory and
 # time bounded on a line that never ends (a pipe, /dev/zero), where
@@ -1335,15 +1334,6 @@ def cybertrace_hosts(host: str) -> list:
                   ipaddress.ip_address("::1")}
     return [ipaddress.ip_network(ip) for ip in sorted(
         found, key=lambda ip: (ip.version, ip))]
-
-
-def alert_name(event: str) -> Optional[str]:
-    """Return the service alert an event is (KL_ALERT_...), or None."""
-    found = _ALERT.search(event)
-    return found.group(1) if found else None
-
-
-_ALERT = re.compile(r"(?<![\w.])alert=(KL_ALERT_\w+)")
 
 
 def shown_addresses(server: socket.socket) -> List[str]:
