@@ -85,7 +85,8 @@ BASELINE_TARGET = 0.95
 HOSTILE_TARGET = 0.8
 HOSTILE_CONNECTIONS = 3000
 HOSTILE_PER_CONNECTION = 4
-PARTS = ("peers", "connections", "memory", "latency", "sender", "hostile")
+PARTS = ("peers", "connections", "memory", "latency", "sender", "hostile",
+         "templates")
 
 
 # --- Data --------------------------------------------------------------------
@@ -123,6 +124,40 @@ def make_events(count: int, seed: int = 1) -> bytes:
                     % (ip, ip, day, ip, day, h(12).lower(),
                        rng.randrange(1, 65536), seq, h(96).lower()))
         lines.append(line)
+    return ("\n".join(lines) + "\n").encode()
+
+
+def make_cef_events(count: int, seed: int = 2) -> bytes:
+    """Return count events of Kaspersky's ArcSight (CEF) templates, about
+    the size of make_events' ones: detections, and a service alert in 100;
+    their values hold CEF's escapes."""
+    rng = random.Random(seed)
+    hexd = "0123456789ABCDEF"
+    lines = []
+    for seq in range(count):
+        def h(n):
+            return "".join(rng.choice(hexd) for _ in range(n))
+        if seq % 100 == 99:
+            lines.append(
+                "CEF:0|Kaspersky Lab|Kaspersky CyberTrace for ArcSight|2.0|1|"
+                "CyberTrace Service Event|4| reason=KL_ALERT_UpdatedFeed "
+                "msg=feed\\=Malicious_URL_Data_Feed.json records\\=%d"
+                % rng.randrange(1000, 999999))
+            continue
+        md5 = h(32)
+        day = "%02d.%02d.20%02d %02d:%02d" % (rng.randrange(1, 29),
+                                              rng.randrange(1, 13),
+                                              rng.randrange(15, 26),
+                                              rng.randrange(24),
+                                              rng.randrange(60))
+        lines.append(
+            "CEF:0|Kaspersky Lab|Kaspersky CyberTrace for ArcSight|2.0|2|"
+            "CyberTrace Detection Event|8| reason=KL_Malicious_Hash_MD5 "
+            "cs5Label=MatchedIndicator cs5=%s src=192.0.2.%d "
+            "request=http://host-%s.example.com/a\\=b cs1Label=Threat "
+            "cs1=HEUR:Trojan.Win32.Generic cs2Label=FirstSeen cs2=%s "
+            "cs3Label=SHA256 cs3=%s msg=C:\\\\Users\\\\x\\\\file.exe seq=%d"
+            % (h(32), rng.randrange(256), h(12).lower(), day, h(64), seq))
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -298,6 +333,8 @@ def expected_size(receiver: Receiver, data: bytes, count: int):
         return len(data) + 10 * count - TUTORIAL_SLACK
     if receiver.format == "text":
         return len(data) + 10 * count
+    if receiver.format == "json" and receiver.name.startswith("baseline"):
+        return None  # its own JSON, learnt from the warm-up
     if receiver.format == "json":
         # Every ephemeral port has 5 digits: any peer formats as long.
         return len(lec.JsonFormatter().format(
@@ -759,6 +796,64 @@ def hostile_stream(port: int, line: bytes, stop_stream) -> None:
         pass
 
 
+# --- -f json on each template ------------------------------------------------
+
+TEMPLATES = (("key=value", "kv"), ("CEF", "cef"))
+
+
+def bench_templates(args, baseline: str, kv: bytes, cef: bytes,
+                    workdir: str, count: int) -> dict:
+    """Time -f json on key=value events and on CEF events, today's listener
+    and (with --baseline) the one at that revision, in the same rounds;
+    return {(listener, template): [seconds, ...]}."""
+    found = []
+    for label, short in TEMPLATES:
+        data = kv if short == "kv" else cef
+        folder = os.path.join(workdir, "templates-" + short)
+        os.mkdir(folder)
+        path = write_parts(data, folder)[1]
+        for who, script in (("listener", LISTENER), ("baseline", baseline)):
+            if script is None:
+                continue
+            receiver = Receiver("%s json" % who, [
+                args.python, script, "-q", "-l", "127.0.0.1:PORT", "-f",
+                "json"], "json")
+            receiver.expected = expected_size(receiver, data, count)
+            found.append((who, label, receiver, path))
+    print("Warm-up: %d runs of -f json on each template..." % len(found),
+          file=sys.stderr)
+    for _, _, receiver, path in found:
+        run_once(receiver, path, "sendfile", count, learn=True)
+    times = {(who, label): [] for who, label, _, _ in found}
+    for number in range(args.rounds):
+        order = found if number % 2 == 0 else found[::-1]
+        for who, label, receiver, path in order:
+            times[(who, label)].append(
+                run_once(receiver, path, "sendfile", count).seconds)
+        print("  templates round %d: %s" % (number + 1, "  ".join(
+            "%s %.2f" % (name, values[-1]) for name, values in
+            template_ratios(times).items())), file=sys.stderr)
+    return times
+
+
+def template_ratios(times: dict) -> dict:
+    """Return {label: [throughput ratio per round]} for the templates."""
+    out = {}
+
+    def per(a, b):
+        return [tb / ta for ta, tb in zip(times[a], times[b])]
+    for label, _ in TEMPLATES:
+        if ("baseline", label) in times:
+            out["%s vs baseline" % label] = per(("listener", label),
+                                                ("baseline", label))
+    out["CEF vs key=value"] = per(("listener", "CEF"),
+                                  ("listener", "key=value"))
+    if ("baseline", "CEF") in times:
+        out["baseline CEF vs key=value"] = per(("baseline", "CEF"),
+                                               ("baseline", "key=value"))
+    return out
+
+
 # --- Report ------------------------------------------------------------------
 
 def median(values) -> float:
@@ -771,7 +866,7 @@ def each(values) -> str:
 
 def report(args, data: bytes, count: int, tools: dict, missing: dict,
            results: dict, big: Run, flood_kib: int, delays: dict,
-           send: dict, hostile: dict) -> int:
+           send: dict, hostile: dict, templates: dict = None) -> int:
     """Print the tables (those of the parts that ran) and the targets;
     return 1 if a target is missed."""
     size = len(data)
@@ -862,6 +957,24 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
                 label, "{:,.0f}".format(count / median(hostile[case])),
                 median(per), each(per)))
         out("")
+    if templates:
+        out("`-f json` on key=value events (the tutorial's detections) and "
+            "on CEF events (Kaspersky's ArcSight templates, with escapes), "
+            "as many, one connection, in the same rounds:")
+        out("")
+        out("| listener | template | events/s | MB/s |")
+        out("| --- | --- | ---: | ---: |")
+        for (who, label), runs in templates.items():
+            out("| %s | %s | %s | %.0f |" % (
+                "today's" if who == "listener" else "baseline", label,
+                "{:,.0f}".format(count / median(runs)),
+                size / median(runs) / 1e6))
+        out("")
+        out("| ratio (throughput) | median (each round) |")
+        out("| --- | ---: |")
+        for label, per in template_ratios(templates).items():
+            out("| %s | %.2f (%s) |" % (label, median(per), each(per)))
+        out("")
     also = []
     if big is not None:
         also.append("| listener, one 64 MiB event without a newline: time, "
@@ -888,7 +1001,7 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
     if missing:
         out("")
     print("\n".join(lines))
-    checks = targets(args, results, one, big, flood_kib, hostile)
+    checks = targets(args, results, one, big, flood_kib, hostile, templates)
     print("Targets:")
     print()
     print("```")
@@ -900,7 +1013,7 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
 
 
 def targets(args, results: dict, one: dict, big: Run, flood_kib: int,
-            hostile: dict) -> list:
+            hostile: dict, templates: dict = None) -> list:
     """Return (label, value, target, met) for each goal of what ran."""
     checks = []
     for label, name, base, target in TARGETS + (
@@ -948,6 +1061,11 @@ def targets(args, results: dict, one: dict, big: Run, flood_kib: int,
             checks.append(("json, %s hostile shapes, vs clean" % case,
                            "%.2f" % value, ">= %.1f" % HOSTILE_TARGET,
                            value >= HOSTILE_TARGET))
+    if templates and ("baseline", "key=value") in templates:
+        value = median(template_ratios(templates)["key=value vs baseline"])
+        checks.append(("json on key=value events vs baseline",
+                       "%.2f" % value, ">= %.2f" % BASELINE_TARGET,
+                       value >= BASELINE_TARGET))
     return checks
 
 
@@ -997,7 +1115,7 @@ def main(argv: list | None = None) -> int:
         SENDERS += ("nc",)
     print("Generating %s events..." % "{:,}".format(count), file=sys.stderr)
     data = make_events(count)
-    big = flood_kib = delays = send = hostile = None
+    big = flood_kib = delays = send = hostile = templates = None
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         parts = write_parts(data, workdir)
         baseline = checkout(args.baseline, workdir) if args.baseline \
@@ -1022,8 +1140,13 @@ def main(argv: list | None = None) -> int:
         if "hostile" in args.parts:
             print("-f json and ever-new shapes...", file=sys.stderr)
             hostile = bench_hostile(args, data, args.rounds)
+        if "templates" in args.parts:
+            print("-f json on each template...", file=sys.stderr)
+            templates = bench_templates(args, baseline, data,
+                                        make_cef_events(count), workdir,
+                                        count)
     return report(args, data, count, tools, missing, results, big, flood_kib,
-                  delays, send, hostile)
+                  delays, send, hostile, templates)
 
 
 if __name__ == "__main__":
