@@ -1307,8 +1307,9 @@ class JsonFormatter:
         by_count = self.by_count
         clean = not has_controls(data) and b'"' not in data and \
             b"\\" not in data
-        plain = not (data[:1] == b"<" or b"\n<" in data or
-                     any(marker in data for marker in _KIND_MARKERS))
+        # One byte is found at memchr's speed, "\n<" at a third of it.
+        plain = b"<" not in data and FINISHED not in data and \
+            b"KL_ALERT_" not in data and b"CEF:" not in data
         for original in lines:
             line = original
             if not plain and (line[:1] == b"<" or any(
