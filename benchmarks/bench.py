@@ -799,6 +799,7 @@ def hostile_stream(port: int, line: bytes, stop_stream) -> None:
 # --- -f json on each template ------------------------------------------------
 
 TEMPLATES = (("key=value", "kv"), ("CEF", "cef"))
+TEMPLATE_BYTES = {}  # template label: bytes of its events
 
 
 def bench_templates(args, baseline: str, kv: bytes, cef: bytes,
@@ -809,6 +810,7 @@ def bench_templates(args, baseline: str, kv: bytes, cef: bytes,
     found = []
     for label, short in TEMPLATES:
         data = kv if short == "kv" else cef
+        TEMPLATE_BYTES[label] = len(data)
         folder = os.path.join(workdir, "templates-" + short)
         os.mkdir(folder)
         path = write_parts(data, folder)[1]
@@ -968,7 +970,7 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
             out("| %s | %s | %s | %.0f |" % (
                 "today's" if who == "listener" else "baseline", label,
                 "{:,.0f}".format(count / median(runs)),
-                size / median(runs) / 1e6))
+                TEMPLATE_BYTES[label] / median(runs) / 1e6))
         out("")
         out("| ratio (throughput) | median (each round) |")
         out("| --- | ---: |")
