@@ -1143,9 +1143,7 @@ _FIELD_SPLIT_BYTES = re.compile(rb"(?:^|[ |])([^\s|=]+)=")
 # An event's shape: its keys in order, with what comes before each.
 _SHAPE = re.compile(rb"(?:^|[ |])[^\s|=]+=")
 _CONTROLS = bytes(range(0x20)).replace(b"\n", b"")
-# What makes an event's kind or fields more than its keys tell (see
-# read_event): such events take the general path.  A <PRI> starts a line.
-_KIND_MARKERS = (FINISHED, b"KL_ALERT_", b"CEF:")
+
 
 
 def iso_time(when: float) -> str:
@@ -1198,6 +1196,9 @@ class JsonPlan:
     # line, but a set of two would make sre test each byte twice as slowly.)
     # What JSON escapes is dealt with before, once per batch.
     VALUE = rb"([^=]*)"
+    # A CEF header can only be in the prefix (it comes before any "="),
+    # and a <PRI> only at its start: such events are read the general way.
+    PREFIX = rb"(?!<)((?:(?!CEF:)[^=])*)"
 
     def __init__(self, event: bytes) -> None:
         keys = list(_FIELD_SPLIT_BYTES.finditer(event))
@@ -1211,7 +1212,7 @@ class JsonPlan:
             for index, m in enumerate(keys)]
         end = b"(?<!\\s)\n" if keys else b"\n"
         if not keys or keys[0].start():
-            pattern.insert(0, self.VALUE)  # the prefix: a group, not a field
+            pattern.insert(0, self.PREFIX)  # a group, not a field
         # Group 1 is the whole event; a value's group number follows.
         self.match = re.compile(b"(" + b"".join(pattern) + b")" + end
                                 ).fullmatch
@@ -1228,8 +1229,9 @@ class JsonPlan:
             picks.extend(where)
         # Formatted twice: once a batch with its time and peer, then once
         # an event, with the groups that match() found, in the key order.
-        # Its events hold none of _KIND_MARKERS, so their kind is their
-        # keys', the same for all.
+        # Its events hold no CEF header, <PRI>, LookupFinished or
+        # KL_ALERT_ (format() sees to the last two), so their kind is
+        # their keys', the same for all.
         kind = read_event(event.decode("utf-8", "replace"))[0].encode()
         self.template = (b'{"time":"%s","peer":"%s","kind":"' + kind +
                          b'","event":"%%s","fields":{' + b",".join(fields) +
@@ -1245,6 +1247,8 @@ class JsonPlan:
     def build(cls, line: bytes):
         """Return a plan for line's template, or None if none can serve."""
         event = line[:-1]
+        if event[:1] == b"<" or b"CEF:" in event:
+            return None  # read_event tells more than the keys
         parts = _FIELD_SPLIT_BYTES.split(event)
         if any(b"=" in text for text in parts[::2]):  # prefix and values
             return None
@@ -1307,13 +1311,12 @@ class JsonFormatter:
         by_count = self.by_count
         clean = not has_controls(data) and b'"' not in data and \
             b"\\" not in data
-        # One byte is found at memchr's speed, "\n<" at a third of it.
-        plain = b"<" not in data and FINISHED not in data and \
-            b"KL_ALERT_" not in data and b"CEF:" not in data
+        # CEF and <PRI> lines no plan matches (JsonPlan.PREFIX); these
+        # two may be in any value.
+        plain = FINISHED not in data and b"KL_ALERT_" not in data
         for original in lines:
             line = original
-            if not plain and (line[:1] == b"<" or any(
-                    marker in line for marker in _KIND_MARKERS)):
+            if not plain and (FINISHED in line or b"KL_ALERT_" in line):
                 out.append(self.general(line[:-1].decode(), stamp,
                                         peer).encode())
                 continue
