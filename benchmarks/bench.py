@@ -144,7 +144,6 @@ def make_cef_events(count: int, seed: int = 2) -> bytes:
                 "msg=feed\\=Malicious_URL_Data_Feed.json records\\=%d"
                 % rng.randrange(1000, 999999))
             continue
-        md5 = h(32)
         day = "%02d.%02d.20%02d %02d:%02d" % (rng.randrange(1, 29),
                                               rng.randrange(1, 13),
                                               rng.randrange(15, 26),
