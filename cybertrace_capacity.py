@@ -29,6 +29,7 @@ import time
 from typing import Callable, List, Optional
 
 from listen_events_cybertrace import (Console, UserError, format_address,
+                                      open_connection,
                                       format_count, plural)
 
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
@@ -177,7 +178,7 @@ class CapacityTest:
     def connect(self) -> None:
         for _ in range(self.connections):
             try:
-                sock = socket.create_connection(self.address, self.timeout)
+                sock = open_connection(self.address, self.timeout)
             except OSError as exc:
                 self.close()
                 raise UserError("cannot connect to %s: %s" % (

@@ -2941,6 +2941,7 @@ class PipeServer:
         self.closed = False
         self.stopped = _winapi.CreateEventW(0, True, False, None)
         try:
+            self.check_unserved()
             handle = self.create(first=True)
         except OSError as exc:
             self.close()
@@ -2954,6 +2955,19 @@ class PipeServer:
         self.thread = threading.Thread(target=self.serve, args=(handle,),
                                        daemon=True, name="pipe " + name)
         self.thread.start()
+
+    def check_unserved(self) -> None:
+        """Raise ERROR_PIPE_BUSY if another program serves the name."""
+        import _winapi
+        # FILE_FLAG_FIRST_PIPE_INSTANCE is the guard; this says it where
+        # that flag is not honoured (wine).
+        try:
+            _winapi.WaitNamedPipe(self.name, 1)
+        except OSError as exc:
+            if exc.winerror == ERROR_FILE_NOT_FOUND:
+                return
+        raise OSError(errno.EADDRINUSE, "in use", None,
+                      _winapi.ERROR_PIPE_BUSY)
 
     def create(self, first: bool = False) -> int:
         """Make a pipe instance for a client to connect to."""
