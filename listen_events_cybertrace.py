@@ -2778,6 +2778,9 @@ PIPE_NAME_MAX = 256  # the whole name, prefix included (CreateNamedPipe)
 PIPE_BUFFER = 64 * 1024
 # How often a bridge waiting on its pipe looks whether its socket closed.
 PIPE_POLL_MS = 100
+# Instances that wait for clients at any time: as many clients may
+# connect in the same instant without one finding the pipe busy.
+PIPE_SPARE_INSTANCES = 16
 # Not in _winapi: winbase.h's values.
 PIPE_REJECT_REMOTE_CLIENTS = 0x00000008
 ERROR_FILE_NOT_FOUND = 2
@@ -2925,8 +2928,9 @@ def bridge_pipe(handle: int, name: str, keep_alive: bool = False
 class PipeServer:
     """A Windows named pipe served as a listening socket is: accept()
     returns (socket, (name of the client, None)), fileno() is readable
-    while a client waits to be taken.  A pipe instance is always free for
-    the next client: the next one is made before a client is served."""
+    while a client waits to be taken.  PIPE_SPARE_INSTANCES instances
+    always wait, and each taken is replaced before its client is served,
+    so that clients coming together do not find the pipe busy."""
 
     def __init__(self, name: str, remote: bool = False,
                  blocking: bool = False) -> None:
@@ -2939,6 +2943,7 @@ class PipeServer:
         self.bell.setblocking(blocking)
         self.clients = 0
         self.closed = False
+        self.lock = threading.Lock()
         self.stopped = _winapi.CreateEventW(0, True, False, None)
         try:
             self.check_unserved()
@@ -2979,52 +2984,92 @@ class PipeServer:
             self.name, flags, self.mode, _winapi.PIPE_UNLIMITED_INSTANCES,
             PIPE_BUFFER, PIPE_BUFFER, 0, _winapi.NULL)
 
-    def serve(self, handle: int) -> None:
-        """Wait for each client in turn; hand each over to the loop."""
+    def serve(self, first: int) -> None:
+        """Keep PIPE_SPARE_INSTANCES instances waiting for clients; hand
+        each client over to the loop once its instance is replaced."""
         import _winapi
-        while handle is not None:
-            connected = self.wait_for_client(handle)
-            if not connected:
-                _winapi.CloseHandle(handle)
-                return
-            following = None
-            while following is None and not self.closed:
+        waiting = []  # (handle, overlapped ConnectNamedPipe)
+        self.listen(first, waiting)
+        try:
+            while not self.closed:
+                self.replenish(waiting)
+                events = [ov.event for _, ov in waiting] + [self.stopped]
+                # Short of instances (out of resources): try again soon.
+                which = _winapi.WaitForMultipleObjects(
+                    events, False, _winapi.INFINITE if len(waiting) >=
+                    PIPE_SPARE_INSTANCES else PIPE_POLL_MS)
+                if which == len(events) - 1 or self.closed:
+                    return
+                connected = [(handle, ov) for handle, ov in waiting
+                             if _winapi.WaitForSingleObject(ov.event, 0) ==
+                             _winapi.WAIT_OBJECT_0]
+                for instance in connected:
+                    waiting.remove(instance)
+                # Replaced before served: a client arriving meanwhile
+                # finds an instance free, never ERROR_PIPE_BUSY.
+                self.replenish(waiting)
+                for handle, ov in connected:
+                    try:
+                        _, err = ov.GetOverlappedResult(True)
+                    except OSError:
+                        err = -1
+                    if err == 0:
+                        # A socket pair takes a while on Windows (a TCP
+                        # connection): not in the way of the next client.
+                        threading.Thread(target=self.hand_over,
+                                         args=(handle,), daemon=True).start()
+                    else:
+                        _winapi.CloseHandle(handle)
+        finally:
+            for handle, ov in waiting:
+                ov.cancel()
                 try:
-                    following = self.create()
+                    ov.GetOverlappedResult(True)
                 except OSError:
-                    # Out of resources for now: serve this one, and make
-                    # the next when some come back.
-                    if _winapi.WaitForSingleObject(self.stopped, 100) \
-                            != WAIT_TIMEOUT:
-                        break
-            self.hand_over(handle)
-            handle = following
+                    pass
+                _winapi.CloseHandle(handle)
 
-    def wait_for_client(self, handle: int) -> bool:
-        """Wait until a client connects to handle; False once closed."""
+    def replenish(self, waiting: list) -> None:
+        """Make instances until PIPE_SPARE_INSTANCES wait, or no more can
+        be made now."""
+        while len(waiting) < PIPE_SPARE_INSTANCES and not self.closed:
+            try:
+                handle = self.create()
+            except OSError:
+                return
+            self.listen(handle, waiting)
+
+    def listen(self, handle: int, waiting: list) -> None:
+        """Wait for a client on a new instance (in waiting)."""
         import _winapi
         try:
             ov = _winapi.ConnectNamedPipe(handle, overlapped=True)
         except OSError as exc:
             # A client that connected, wrote and left before we asked: what
             # it wrote is still to be read.
-            return exc.winerror == _winapi.ERROR_NO_DATA and not self.closed
-        which = _winapi.WaitForMultipleObjects([ov.event, self.stopped],
-                                               False, _winapi.INFINITE)
-        if which != _winapi.WAIT_OBJECT_0:
-            ov.cancel()
-        try:
-            _, err = ov.GetOverlappedResult(True)
-        except OSError:
-            return False
-        return err == 0 and not self.closed
+            if exc.winerror == _winapi.ERROR_NO_DATA:
+                self.hand_over(handle)
+            else:
+                _winapi.CloseHandle(handle)
+            return
+        waiting.append((handle, ov))
 
     def hand_over(self, handle: int) -> None:
         """Queue a connected client for accept()."""
-        self.clients += 1
-        client = "%s client %d" % (self.name, self.clients)
-        sock = bridge_pipe(handle, client)
-        self.waiting.append((sock, (client, None)))
+        with self.lock:
+            self.clients += 1
+            client = "%s client %d" % (self.name, self.clients)
+        try:
+            sock = bridge_pipe(handle, client)
+        except OSError:  # out of sockets: the client finds the pipe closed
+            import _winapi
+            _winapi.CloseHandle(handle)
+            return
+        with self.lock:
+            if self.closed:
+                sock.close()
+                return
+            self.waiting.append((sock, (client, None)))
         try:
             self.ringer.send(b"\0")
         except OSError:
@@ -3065,8 +3110,9 @@ class PipeServer:
         thread = getattr(self, "thread", None)
         if thread is not None:
             thread.join(5)
-        while self.waiting:
-            self.waiting.popleft()[0].close()
+        with self.lock:
+            while self.waiting:
+                self.waiting.popleft()[0].close()
         self.bell.close()
         self.ringer.close()
         _winapi.CloseHandle(self.stopped)

@@ -626,6 +626,39 @@ class PipeTest(WindowsTest):
         self.assertIn("Stopped: 3,000 events", err)
         self.assertNoTraceback(err)
 
+    def test_clients_at_once_never_find_the_pipe_busy(self):
+        # Raw clients do not wait on ERROR_PIPE_BUSY as the sender does:
+        # an instance must be free for each, however they come together.
+        import threading
+        name = pipe_name("burst")
+        with pipe_listener(name, "-f", "raw") as listener:
+            failures = []
+
+            def client(start, line):
+                start.wait(TIMEOUT)
+                try:
+                    with RawPipe(name) as pipe:
+                        pipe.write(line)
+                except OSError as exc:
+                    failures.append(exc)
+            for round in range(5):
+                start = threading.Event()
+                threads = [threading.Thread(target=client, args=(
+                    start, b"round %d client %d\n" % (round, n)))
+                    for n in range(8)]
+                for thread in threads:
+                    thread.start()
+                start.set()
+                for thread in threads:
+                    thread.join(TIMEOUT)
+                self.assertEqual(failures, [])
+                listener.wait_stdout(8 * (round + 1))
+            listener.signal(signal.SIGTERM)
+            listener.finish()
+        self.assertEqual(sorted(bytes(listener.out).split(b"\n")[:-1]),
+                         sorted(b"round %d client %d" % (r, n)
+                                for r in range(5) for n in range(8)))
+
     def test_errors_of_pipes_are_one_line(self):
         name = pipe_name("errors")
         done = run_script(SENDER, "-c", name, "-e", "x")
