@@ -659,6 +659,32 @@ class PipeTest(WindowsTest):
                          sorted(b"round %d client %d" % (r, n)
                                 for r in range(5) for n in range(8)))
 
+    def test_json_to_a_file_with_stats_and_count_over_a_pipe(self):
+        import json
+        name = pipe_name("json")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "events.jsonl")
+            with pipe_listener(name, "-f", "json", "-o", path, "--stats",
+                               "0.2", "-n", "4") as listener:
+                with RawPipe(name) as pipe:
+                    pipe.write(b"one key=1\ntwo key=2\nthree key=3\n")
+                    listener.wait_for(lambda: len(re.findall(
+                        r"Stats after \S+ s: 3 events, 32 bytes received, "
+                        r"[\d,]+/s over the last \S+ s, 1 connection open",
+                        listener.stderr_text)) >= 2, what="two stats lines")
+                    pipe.write(b"four key=4\nfive key=5\n")
+                    # --count stops it at the fourth, the client connected.
+                    self.assertEqual(listener.finish(), 0,
+                                     listener.stderr_text)
+            events = [json.loads(line) for line in read(path).splitlines()]
+        self.assertEqual([e["event"] for e in events],
+                         ["one key=1", "two key=2", "three key=3",
+                          "four key=4"])
+        self.assertEqual({e["peer"] for e in events}, {name + " client 1"})
+        self.assertEqual(events[3]["key"], "4")
+        self.assertIn("Stopped: 4 events", listener.stderr_text)
+        self.assertEqual(bytes(listener.out), b"")
+
     def test_errors_of_pipes_are_one_line(self):
         name = pipe_name("errors")
         done = run_script(SENDER, "-c", name, "-e", "x")
