@@ -1146,7 +1146,10 @@ class JsonFormatter:
             return self.format_slowly(data, stamp, peer, escape)
         # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
         # second formatting.
-        head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
+        # A pipe's name has backslashes, which JSON escapes.
+        quoted = json.dumps(peer, ensure_ascii=False)[1:-1] \
+            if "\\" in peer or '"' in peer else peer
+        head = (stamp.encode(), quoted.encode().replace(b"%", b"%%"))
         batch = object()
         out = []
         by_count = self.by_count

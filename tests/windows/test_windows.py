@@ -681,7 +681,7 @@ class PipeTest(WindowsTest):
                          ["one key=1", "two key=2", "three key=3",
                           "four key=4"])
         self.assertEqual({e["peer"] for e in events}, {name + " client 1"})
-        self.assertEqual(events[3]["key"], "4")
+        self.assertEqual(events[3]["fields"]["key"], "4")
         self.assertIn("Stopped: 4 events", listener.stderr_text)
         self.assertEqual(bytes(listener.out), b"")
 
