@@ -733,6 +733,19 @@ class PipeTest(WindowsTest):
         self.assertRegex(listener.stderr_text, r"(?m)^Connection from %s "
                          r"client 1\r?$" % re.escape(out))
 
+    def test_stand_in_sends_alerts_to_their_own_pipe(self):
+        into, out, alerts = (pipe_name("input"), pipe_name("output"),
+                             pipe_name("alerts"))
+        with pipe_listener(alerts, "-f", "raw", "-n", "1") as listener, \
+                pipe_stand_in("--input", into, "--output", out,
+                              "--alert-output", alerts) as stand_in:
+            self.assertEqual(listener.finish(), 0, listener.stderr_text)
+            stand_in.signal(signal.SIGTERM)
+            stand_in.finish()
+            self.assertNoTraceback(stand_in.err)
+        self.assertRegex(bytes(listener.out),
+                         rb"^.* alert=KL_ALERT_ServiceStarted\n$")
+
     def test_lab_check_on_pipes_gets_3_of_17(self):
         into, out = pipe_name("input"), pipe_name("output")
         with pipe_stand_in("--input", into, "--output", out) as stand_in:
