@@ -31,7 +31,8 @@ import time
 from typing import Callable, List, Optional
 
 from listen_events_cybertrace import (Console, UserError, format_address,
-                                      format_count, format_latency, plural)
+                                      format_count, format_latency,
+                                      open_connection, plural)
 
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 FINISHED = b"LookupFinished"
@@ -210,7 +211,7 @@ class CapacityTest:
     def connect(self) -> None:
         for _ in range(self.connections):
             try:
-                sock = socket.create_connection(self.address, self.timeout)
+                sock = open_connection(self.address, self.timeout)
             except OSError as exc:
                 self.close()
                 raise UserError("cannot connect to %s: %s" % (

@@ -547,11 +547,12 @@ def ip_of(host: str) -> IPAddress:
 def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
     text = text.strip()
-    if text.startswith(("\\\\.\\pipe\\", "//./pipe/")):
-        # CyberTrace's other ConnectionString form: say why it fails here.
-        raise ValueError("named pipes (\\\\.\\pipe\\NAME) exist only on "
-                         "Windows" if os.name != "nt" else
-                         "named pipes are not supported yet: use ADDR:PORT")
+    if text.startswith(PIPE_PREFIXES):
+        # CyberTrace's other ConnectionString form: (name, None).
+        if os.name != "nt":
+            raise ValueError("named pipes (\\\\.\\pipe\\NAME) exist only "
+                             "on Windows")
+        return parse_pipe(text)
     if text.isascii() and text.isdigit():
         host, port = default_host, text
     elif text.startswith("["):
@@ -579,7 +580,10 @@ def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
 
 
 def format_address(host: str, port: int) -> str:
-    """Return host and port as a ConnectionString, IPv6 in brackets."""
+    """Return host and port as a ConnectionString, IPv6 in brackets (a
+    named pipe, port None, is its name)."""
+    if port is None:
+        return host
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
@@ -1314,7 +1318,10 @@ class JsonFormatter:
             return self.format_pieces(data, lines, peer, when, marks)
         # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
         # second formatting.
-        head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
+        # A pipe's name has backslashes, which JSON escapes.
+        quoted = json.dumps(peer, ensure_ascii=False)[1:-1] \
+            if "\\" in peer or '"' in peer else peer
+        head = (stamp.encode(), quoted.encode().replace(b"%", b"%%"))
         batch = object()
         out = []
         by_count = self.by_count
@@ -2121,6 +2128,7 @@ class Settings:
     max_connections = MAX_CONNECTIONS
     max_per_host = None
     per_host_prefix = PER_HOST_PREFIX
+    remote_pipe_clients = False
     idle_timeout = None
     event_timeout = EVENT_TIMEOUT
     max_event_bytes = MAX_EVENT_BYTES
@@ -2186,8 +2194,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=(LISTEN_ADDR, LISTEN_PORT),
         help="address to listen on, as in CyberTrace's ConnectionString: "
         "192.0.2.105:9998, [::1]:9998, a host name, or a bare PORT; port 0 "
-        "picks a free one (default: %s)" % format_address(LISTEN_ADDR,
-                                                          LISTEN_PORT))
+        "picks a free one; on Windows also a named pipe, \\\\.\\pipe\\NAME "
+        "(default: %s)" % format_address(LISTEN_ADDR, LISTEN_PORT))
+    parser.add_argument(
+        "--remote-pipe-clients", action="store_true",
+        help="let clients on other computers connect to a -l \\\\.\\pipe\\"
+        "NAME (by default the pipe refuses them, as the default address "
+        "is loopback: PIPE_REJECT_REMOTE_CLIENTS); --allow does not apply "
+        "to a pipe's clients")
     parser.add_argument(
         "-f", "--format", choices=FORMATS, default="text",
         help="text: 'Received:' lines, as Kaspersky's tutorial prints them; "
@@ -2367,6 +2381,7 @@ class Admission:
         self.max_connections = settings.max_connections
         self.max_per_host = settings.max_per_host
         self.per_host_prefix = settings.per_host_prefix
+        self.remote_pipe_clients = settings.remote_pipe_clients
         self.console = console
         self.selector = selector
         self.server = None
@@ -2385,7 +2400,8 @@ class Admission:
     def open(self, listen: tuple, on_ready: Callable[[], None]) -> None:
         """Listen at listen; on_ready() runs when peers wait to connect."""
         self.fit_selector()
-        self.server = open_server(listen, self.backlog)
+        self.server = PipeServer(listen[0], self.remote_pipe_clients) \
+            if is_pipe(listen) else open_server(listen, self.backlog)
         self.on_ready = on_ready
         self.selector.register(self.server, selectors.EVENT_READ, on_ready)
 
@@ -2456,7 +2472,10 @@ class Admission:
 
     def refusal(self, address: tuple) -> Optional[str]:
         """Return why a peer from address may not connect, or None."""
-        if self.allow and not self.allowed(address[0]):
+        # A pipe's clients have no address: remote ones are refused by
+        # the pipe itself (--remote-pipe-clients).
+        if self.allow and not is_pipe(address) and \
+                not self.allowed(address[0]):
             return ""
         host = self.host_of(address[0])
         if self.max_per_host and self.per_host[host] >= self.max_per_host:
@@ -2974,6 +2993,404 @@ def peer_ip_versions(server: socket.socket) -> set:
     return {6} if v6only else {4, 6}
 
 
+# --- Windows named pipes -----------------------------------------------------
+#
+# CyberTrace's other ConnectionString form.  A pipe enters the loop as a
+# socket does: PipeServer stands where a listening socket stands, and each
+# client comes out of its accept() as one end of a socket pair, whose
+# other end threads bridge to the client's pipe instance.  Framing, the
+# formats, the output and the drain never learn where the bytes came from.
+
+PIPE_PREFIXES = ("\\\\.\\pipe\\", "//./pipe/")
+PIPE_NAME_MAX = 256  # the whole name, prefix included (CreateNamedPipe)
+PIPE_BUFFER = 64 * 1024
+# How often a bridge waiting on its pipe looks whether its socket closed.
+PIPE_POLL_MS = 100
+# Instances that wait for clients at any time: as many clients may
+# connect in the same instant without one finding the pipe busy.
+PIPE_SPARE_INSTANCES = 16
+# Not in _winapi: winbase.h's values.
+PIPE_REJECT_REMOTE_CLIENTS = 0x00000008
+ERROR_FILE_NOT_FOUND = 2
+ERROR_INVALID_NAME = 123
+WAIT_TIMEOUT = 0x102
+
+
+def parse_pipe(text: str) -> tuple:
+    """Return (\\\\.\\pipe\\NAME, None), the address of a named pipe."""
+    name = text[len(PIPE_PREFIXES[0]):]
+    if not name:
+        raise ValueError("a pipe needs a name: \\\\.\\pipe\\NAME")
+    if "\\" in name or "/" in name or not name.isprintable():
+        raise ValueError("a pipe's NAME has no \\, / or control characters")
+    if len(PIPE_PREFIXES[0]) + len(name) > PIPE_NAME_MAX:
+        raise ValueError("a pipe's name is at most %d characters long"
+                         % PIPE_NAME_MAX)
+    return PIPE_PREFIXES[0] + name, None
+
+
+def is_pipe(address: tuple) -> bool:
+    """Tell whether an address (from parse_address) is a named pipe."""
+    return address[1] is None and isinstance(address[0], str) and \
+        address[0].startswith(PIPE_PREFIXES)
+
+
+def pipe_error(exc: OSError) -> str:
+    """Return what a failed pipe call means, in words."""
+    code = getattr(exc, "winerror", None)
+    if code == ERROR_FILE_NOT_FOUND:
+        return "no program serves this pipe"
+    return exc.strerror or str(exc)
+
+
+def wait_overlapped(ov, closed: Callable[[], bool]) -> bool:
+    """Wait for an overlapped call; cancel it and return False once
+    closed() says its other side is gone."""
+    import _winapi
+    while _winapi.WaitForSingleObject(ov.event, PIPE_POLL_MS) == WAIT_TIMEOUT:
+        if closed():
+            ov.cancel()
+            return False
+    return True
+
+
+def pipe_to_socket(handle: int, sock: socket.socket,
+                   closed: Callable[[], bool]) -> None:
+    """Copy what the pipe gives into sock until either side ends; then
+    say end of file to sock's peer."""
+    import _winapi
+    try:
+        while True:
+            ov, err = _winapi.ReadFile(handle, PIPE_BUFFER, overlapped=True)
+            if err == _winapi.ERROR_IO_PENDING and \
+                    not wait_overlapped(ov, closed):
+                ov.GetOverlappedResult(True)
+                return
+            _, err = ov.GetOverlappedResult(True)
+            if err == _winapi.ERROR_OPERATION_ABORTED:
+                return
+            data = ov.getbuffer()
+            if data:
+                sock.sendall(data)
+    except OSError:
+        return  # ERROR_BROKEN_PIPE: the other end closed; or sock did
+    finally:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def socket_to_pipe(handle: int, sock: socket.socket,
+                   closed: Callable[[], bool], patient: bool = False) -> None:
+    """Copy what sock gives into the pipe until either side ends; patient:
+    a write the pipe's reader is slow to take is waited for even once
+    closed() (what was sent before the end still arrives)."""
+    import _winapi
+    never = lambda: False  # noqa: E731
+    while True:
+        try:
+            # Not a socket timeout: the other thread sends on sock.
+            if not select.select([sock], [], [], PIPE_POLL_MS / 1000.0)[0]:
+                if closed():
+                    return
+                continue
+            data = sock.recv(PIPE_BUFFER)
+        except (OSError, ValueError):
+            return
+        if not data:
+            return
+        try:
+            while data:
+                ov, err = _winapi.WriteFile(handle, data, overlapped=True)
+                if err == _winapi.ERROR_IO_PENDING and not wait_overlapped(
+                        ov, never if patient else closed):
+                    ov.GetOverlappedResult(True)
+                    return
+                written, err = ov.GetOverlappedResult(True)
+                if err == _winapi.ERROR_OPERATION_ABORTED:
+                    return
+                data = data[written:]
+        except OSError:
+            return  # the other end closed
+
+
+def bridge_pipe(handle: int, name: str, keep_alive: bool = False
+                ) -> socket.socket:
+    """Return a socket whose peer threads copy to and from the pipe
+    instance handle (its own), closing the handle when both are done.
+
+    keep_alive: what was sent reaches the pipe even after the socket is
+    closed and the program's main thread returned (a sender's last
+    events), as the kernel still delivers a closed TCP socket's."""
+    import _winapi
+    ours, theirs = socket.socketpair()
+    ended = []
+    lock = threading.Lock()
+
+    def gone() -> bool:
+        return ours.fileno() == -1
+
+    def program_ended() -> bool:
+        return gone() or not threading.main_thread().is_alive()
+
+    def run(copy, *args) -> None:
+        try:
+            copy(handle, theirs, *args)
+        finally:
+            with lock:
+                ended.append(copy)
+                last = len(ended) == 2
+            if last:
+                _winapi.CloseHandle(handle)
+                theirs.close()
+
+    threading.Thread(target=run, args=(pipe_to_socket, gone), daemon=True,
+                     name="pipe %s in" % name).start()
+    threading.Thread(target=run, args=(socket_to_pipe, program_ended
+                                       if keep_alive else gone, keep_alive),
+                     daemon=not keep_alive, name="pipe %s out" % name).start()
+    return ours
+
+
+class PipeServer:
+    """A Windows named pipe served as a listening socket is: accept()
+    returns (socket, (name of the client, None)), fileno() is readable
+    while a client waits to be taken.  PIPE_SPARE_INSTANCES instances
+    always wait, and each taken is replaced before its client is served,
+    so that clients coming together do not find the pipe busy."""
+
+    def __init__(self, name: str, remote: bool = False,
+                 blocking: bool = False) -> None:
+        import _winapi
+        self.name = name
+        self.mode = _winapi.PIPE_WAIT | (0 if remote else
+                                         PIPE_REJECT_REMOTE_CLIENTS)
+        self.waiting = collections.deque()
+        self.bell, self.ringer = socket.socketpair()
+        self.bell.setblocking(blocking)
+        self.clients = 0
+        self.closed = False
+        self.lock = threading.Lock()
+        self.stopped = _winapi.CreateEventW(0, True, False, None)
+        try:
+            self.check_unserved()
+            handle = self.create(first=True)
+        except OSError as exc:
+            self.close()
+            why = "another program serves this pipe" if exc.winerror in (
+                _winapi.ERROR_ACCESS_DENIED, _winapi.ERROR_PIPE_BUSY) \
+                else "not a valid pipe name" if exc.winerror == \
+                ERROR_INVALID_NAME else pipe_error(exc)
+            error = UserError("cannot listen on %s: %s" % (name, why))
+            error.errno = errno.EADDRINUSE if "another" in why else None
+            raise error from None
+        self.thread = threading.Thread(target=self.serve, args=(handle,),
+                                       daemon=True, name="pipe " + name)
+        self.thread.start()
+
+    def check_unserved(self) -> None:
+        """Raise ERROR_PIPE_BUSY if another program serves the name."""
+        import _winapi
+        # FILE_FLAG_FIRST_PIPE_INSTANCE is the guard; this says it where
+        # that flag is not honoured (wine).
+        try:
+            _winapi.WaitNamedPipe(self.name, 1)
+        except OSError as exc:
+            if exc.winerror == ERROR_FILE_NOT_FOUND:
+                return
+        raise OSError(errno.EADDRINUSE, "in use", None,
+                      _winapi.ERROR_PIPE_BUSY)
+
+    def create(self, first: bool = False) -> int:
+        """Make a pipe instance for a client to connect to."""
+        import _winapi
+        flags = _winapi.PIPE_ACCESS_DUPLEX | _winapi.FILE_FLAG_OVERLAPPED
+        if first:  # the name must be ours, not another program's
+            flags |= _winapi.FILE_FLAG_FIRST_PIPE_INSTANCE
+        return _winapi.CreateNamedPipe(
+            self.name, flags, self.mode, _winapi.PIPE_UNLIMITED_INSTANCES,
+            PIPE_BUFFER, PIPE_BUFFER, 0, _winapi.NULL)
+
+    def serve(self, first: int) -> None:
+        """Keep PIPE_SPARE_INSTANCES instances waiting for clients; hand
+        each client over to the loop once its instance is replaced."""
+        import _winapi
+        waiting = []  # (handle, overlapped ConnectNamedPipe)
+        self.listen(first, waiting)
+        try:
+            while not self.closed:
+                self.replenish(waiting)
+                events = [ov.event for _, ov in waiting] + [self.stopped]
+                # Short of instances (out of resources): try again soon.
+                which = _winapi.WaitForMultipleObjects(
+                    events, False, _winapi.INFINITE if len(waiting) >=
+                    PIPE_SPARE_INSTANCES else PIPE_POLL_MS)
+                if which == len(events) - 1 or self.closed:
+                    return
+                connected = [(handle, ov) for handle, ov in waiting
+                             if _winapi.WaitForSingleObject(ov.event, 0) ==
+                             _winapi.WAIT_OBJECT_0]
+                for instance in connected:
+                    waiting.remove(instance)
+                # Replaced before served: a client arriving meanwhile
+                # finds an instance free, never ERROR_PIPE_BUSY.
+                self.replenish(waiting)
+                for handle, ov in connected:
+                    try:
+                        _, err = ov.GetOverlappedResult(True)
+                    except OSError:
+                        err = -1
+                    if err == 0:
+                        # A socket pair takes a while on Windows (a TCP
+                        # connection): not in the way of the next client.
+                        threading.Thread(target=self.hand_over,
+                                         args=(handle,), daemon=True).start()
+                    else:
+                        _winapi.CloseHandle(handle)
+        finally:
+            for handle, ov in waiting:
+                ov.cancel()
+                try:
+                    ov.GetOverlappedResult(True)
+                except OSError:
+                    pass
+                _winapi.CloseHandle(handle)
+
+    def replenish(self, waiting: list) -> None:
+        """Make instances until PIPE_SPARE_INSTANCES wait, or no more can
+        be made now."""
+        while len(waiting) < PIPE_SPARE_INSTANCES and not self.closed:
+            try:
+                handle = self.create()
+            except OSError:
+                return
+            self.listen(handle, waiting)
+
+    def listen(self, handle: int, waiting: list) -> None:
+        """Wait for a client on a new instance (in waiting)."""
+        import _winapi
+        try:
+            ov = _winapi.ConnectNamedPipe(handle, overlapped=True)
+        except OSError as exc:
+            # A client that connected, wrote and left before we asked: what
+            # it wrote is still to be read.
+            if exc.winerror == _winapi.ERROR_NO_DATA:
+                self.hand_over(handle)
+            else:
+                _winapi.CloseHandle(handle)
+            return
+        waiting.append((handle, ov))
+
+    def hand_over(self, handle: int) -> None:
+        """Queue a connected client for accept()."""
+        with self.lock:
+            self.clients += 1
+            client = "%s client %d" % (self.name, self.clients)
+        try:
+            sock = bridge_pipe(handle, client)
+        except OSError:  # out of sockets: the client finds the pipe closed
+            import _winapi
+            _winapi.CloseHandle(handle)
+            return
+        with self.lock:
+            if self.closed:
+                sock.close()
+                return
+            self.waiting.append((sock, (client, None)))
+        try:
+            self.ringer.send(b"\0")
+        except OSError:
+            pass
+
+    def fileno(self) -> int:
+        return self.bell.fileno()
+
+    def getsockname(self) -> tuple:
+        return self.name, None
+
+    def setblocking(self, flag: bool) -> None:
+        self.bell.setblocking(flag)
+
+    def accept(self) -> tuple:
+        """Return (socket, (client, None)) of the next client; without
+        one, BlockingIOError (non-blocking) or wait for one."""
+        if not self.bell.recv(1):
+            raise OSError(errno.EBADF, "pipe server closed")
+        sock, address = self.waiting.popleft()
+        sock.setblocking(True)
+        return sock, address
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        """Wake a thread blocked in accept()."""
+        try:
+            self.ringer.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Take no more clients; close those never taken."""
+        import _winapi
+        if self.closed:
+            return
+        self.closed = True
+        _winapi.SetEvent(self.stopped)
+        thread = getattr(self, "thread", None)
+        if thread is not None:
+            thread.join(5)
+        with self.lock:
+            while self.waiting:
+                self.waiting.popleft()[0].close()
+        self.bell.close()
+        self.ringer.close()
+        _winapi.CloseHandle(self.stopped)
+
+
+def connect_pipe(name: str, timeout: Optional[float] = None,
+                 keep_alive: bool = True) -> socket.socket:
+    """Connect to a named pipe as a client; return a socket bridged to it.
+
+    Raises OSError as socket.create_connection does: ConnectionRefusedError
+    when no program serves the pipe, socket.timeout when every instance
+    stayed busy for timeout seconds."""
+    import _winapi
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            handle = _winapi.CreateFile(
+                name, _winapi.GENERIC_READ | _winapi.GENERIC_WRITE, 0,
+                _winapi.NULL, _winapi.OPEN_EXISTING,
+                _winapi.FILE_FLAG_OVERLAPPED, _winapi.NULL)
+            break
+        except OSError as exc:
+            if exc.winerror == ERROR_FILE_NOT_FOUND:
+                raise ConnectionRefusedError(errno.ECONNREFUSED,
+                                             pipe_error(exc)) from None
+            if exc.winerror != _winapi.ERROR_PIPE_BUSY:
+                raise OSError(exc.errno, pipe_error(exc)) from None
+        # Every instance busy: wait for one, as a pipe client should.
+        left = 1000 if deadline is None else \
+            int((deadline - time.monotonic()) * 1000)
+        if left <= 0:
+            raise socket.timeout("every instance of the pipe stayed busy")
+        try:
+            _winapi.WaitNamedPipe(name, min(left, 1000))
+        except OSError:
+            pass  # timed out, or gone: CreateFile says which
+    sock = bridge_pipe(handle, name, keep_alive)
+    sock.settimeout(timeout)
+    return sock
+
+
+def open_connection(address: tuple, timeout: Optional[float] = None
+                    ) -> socket.socket:
+    """Connect to address, TCP or a named pipe, as
+    socket.create_connection does."""
+    if is_pipe(address):
+        return connect_pipe(address[0], timeout)
+    return socket.create_connection(address, timeout=timeout)
+
+
 # --- The listener ------------------------------------------------------------
 
 class Listener:
@@ -3053,6 +3470,15 @@ class Listener:
         """Listen where the settings say, and say where that is."""
         self.admission.open(self.settings.listen, self.accept)
         server = self.admission.server
+        if isinstance(server, PipeServer):
+            self.console.status("Starting on %s (a named pipe; %s)" % (
+                server.name, "clients on other computers too"
+                if self.settings.remote_pipe_clients else
+                "clients on this computer only"))
+            self.console.status("Waiting for CyberTrace (OutputSettings > "
+                                "ConnectionString = %s); Ctrl+C to stop"
+                                % server.name)
+            return
         for never, why in unmatched_allow(server, self.settings.allow):
             if never and self.allow_must_match:
                 raise ArgumentError("argument --allow: " + why)

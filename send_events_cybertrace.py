@@ -51,8 +51,8 @@ try:
         RateMeter, UserError, alert_name, argument_type, binary_stdout,
         bounded, escape_block, escape_controls, escape_line, format_address,
         format_bytes, format_count, format_duration, format_latency,
-        format_progress, formatter, interface_addresses, ip_of,
-        keep_freed_memory, parse_address,
+        format_progress, formatter, interface_addresses, ip_of, is_pipe,
+        keep_freed_memory, open_connection, parse_address,
         parse_fields, parse_network, parse_response, peer_gone, plural,
         reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
         split_lines, stream_flags, to_text, write_now, write_stdout,
@@ -637,7 +637,7 @@ def connect(address: tuple, timeout: float) -> socket.socket:
     """Connect to CyberTrace or raise a one-line UserError."""
     where = format_address(*address)
     try:
-        return socket.create_connection(address, timeout=timeout)
+        return open_connection(address, timeout)
     except socket.gaierror as exc:
         raise UserError("cannot resolve %s: %s" % (address[0], exc.strerror))
     except socket.timeout:
@@ -947,7 +947,7 @@ class Resender:
         while True:
             self.backoff.wait()
             try:
-                sock = socket.create_connection(self.address, self.timeout)
+                sock = open_connection(self.address, self.timeout)
                 break
             except OSError as exc:
                 self.backoff.failed()
@@ -1343,6 +1343,8 @@ def shown_addresses(server: socket.socket) -> List[str]:
     """Return where server can be reached, as the listener says it: a
     wildcard address is the host's addresses (see announce())."""
     host, port = server.getsockname()[:2]
+    if port is None:  # a named pipe
+        return [host]
     hosts = reachable_hosts(server)
     if hosts is None:
         return [format_address(host, port)]
@@ -1672,7 +1674,9 @@ class LabCheck:
             self.result_file = open_result_file(args.check_json)
         self.others = OtherEvents(args.output, args.format)
         self.arrivals = Arrivals(self.events, self.others.write)
-        allow = args.allow or cybertrace_hosts(args.connect[0])
+        # A pipe's CyberTrace runs on this host.
+        allow = args.allow or cybertrace_hosts(
+            LISTEN_ADDR if is_pipe(args.connect) else args.connect[0])
         # One listener per address, each telling the arrivals its number.
         self.listeners = [
             EmbeddedListener(address, functools.partial(
