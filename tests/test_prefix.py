@@ -12,7 +12,7 @@ import tempfile
 import threading
 import unittest
 
-from tests.support import LISTENER, TIMEOUT, Listener, user_env
+from support import LISTENER, TIMEOUT, Listener, user_env
 
 PEERS = 4
 EVENTS_PER_PEER = 3000
