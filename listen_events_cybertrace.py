@@ -500,6 +500,15 @@ def format_duration(seconds: float) -> str:
     return "%d:%02d:%02d" % (hours, minutes, secs)
 
 
+def format_latency(seconds: Optional[float]) -> str:
+    """Return 1.2 ms below a second, 3.4 s above, - for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return "%.1f ms" % (seconds * 1000)
+    return "%.1f s" % seconds
+
+
 def format_progress(events: int, size: int, rate: float) -> str:
     """Return the head of a live line: events, bytes and events a second."""
     return "%s  %s  %s/s" % (plural(events, "event"), format_bytes(size),

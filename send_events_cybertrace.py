@@ -50,8 +50,9 @@ try:
         Console, EmbeddedListener, EventFramer, OneLineParser, RateMeter,
         UserError, argument_type, binary_stdout, bounded, escape_block,
         escape_controls, escape_line, format_address, format_bytes,
-        format_count, format_duration, format_progress, formatter,
-        interface_addresses, ip_of, keep_freed_memory, parse_address,
+        format_count, format_duration, format_latency, format_progress,
+        formatter, interface_addresses, ip_of, keep_freed_memory,
+        parse_address,
         parse_fields, parse_network, parse_response, peer_gone, plural,
         reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
         split_lines, stream_flags, to_text, write_now, write_stdout,
@@ -61,9 +62,11 @@ except ModuleNotFoundError as exc:
     if exc.name not in ("listen_events_cybertrace", "cybertrace_capacity"):
         raise
     # Copied alone, without the module it shares its code with.
-    sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
-             "folder (it holds the framing and the lab check's listener)"
-             % os.path.basename(sys.argv[0] or "send_events_cybertrace.py"))
+    sys.exit("%s: error: %s.py must be in the same folder (%s)" % (
+        os.path.basename(sys.argv[0] or "send_events_cybertrace.py"),
+        exc.name, "it holds the capacity test" if exc.name ==
+        "cybertrace_capacity" else "it holds the framing and the lab "
+        "check's listener"))
 
 try:
     from fcntl import ioctl
@@ -1998,13 +2001,6 @@ def result_json(result: CheckResult, status: int,
                                if i in probe.detected],
                   "error": probe.error},
         "diagnosis": diagnosis}
-
-
-def format_latency(seconds: float) -> str:
-    """Return 2.2 ms below a second, 3.4 s above."""
-    if seconds < 1:
-        return "%.1f ms" % (seconds * 1000)
-    return "%.1f s" % seconds
 
 
 def probe_note(result: CheckResult) -> str:
