@@ -460,6 +460,18 @@ def some_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
     return itertools.chain([first], blocks)
 
 
+def typed_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
+    """Yield the blocks a person types, saying how once connected (this
+    runs at the first read); raise NothingToSend if none came."""
+    console.status(TERMINAL_NOTICE)
+    typed = False
+    for item in blocks:
+        typed = True
+        yield item
+    if not typed:
+        raise NothingToSend("no events to send")
+
+
 def paced(blocks: Iterable[tuple], rate: float,
           clock: Callable[[], float] = time.monotonic) -> Iterator[tuple]:
     """Yield the events of blocks in batches, rate events per second."""
@@ -1025,10 +1037,13 @@ def send_buffer(sock: socket.socket) -> int:
 
 
 def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
-                      where: str, watch: Optional[tuple]) -> str:
+                      where: str, watch: Optional[tuple],
+                      connect_first: bool = False) -> str:
     """Send with --reconnect; return the summary line.
 
-    watch: (tally, total) for a progress line, as Progress takes them.
+    watch: (tally, total) for a progress line, as Progress takes them;
+    connect_first: connect (waiting for the peer, saying so) before the
+    first read, as at a terminal.
     """
     resender = Resender(args.connect, args.timeout, where)
     if args.rate:
@@ -1036,6 +1051,8 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     started = time.monotonic()
     progress = None
     try:
+        if connect_first:
+            resender.connect()
         if watch is not None:
             progress = Progress(resender, *watch)
         send_all(resender, blocks, args.verbose)
@@ -2351,16 +2368,21 @@ def run(args: argparse.Namespace) -> str:
     sources = []
     try:
         sources = open_sources(args)
-        if reading_terminal(sources):
-            console.status(TERMINAL_NOTICE)
+        terminal = reading_terminal(sources)
         tally = [0]
         # Sizes are known before anything is read.
         watch = None
         if Progress.wanted(args, sources):
             watch = tally, source_bytes(sources, args.repeat) or None
-        blocks = some_events(event_blocks(sources, args.repeat, tally))
+        blocks = event_blocks(sources, args.repeat, tally)
+        if terminal:
+            # Connect first: a wrong -c shows at once, not once the user
+            # has typed an event.
+            blocks = typed_events(blocks)
+        else:
+            blocks = some_events(blocks)
         if args.reconnect:
-            return send_reconnecting(args, blocks, where, watch)
+            return send_reconnecting(args, blocks, where, watch, terminal)
         if args.rate:
             blocks = paced(blocks, args.rate)
         return send_once(args, blocks, where, watch)
