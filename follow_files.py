@@ -321,40 +321,48 @@ class Follower:
 
     def resume_rotated(self, followed: FollowedPath, identity: Identity,
                        offset: int, copied: bool) -> bool:
-        """Find the file a saved position is of beside its path (renamed:
-        same inode; copied by copytruncate: same head) and read it from
-        there to its end first."""
-        folder, name = os.path.split(followed.path)
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
+        """Find the file a saved position is of beside its path and read
+        it from there to its end first."""
+        found = find_rotated(followed.path, identity, offset, copied)
+        if found is None:
             return False
-        for entry in entries:
-            if not entry.name.startswith(name) or entry.name == name:
-                continue
-            try:
-                info = entry.stat()
-            except OSError:
-                continue
-            if not stat.S_ISREG(info.st_mode) or info.st_size < offset:
-                continue
-            by_inode = identity.same_inode(info) and not copied
-            if not by_inode and identity.head_bytes < MATCH_HEAD_BYTES:
-                continue
-            try:
-                fd = os.open(entry.path, os.O_RDONLY)
-            except OSError:
-                continue
-            if identity.same_head(fd):
-                self.add(followed, fd, identity, offset)
-                self.status("Following %s from byte %d of %s, where it "
-                            "was %s, then %s from its start" % (
-                                followed.shown, offset, entry.name,
-                                "copied" if copied or not by_inode
-                                else "renamed", followed.shown))
-                return True
-            os.close(fd)
-        return False
+        fd, name, renamed = found
+        self.add(followed, fd, identity, offset)
+        self.status("Following %s from byte %d of %s, where it was %s, "
+                    "then %s from its start" % (
+                        followed.shown, offset, name,
+                        "renamed" if renamed else "copied", followed.shown))
+        return True
+
+    def truncated(self, followed: FollowedPath,
+                  opening: Opening) -> Iterator:
+        """Read a file copied then truncated (copytruncate) again from its
+        start, after the rest of what it had from its copy, if found."""
+        found = find_rotated(followed.path, opening.identity,
+                             opening.offset, True)
+        if found is None:
+            self.warn("%s was truncated and no copy of it was found: reading"
+                      " it from its start (lines written after byte %d and "
+                      "before it was truncated are not sent)"
+                      % (followed.shown, opening.offset))
+            yield from self.finish(followed, opening)
+        else:
+            fd, name, _ = found
+            self.status("%s was truncated (copytruncate): reading the rest "
+                        "from %s, then it from its start"
+                        % (followed.shown, name))
+            os.lseek(fd, opening.offset, os.SEEK_SET)
+            copy = Opening(fd, opening.identity, opening.offset,
+                           opening.framer)
+            copy.start = opening.start
+            followed.openings.insert(0, copy)
+        os.lseek(opening.fd, 0, os.SEEK_SET)
+        opening.identity = Identity.of(opening.fd)
+        opening.offset = opening.start = 0
+        opening.framer = self.make_framer()
+        if found is None:
+            self.mark(followed, opening.identity, 0)
+
 
     def open(self, followed: FollowedPath) -> Optional[int]:
         """Open the file at a path; None if it is not there (said once)."""
@@ -442,14 +450,7 @@ class Follower:
         info = os.fstat(opening.fd)
         if info.st_size < opening.offset or not \
                 opening.identity.same_head(opening.fd):
-            self.warn("%s was truncated (copytruncate?): reading it from "
-                      "its start" % followed.shown)
-            yield from self.finish(followed, opening)
-            os.lseek(opening.fd, 0, os.SEEK_SET)
-            opening.identity = Identity.of(opening.fd)
-            opening.offset = opening.start = 0
-            opening.framer = self.make_framer()
-            self.mark(followed, opening.identity, 0)
+            yield from self.truncated(followed, opening)
             return
         try:
             now = os.stat(followed.path)
@@ -529,6 +530,38 @@ class Follower:
             for opening in followed.openings:
                 opening.close()
             followed.openings = []
+
+
+def find_rotated(path: str, identity: Identity, offset: int,
+                 copied: bool) -> Optional[tuple]:
+    """Find beside path the file a position is of, rotated: renamed (same
+    inode and head) or, when copied (copytruncate), of the same head.
+    Return (open fd, its name, whether renamed), or None."""
+    folder, name = os.path.split(path)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.name.startswith(name) or entry.name == name:
+            continue
+        try:
+            info = entry.stat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_size < offset:
+            continue
+        by_inode = identity.same_inode(info) and not copied
+        if not by_inode and identity.head_bytes < MATCH_HEAD_BYTES:
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            continue
+        if identity.same_head(fd):
+            return fd, entry.name, by_inode
+        os.close(fd)
+    return None
 
 
 def write_atomically(path: str, data: bytes) -> None:

@@ -88,12 +88,11 @@ CONNECT_PATIENCE = 2.0
 # --reconnect retries at once, then after 0.5 s, doubling up to 30 s.
 RECONNECT_FIRST = 0.5
 RECONNECT_MAX = 30.0
-# A connection lost this soon after it was made does not earn a quick retry,
-# unless its peer acknowledged this much, more than it could have held
-# without reading it (a listener that takes the handshake and then drops us
-# acknowledges what arrived before its close, no more).
+# A connection lost this soon after it was made does not earn a quick retry:
+# a peer that takes the handshake and then drops us (a listener refusing
+# this host) acknowledges what arrived before its close, however much its
+# receive buffer took, so what it acknowledged proves nothing.
 HELD_SECONDS = 3.0
-HELD_BYTES = 1024 * 1024
 # This many such short connections in a row are warned of, once.
 DROPS_WARNING = 3
 # select() said the socket is readable, so even without this flag
@@ -887,7 +886,8 @@ class Resender:
     the block being sent: input is not read while no connection takes it.
     """
 
-    def __init__(self, address: tuple, timeout: float, where: str) -> None:
+    def __init__(self, address: tuple, timeout: float, where: str,
+                 retry_max: float = RECONNECT_MAX) -> None:
         self.address = address
         self.timeout = timeout
         self.where = where
@@ -898,7 +898,7 @@ class Resender:
         self.resent = self.reconnects = 0
         # Blocks to send before reading on: (block, events, number).
         self.queue = collections.deque()
-        self.backoff = Backoff()
+        self.backoff = Backoff(min(RECONNECT_FIRST, retry_max), retry_max)
         self.outage = Outage()
         self.connected = False  # ever
         self.connected_at = 0.0  # when the connection in use was made
@@ -1050,7 +1050,7 @@ class Resender:
         """Retry at once after a connection that held; back off after one
         that got nowhere or ended soon (accepted, then dropped)."""
         lasted = time.monotonic() - self.connected_at
-        if lasted >= HELD_SECONDS or connection.ledger.acked >= HELD_BYTES:
+        if lasted >= HELD_SECONDS:
             self.backoff.reset()
             self.drops = 0
             return
@@ -1111,7 +1111,7 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     watch: (tally, total) for a progress line, as Progress takes them.
     follower: --follow's, told what the peer acknowledged.
     """
-    resender = Resender(args.connect, args.timeout, where)
+    resender = Resender(args.connect, args.timeout, where, args.retry_max)
     if follower is not None:
         follower.acknowledged = resender.surely_acknowledged
     if args.rate:
@@ -2324,14 +2324,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reconnect", action="store_true",
         help="ride out outages (CyberTrace restarting): when connecting "
-        "fails or the connection is lost, retry for ever (at once, then "
-        "after 0.5 s, doubling up to 30 s), then resend every event from "
-        "the first one the peer's TCP did not acknowledge, so events may "
-        "arrive twice but none the kernel could tell about is lost. Where "
-        "the kernel does not say what was acknowledged (Linux's TIOCOUTQ, "
-        "macOS's SO_NWRITE; Windows has neither), the events of the last "
-        "send buffer's worth of bytes are resent. Input is not read while "
-        "disconnected. Not with --ping, --reply-back or --check")
+        "fails or the connection is lost, retry for ever (at once after a "
+        "connection that lasted %g s, else after 0.5 s, doubling up to "
+        "--retry-max), then resend every event from the first one the "
+        "peer's TCP did not acknowledge, so events may arrive twice but "
+        "none the kernel could tell about is lost. Where the kernel does "
+        "not say what was acknowledged (Linux's TIOCOUTQ, macOS's "
+        "SO_NWRITE; Windows has neither), the events of the last send "
+        "buffer's worth of bytes are resent. A peer that keeps accepting "
+        "and dropping connections is warned of. Input is not read while "
+        "disconnected. Not with --ping, --reply-back or --check"
+        % HELD_SECONDS)
+    parser.add_argument(
+        "--retry-max", metavar="SECONDS", default=RECONNECT_MAX,
+        type=argument_type(bounded(float, 0.01, 3600), "seconds"),
+        help="with --reconnect, wait at most this long between attempts "
+        "(default: %g)" % RECONNECT_MAX)
     load = parser.add_argument_group("the capacity test (--load)")
     load.add_argument(
         "--connections", metavar="N", default=capacity.CONNECTIONS,
@@ -2420,6 +2428,8 @@ def refuse_ignored(parser: argparse.ArgumentParser,
     if args.files.count("-") > 1:
         # The first '-' reads stdin to its end: the others would get nothing.
         parser.error("argument FILE: '-' (stdin) given more than once")
+    if args.retry_max != RECONNECT_MAX and not args.reconnect:
+        parser.error("argument --retry-max: only with --reconnect")
     if args.reconnect:
         for name in ("ping", "reply_back", "check"):
             if getattr(args, name, False):
