@@ -398,14 +398,19 @@ class Follower:
         """Yield (block, events) of every path's new lines, for ever."""
         while True:
             idle = True
-            for followed in self.paths:
-                for block, count in self.read(followed):
-                    idle = False
-                    if count:
-                        yield block, count
-            self.settle()
+            for block, count in self.round():
+                idle = False
+                if count:
+                    yield block, count
             if idle:
                 time.sleep(self.poll)
+
+    def round(self) -> Iterator[tuple]:
+        """Yield what each path has new, a read each; then take the
+        acknowledgements."""
+        for followed in self.paths:
+            yield from self.read(followed)
+        self.settle()
 
     def read(self, followed: FollowedPath) -> Iterator[tuple]:
         """Yield what a path's oldest file has new, then look for changes:

@@ -1313,12 +1313,18 @@ class Progress:
         self.thread.start()
 
     @staticmethod
+    def watched(args: argparse.Namespace, sources: list) -> bool:
+        """Return whether a send is watched on a terminal, alone."""
+        # Other lines (-v, answers, typing) would tear it.
+        return not (args.quiet or args.verbose or not console.on_stderr() or
+                    args.reply_back and sys.stdout.isatty() or
+                    reading_terminal(sources))
+
+    @staticmethod
     def wanted(args: argparse.Namespace, sources: list) -> bool:
         """Return whether a send is long enough and watched on a terminal."""
-        if args.quiet or args.verbose or not console.on_stderr() or \
-                args.reply_back and sys.stdout.isatty() or \
-                reading_terminal(sources):
-            return False  # other lines would tear it
+        if not Progress.watched(args, sources):
+            return False
         total = source_bytes(sources, args.repeat)
         return bool(args.rate) or total is None or \
             total >= PROGRESS_MIN_BYTES
@@ -2532,7 +2538,7 @@ def follow(args: argparse.Namespace, where: str) -> str:
         raise UserError(str(exc)) from None
     try:
         watch = None
-        if Progress.wanted(args, []):
+        if Progress.watched(args, []):  # it never ends
             watch = [0], None
         blocks = follower.blocks()
         if args.reconnect:
