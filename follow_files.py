@@ -113,6 +113,8 @@ class Opening:
         self.offset = offset  # the next byte to read
         self.framer = framer
         self.start = offset  # where the framer's count starts
+        self.handed = offset  # where the next block handed out starts
+        self.closed = False
 
     @property
     def framed(self) -> int:
@@ -120,7 +122,9 @@ class Opening:
         return self.start + self.framer.received - len(self.framer.pending)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
 
 
 class FollowedPath:
@@ -235,6 +239,7 @@ class Follower:
         if not force and (not self.changed or
                           now - self.saved_at < SAVE_SECONDS):
             return
+        self.within_block()
         files = dict(self.carried)
         for followed in self.paths:
             position = self.done.get(followed.path)
@@ -247,6 +252,26 @@ class Follower:
         write_atomically(self.state_path, data)
         self.saved_at = now
         self.changed = False
+
+    def within_block(self) -> None:
+        """Move a path's position past the acknowledged events of the first
+        block only partly acknowledged: read again, its lines say where."""
+        if not self.marks:
+            return
+        _, path, identity, end, opening, start, first = self.marks[0]
+        acked = self.acked - first
+        if acked <= 0 or opening is None or opening.closed or \
+                opening.identity is not identity:
+            return
+        try:
+            data = os.pread(opening.fd, end - start, start)
+        except OSError:
+            return
+        offset = start + acknowledged_bytes(
+            data, acked, opening.framer.max_event_bytes)
+        done = self.done.get(path)
+        if done is not None and done[0] is identity and offset > done[1]:
+            self.done[path] = (identity, offset)
 
     # --- where each path starts -------------------------------------------
 
@@ -354,11 +379,11 @@ class Follower:
             os.lseek(fd, opening.offset, os.SEEK_SET)
             copy = Opening(fd, opening.identity, opening.offset,
                            opening.framer)
-            copy.start = opening.start
+            copy.start, copy.handed = opening.start, opening.handed
             followed.openings.insert(0, copy)
         os.lseek(opening.fd, 0, os.SEEK_SET)
         opening.identity = Identity.of(opening.fd)
-        opening.offset = opening.start = 0
+        opening.offset = opening.start = opening.handed = 0
         opening.framer = self.make_framer()
         if found is None:
             self.mark(followed, opening.identity, 0)
@@ -491,17 +516,20 @@ class Follower:
 
     def hand_out(self, followed: FollowedPath, opening: Opening, block,
                  count: int, end: Optional[int] = None) -> tuple:
-        """Number a block and note where it ends."""
-        self.numbered += count
+        """Number a block and note where it starts and ends."""
+        first, self.numbered = self.numbered, self.numbered + count
+        start = opening.handed
+        opening.handed = opening.framed if end is None else end
         self.marks.append((self.numbered, followed.path, opening.identity,
-                           opening.framed if end is None else end))
+                           opening.handed, opening, start, first))
         return block, count
 
     def mark(self, followed: FollowedPath, identity: Identity,
              offset: int) -> None:
         """Note that once all handed out so far is acknowledged, the path
         is at offset of that file."""
-        self.marks.append((self.numbered, followed.path, identity, offset))
+        self.marks.append((self.numbered, followed.path, identity, offset,
+                           None, offset, self.numbered))
 
     def settle(self, acked: Optional[int] = None) -> None:
         """Take the peer's acknowledgements; save now and then."""
@@ -510,7 +538,7 @@ class Follower:
         if acked is not None:
             self.acked = max(self.acked, acked)
         while self.marks and self.marks[0][0] <= self.acked:
-            _, path, identity, offset = self.marks.popleft()
+            _, path, identity, offset = self.marks.popleft()[:4]
             self.done[path] = (identity, offset)
             self.changed = True
         self.save()
@@ -569,6 +597,24 @@ def find_rotated(path: str, identity: Identity, offset: int,
     return None
 
 
+def acknowledged_bytes(data: bytes, events: int, piece: int) -> int:
+    """Return how many bytes of data, whole lines, hold no more than its
+    first events events, counted as the sender frames them (a blank line
+    is none, a line longer than piece bytes several)."""
+    taken = count = 0
+    for raw in data.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break
+        text = raw[:-1]
+        # At least as many as the sender made of it: never too far.
+        made = -(-len(text) // piece) if text.strip() else 0
+        if count + made > events:
+            break
+        count += made
+        taken += len(raw)
+    return taken
+
+
 def write_atomically(path: str, data: bytes) -> None:
     """Replace path with data so that a crash leaves the old or the new
     whole: a temporary file beside it, fsync, rename, fsync the folder."""
@@ -585,13 +631,16 @@ def write_atomically(path: str, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(temporary, path)
-    except OSError as exc:
+    except BaseException as exc:
+        # Ctrl+C too: no temporary file left behind.
         try:
             os.unlink(temporary)
         except OSError:
             pass
-        raise StateError("cannot write %s: %s" % (path, exc.strerror)) \
-            from None
+        if isinstance(exc, OSError):
+            raise StateError("cannot write %s: %s" % (
+                path, exc.strerror)) from None
+        raise
     try:
         # The rename itself survives a power cut only once its folder is
         # on disk.

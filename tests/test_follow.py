@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,9 @@ import follow_files
 import send_events_cybertrace as sender_module
 
 try:
+    import fcntl
     import pty
+    import termios
 except ImportError:
     pty = None
 
@@ -187,11 +190,11 @@ class FollowFilesTest(unittest.TestCase):
                 follow.take()
             follow.acknowledge(25)  # inside the third block
             follow.close()
-        self.assertEqual(self.saved()["offset"], 20 * 64)
+        self.assertEqual(self.saved()["offset"], 25 * 64)
         append(self.log, lines("a", 30, 32))
         with Collector([self.log], self.state) as follow:
-            self.assertEqual(follow.take(), lines("a", 20, 32))
-        self.assertTrue(any("from byte 1280" in each
+            self.assertEqual(follow.take(), lines("a", 25, 32))
+        self.assertTrue(any("from byte 1600" in each
                             for each in follow.statuses), follow.statuses)
 
     def test_an_appended_file_keeps_its_identity(self):
@@ -329,6 +332,46 @@ class FollowCommandTest(unittest.TestCase):
             self.assertEqual(listener.stop(), 0)
         self.assertEqual(numbers(bytes(listener.out), "a"),
                          list(range(100, 120)))
+
+    @unittest.skipIf(pty is None, "needs FIONREAD")
+    def test_only_what_the_peer_acknowledged_is_saved(self):
+        # A peer that never reads, with a small receive buffer: most of
+        # what is sent stays unacknowledged in the sender's kernel.
+        with socket.socket() as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            append(self.log, b"")
+            with start_sender(server.getsockname()[1], "--follow",
+                              self.log, "--state", self.state, "-t",
+                              "60") as sender:
+                sender.wait_stderr(r"Following .*app\.log from its end")
+                append(self.log, lines("a", 0, 20000))
+                server.settimeout(TIMEOUT)
+                peer, _ = server.accept()
+                with peer:
+                    # The peer's kernel took some, and holds it unread.
+                    wait_until(lambda: int.from_bytes(fcntl.ioctl(
+                        peer.fileno(), termios.FIONREAD, b"\0" * 4),
+                        sys.byteorder) >= 2048, TIMEOUT, "data at the peer")
+                    sender.signal(signal.SIGTERM)
+                    self.assertEqual(sender.finish(), 143)
+        found = re.search(r"terminated: ([\d,]+) events sent, ([\d,]+) "
+                          r"acknowledged", sender.stderr_text)
+        sent, acked = (int(each.replace(",", "")) for each in found.groups())
+        with open(self.state) as file:
+            offset = json.load(file)["files"][self.log]["offset"]
+        self.assertLess(acked, sent)
+        self.assertLess(offset, 20000 * 64)
+        # Exactly the start of the first event not acknowledged.
+        self.assertEqual(offset, acked * 64, sender.stderr_text)
+
+    def saved_offset(self):
+        try:
+            with open(self.state) as file:
+                return json.load(file)["files"][self.log]["offset"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def test_a_damaged_state_is_a_warning_on_the_command_line(self):
         append(self.log, lines("a", 0, 5))
