@@ -145,6 +145,8 @@ DRAIN_QUIET_SECONDS = 0.25
 # often enough to look alive, seldom enough to cost nothing.
 LIVE_SECONDS = 0.25
 FORMATS = ("text", "raw", "json")
+# What --prefix can put before each event of raw and text.
+PREFIX_FIELDS = ("time", "peer", "listen")
 # The signals the loop acts on, by name: a platform lacks some (Windows has
 # no SIGHUP or SIGUSR1, and Ctrl+Break raises SIGBREAK, which only it has),
 # so they are looked up by name (signal_numbers(), getattr), never assumed.
@@ -410,11 +412,12 @@ def ip_of(host: str) -> IPAddress:
 def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
     text = text.strip()
-    if text.startswith(("\\\\.\\pipe\\", "//./pipe/")):
-        # CyberTrace's other ConnectionString form: say why it fails here.
-        raise ValueError("named pipes (\\\\.\\pipe\\NAME) exist only on "
-                         "Windows" if os.name != "nt" else
-                         "named pipes are not supported yet: use ADDR:PORT")
+    if text.startswith(PIPE_PREFIXES):
+        # CyberTrace's other ConnectionString form: (name, None).
+        if os.name != "nt":
+            raise ValueError("named pipes (\\\\.\\pipe\\NAME) exist only "
+                             "on Windows")
+        return parse_pipe(text)
     if text.isascii() and text.isdigit():
         host, port = default_host, text
     elif text.startswith("["):
@@ -442,7 +445,10 @@ def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
 
 
 def format_address(host: str, port: int) -> str:
-    """Return host and port as a ConnectionString, IPv6 in brackets."""
+    """Return host and port as a ConnectionString, IPv6 in brackets (a
+    named pipe, port None, is its name)."""
+    if port is None:
+        return host
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
@@ -496,6 +502,15 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return "%d:%02d:%02d" % (hours, minutes, secs)
+
+
+def format_latency(seconds: Optional[float]) -> str:
+    """Return 1.2 ms below a second, 3.4 s above, - for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return "%.1f ms" % (seconds * 1000)
+    return "%.1f s" % seconds
 
 
 def format_progress(events: int, size: int, rate: float) -> str:
@@ -984,6 +999,46 @@ def format_text(block: Block, lines: list, peer: str, when: float,
                        peer, when, escape)
 
 
+def parse_event_prefix(text: str) -> tuple:
+    """Convert --prefix's comma-separated fields (time,peer,listen) to a
+    tuple in the order given, in words when it fails."""
+    fields = tuple(text.split(","))
+    for field in fields:
+        if field not in PREFIX_FIELDS:
+            raise ValueError("%s: choose one or more of %s, comma-separated"
+                             % ("empty field" if not field else
+                                "unknown field %r" % escape_line(field),
+                                ",".join(PREFIX_FIELDS)))
+        if fields.count(field) > 1:
+            raise ValueError("%s given twice" % field)
+    return fields
+
+
+class EventPrefix:
+    """Put --prefix's fields before each event of a block, each followed by
+    one space: "2026-12-07T23:01:02.123Z 10.0.0.5:51234 0.0.0.0:9998 "."""
+
+    def __init__(self, fields: tuple) -> None:
+        self.fields = fields
+
+    def head(self, peer: str, listen: str, when: float) -> bytes:
+        """Return the prefix of events from peer by listen at when."""
+        values = {"time": iso_time(when), "peer": peer, "listen": listen}
+        return "".join(values[field] + " " for field in self.fields).encode(
+            "utf-8", "surrogateescape")
+
+    def apply(self, block: Block, peer: str, listen: str,
+              when: float) -> bytes:
+        """Return block (whole events) with the prefix before each event."""
+        lines = split_lines(block)
+        # One join of the prefix and the events in turn: several times
+        # quicker than bytes.replace or a separator's join, twice as quick
+        # as a + per event.
+        parts = [self.head(peer, listen, when)] * (2 * len(lines))
+        parts[1::2] = lines
+        return b"".join(parts)
+
+
 def valid_utf8(data: bytes) -> bool:
     """Tell whether data is valid UTF-8 (ASCII is, and is quick to tell)."""
     if data.isascii():
@@ -1142,7 +1197,10 @@ class JsonFormatter:
             return self.format_slowly(data, stamp, peer, escape)
         # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
         # second formatting.
-        head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
+        # A pipe's name has backslashes, which JSON escapes.
+        quoted = json.dumps(peer, ensure_ascii=False)[1:-1] \
+            if "\\" in peer or '"' in peer else peer
+        head = (stamp.encode(), quoted.encode().replace(b"%", b"%%"))
         batch = object()
         out = []
         by_count = self.by_count
@@ -1896,6 +1954,7 @@ class Settings:
     max_connections = MAX_CONNECTIONS
     max_per_host = None
     per_host_prefix = PER_HOST_PREFIX
+    remote_pipe_clients = False
     idle_timeout = None
     event_timeout = EVENT_TIMEOUT
     max_event_bytes = MAX_EVENT_BYTES
@@ -1905,6 +1964,7 @@ class Settings:
     timeout = None
     stats = None
     escape = False
+    prefix = None  # PREFIX_FIELDS to put before each raw or text event
     quiet = False
 
     def __init__(self, **given) -> None:
@@ -1961,8 +2021,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=(LISTEN_ADDR, LISTEN_PORT),
         help="address to listen on, as in CyberTrace's ConnectionString: "
         "192.0.2.105:9998, [::1]:9998, a host name, or a bare PORT; port 0 "
-        "picks a free one (default: %s)" % format_address(LISTEN_ADDR,
-                                                          LISTEN_PORT))
+        "picks a free one; on Windows also a named pipe, \\\\.\\pipe\\NAME "
+        "(default: %s)" % format_address(LISTEN_ADDR, LISTEN_PORT))
+    parser.add_argument(
+        "--remote-pipe-clients", action="store_true",
+        help="let clients on other computers connect to a -l \\\\.\\pipe\\"
+        "NAME (by default the pipe refuses them, as the default address "
+        "is loopback: PIPE_REJECT_REMOTE_CLIENTS); --allow does not apply "
+        "to a pipe's clients")
     parser.add_argument(
         "-f", "--format", choices=FORMATS, default="text",
         help="text: 'Received:' lines, as Kaspersky's tutorial prints them; "
@@ -1984,6 +2050,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="show control characters (ESC, BEL, ...) as \\xNN text in "
         "files and pipes too, as on a terminal, so that 'cat FILE' or "
         "'jq -r' cannot pass an event's terminal commands on")
+    parser.add_argument(
+        "--prefix", metavar="FIELDS",
+        type=argument_type(parse_event_prefix, "fields"),
+        help="start each event's line (-f raw, or the event line of -f "
+        "text) with these fields, comma-separated, in the order given, each "
+        "followed by a space: time (when it was received, ISO 8601 UTC: "
+        "2026-12-07T23:01:02.123Z), peer (who sent it: 10.0.0.5:51234, "
+        "[2001:db8::5]:51234), listen (the address it came in by, as -l "
+        "bound it: 0.0.0.0:9998); e.g. --prefix time,peer; not with -f "
+        "json, whose lines have time and peer members")
     parser.add_argument(
         "--allow", metavar="CIDR", action="append",
         type=argument_type(parse_network, "network"),
@@ -2142,9 +2218,11 @@ class Admission:
         self.max_connections = settings.max_connections
         self.max_per_host = settings.max_per_host
         self.per_host_prefix = settings.per_host_prefix
+        self.remote_pipe_clients = settings.remote_pipe_clients
         self.console = console
         self.selector = selector
         self.server = None
+        self.listen_name = ""  # the server's, for --prefix listen
         self.on_ready = None
         self.accepting = True
         self.per_host = collections.Counter()
@@ -2160,7 +2238,9 @@ class Admission:
     def open(self, listen: tuple, on_ready: Callable[[], None]) -> None:
         """Listen at listen; on_ready() runs when peers wait to connect."""
         self.fit_selector()
-        self.server = open_server(listen, self.backlog)
+        self.server = PipeServer(listen[0], self.remote_pipe_clients) \
+            if is_pipe(listen) else open_server(listen, self.backlog)
+        self.listen_name = listen_name(self.server)
         self.on_ready = on_ready
         self.selector.register(self.server, selectors.EVENT_READ, on_ready)
 
@@ -2231,7 +2311,10 @@ class Admission:
 
     def refusal(self, address: tuple) -> Optional[str]:
         """Return why a peer from address may not connect, or None."""
-        if self.allow and not self.allowed(address[0]):
+        # A pipe's clients have no address: remote ones are refused by
+        # the pipe itself (--remote-pipe-clients).
+        if self.allow and not is_pipe(address) and \
+                not self.allowed(address[0]):
             return ""
         host = self.host_of(address[0])
         if self.max_per_host and self.per_host[host] >= self.max_per_host:
@@ -2330,10 +2413,12 @@ class Connection:
     unfinished event began."""
 
     def __init__(self, sock: socket.socket, address: tuple,
-                 max_event_bytes: int) -> None:
+                 max_event_bytes: int, listen: str = "") -> None:
         self.sock = sock
         self.address = address[:2]
         self.peer = format_peer(address)
+        # Where it came in (--prefix listen): see listen_name().
+        self.listen = listen
         self.host = peer_host(address[0])
         self.framer = EventFramer(max_event_bytes)
         self.events = 0
@@ -2450,6 +2535,8 @@ class Reader:
             JSON_RECV_SIZE, settings.max_event_bytes * 64))
         self.buffer = bytearray(settings.max_event_bytes + 1 + RECV_SIZE)
         self.bytes = 0
+        self.prefix = EventPrefix(settings.prefix) if settings.prefix \
+            else None
 
     def receive(self, conn: Connection) -> bool:
         """Read once from conn; return True if the read came full and
@@ -2505,6 +2592,9 @@ class Reader:
                                     plural(self.max_event_bytes, "byte")))
 
     def emit(self, block: Block, conn: Connection) -> None:
+        if self.prefix is not None:
+            block = self.prefix.apply(block, conn.peer, conn.listen,
+                                      time.time())
         conn.events += self.sink.emit(block, conn.peer)
 
 
@@ -2671,6 +2761,15 @@ def open_server(listen: tuple, backlog: int) -> socket.socket:
     return server
 
 
+def listen_name(server: socket.socket) -> str:
+    """Name the listening socket a connection came in by, as --prefix
+    listen shows it: the address it is bound to (0.0.0.0:9998)."""
+    address = server.getsockname()
+    if isinstance(address, tuple):
+        return format_address(*address[:2])
+    return str(address)
+
+
 def announce(server: socket.socket, console: Console) -> str:
     """Say where server listens; return what to set in CyberTrace for it."""
     host, port = server.getsockname()[:2]
@@ -2747,6 +2846,404 @@ def peer_ip_versions(server: socket.socket) -> set:
         v6only = 0
     # "::" takes IPv4 peers too, as ::ffff:a.b.c.d, unless IPV6_V6ONLY.
     return {6} if v6only else {4, 6}
+
+
+# --- Windows named pipes -----------------------------------------------------
+#
+# CyberTrace's other ConnectionString form.  A pipe enters the loop as a
+# socket does: PipeServer stands where a listening socket stands, and each
+# client comes out of its accept() as one end of a socket pair, whose
+# other end threads bridge to the client's pipe instance.  Framing, the
+# formats, the output and the drain never learn where the bytes came from.
+
+PIPE_PREFIXES = ("\\\\.\\pipe\\", "//./pipe/")
+PIPE_NAME_MAX = 256  # the whole name, prefix included (CreateNamedPipe)
+PIPE_BUFFER = 64 * 1024
+# How often a bridge waiting on its pipe looks whether its socket closed.
+PIPE_POLL_MS = 100
+# Instances that wait for clients at any time: as many clients may
+# connect in the same instant without one finding the pipe busy.
+PIPE_SPARE_INSTANCES = 16
+# Not in _winapi: winbase.h's values.
+PIPE_REJECT_REMOTE_CLIENTS = 0x00000008
+ERROR_FILE_NOT_FOUND = 2
+ERROR_INVALID_NAME = 123
+WAIT_TIMEOUT = 0x102
+
+
+def parse_pipe(text: str) -> tuple:
+    """Return (\\\\.\\pipe\\NAME, None), the address of a named pipe."""
+    name = text[len(PIPE_PREFIXES[0]):]
+    if not name:
+        raise ValueError("a pipe needs a name: \\\\.\\pipe\\NAME")
+    if "\\" in name or "/" in name or not name.isprintable():
+        raise ValueError("a pipe's NAME has no \\, / or control characters")
+    if len(PIPE_PREFIXES[0]) + len(name) > PIPE_NAME_MAX:
+        raise ValueError("a pipe's name is at most %d characters long"
+                         % PIPE_NAME_MAX)
+    return PIPE_PREFIXES[0] + name, None
+
+
+def is_pipe(address: tuple) -> bool:
+    """Tell whether an address (from parse_address) is a named pipe."""
+    return address[1] is None and isinstance(address[0], str) and \
+        address[0].startswith(PIPE_PREFIXES)
+
+
+def pipe_error(exc: OSError) -> str:
+    """Return what a failed pipe call means, in words."""
+    code = getattr(exc, "winerror", None)
+    if code == ERROR_FILE_NOT_FOUND:
+        return "no program serves this pipe"
+    return exc.strerror or str(exc)
+
+
+def wait_overlapped(ov, closed: Callable[[], bool]) -> bool:
+    """Wait for an overlapped call; cancel it and return False once
+    closed() says its other side is gone."""
+    import _winapi
+    while _winapi.WaitForSingleObject(ov.event, PIPE_POLL_MS) == WAIT_TIMEOUT:
+        if closed():
+            ov.cancel()
+            return False
+    return True
+
+
+def pipe_to_socket(handle: int, sock: socket.socket,
+                   closed: Callable[[], bool]) -> None:
+    """Copy what the pipe gives into sock until either side ends; then
+    say end of file to sock's peer."""
+    import _winapi
+    try:
+        while True:
+            ov, err = _winapi.ReadFile(handle, PIPE_BUFFER, overlapped=True)
+            if err == _winapi.ERROR_IO_PENDING and \
+                    not wait_overlapped(ov, closed):
+                ov.GetOverlappedResult(True)
+                return
+            _, err = ov.GetOverlappedResult(True)
+            if err == _winapi.ERROR_OPERATION_ABORTED:
+                return
+            data = ov.getbuffer()
+            if data:
+                sock.sendall(data)
+    except OSError:
+        return  # ERROR_BROKEN_PIPE: the other end closed; or sock did
+    finally:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def socket_to_pipe(handle: int, sock: socket.socket,
+                   closed: Callable[[], bool], patient: bool = False) -> None:
+    """Copy what sock gives into the pipe until either side ends; patient:
+    a write the pipe's reader is slow to take is waited for even once
+    closed() (what was sent before the end still arrives)."""
+    import _winapi
+    never = lambda: False  # noqa: E731
+    while True:
+        try:
+            # Not a socket timeout: the other thread sends on sock.
+            if not select.select([sock], [], [], PIPE_POLL_MS / 1000.0)[0]:
+                if closed():
+                    return
+                continue
+            data = sock.recv(PIPE_BUFFER)
+        except (OSError, ValueError):
+            return
+        if not data:
+            return
+        try:
+            while data:
+                ov, err = _winapi.WriteFile(handle, data, overlapped=True)
+                if err == _winapi.ERROR_IO_PENDING and not wait_overlapped(
+                        ov, never if patient else closed):
+                    ov.GetOverlappedResult(True)
+                    return
+                written, err = ov.GetOverlappedResult(True)
+                if err == _winapi.ERROR_OPERATION_ABORTED:
+                    return
+                data = data[written:]
+        except OSError:
+            return  # the other end closed
+
+
+def bridge_pipe(handle: int, name: str, keep_alive: bool = False
+                ) -> socket.socket:
+    """Return a socket whose peer threads copy to and from the pipe
+    instance handle (its own), closing the handle when both are done.
+
+    keep_alive: what was sent reaches the pipe even after the socket is
+    closed and the program's main thread returned (a sender's last
+    events), as the kernel still delivers a closed TCP socket's."""
+    import _winapi
+    ours, theirs = socket.socketpair()
+    ended = []
+    lock = threading.Lock()
+
+    def gone() -> bool:
+        return ours.fileno() == -1
+
+    def program_ended() -> bool:
+        return gone() or not threading.main_thread().is_alive()
+
+    def run(copy, *args) -> None:
+        try:
+            copy(handle, theirs, *args)
+        finally:
+            with lock:
+                ended.append(copy)
+                last = len(ended) == 2
+            if last:
+                _winapi.CloseHandle(handle)
+                theirs.close()
+
+    threading.Thread(target=run, args=(pipe_to_socket, gone), daemon=True,
+                     name="pipe %s in" % name).start()
+    threading.Thread(target=run, args=(socket_to_pipe, program_ended
+                                       if keep_alive else gone, keep_alive),
+                     daemon=not keep_alive, name="pipe %s out" % name).start()
+    return ours
+
+
+class PipeServer:
+    """A Windows named pipe served as a listening socket is: accept()
+    returns (socket, (name of the client, None)), fileno() is readable
+    while a client waits to be taken.  PIPE_SPARE_INSTANCES instances
+    always wait, and each taken is replaced before its client is served,
+    so that clients coming together do not find the pipe busy."""
+
+    def __init__(self, name: str, remote: bool = False,
+                 blocking: bool = False) -> None:
+        import _winapi
+        self.name = name
+        self.mode = _winapi.PIPE_WAIT | (0 if remote else
+                                         PIPE_REJECT_REMOTE_CLIENTS)
+        self.waiting = collections.deque()
+        self.bell, self.ringer = socket.socketpair()
+        self.bell.setblocking(blocking)
+        self.clients = 0
+        self.closed = False
+        self.lock = threading.Lock()
+        self.stopped = _winapi.CreateEventW(0, True, False, None)
+        try:
+            self.check_unserved()
+            handle = self.create(first=True)
+        except OSError as exc:
+            self.close()
+            why = "another program serves this pipe" if exc.winerror in (
+                _winapi.ERROR_ACCESS_DENIED, _winapi.ERROR_PIPE_BUSY) \
+                else "not a valid pipe name" if exc.winerror == \
+                ERROR_INVALID_NAME else pipe_error(exc)
+            error = UserError("cannot listen on %s: %s" % (name, why))
+            error.errno = errno.EADDRINUSE if "another" in why else None
+            raise error from None
+        self.thread = threading.Thread(target=self.serve, args=(handle,),
+                                       daemon=True, name="pipe " + name)
+        self.thread.start()
+
+    def check_unserved(self) -> None:
+        """Raise ERROR_PIPE_BUSY if another program serves the name."""
+        import _winapi
+        # FILE_FLAG_FIRST_PIPE_INSTANCE is the guard; this says it where
+        # that flag is not honoured (wine).
+        try:
+            _winapi.WaitNamedPipe(self.name, 1)
+        except OSError as exc:
+            if exc.winerror == ERROR_FILE_NOT_FOUND:
+                return
+        raise OSError(errno.EADDRINUSE, "in use", None,
+                      _winapi.ERROR_PIPE_BUSY)
+
+    def create(self, first: bool = False) -> int:
+        """Make a pipe instance for a client to connect to."""
+        import _winapi
+        flags = _winapi.PIPE_ACCESS_DUPLEX | _winapi.FILE_FLAG_OVERLAPPED
+        if first:  # the name must be ours, not another program's
+            flags |= _winapi.FILE_FLAG_FIRST_PIPE_INSTANCE
+        return _winapi.CreateNamedPipe(
+            self.name, flags, self.mode, _winapi.PIPE_UNLIMITED_INSTANCES,
+            PIPE_BUFFER, PIPE_BUFFER, 0, _winapi.NULL)
+
+    def serve(self, first: int) -> None:
+        """Keep PIPE_SPARE_INSTANCES instances waiting for clients; hand
+        each client over to the loop once its instance is replaced."""
+        import _winapi
+        waiting = []  # (handle, overlapped ConnectNamedPipe)
+        self.listen(first, waiting)
+        try:
+            while not self.closed:
+                self.replenish(waiting)
+                events = [ov.event for _, ov in waiting] + [self.stopped]
+                # Short of instances (out of resources): try again soon.
+                which = _winapi.WaitForMultipleObjects(
+                    events, False, _winapi.INFINITE if len(waiting) >=
+                    PIPE_SPARE_INSTANCES else PIPE_POLL_MS)
+                if which == len(events) - 1 or self.closed:
+                    return
+                connected = [(handle, ov) for handle, ov in waiting
+                             if _winapi.WaitForSingleObject(ov.event, 0) ==
+                             _winapi.WAIT_OBJECT_0]
+                for instance in connected:
+                    waiting.remove(instance)
+                # Replaced before served: a client arriving meanwhile
+                # finds an instance free, never ERROR_PIPE_BUSY.
+                self.replenish(waiting)
+                for handle, ov in connected:
+                    try:
+                        _, err = ov.GetOverlappedResult(True)
+                    except OSError:
+                        err = -1
+                    if err == 0:
+                        # A socket pair takes a while on Windows (a TCP
+                        # connection): not in the way of the next client.
+                        threading.Thread(target=self.hand_over,
+                                         args=(handle,), daemon=True).start()
+                    else:
+                        _winapi.CloseHandle(handle)
+        finally:
+            for handle, ov in waiting:
+                ov.cancel()
+                try:
+                    ov.GetOverlappedResult(True)
+                except OSError:
+                    pass
+                _winapi.CloseHandle(handle)
+
+    def replenish(self, waiting: list) -> None:
+        """Make instances until PIPE_SPARE_INSTANCES wait, or no more can
+        be made now."""
+        while len(waiting) < PIPE_SPARE_INSTANCES and not self.closed:
+            try:
+                handle = self.create()
+            except OSError:
+                return
+            self.listen(handle, waiting)
+
+    def listen(self, handle: int, waiting: list) -> None:
+        """Wait for a client on a new instance (in waiting)."""
+        import _winapi
+        try:
+            ov = _winapi.ConnectNamedPipe(handle, overlapped=True)
+        except OSError as exc:
+            # A client that connected, wrote and left before we asked: what
+            # it wrote is still to be read.
+            if exc.winerror == _winapi.ERROR_NO_DATA:
+                self.hand_over(handle)
+            else:
+                _winapi.CloseHandle(handle)
+            return
+        waiting.append((handle, ov))
+
+    def hand_over(self, handle: int) -> None:
+        """Queue a connected client for accept()."""
+        with self.lock:
+            self.clients += 1
+            client = "%s client %d" % (self.name, self.clients)
+        try:
+            sock = bridge_pipe(handle, client)
+        except OSError:  # out of sockets: the client finds the pipe closed
+            import _winapi
+            _winapi.CloseHandle(handle)
+            return
+        with self.lock:
+            if self.closed:
+                sock.close()
+                return
+            self.waiting.append((sock, (client, None)))
+        try:
+            self.ringer.send(b"\0")
+        except OSError:
+            pass
+
+    def fileno(self) -> int:
+        return self.bell.fileno()
+
+    def getsockname(self) -> tuple:
+        return self.name, None
+
+    def setblocking(self, flag: bool) -> None:
+        self.bell.setblocking(flag)
+
+    def accept(self) -> tuple:
+        """Return (socket, (client, None)) of the next client; without
+        one, BlockingIOError (non-blocking) or wait for one."""
+        if not self.bell.recv(1):
+            raise OSError(errno.EBADF, "pipe server closed")
+        sock, address = self.waiting.popleft()
+        sock.setblocking(True)
+        return sock, address
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        """Wake a thread blocked in accept()."""
+        try:
+            self.ringer.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Take no more clients; close those never taken."""
+        import _winapi
+        if self.closed:
+            return
+        self.closed = True
+        _winapi.SetEvent(self.stopped)
+        thread = getattr(self, "thread", None)
+        if thread is not None:
+            thread.join(5)
+        with self.lock:
+            while self.waiting:
+                self.waiting.popleft()[0].close()
+        self.bell.close()
+        self.ringer.close()
+        _winapi.CloseHandle(self.stopped)
+
+
+def connect_pipe(name: str, timeout: Optional[float] = None,
+                 keep_alive: bool = True) -> socket.socket:
+    """Connect to a named pipe as a client; return a socket bridged to it.
+
+    Raises OSError as socket.create_connection does: ConnectionRefusedError
+    when no program serves the pipe, socket.timeout when every instance
+    stayed busy for timeout seconds."""
+    import _winapi
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            handle = _winapi.CreateFile(
+                name, _winapi.GENERIC_READ | _winapi.GENERIC_WRITE, 0,
+                _winapi.NULL, _winapi.OPEN_EXISTING,
+                _winapi.FILE_FLAG_OVERLAPPED, _winapi.NULL)
+            break
+        except OSError as exc:
+            if exc.winerror == ERROR_FILE_NOT_FOUND:
+                raise ConnectionRefusedError(errno.ECONNREFUSED,
+                                             pipe_error(exc)) from None
+            if exc.winerror != _winapi.ERROR_PIPE_BUSY:
+                raise OSError(exc.errno, pipe_error(exc)) from None
+        # Every instance busy: wait for one, as a pipe client should.
+        left = 1000 if deadline is None else \
+            int((deadline - time.monotonic()) * 1000)
+        if left <= 0:
+            raise socket.timeout("every instance of the pipe stayed busy")
+        try:
+            _winapi.WaitNamedPipe(name, min(left, 1000))
+        except OSError:
+            pass  # timed out, or gone: CreateFile says which
+    sock = bridge_pipe(handle, name, keep_alive)
+    sock.settimeout(timeout)
+    return sock
+
+
+def open_connection(address: tuple, timeout: Optional[float] = None
+                    ) -> socket.socket:
+    """Connect to address, TCP or a named pipe, as
+    socket.create_connection does."""
+    if is_pipe(address):
+        return connect_pipe(address[0], timeout)
+    return socket.create_connection(address, timeout=timeout)
 
 
 # --- The listener ------------------------------------------------------------
@@ -2828,6 +3325,15 @@ class Listener:
         """Listen where the settings say, and say where that is."""
         self.admission.open(self.settings.listen, self.accept)
         server = self.admission.server
+        if isinstance(server, PipeServer):
+            self.console.status("Starting on %s (a named pipe; %s)" % (
+                server.name, "clients on other computers too"
+                if self.settings.remote_pipe_clients else
+                "clients on this computer only"))
+            self.console.status("Waiting for CyberTrace (OutputSettings > "
+                                "ConnectionString = %s); Ctrl+C to stop"
+                                % server.name)
+            return
         for never, why in unmatched_allow(server, self.settings.allow):
             if never and self.allow_must_match:
                 raise ArgumentError("argument --allow: " + why)
@@ -2894,7 +3400,8 @@ class Listener:
         if taken is None:
             return False
         sock, address = taken
-        conn = Connection(sock, address, self.settings.max_event_bytes)
+        conn = Connection(sock, address, self.settings.max_event_bytes,
+                          self.admission.listen_name)
         self.connections[sock] = conn
         self.admission.joined(conn)
         self.selector.register(sock, selectors.EVENT_READ,
@@ -3177,6 +3684,10 @@ def main(argv: Optional[list] = None) -> int:
     """Run the listener; return the exit status."""
     parser = build_parser()
     settings = Settings.from_arguments(parser.parse_args(argv))
+    if settings.prefix and settings.format == "json":
+        parser.error("argument --prefix: not with -f json: its lines have "
+                     "\"time\" and \"peer\" members (-f raw or text takes "
+                     "--prefix)")
     prog = parser.prog
     try:
         output = Output(settings.output, 2 if settings.format == "text"

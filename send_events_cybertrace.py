@@ -50,8 +50,9 @@ try:
         Console, EmbeddedListener, EventFramer, OneLineParser, RateMeter,
         UserError, argument_type, binary_stdout, bounded, escape_block,
         escape_controls, escape_line, format_address, format_bytes,
-        format_count, format_duration, format_progress, formatter,
-        interface_addresses, ip_of, keep_freed_memory, parse_address,
+        format_count, format_duration, format_latency, format_progress,
+        formatter, interface_addresses, ip_of, is_pipe, keep_freed_memory,
+        open_connection, parse_address,
         parse_fields, parse_network, parse_response, peer_gone, plural,
         reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
         split_lines, stream_flags, to_text, write_now, write_stdout,
@@ -63,9 +64,11 @@ except ModuleNotFoundError as exc:
                         "follow_files"):
         raise
     # Copied alone, without the module it shares its code with.
-    sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
-             "folder (it holds the framing and the lab check's listener)"
-             % os.path.basename(sys.argv[0] or "send_events_cybertrace.py"))
+    sys.exit("%s: error: %s.py must be in the same folder (%s)" % (
+        os.path.basename(sys.argv[0] or "send_events_cybertrace.py"),
+        exc.name, "it holds the capacity test" if exc.name ==
+        "cybertrace_capacity" else "it holds the framing and the lab "
+        "check's listener"))
 
 try:
     from fcntl import ioctl
@@ -467,6 +470,18 @@ def some_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
     return itertools.chain([first], blocks)
 
 
+def typed_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
+    """Yield the blocks a person types, saying how once connected (this
+    runs at the first read); raise NothingToSend if none came."""
+    console.status(TERMINAL_NOTICE)
+    typed = False
+    for item in blocks:
+        typed = True
+        yield item
+    if not typed:
+        raise NothingToSend("no events to send")
+
+
 def paced(blocks: Iterable[tuple], rate: float,
           clock: Callable[[], float] = time.monotonic) -> Iterator[tuple]:
     """Yield the events of blocks in batches, rate events per second."""
@@ -655,7 +670,7 @@ def connect(address: tuple, timeout: float) -> socket.socket:
     """Connect to CyberTrace or raise a one-line UserError."""
     where = format_address(*address)
     try:
-        return socket.create_connection(address, timeout=timeout)
+        return open_connection(address, timeout)
     except socket.gaierror as exc:
         raise UserError("cannot resolve %s: %s" % (address[0], exc.strerror))
     except socket.timeout:
@@ -1003,7 +1018,7 @@ class Resender:
         while True:
             self.backoff.wait()
             try:
-                sock = socket.create_connection(self.address, self.timeout)
+                sock = open_connection(self.address, self.timeout)
                 break
             except OSError as exc:
                 self.backoff.failed()
@@ -1105,11 +1120,14 @@ def send_buffer(sock: socket.socket) -> int:
 
 def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
                       where: str, watch: Optional[tuple],
+                      connect_first: bool = False,
                       follower=None) -> str:
     """Send with --reconnect; return the summary line.
 
-    watch: (tally, total) for a progress line, as Progress takes them.
-    follower: --follow's, told what the peer acknowledged.
+    watch: (tally, total) for a progress line, as Progress takes them;
+    connect_first: connect (waiting for the peer, saying so) before the
+    first read, as at a terminal; follower: --follow's, told what the
+    peer acknowledged.
     """
     resender = Resender(args.connect, args.timeout, where, args.retry_max)
     if follower is not None:
@@ -1119,6 +1137,8 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     started = time.monotonic()
     progress = None
     try:
+        if connect_first:
+            resender.connect()
         if watch is not None:
             progress = Progress(resender, *watch)
         send_all(resender, blocks, args.verbose)
@@ -1448,6 +1468,8 @@ def shown_addresses(server: socket.socket) -> List[str]:
     """Return where server can be reached, as the listener says it: a
     wildcard address is the host's addresses (see announce())."""
     host, port = server.getsockname()[:2]
+    if port is None:  # a named pipe
+        return [host]
     hosts = reachable_hosts(server)
     if hosts is None:
         return [format_address(host, port)]
@@ -1777,7 +1799,9 @@ class LabCheck:
             self.result_file = open_result_file(args.check_json)
         self.others = OtherEvents(args.output, args.format)
         self.arrivals = Arrivals(self.events, self.others.write)
-        allow = args.allow or cybertrace_hosts(args.connect[0])
+        # A pipe's CyberTrace runs on this host.
+        allow = args.allow or cybertrace_hosts(
+            LISTEN_ADDR if is_pipe(args.connect) else args.connect[0])
         # One listener per address, each telling the arrivals its number.
         self.listeners = [
             EmbeddedListener(address, functools.partial(
@@ -2079,13 +2103,6 @@ def result_json(result: CheckResult, status: int,
                                if i in probe.detected],
                   "error": probe.error},
         "diagnosis": diagnosis}
-
-
-def format_latency(seconds: float) -> str:
-    """Return 2.2 ms below a second, 3.4 s above."""
-    if seconds < 1:
-        return "%.1f ms" % (seconds * 1000)
-    return "%.1f s" % seconds
 
 
 def probe_note(result: CheckResult) -> str:
@@ -2507,16 +2524,21 @@ def run(args: argparse.Namespace) -> str:
     sources = []
     try:
         sources = open_sources(args)
-        if reading_terminal(sources):
-            console.status(TERMINAL_NOTICE)
+        terminal = reading_terminal(sources)
         tally = [0]
         # Sizes are known before anything is read.
         watch = None
         if Progress.wanted(args, sources):
             watch = tally, source_bytes(sources, args.repeat) or None
-        blocks = some_events(event_blocks(sources, args.repeat, tally))
+        blocks = event_blocks(sources, args.repeat, tally)
+        if terminal:
+            # Connect first: a wrong -c shows at once, not once the user
+            # has typed an event.
+            blocks = typed_events(blocks)
+        else:
+            blocks = some_events(blocks)
         if args.reconnect:
-            return send_reconnecting(args, blocks, where, watch)
+            return send_reconnecting(args, blocks, where, watch, terminal)
         if args.rate:
             blocks = paced(blocks, args.rate)
         return send_once(args, blocks, where, watch)
@@ -2542,7 +2564,8 @@ def follow(args: argparse.Namespace, where: str) -> str:
             watch = [0], None
         blocks = follower.blocks()
         if args.reconnect:
-            return send_reconnecting(args, blocks, where, watch, follower)
+            return send_reconnecting(args, blocks, where, watch,
+                                     follower=follower)
         return send_once(args, blocks, where, watch, follower)
     except follow_files.StateError as exc:
         raise UserError(str(exc)) from None
