@@ -404,7 +404,8 @@ INTERRUPTED = (rb"send_events_cybertrace\.py: interrupted: ([\d,]+) events?"
 
 
 # The progress line: events, bytes, rate, then a percentage and an ETA.
-PROGRESS = rb"\r([\d,]+ events?  [\d.,]+ (?:bytes?|KiB|MiB)  [\d,]+/s)"
+PROGRESS = (rb"\r([\d,]+ events?  [\d.,]+ (?:bytes?|KiB|MiB)  [\d,]+/s  "
+            rb"[\d,]+ acknowledged)")
 PERCENT_ETA = rb"  (\d+)%  ETA (?:\d+:\d\d:\d\d|[\d.]+ s)"
 
 
