@@ -429,6 +429,9 @@ class FakeCyberTrace:
             server = lec.open_unix_server(address.path, 128, lec.SOCKET_MODE)
             server.setblocking(True)
             return server
+        if lec.is_pipe(address):
+            # Served as a listening socket is; a connection each client.
+            return lec.PipeServer(address[0], blocking=True)
         try:
             family = socket.getaddrinfo(address[0], address[1],
                                         type=socket.SOCK_STREAM)[0][0]
