@@ -22,14 +22,17 @@ lookup latency.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
+import math
 import selectors
 import socket
 import time
 from typing import Callable, List, Optional
 
 from listen_events_cybertrace import (Console, UserError, format_address,
-                                      format_count, plural)
+                                      format_count, format_latency,
+                                      open_connection, plural)
 
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 FINISHED = b"LookupFinished"
@@ -46,6 +49,11 @@ UNANSWERED_SHARE = 0.01
 # Events awaiting an answer on one connection: past it, new ones are not
 # sent and count as unanswered, so memory stays bounded.
 IN_FLIGHT = 100000
+# Answers looked for ahead of the oldest event when the answer echoes
+# another event's text.
+ECHO_WINDOW = 1024
+# Latency buckets per factor e: each a thousandth wider than the last.
+BUCKETS_PER_E = 1000
 # The narrowing ends when the good and the bad rate are this close.
 NARROW_TO = 1.1
 NARROW_STEPS = 4
@@ -55,6 +63,42 @@ LIVE_SECONDS = 0.25
 RECV_SIZE = 256 * 1024
 # Events per send() at most: a step's burst never builds a huge buffer.
 BATCH = 4096
+
+
+class Latencies:
+    """Latencies kept as HdrHistogram keeps them: counts in buckets a
+    thousandth wide (logarithmic, from a microsecond), so memory stays
+    bounded however long a step runs (2,303 buckets a decade at most) and
+    a percentile is within 0.05% of the exact one."""
+
+    def __init__(self) -> None:
+        self.buckets: collections.Counter = collections.Counter()
+        self.count = 0
+        self.largest: Optional[float] = None
+
+    def record(self, seconds: float) -> None:
+        micros = seconds * 1e6
+        self.buckets[int(math.log(micros) * BUCKETS_PER_E)
+                     if micros > 1 else -1] += 1
+        self.count += 1
+        if self.largest is None or seconds > self.largest:
+            self.largest = seconds
+
+    def percentile(self, share: float) -> Optional[float]:
+        """Return the latency that share of the answers took at most."""
+        if not self.count:
+            return None
+        if share >= 1:
+            return self.largest
+        rank = min(self.count - 1, int(share * self.count))
+        seen = 0
+        for bucket in sorted(self.buckets):
+            seen += self.buckets[bucket]
+            if seen > rank:
+                # The bucket's middle: within half its width of any value.
+                return 0.0 if bucket < 0 else math.exp(
+                    (bucket + 0.5) / BUCKETS_PER_E) / 1e6
+        return self.largest
 
 
 class Step:
@@ -68,7 +112,7 @@ class Step:
         self.in_time = 0  # answered by the step's end
         self.detections = 0
         self.capped = 0  # not sent: the connection's in-flight cap
-        self.latencies: List[float] = []
+        self.latencies = Latencies()
         self.seconds = 0.0
         self.cpu = 0.0
         # Awaiting an answer max_latency after they were due, when the
@@ -83,10 +127,7 @@ class Step:
 
     def percentile(self, share: float) -> Optional[float]:
         """Return the latency that share of the answers took at most."""
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+        return self.latencies.percentile(share)
 
     def answered_rate(self) -> float:
         return self.in_time / self.seconds if self.seconds else 0.0
@@ -125,13 +166,6 @@ class Lane:
         self.closed = ""
 
 
-def format_ms(seconds: Optional[float]) -> str:
-    """Return 1.2 ms below a second, 3.4 s above, - for none."""
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return "%.1f ms" % (seconds * 1000)
-    return "%.1f s" % seconds
 
 
 def format_rate(rate: float) -> str:
@@ -177,7 +211,7 @@ class CapacityTest:
     def connect(self) -> None:
         for _ in range(self.connections):
             try:
-                sock = socket.create_connection(self.address, self.timeout)
+                sock = open_connection(self.address, self.timeout)
             except OSError as exc:
                 self.close()
                 raise UserError("cannot connect to %s: %s" % (
@@ -311,23 +345,24 @@ class CapacityTest:
             return
         if lane.echo is None:
             lane.echo = self.events[lane.waiting[0][1]] in line
-        entry = lane.waiting[0]
-        if lane.echo and self.events[entry[1]] not in line:
-            entry = self.find_echoed(lane, line) or entry
-        if entry is lane.waiting[0]:
-            lane.waiting.popleft()
-        else:
-            lane.waiting.remove(entry)
-        due, _, step = entry
+        if lane.echo and self.events[lane.waiting[0][1]] not in line:
+            self.skip_unanswered(lane, line)
+        due, _, step = lane.waiting.popleft()
         step.answered += 1
-        step.latencies.append(now - due)
+        step.latencies.record(now - due)
 
-    def find_echoed(self, lane: Lane, line: bytes) -> Optional[tuple]:
-        """Return the oldest event awaiting an answer that line echoes."""
-        for entry in lane.waiting:
+    def skip_unanswered(self, lane: Lane, line: bytes) -> None:
+        """Give up the events ahead of the one that line echoes."""
+        # One connection is one scanner, answering in order: events ahead
+        # of the echoed one got no answer (dropped over EPSLimit), and
+        # matching past them keeps their wait out of the others' latency.
+        # Looked for within a window, so a stray line costs little.
+        for ahead, entry in enumerate(itertools.islice(lane.waiting,
+                                                       ECHO_WINDOW)):
             if self.events[entry[1]] in line:
-                return entry
-        return None
+                for _ in range(ahead):
+                    lane.waiting.popleft()[2].given_up += 1
+                return
 
     def lose(self, lane: Lane, why: str) -> None:
         if not lane.closed:
@@ -354,7 +389,7 @@ class CapacityTest:
             return "answered %s of %s" % (format_count(step.in_time),
                                           format_count(step.due))
         if p99 is not None and p99 > self.max_latency:
-            return "p99 %s" % format_ms(p99)
+            return "p99 %s" % format_latency(p99)
         unanswered = step.late + step.capped
         if unanswered > UNANSWERED_SHARE * step.due:
             return "%s unanswered" % format_count(unanswered)
@@ -447,9 +482,9 @@ class CapacityTest:
             format_rate(step.rate), format_rate(step.answered_rate()),
             format_count(step.due),
             format_count(step.answered), format_count(step.detections),
-            format_ms(step.percentile(0.5)), format_ms(step.percentile(0.9)),
-            format_ms(step.percentile(0.99)),
-            format_ms(step.percentile(1.0)), format_count(step.unanswered),
+            format_latency(step.percentile(0.5)), format_latency(step.percentile(0.9)),
+            format_latency(step.percentile(0.99)),
+            format_latency(step.percentile(1.0)), format_count(step.unanswered),
             step.verdict)
 
     def table(self) -> List[str]:
@@ -472,8 +507,8 @@ class CapacityTest:
                             self.where, format_rate(first.rate),
                             first.seconds, format_count(first.answered),
                             plural(first.due, "event"),
-                            format_ms(first.percentile(0.5)),
-                            format_ms(first.percentile(0.99))))
+                            format_latency(first.percentile(0.5)),
+                            format_latency(first.percentile(0.99))))
             if first.verdict == "sender limit":
                 return ("CyberTrace at %s: not measured, the sender could "
                         "not offer %s events/s" % (self.where,
@@ -486,8 +521,8 @@ class CapacityTest:
                        first.verdict))
         text = "CyberTrace at %s answers %s events/s over %s (p50 %s, " \
             "p99 %s)" % (self.where, format_rate(best.answered_rate()), over,
-                         format_ms(best.percentile(0.5)),
-                         format_ms(best.percentile(0.99)))
+                         format_latency(best.percentile(0.5)),
+                         format_latency(best.percentile(0.99)))
         last = self.steps[-1]
         # The ramp may end on a step that kept up, narrowing down to the
         # limit: the lowest rate it fell behind at is the news.
@@ -496,7 +531,7 @@ class CapacityTest:
             worst = min(behind, key=lambda s: s.rate)
             text += "; at %s offered it fell behind (%s, p99 %s)" % (
                 format_rate(worst.rate), worst.verdict[len("behind: "):],
-                format_ms(worst.percentile(0.99)))
+                format_latency(worst.percentile(0.99)))
         elif last.verdict == "sender limit":
             text += "; at %s offered the sender itself was the limit (%d%% " \
                 "of a core, %s of %s sent): CyberTrace may take more" % (

@@ -307,7 +307,7 @@ class Delivery:
             if self.sock is not None and lec.peer_gone(self.sock):
                 self.drop()
             if self.sock is None:
-                self.sock = socket.create_connection(self.address, timeout=5)
+                self.sock = lec.open_connection(self.address, timeout=5)
             self.sock.sendall(data)
         except (OSError, UnicodeError) as exc:  # UnicodeError: a bad name
             self.drop()
@@ -423,6 +423,9 @@ class FakeCyberTrace:
 
     @staticmethod
     def bind(address: tuple) -> socket.socket:
+        if lec.is_pipe(address):
+            # Served as a listening socket is; a connection each client.
+            return lec.PipeServer(address[0], blocking=True)
         try:
             family = socket.getaddrinfo(address[0], address[1],
                                         type=socket.SOCK_STREAM)[0][0]

@@ -145,6 +145,8 @@ DRAIN_QUIET_SECONDS = 0.25
 # often enough to look alive, seldom enough to cost nothing.
 LIVE_SECONDS = 0.25
 FORMATS = ("text", "raw", "json")
+# What --prefix can put before each event of raw and text.
+PREFIX_FIELDS = ("time", "peer", "listen")
 # The signals the loop acts on, by name: a platform lacks some (Windows has
 # no SIGHUP or SIGUSR1, and Ctrl+Break raises SIGBREAK, which only it has),
 # so they are looked up by name (signal_numbers(), getattr), never assumed.
@@ -169,6 +171,10 @@ class ArgumentError(UserError):
     socket can never match); printed as one line, exit status 2."""
 
 
+# EventFramer.marks when no event was cut into pieces.
+NO_MARKS = ()
+
+
 class EventFramer:
     """Cut a byte stream into events at b"\\n", holding at most one event.
 
@@ -177,6 +183,10 @@ class EventFramer:
     max_event_bytes come out as several pieces of at most that size.  A
     block is bytes, or a memoryview of the caller's buffer when nothing had
     to change (no copy: the caller uses it before reading again).
+
+    After each call, marks lists the pieces in the block it returned, as
+    (line number in the block, piece number from 1, whether it is its
+    event's last piece); mostly it is empty.
     """
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
@@ -184,7 +194,8 @@ class EventFramer:
         self.pending = b""
         self.received = 0
         self.split_events = 0
-        self._cutting = False  # pieces of the pending event were emitted
+        self.piece = 0  # pieces of the pending event emitted so far
+        self.marks = NO_MARKS
 
     def read(self, readinto, buffer: bytearray, size: int = RECV_SIZE):
         """Read once with readinto after the pending bytes; None at EOF.
@@ -213,6 +224,7 @@ class EventFramer:
         """Frame buf[:total], which starts with the pending bytes."""
         end = buf.rfind(b"\n", 0, total) + 1
         view = memoryview(buf)
+        self.marks = NO_MARKS
         if end == 0:
             self.pending = bytes(view[:total])
             return self._cut_pending()
@@ -225,18 +237,25 @@ class EventFramer:
         first = buf.find(b"\n", 0, end)
         if max(first, end - first - 1) > self.max_event_bytes:
             block = self._cut_block(bytes(block))
-        self._cutting = False
+        elif self.piece:
+            self.marks = [(0, self.piece + 1, True)]
+        self.piece = 0
         if len(self.pending) > self.max_event_bytes + 1:
-            block = bytes(block) + self._cut_pending()
+            block = bytes(block)
+            block += self._cut_pending(block.count(b"\n"))
         return block
 
     def close(self) -> bytes:
         """Return the last event, which had no newline, if there is one."""
         rest, self.pending = self.pending, b""
+        self.marks = NO_MARKS
         if not rest:
             return b""
         if len(rest) > self.max_event_bytes:
             return self._cut_block(rest + b"\n")
+        if self.piece:
+            self.marks = [(0, self.piece + 1, True)]
+            self.piece = 0
         return rest + b"\n"
 
     def release(self) -> bytes:
@@ -246,23 +265,24 @@ class EventFramer:
         # b"\n" make it a piece of its own.
         keep = 2 if self.pending.endswith(b"\r") else 1
         piece = self.pending[:len(self.pending) - keep]
+        self.marks = NO_MARKS
         if not piece:
             return b""
         self.pending = self.pending[len(piece):]
-        if not self._cutting:
+        if not self.piece:
             self.split_events += 1
-            self._cutting = True
+        self.piece += 1
+        self.marks = [(0, self.piece, False)]
         return piece + b"\n"
 
-    def _cut_pending(self) -> bytes:
+    def _cut_pending(self, first_line: int = 0) -> bytes:
         # Keep one byte beyond the limit: it may be the b"\r" of a b"\r\n"
         # still in flight, which must not become an event of its own.
         size = self.max_event_bytes
         if len(self.pending) <= size + 1:
             return b""
-        if not self._cutting:
+        if not self.piece:
             self.split_events += 1
-            self._cutting = True
         # Sliced by index: taking a piece off the front each time copies
         # the rest, quadratic when the pieces are small.  The pieces leave
         # 2 to size + 1 bytes pending.
@@ -270,6 +290,11 @@ class EventFramer:
         count = (len(pending) - 2) // size
         pieces = [pending[i:i + size] for i in range(0, count * size, size)]
         self.pending = pending[count * size:]
+        marks = list(self.marks)
+        marks.extend((first_line + number, self.piece + number + 1, False)
+                     for number in range(count))
+        self.marks = marks
+        self.piece += count
         pieces.append(b"")
         return b"\n".join(pieces)
 
@@ -277,16 +302,24 @@ class EventFramer:
         size = self.max_event_bytes
         lines = block.split(b"\n")
         lines.pop()
-        if max(map(len, lines)) <= size:
-            return block
         out = []
+        marks = []
         for index, line in enumerate(lines):
+            # The first line may end an event whose pieces came before.
+            before = self.piece if index == 0 else 0
             if len(line) <= size:
+                if before:
+                    marks.append((len(out), before + 1, True))
                 out.append(line)
                 continue
-            if index or not self._cutting:
+            if not before:
                 self.split_events += 1
+            count = (len(line) + size - 1) // size
+            marks.extend((len(out) + number, before + number + 1,
+                          number == count - 1) for number in range(count))
             out.extend(line[i:i + size] for i in range(0, len(line), size))
+        self.piece = 0
+        self.marks = marks
         out.append(b"")
         return b"\n".join(out)
 
@@ -347,8 +380,12 @@ _WHITE = " \t\n\r\x0b\x0c"
 def parse_fields(event: str) -> dict:
     """Return the event's key=value pairs; a repeated key gets a list."""
     parts = _FIELD_SPLIT.split(event)
-    keys = parts[1::2]
-    values = [value.rstrip(_WHITE) for value in parts[2::2]]
+    return group_fields(parts[1::2], [value.rstrip(_WHITE)
+                                      for value in parts[2::2]])
+
+
+def group_fields(keys: list, values: list) -> dict:
+    """Return keys and their values as a dict; a repeated key gets a list."""
     fields = dict(zip(keys, values))
     if len(fields) == len(keys):
         return fields
@@ -361,6 +398,108 @@ def parse_fields(event: str) -> dict:
         else:
             fields[key] = [fields[key], value]
     return fields
+
+
+# --- What an event is: CyberTrace's templates --------------------------------
+#
+# Kaspersky ships templates for each SIEM (online help 197106, 296063): the
+# default key=value one, ArcSight's CEF, RSA NetWitness's with a syslog
+# <PRI> first, KUMA's with "|" between fields.  read_event() reads them all
+# into (kind, fields), for -f json and the lab check alike.
+
+# The marker of the event CyberTrace sends after each event it looked up
+# (X-KF-SendFinishedEvent): one of its fields is "LookupFinished" (296063).
+# Looked for anywhere in the event, first, since such an event may quote
+# the event it answers.
+FINISHED = b"LookupFinished"
+_FINISHED_TEXT = FINISHED.decode()
+_ALERT = re.compile(r"(?<![\w.])alert=(KL_ALERT_\w+)")
+# What a detection's template names its matched indicator: the default
+# template's key, and KUMA's.
+DETECTION_KEYS = ("matchedIndicator", "MatchedIndicator")
+# CEF's Device Event Class ID and Name in Kaspersky's ArcSight templates.
+CEF_KINDS = {"CyberTrace Service Event": "alert", "1": "alert",
+             "CyberTrace Detection Event": "detection", "2": "detection"}
+KINDS = ("detection", "alert", "finished", "unknown")
+# A syslog priority, as RSA NetWitness's template begins:
+# "<232>%CyberTrace:ALERT_EVENT alert=...".
+_PRI = re.compile(r"<(\d{1,3})>")
+# ArcSight's names for CEF's seven header fields, in their order.
+CEF_HEADER = ("cefVersion", "deviceVendor", "deviceProduct", "deviceVersion",
+              "deviceEventClassId", "name", "severity")
+# CEF: at the start (after a <PRI>), or after a syslog header of words
+# ("Sep 19 08:26:10 host CEF:0|..."); each header field ends at a "|" that
+# no backslash escapes.
+_CEF = re.compile(r"(?:[^|=]* )?CEF:" + r"((?:[^|\\]|\\.)*)\|" * 7,
+                  re.DOTALL)
+_CEF_HEADER_ESCAPE = re.compile(r"\\([|\\])")
+# In the extension, pairs are separated by spaces only ("|" is text there),
+# and a key never holds a backslash, so an escaped "\=" ends no key.
+_CEF_KEY = re.compile(r"(?:^| )([^\s|=\\]+)=", re.ASCII)
+_CEF_VALUE_ESCAPE = re.compile(r"\\([\\=nr])")
+_CEF_UNESCAPED = {"\\": "\\", "=": "=", "n": "\n", "r": "\r"}
+
+
+def alert_name(event: str) -> Optional[str]:
+    """Return the service alert an event is (KL_ALERT_...), or None."""
+    found = _ALERT.search(event)
+    return found.group(1) if found else None
+
+
+def read_event(event: str) -> tuple:
+    """Return (kind, fields) for an event of any of CyberTrace's templates.
+
+    fields: a leading syslog <PRI> as "pri", a CEF header by ArcSight's
+    names (CEF_HEADER) and its extension un-escaped, or else the event's
+    key=value pairs; a key that repeats gets a list.  kind: see event_kind.
+    """
+    pri = _PRI.match(event) if event[:1] == "<" else None
+    text = event[pri.end():] if pri else event
+    header = _CEF.match(text) if "CEF:" in text else None
+    if pri is None and header is None:
+        fields = parse_fields(event)
+        return event_kind(event, fields), fields
+    keys, values = (["pri"], [pri.group(1)]) if pri else ([], [])
+    if header is None:
+        parts = _FIELD_SPLIT.split(text)
+        keys += parts[1::2]
+        values += [value.rstrip(_WHITE) for value in parts[2::2]]
+        fields = group_fields(keys, values)
+        return event_kind(event, fields), fields
+    head = [_CEF_HEADER_ESCAPE.sub(r"\1", value) for value in header.groups()]
+    parts = _CEF_KEY.split(text[header.end():])
+    keys += [*CEF_HEADER, *parts[1::2]]
+    values += head
+    values += [unescape_cef(value.rstrip(_WHITE)) for value in parts[2::2]]
+    fields = group_fields(keys, values)
+    # Name first: a site may number its classes, not name them anew.
+    return event_kind(event, fields, (head[5], head[4])), fields
+
+
+def unescape_cef(value: str) -> str:
+    """Undo CEF's escapes in an extension's value: \\\\ \\= \\n \\r."""
+    if "\\" not in value:
+        return value
+    return _CEF_VALUE_ESCAPE.sub(lambda m: _CEF_UNESCAPED[m.group(1)], value)
+
+
+def event_kind(event: str, fields: dict, cef: tuple = ()) -> str:
+    """Return what an event is: "finished" (it holds LookupFinished),
+    "alert" (alert=KL_ALERT_...), "alert" or "detection" by a CEF header's
+    Name or Device Event Class ID (cef: those two, un-escaped), "detection"
+    (a matched indicator's key), or "unknown"."""
+    if _FINISHED_TEXT in event:
+        return "finished"
+    if alert_name(event) is not None:
+        return "alert"
+    for value in cef:
+        kind = CEF_KINDS.get(value)
+        if kind is not None:
+            return kind
+    for key in DETECTION_KEYS:
+        if key in fields:
+            return "detection"
+    return "unknown"
 
 
 def _control_escapes() -> dict:
@@ -410,11 +549,12 @@ def ip_of(host: str) -> IPAddress:
 def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
     """Split "host:port", "[v6]:port" or a bare "port" into (host, port)."""
     text = text.strip()
-    if text.startswith(("\\\\.\\pipe\\", "//./pipe/")):
-        # CyberTrace's other ConnectionString form: say why it fails here.
-        raise ValueError("named pipes (\\\\.\\pipe\\NAME) exist only on "
-                         "Windows" if os.name != "nt" else
-                         "named pipes are not supported yet: use ADDR:PORT")
+    if text.startswith(PIPE_PREFIXES):
+        # CyberTrace's other ConnectionString form: (name, None).
+        if os.name != "nt":
+            raise ValueError("named pipes (\\\\.\\pipe\\NAME) exist only "
+                             "on Windows")
+        return parse_pipe(text)
     if text.isascii() and text.isdigit():
         host, port = default_host, text
     elif text.startswith("["):
@@ -442,7 +582,10 @@ def parse_address(text: str, default_host: str = LISTEN_ADDR) -> tuple:
 
 
 def format_address(host: str, port: int) -> str:
-    """Return host and port as a ConnectionString, IPv6 in brackets."""
+    """Return host and port as a ConnectionString, IPv6 in brackets (a
+    named pipe, port None, is its name)."""
+    if port is None:
+        return host
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
@@ -496,6 +639,15 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return "%d:%02d:%02d" % (hours, minutes, secs)
+
+
+def format_latency(seconds: Optional[float]) -> str:
+    """Return 1.2 ms below a second, 3.4 s above, - for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return "%.1f ms" % (seconds * 1000)
+    return "%.1f s" % seconds
 
 
 def format_progress(events: int, size: int, rate: float) -> str:
@@ -984,6 +1136,46 @@ def format_text(block: Block, lines: list, peer: str, when: float,
                        peer, when, escape)
 
 
+def parse_event_prefix(text: str) -> tuple:
+    """Convert --prefix's comma-separated fields (time,peer,listen) to a
+    tuple in the order given, in words when it fails."""
+    fields = tuple(text.split(","))
+    for field in fields:
+        if field not in PREFIX_FIELDS:
+            raise ValueError("%s: choose one or more of %s, comma-separated"
+                             % ("empty field" if not field else
+                                "unknown field %r" % escape_line(field),
+                                ",".join(PREFIX_FIELDS)))
+        if fields.count(field) > 1:
+            raise ValueError("%s given twice" % field)
+    return fields
+
+
+class EventPrefix:
+    """Put --prefix's fields before each event of a block, each followed by
+    one space: "2026-12-07T23:01:02.123Z 10.0.0.5:51234 0.0.0.0:9998 "."""
+
+    def __init__(self, fields: tuple) -> None:
+        self.fields = fields
+
+    def head(self, peer: str, listen: str, when: float) -> bytes:
+        """Return the prefix of events from peer by listen at when."""
+        values = {"time": iso_time(when), "peer": peer, "listen": listen}
+        return "".join(values[field] + " " for field in self.fields).encode(
+            "utf-8", "surrogateescape")
+
+    def apply(self, block: Block, peer: str, listen: str,
+              when: float) -> bytes:
+        """Return block (whole events) with the prefix before each event."""
+        lines = split_lines(block)
+        # One join of the prefix and the events in turn: several times
+        # quicker than bytes.replace or a separator's join, twice as quick
+        # as a + per event.
+        parts = [self.head(peer, listen, when)] * (2 * len(lines))
+        parts[1::2] = lines
+        return b"".join(parts)
+
+
 def valid_utf8(data: bytes) -> bool:
     """Tell whether data is valid UTF-8 (ASCII is, and is quick to tell)."""
     if data.isascii():
@@ -1021,8 +1213,17 @@ def has_controls(data: bytes) -> bool:
 
 def json_text(event: str, stamp: str, peer: str) -> str:
     """Format one event the general way, for what no plan fits."""
-    return _encode_json({"time": stamp, "peer": peer, "event": event,
-                         "fields": parse_fields(event)}) + "\n"
+    kind, fields = read_event(event)
+    return _encode_json({"time": stamp, "peer": peer, "kind": kind,
+                         "event": event, "fields": fields}) + "\n"
+
+
+def json_piece(event: str, stamp: str, peer: str, kind: str, fields: dict,
+               piece: int, last: bool) -> str:
+    """Format one piece of an event cut into several."""
+    return _encode_json({"time": stamp, "peer": peer, "kind": kind,
+                         "event": event, "fields": fields, "piece": piece,
+                         "last": last}) + "\n"
 
 
 def json_bytes(text: str) -> bytes:
@@ -1079,8 +1280,13 @@ class JsonPlan:
             picks.extend(where)
         # Formatted twice: once a batch with its time and peer, then once
         # an event, with the groups that match() found, in the key order.
-        self.template = (b'{"time":"%s","peer":"%s","event":"%%s",'
-                         b'"fields":{' + b",".join(fields) + b"}}\n")
+        # Its events hold no CEF header, <PRI>, LookupFinished or
+        # KL_ALERT_ (format() sees to the last two), so their kind is
+        # their keys', the same for all.
+        kind = read_event(event.decode("utf-8", "replace"))[0].encode()
+        self.template = (b'{"time":"%s","peer":"%s","kind":"' + kind +
+                         b'","event":"%%s","fields":{' + b",".join(fields) +
+                         b"}}\n")
         self.values = operator.methodcaller("group", *picks) \
             if len(picks) > 1 else (lambda found: (found.group(1),))
         self.batch = None
@@ -1092,6 +1298,8 @@ class JsonPlan:
     def build(cls, line: bytes):
         """Return a plan for line's template, or None if none can serve."""
         event = line[:-1]
+        if event[:1] == b"<" or b"CEF:" in event:
+            return None  # read_event tells more than the keys
         parts = _FIELD_SPLIT_BYTES.split(event)
         if any(b"=" in text for text in parts[::2]):  # prefix and values
             return None
@@ -1143,25 +1351,50 @@ class JsonFormatter:
         # Each peer's allowance of plans: peer -> (tokens, when counted).
         self.buckets = {}
         self.batch_built = 0.0  # seconds spent compiling in this batch
+        # The kind of each peer's event whose pieces are coming, given to
+        # every piece: only the first has the text that tells it.
+        self.piece_kinds = {}
 
     def format(self, block: Block, lines: list, peer: str, when: float,
-               escape: bool) -> bytes:
-        """Format a block of events received from peer at when."""
+               escape: bool, marks=NO_MARKS) -> bytes:
+        """Format a block of events received from peer at when; marks:
+        the pieces of split events in it (EventFramer.marks)."""
         stamp = iso_time(when)
         data = bytes(block)
         if escape or not valid_utf8(data):
-            return self.format_slowly(data, stamp, peer, escape)
+            return self.format_slowly(data, stamp, peer, escape, marks)
+        if marks:
+            return self.format_pieces(data, lines, peer, when, marks)
         # A "%" in the peer (an IPv6 scope, fe80::1%eth0) must survive the
         # second formatting.
-        head = (stamp.encode(), peer.encode().replace(b"%", b"%%"))
+        # A pipe's name has backslashes, which JSON escapes.
+        quoted = json.dumps(peer, ensure_ascii=False)[1:-1] \
+            if "\\" in peer or '"' in peer else peer
+        head = (stamp.encode(), quoted.encode().replace(b"%", b"%%"))
         batch = object()
         self.batch_built = 0.0
         out = []
         by_count = self.by_count
         clean = not has_controls(data) and b'"' not in data and \
             b"\\" not in data
+        # What makes a kind other than the plan's keys say, or a CEF
+        # header or <PRI> the plan's prefix would take in: such lines go
+        # the general way.  Looked for once a batch, as a per-line look
+        # ahead in the plan's prefix would slow every event.
+        # (A CEF header has a "|" and a <PRI> a "<": one byte, found at
+        # memchr's speed, is looked for before the longer needle.)
+        # alert_name() needs "alert=KL_ALERT_": the longer needle is
+        # found faster than "KL_ALERT_" among "category=KL_..." values.
+        plain = FINISHED not in data and b"alert=KL_ALERT_" not in data and (
+            b"|" not in data or b"CEF:" not in data) and (
+            b"<" not in data or data[:1] != b"<" and b"\n<" not in data)
         for original in lines:
             line = original
+            if not plain and (FINISHED in line or b"alert=KL_ALERT_" in line or
+                              b"CEF:" in line or line[:1] == b"<"):
+                out.append(self.general(line[:-1].decode(), stamp,
+                                        peer).encode())
+                continue
             if not clean:
                 if has_controls(line):
                     out.append(self.general(line[:-1].decode(), stamp,
@@ -1188,20 +1421,60 @@ class JsonFormatter:
         return b"".join(out)
 
     def format_slowly(self, data: bytes, stamp: str, peer: str,
-                      escape: bool) -> bytes:
+                      escape: bool, marks=NO_MARKS) -> bytes:
         """Format every event of data through json: for what is not UTF-8,
         and what is escaped (terminal: what JSON leaves in strings)."""
-        out = "".join(self.general(event, stamp, peer) for event in
-                      data.decode("utf-8", "surrogateescape")[:-1]
-                      .split("\n"))
+        events = data.decode("utf-8", "surrogateescape")[:-1].split("\n")
+        pieces = {line: (number, last) for line, number, last in marks}
+        out = "".join(self.general(event, stamp, peer, pieces.get(index))
+                      for index, event in enumerate(events))
         if escape:
             out = out.translate(_JSON_TERMINAL_ESCAPES)
         return json_bytes(out)
 
-    def general(self, event: str, stamp: str, peer: str) -> str:
-        """Format one event through json (--escape: its controls as text)."""
-        return json_text(escape_controls(event) if self.escape_strings
-                         else event, stamp, peer)
+    def format_pieces(self, data: bytes, lines: list, peer: str,
+                      when: float, marks) -> bytes:
+        """Format a block that holds pieces of split events: the pieces
+        one by one, the whole events between them as usual."""
+        stamp = iso_time(when)
+        out = []
+        start = 0
+        for index, number, last in marks:
+            if index >= len(lines):
+                break  # --count left them out
+            if start < index:
+                run = lines[start:index]
+                out.append(self.format(b"".join(run), run, peer, when,
+                                       False))
+            out.append(self.general(lines[index][:-1].decode(), stamp, peer,
+                                    (number, last)).encode())
+            start = index + 1
+        if start < len(lines):
+            run = lines[start:]
+            out.append(self.format(b"".join(run), run, peer, when, False))
+        return b"".join(out)
+
+    def general(self, event: str, stamp: str, peer: str,
+                piece: Optional[tuple] = None) -> str:
+        """Format one event through json (--escape: its controls as text);
+        piece: (its number, whether it is the last) for a piece."""
+        if self.escape_strings:
+            event = escape_controls(event)
+        if piece is None:
+            return json_text(event, stamp, peer)
+        number, last = piece
+        if number == 1:
+            # The first piece starts the event: the fields are its own.
+            kind, fields = read_event(event)
+            if len(self.piece_kinds) >= MAX_CONNECTIONS_LIMIT:
+                self.piece_kinds.clear()  # peers that left mid-event
+            self.piece_kinds[peer] = kind
+        else:
+            # The others start anywhere, mid-key or mid-value: no fields.
+            fields = {}
+            kind = (self.piece_kinds.pop(peer, "unknown") if last else
+                    self.piece_kinds.get(peer, "unknown"))
+        return json_piece(event, stamp, peer, kind, fields, number, last)
 
     def used(self, plan: JsonPlan) -> None:
         """Keep a plan in use, and first to be tried for its "=" count."""
@@ -1765,6 +2038,8 @@ class EventSink:
         self.output = output
         self.console = console
         self.format = formatter(settings.format, settings.escape)
+        # Only JSON says which events are pieces.
+        self.marks_pieces = settings.format == "json"
         self.escape = settings.escape or output.terminal
         self.limit = settings.count
         self.events = 0
@@ -1783,9 +2058,10 @@ class EventSink:
         """Tell whether --count events were written."""
         return bool(self.limit) and self.events >= self.limit
 
-    def emit(self, block: Block, peer: str) -> int:
+    def emit(self, block: Block, peer: str, marks=NO_MARKS) -> int:
         """Format and write a block of events from peer at once; return
-        how many of its events were handed to the output."""
+        how many of its events were handed to the output.  marks: the
+        pieces of split events in it (EventFramer.marks)."""
         lines = split_lines(block)
         if self.full():
             self.beyond_count += len(lines)
@@ -1797,21 +2073,24 @@ class EventSink:
         self.events += len(lines)
         if self.waiting or len(self.output.pending) >= OUTPUT_BACKLOG:
             self.waiting.append((bytes(block), len(lines), peer,
-                                 time.time()))
+                                 time.time(), marks))
             self.waiting_events += len(lines)
             return len(lines)
-        self.deliver(block, lines, peer, time.time())
+        self.deliver(block, lines, peer, time.time(), marks)
         return len(lines)
 
     def deliver(self, block: Block, lines: list, peer: str,
-                when: float) -> None:
+                when: float, marks=NO_MARKS) -> None:
         """Format a block of events and hand it to the output."""
         if self.console.shown and self.output.terminal:
             self.console.clear()
         if self.output.reopen_due():
             self.reopen()
-        self.output.write(self.format(block, lines, peer, when,
-                                      self.escape), peer)
+        if marks and self.marks_pieces:
+            data = self.format(block, lines, peer, when, self.escape, marks)
+        else:
+            data = self.format(block, lines, peer, when, self.escape)
+        self.output.write(data, peer)
 
     def flush(self) -> None:
         """Write what waits, as much as the output takes now; then the
@@ -1819,9 +2098,9 @@ class EventSink:
         output = self.output
         output.flush()
         while self.waiting and len(output.pending) < OUTPUT_BACKLOG:
-            block, events, peer, when = self.waiting.popleft()
+            block, events, peer, when, marks = self.waiting.popleft()
             self.waiting_events -= events
-            self.deliver(block, split_lines(block), peer, when)
+            self.deliver(block, split_lines(block), peer, when, marks)
         self.console.release()
 
     def reopen(self) -> None:
@@ -1928,6 +2207,7 @@ class Settings:
     max_connections = MAX_CONNECTIONS
     max_per_host = None
     per_host_prefix = PER_HOST_PREFIX
+    remote_pipe_clients = False
     idle_timeout = None
     event_timeout = EVENT_TIMEOUT
     max_event_bytes = MAX_EVENT_BYTES
@@ -1937,6 +2217,7 @@ class Settings:
     timeout = None
     stats = None
     escape = False
+    prefix = None  # PREFIX_FIELDS to put before each raw or text event
     quiet = False
 
     def __init__(self, **given) -> None:
@@ -1993,8 +2274,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=(LISTEN_ADDR, LISTEN_PORT),
         help="address to listen on, as in CyberTrace's ConnectionString: "
         "192.0.2.105:9998, [::1]:9998, a host name, or a bare PORT; port 0 "
-        "picks a free one (default: %s)" % format_address(LISTEN_ADDR,
-                                                          LISTEN_PORT))
+        "picks a free one; on Windows also a named pipe, \\\\.\\pipe\\NAME "
+        "(default: %s)" % format_address(LISTEN_ADDR, LISTEN_PORT))
+    parser.add_argument(
+        "--remote-pipe-clients", action="store_true",
+        help="let clients on other computers connect to a -l \\\\.\\pipe\\"
+        "NAME (by default the pipe refuses them, as the default address "
+        "is loopback: PIPE_REJECT_REMOTE_CLIENTS); --allow does not apply "
+        "to a pipe's clients")
     parser.add_argument(
         "-f", "--format", choices=FORMATS, default="text",
         help="text: 'Received:' lines, as Kaspersky's tutorial prints them; "
@@ -2016,6 +2303,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="show control characters (ESC, BEL, ...) as \\xNN text in "
         "files and pipes too, as on a terminal, so that 'cat FILE' or "
         "'jq -r' cannot pass an event's terminal commands on")
+    parser.add_argument(
+        "--prefix", metavar="FIELDS",
+        type=argument_type(parse_event_prefix, "fields"),
+        help="start each event's line (-f raw, or the event line of -f "
+        "text) with these fields, comma-separated, in the order given, each "
+        "followed by a space: time (when it was received, ISO 8601 UTC: "
+        "2026-12-07T23:01:02.123Z), peer (who sent it: 10.0.0.5:51234, "
+        "[2001:db8::5]:51234), listen (the address it came in by, as -l "
+        "bound it: 0.0.0.0:9998); e.g. --prefix time,peer; not with -f "
+        "json, whose lines have time and peer members")
     parser.add_argument(
         "--allow", metavar="CIDR", action="append",
         type=argument_type(parse_network, "network"),
@@ -2174,9 +2471,11 @@ class Admission:
         self.max_connections = settings.max_connections
         self.max_per_host = settings.max_per_host
         self.per_host_prefix = settings.per_host_prefix
+        self.remote_pipe_clients = settings.remote_pipe_clients
         self.console = console
         self.selector = selector
         self.server = None
+        self.listen_name = ""  # the server's, for --prefix listen
         self.on_ready = None
         self.accepting = True
         self.per_host = collections.Counter()
@@ -2192,7 +2491,9 @@ class Admission:
     def open(self, listen: tuple, on_ready: Callable[[], None]) -> None:
         """Listen at listen; on_ready() runs when peers wait to connect."""
         self.fit_selector()
-        self.server = open_server(listen, self.backlog)
+        self.server = PipeServer(listen[0], self.remote_pipe_clients) \
+            if is_pipe(listen) else open_server(listen, self.backlog)
+        self.listen_name = listen_name(self.server)
         self.on_ready = on_ready
         self.selector.register(self.server, selectors.EVENT_READ, on_ready)
 
@@ -2263,7 +2564,10 @@ class Admission:
 
     def refusal(self, address: tuple) -> Optional[str]:
         """Return why a peer from address may not connect, or None."""
-        if self.allow and not self.allowed(address[0]):
+        # A pipe's clients have no address: remote ones are refused by
+        # the pipe itself (--remote-pipe-clients).
+        if self.allow and not is_pipe(address) and \
+                not self.allowed(address[0]):
             return ""
         host = self.host_of(address[0])
         if self.max_per_host and self.per_host[host] >= self.max_per_host:
@@ -2362,10 +2666,12 @@ class Connection:
     unfinished event began."""
 
     def __init__(self, sock: socket.socket, address: tuple,
-                 max_event_bytes: int) -> None:
+                 max_event_bytes: int, listen: str = "") -> None:
         self.sock = sock
         self.address = address[:2]
         self.peer = format_peer(address)
+        # Where it came in (--prefix listen): see listen_name().
+        self.listen = listen
         self.host = peer_host(address[0])
         self.framer = EventFramer(max_event_bytes)
         self.events = 0
@@ -2564,6 +2870,8 @@ class Reader:
         self.buffer = bytearray(settings.max_event_bytes + 1 + RECV_SIZE)
         self.bytes = 0
         self.share = FairShare(self.read_size)
+        self.prefix = EventPrefix(settings.prefix) if settings.prefix \
+            else None
 
     def receive(self, conn: Connection) -> bool:
         """Read once from conn, as much as its share allows; return True
@@ -2623,7 +2931,10 @@ class Reader:
                                     plural(self.max_event_bytes, "byte")))
 
     def emit(self, block: Block, conn: Connection) -> None:
-        conn.events += self.sink.emit(block, conn.peer)
+        if self.prefix is not None:
+            block = self.prefix.apply(block, conn.peer, conn.listen,
+                                      time.time())
+        conn.events += self.sink.emit(block, conn.peer, conn.framer.marks)
 
 
 class Sweeper:
@@ -2789,6 +3100,15 @@ def open_server(listen: tuple, backlog: int) -> socket.socket:
     return server
 
 
+def listen_name(server: socket.socket) -> str:
+    """Name the listening socket a connection came in by, as --prefix
+    listen shows it: the address it is bound to (0.0.0.0:9998)."""
+    address = server.getsockname()
+    if isinstance(address, tuple):
+        return format_address(*address[:2])
+    return str(address)
+
+
 def announce(server: socket.socket, console: Console) -> str:
     """Say where server listens; return what to set in CyberTrace for it."""
     host, port = server.getsockname()[:2]
@@ -2865,6 +3185,404 @@ def peer_ip_versions(server: socket.socket) -> set:
         v6only = 0
     # "::" takes IPv4 peers too, as ::ffff:a.b.c.d, unless IPV6_V6ONLY.
     return {6} if v6only else {4, 6}
+
+
+# --- Windows named pipes -----------------------------------------------------
+#
+# CyberTrace's other ConnectionString form.  A pipe enters the loop as a
+# socket does: PipeServer stands where a listening socket stands, and each
+# client comes out of its accept() as one end of a socket pair, whose
+# other end threads bridge to the client's pipe instance.  Framing, the
+# formats, the output and the drain never learn where the bytes came from.
+
+PIPE_PREFIXES = ("\\\\.\\pipe\\", "//./pipe/")
+PIPE_NAME_MAX = 256  # the whole name, prefix included (CreateNamedPipe)
+PIPE_BUFFER = 64 * 1024
+# How often a bridge waiting on its pipe looks whether its socket closed.
+PIPE_POLL_MS = 100
+# Instances that wait for clients at any time: as many clients may
+# connect in the same instant without one finding the pipe busy.
+PIPE_SPARE_INSTANCES = 16
+# Not in _winapi: winbase.h's values.
+PIPE_REJECT_REMOTE_CLIENTS = 0x00000008
+ERROR_FILE_NOT_FOUND = 2
+ERROR_INVALID_NAME = 123
+WAIT_TIMEOUT = 0x102
+
+
+def parse_pipe(text: str) -> tuple:
+    """Return (\\\\.\\pipe\\NAME, None), the address of a named pipe."""
+    name = text[len(PIPE_PREFIXES[0]):]
+    if not name:
+        raise ValueError("a pipe needs a name: \\\\.\\pipe\\NAME")
+    if "\\" in name or "/" in name or not name.isprintable():
+        raise ValueError("a pipe's NAME has no \\, / or control characters")
+    if len(PIPE_PREFIXES[0]) + len(name) > PIPE_NAME_MAX:
+        raise ValueError("a pipe's name is at most %d characters long"
+                         % PIPE_NAME_MAX)
+    return PIPE_PREFIXES[0] + name, None
+
+
+def is_pipe(address: tuple) -> bool:
+    """Tell whether an address (from parse_address) is a named pipe."""
+    return address[1] is None and isinstance(address[0], str) and \
+        address[0].startswith(PIPE_PREFIXES)
+
+
+def pipe_error(exc: OSError) -> str:
+    """Return what a failed pipe call means, in words."""
+    code = getattr(exc, "winerror", None)
+    if code == ERROR_FILE_NOT_FOUND:
+        return "no program serves this pipe"
+    return exc.strerror or str(exc)
+
+
+def wait_overlapped(ov, closed: Callable[[], bool]) -> bool:
+    """Wait for an overlapped call; cancel it and return False once
+    closed() says its other side is gone."""
+    import _winapi
+    while _winapi.WaitForSingleObject(ov.event, PIPE_POLL_MS) == WAIT_TIMEOUT:
+        if closed():
+            ov.cancel()
+            return False
+    return True
+
+
+def pipe_to_socket(handle: int, sock: socket.socket,
+                   closed: Callable[[], bool]) -> None:
+    """Copy what the pipe gives into sock until either side ends; then
+    say end of file to sock's peer."""
+    import _winapi
+    try:
+        while True:
+            ov, err = _winapi.ReadFile(handle, PIPE_BUFFER, overlapped=True)
+            if err == _winapi.ERROR_IO_PENDING and \
+                    not wait_overlapped(ov, closed):
+                ov.GetOverlappedResult(True)
+                return
+            _, err = ov.GetOverlappedResult(True)
+            if err == _winapi.ERROR_OPERATION_ABORTED:
+                return
+            data = ov.getbuffer()
+            if data:
+                sock.sendall(data)
+    except OSError:
+        return  # ERROR_BROKEN_PIPE: the other end closed; or sock did
+    finally:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def socket_to_pipe(handle: int, sock: socket.socket,
+                   closed: Callable[[], bool], patient: bool = False) -> None:
+    """Copy what sock gives into the pipe until either side ends; patient:
+    a write the pipe's reader is slow to take is waited for even once
+    closed() (what was sent before the end still arrives)."""
+    import _winapi
+    never = lambda: False  # noqa: E731
+    while True:
+        try:
+            # Not a socket timeout: the other thread sends on sock.
+            if not select.select([sock], [], [], PIPE_POLL_MS / 1000.0)[0]:
+                if closed():
+                    return
+                continue
+            data = sock.recv(PIPE_BUFFER)
+        except (OSError, ValueError):
+            return
+        if not data:
+            return
+        try:
+            while data:
+                ov, err = _winapi.WriteFile(handle, data, overlapped=True)
+                if err == _winapi.ERROR_IO_PENDING and not wait_overlapped(
+                        ov, never if patient else closed):
+                    ov.GetOverlappedResult(True)
+                    return
+                written, err = ov.GetOverlappedResult(True)
+                if err == _winapi.ERROR_OPERATION_ABORTED:
+                    return
+                data = data[written:]
+        except OSError:
+            return  # the other end closed
+
+
+def bridge_pipe(handle: int, name: str, keep_alive: bool = False
+                ) -> socket.socket:
+    """Return a socket whose peer threads copy to and from the pipe
+    instance handle (its own), closing the handle when both are done.
+
+    keep_alive: what was sent reaches the pipe even after the socket is
+    closed and the program's main thread returned (a sender's last
+    events), as the kernel still delivers a closed TCP socket's."""
+    import _winapi
+    ours, theirs = socket.socketpair()
+    ended = []
+    lock = threading.Lock()
+
+    def gone() -> bool:
+        return ours.fileno() == -1
+
+    def program_ended() -> bool:
+        return gone() or not threading.main_thread().is_alive()
+
+    def run(copy, *args) -> None:
+        try:
+            copy(handle, theirs, *args)
+        finally:
+            with lock:
+                ended.append(copy)
+                last = len(ended) == 2
+            if last:
+                _winapi.CloseHandle(handle)
+                theirs.close()
+
+    threading.Thread(target=run, args=(pipe_to_socket, gone), daemon=True,
+                     name="pipe %s in" % name).start()
+    threading.Thread(target=run, args=(socket_to_pipe, program_ended
+                                       if keep_alive else gone, keep_alive),
+                     daemon=not keep_alive, name="pipe %s out" % name).start()
+    return ours
+
+
+class PipeServer:
+    """A Windows named pipe served as a listening socket is: accept()
+    returns (socket, (name of the client, None)), fileno() is readable
+    while a client waits to be taken.  PIPE_SPARE_INSTANCES instances
+    always wait, and each taken is replaced before its client is served,
+    so that clients coming together do not find the pipe busy."""
+
+    def __init__(self, name: str, remote: bool = False,
+                 blocking: bool = False) -> None:
+        import _winapi
+        self.name = name
+        self.mode = _winapi.PIPE_WAIT | (0 if remote else
+                                         PIPE_REJECT_REMOTE_CLIENTS)
+        self.waiting = collections.deque()
+        self.bell, self.ringer = socket.socketpair()
+        self.bell.setblocking(blocking)
+        self.clients = 0
+        self.closed = False
+        self.lock = threading.Lock()
+        self.stopped = _winapi.CreateEventW(0, True, False, None)
+        try:
+            self.check_unserved()
+            handle = self.create(first=True)
+        except OSError as exc:
+            self.close()
+            why = "another program serves this pipe" if exc.winerror in (
+                _winapi.ERROR_ACCESS_DENIED, _winapi.ERROR_PIPE_BUSY) \
+                else "not a valid pipe name" if exc.winerror == \
+                ERROR_INVALID_NAME else pipe_error(exc)
+            error = UserError("cannot listen on %s: %s" % (name, why))
+            error.errno = errno.EADDRINUSE if "another" in why else None
+            raise error from None
+        self.thread = threading.Thread(target=self.serve, args=(handle,),
+                                       daemon=True, name="pipe " + name)
+        self.thread.start()
+
+    def check_unserved(self) -> None:
+        """Raise ERROR_PIPE_BUSY if another program serves the name."""
+        import _winapi
+        # FILE_FLAG_FIRST_PIPE_INSTANCE is the guard; this says it where
+        # that flag is not honoured (wine).
+        try:
+            _winapi.WaitNamedPipe(self.name, 1)
+        except OSError as exc:
+            if exc.winerror == ERROR_FILE_NOT_FOUND:
+                return
+        raise OSError(errno.EADDRINUSE, "in use", None,
+                      _winapi.ERROR_PIPE_BUSY)
+
+    def create(self, first: bool = False) -> int:
+        """Make a pipe instance for a client to connect to."""
+        import _winapi
+        flags = _winapi.PIPE_ACCESS_DUPLEX | _winapi.FILE_FLAG_OVERLAPPED
+        if first:  # the name must be ours, not another program's
+            flags |= _winapi.FILE_FLAG_FIRST_PIPE_INSTANCE
+        return _winapi.CreateNamedPipe(
+            self.name, flags, self.mode, _winapi.PIPE_UNLIMITED_INSTANCES,
+            PIPE_BUFFER, PIPE_BUFFER, 0, _winapi.NULL)
+
+    def serve(self, first: int) -> None:
+        """Keep PIPE_SPARE_INSTANCES instances waiting for clients; hand
+        each client over to the loop once its instance is replaced."""
+        import _winapi
+        waiting = []  # (handle, overlapped ConnectNamedPipe)
+        self.listen(first, waiting)
+        try:
+            while not self.closed:
+                self.replenish(waiting)
+                events = [ov.event for _, ov in waiting] + [self.stopped]
+                # Short of instances (out of resources): try again soon.
+                which = _winapi.WaitForMultipleObjects(
+                    events, False, _winapi.INFINITE if len(waiting) >=
+                    PIPE_SPARE_INSTANCES else PIPE_POLL_MS)
+                if which == len(events) - 1 or self.closed:
+                    return
+                connected = [(handle, ov) for handle, ov in waiting
+                             if _winapi.WaitForSingleObject(ov.event, 0) ==
+                             _winapi.WAIT_OBJECT_0]
+                for instance in connected:
+                    waiting.remove(instance)
+                # Replaced before served: a client arriving meanwhile
+                # finds an instance free, never ERROR_PIPE_BUSY.
+                self.replenish(waiting)
+                for handle, ov in connected:
+                    try:
+                        _, err = ov.GetOverlappedResult(True)
+                    except OSError:
+                        err = -1
+                    if err == 0:
+                        # A socket pair takes a while on Windows (a TCP
+                        # connection): not in the way of the next client.
+                        threading.Thread(target=self.hand_over,
+                                         args=(handle,), daemon=True).start()
+                    else:
+                        _winapi.CloseHandle(handle)
+        finally:
+            for handle, ov in waiting:
+                ov.cancel()
+                try:
+                    ov.GetOverlappedResult(True)
+                except OSError:
+                    pass
+                _winapi.CloseHandle(handle)
+
+    def replenish(self, waiting: list) -> None:
+        """Make instances until PIPE_SPARE_INSTANCES wait, or no more can
+        be made now."""
+        while len(waiting) < PIPE_SPARE_INSTANCES and not self.closed:
+            try:
+                handle = self.create()
+            except OSError:
+                return
+            self.listen(handle, waiting)
+
+    def listen(self, handle: int, waiting: list) -> None:
+        """Wait for a client on a new instance (in waiting)."""
+        import _winapi
+        try:
+            ov = _winapi.ConnectNamedPipe(handle, overlapped=True)
+        except OSError as exc:
+            # A client that connected, wrote and left before we asked: what
+            # it wrote is still to be read.
+            if exc.winerror == _winapi.ERROR_NO_DATA:
+                self.hand_over(handle)
+            else:
+                _winapi.CloseHandle(handle)
+            return
+        waiting.append((handle, ov))
+
+    def hand_over(self, handle: int) -> None:
+        """Queue a connected client for accept()."""
+        with self.lock:
+            self.clients += 1
+            client = "%s client %d" % (self.name, self.clients)
+        try:
+            sock = bridge_pipe(handle, client)
+        except OSError:  # out of sockets: the client finds the pipe closed
+            import _winapi
+            _winapi.CloseHandle(handle)
+            return
+        with self.lock:
+            if self.closed:
+                sock.close()
+                return
+            self.waiting.append((sock, (client, None)))
+        try:
+            self.ringer.send(b"\0")
+        except OSError:
+            pass
+
+    def fileno(self) -> int:
+        return self.bell.fileno()
+
+    def getsockname(self) -> tuple:
+        return self.name, None
+
+    def setblocking(self, flag: bool) -> None:
+        self.bell.setblocking(flag)
+
+    def accept(self) -> tuple:
+        """Return (socket, (client, None)) of the next client; without
+        one, BlockingIOError (non-blocking) or wait for one."""
+        if not self.bell.recv(1):
+            raise OSError(errno.EBADF, "pipe server closed")
+        sock, address = self.waiting.popleft()
+        sock.setblocking(True)
+        return sock, address
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        """Wake a thread blocked in accept()."""
+        try:
+            self.ringer.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Take no more clients; close those never taken."""
+        import _winapi
+        if self.closed:
+            return
+        self.closed = True
+        _winapi.SetEvent(self.stopped)
+        thread = getattr(self, "thread", None)
+        if thread is not None:
+            thread.join(5)
+        with self.lock:
+            while self.waiting:
+                self.waiting.popleft()[0].close()
+        self.bell.close()
+        self.ringer.close()
+        _winapi.CloseHandle(self.stopped)
+
+
+def connect_pipe(name: str, timeout: Optional[float] = None,
+                 keep_alive: bool = True) -> socket.socket:
+    """Connect to a named pipe as a client; return a socket bridged to it.
+
+    Raises OSError as socket.create_connection does: ConnectionRefusedError
+    when no program serves the pipe, socket.timeout when every instance
+    stayed busy for timeout seconds."""
+    import _winapi
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            handle = _winapi.CreateFile(
+                name, _winapi.GENERIC_READ | _winapi.GENERIC_WRITE, 0,
+                _winapi.NULL, _winapi.OPEN_EXISTING,
+                _winapi.FILE_FLAG_OVERLAPPED, _winapi.NULL)
+            break
+        except OSError as exc:
+            if exc.winerror == ERROR_FILE_NOT_FOUND:
+                raise ConnectionRefusedError(errno.ECONNREFUSED,
+                                             pipe_error(exc)) from None
+            if exc.winerror != _winapi.ERROR_PIPE_BUSY:
+                raise OSError(exc.errno, pipe_error(exc)) from None
+        # Every instance busy: wait for one, as a pipe client should.
+        left = 1000 if deadline is None else \
+            int((deadline - time.monotonic()) * 1000)
+        if left <= 0:
+            raise socket.timeout("every instance of the pipe stayed busy")
+        try:
+            _winapi.WaitNamedPipe(name, min(left, 1000))
+        except OSError:
+            pass  # timed out, or gone: CreateFile says which
+    sock = bridge_pipe(handle, name, keep_alive)
+    sock.settimeout(timeout)
+    return sock
+
+
+def open_connection(address: tuple, timeout: Optional[float] = None
+                    ) -> socket.socket:
+    """Connect to address, TCP or a named pipe, as
+    socket.create_connection does."""
+    if is_pipe(address):
+        return connect_pipe(address[0], timeout)
+    return socket.create_connection(address, timeout=timeout)
 
 
 # --- The listener ------------------------------------------------------------
@@ -2949,6 +3667,15 @@ class Listener:
         """Listen where the settings say, and say where that is."""
         self.admission.open(self.settings.listen, self.accept)
         server = self.admission.server
+        if isinstance(server, PipeServer):
+            self.console.status("Starting on %s (a named pipe; %s)" % (
+                server.name, "clients on other computers too"
+                if self.settings.remote_pipe_clients else
+                "clients on this computer only"))
+            self.console.status("Waiting for CyberTrace (OutputSettings > "
+                                "ConnectionString = %s); Ctrl+C to stop"
+                                % server.name)
+            return
         for never, why in unmatched_allow(server, self.settings.allow):
             if never and self.allow_must_match:
                 raise ArgumentError("argument --allow: " + why)
@@ -3018,7 +3745,8 @@ class Listener:
         if taken is None:
             return False
         sock, address = taken
-        conn = Connection(sock, address, self.settings.max_event_bytes)
+        conn = Connection(sock, address, self.settings.max_event_bytes,
+                          self.admission.listen_name)
         self.connections[sock] = conn
         self.admission.joined(conn)
         self.selector.register(sock, selectors.EVENT_READ,
@@ -3307,6 +4035,10 @@ def main(argv: Optional[list] = None) -> int:
     """Run the listener; return the exit status."""
     parser = build_parser()
     settings = Settings.from_arguments(parser.parse_args(argv))
+    if settings.prefix and settings.format == "json":
+        parser.error("argument --prefix: not with -f json: its lines have "
+                     "\"time\" and \"peer\" members (-f raw or text takes "
+                     "--prefix)")
     prog = parser.prog
     try:
         output = Output(settings.output, 2 if settings.format == "text"

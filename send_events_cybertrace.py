@@ -46,24 +46,29 @@ from typing import (BinaryIO, Callable, Iterable, Iterator, List, Optional,
 
 try:
     from listen_events_cybertrace import (
-        LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS, Block,
-        Console, EmbeddedListener, EventFramer, OneLineParser, RateMeter,
-        UserError, argument_type, binary_stdout, bounded, escape_block,
-        escape_controls, escape_line, format_address, format_bytes,
-        format_count, format_duration, format_progress, formatter,
-        interface_addresses, ip_of, keep_freed_memory, parse_address,
+        FINISHED, LISTEN_ADDR, LISTEN_PORT, LIVE_SECONDS, RECV_SIZE, SECONDS,
+        Block, Console, EmbeddedListener, EventFramer, OneLineParser,
+        RateMeter, UserError, alert_name, argument_type, binary_stdout,
+        bounded, escape_block, escape_controls, escape_line, format_address,
+        format_bytes, format_count, format_duration, format_latency,
+        format_progress, formatter, interface_addresses, ip_of, is_pipe,
+        keep_freed_memory, open_connection, parse_address,
         parse_fields, parse_network, parse_response, peer_gone, plural,
         reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
         split_lines, stream_flags, to_text, write_now, write_stdout,
         __version__)
     import cybertrace_capacity as capacity
+    import follow_files
 except ModuleNotFoundError as exc:
-    if exc.name not in ("listen_events_cybertrace", "cybertrace_capacity"):
+    if exc.name not in ("listen_events_cybertrace", "cybertrace_capacity",
+                        "follow_files"):
         raise
     # Copied alone, without the module it shares its code with.
-    sys.exit("%s: error: listen_events_cybertrace.py must be in the same "
-             "folder (it holds the framing and the lab check's listener)"
-             % os.path.basename(sys.argv[0] or "send_events_cybertrace.py"))
+    sys.exit("%s: error: %s.py must be in the same folder (%s)" % (
+        os.path.basename(sys.argv[0] or "send_events_cybertrace.py"),
+        exc.name, "it holds the capacity test" if exc.name ==
+        "cybertrace_capacity" else "it holds the framing and the lab "
+        "check's listener"))
 
 try:
     from fcntl import ioctl
@@ -86,12 +91,18 @@ CONNECT_PATIENCE = 2.0
 # --reconnect retries at once, then after 0.5 s, doubling up to 30 s.
 RECONNECT_FIRST = 0.5
 RECONNECT_MAX = 30.0
+# A connection lost this soon after it was made does not earn a quick retry:
+# a peer that takes the handshake and then drops us (a listener refusing
+# this host) acknowledges what arrived before its close, however much its
+# receive buffer took, so what it acknowledged proves nothing.
+HELD_SECONDS = 3.0
+# This many such short connections in a row are warned of, once.
+DROPS_WARNING = 3
 # select() said the socket is readable, so even without this flag
 # (Windows) the read does not block.
 DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 REPLY_BACK_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 PING = b"X-KF-ReplyBackPING"
-FINISHED = b"LookupFinished"
 # CyberTrace splits an inbound event over 64 KB into several (online help
 # 178566); cutting them here, the same way, keeps the sender's memory and
 # time bounded on a line that never ends (a pipe, /dev/zero), where
@@ -458,6 +469,18 @@ def some_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
     return itertools.chain([first], blocks)
 
 
+def typed_events(blocks: Iterator[tuple]) -> Iterator[tuple]:
+    """Yield the blocks a person types, saying how once connected (this
+    runs at the first read); raise NothingToSend if none came."""
+    console.status(TERMINAL_NOTICE)
+    typed = False
+    for item in blocks:
+        typed = True
+        yield item
+    if not typed:
+        raise NothingToSend("no events to send")
+
+
 def paced(blocks: Iterable[tuple], rate: float,
           clock: Callable[[], float] = time.monotonic) -> Iterator[tuple]:
     """Yield the events of blocks in batches, rate events per second."""
@@ -528,6 +551,7 @@ class AckLedger:
         self.events = 0  # events handed whole to the kernel
         self.bytes = 0
         self.acked = 0  # bytes acknowledged, when last asked
+        self.acked_events = 0  # whole events acknowledged, when last asked
         self.tails = []
         self.sending = None  # (block, offset, events before it) in flight
         # Where the kernel cannot tell what the peer acknowledged, what it
@@ -568,6 +592,16 @@ class AckLedger:
         while self.tails and \
                 self.tails[0][0] + len(self.tails[0][2]) <= kept:
             self.tails.pop(0)
+        if self.sending is None:
+            # Read by the progress line's thread, which must not ask the
+            # kernel or walk the tails itself.
+            self.acked_events = min(self.delivered(), self.events)
+
+    def surely_delivered(self, first: int = 0) -> int:
+        """Return how many events (numbered from first) precede the first
+        one that may not have arrived: what a saved position may pass."""
+        window = self.unacknowledged(first)
+        return window[0][2] if window else first + self.events
 
     def kept_from(self) -> int:
         """Return the offset from which sent bytes are kept to resend."""
@@ -635,7 +669,7 @@ def connect(address: tuple, timeout: float) -> socket.socket:
     """Connect to CyberTrace or raise a one-line UserError."""
     where = format_address(*address)
     try:
-        return socket.create_connection(address, timeout=timeout)
+        return open_connection(address, timeout)
     except socket.gaierror as exc:
         raise UserError("cannot resolve %s: %s" % (address[0], exc.strerror))
     except socket.timeout:
@@ -661,6 +695,15 @@ class Connection:
     @property
     def bytes(self) -> int:
         return self.ledger.bytes
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes the kernel took: what a progress line shows."""
+        return self.ledger.bytes
+
+    @property
+    def acked_events(self) -> int:
+        return self.ledger.acked_events
 
     def send(self, block: Block, events: int) -> None:
         """Send a block of events whole, or raise SendError with counts."""
@@ -857,7 +900,8 @@ class Resender:
     the block being sent: input is not read while no connection takes it.
     """
 
-    def __init__(self, address: tuple, timeout: float, where: str) -> None:
+    def __init__(self, address: tuple, timeout: float, where: str,
+                 retry_max: float = RECONNECT_MAX) -> None:
         self.address = address
         self.timeout = timeout
         self.where = where
@@ -868,14 +912,29 @@ class Resender:
         self.resent = self.reconnects = 0
         # Blocks to send before reading on: (block, events, number).
         self.queue = collections.deque()
-        self.backoff = Backoff()
+        self.backoff = Backoff(min(RECONNECT_FIRST, retry_max), retry_max)
         self.outage = Outage()
         self.connected = False  # ever
+        self.connected_at = 0.0  # when the connection in use was made
+        self.drops = 0  # short connections in a row (HELD_SECONDS)
+        # Bytes of input that went out, each once (a resend is not new):
+        # what a progress line shows, with how far into the head block of
+        # the queue a lost connection had got.
+        self.sent_bytes = 0
+        self.head_taken = 0
 
     @property
     def events(self) -> int:
         """Events sent: what a progress line shows."""
         return self.sent
+
+    @property
+    def acked_events(self) -> int:
+        """Events acknowledged, as last asked (for another thread)."""
+        connection, first = self.connection, self.first
+        acked = first + (connection.ledger.acked_events if connection
+                         else 0)
+        return min(acked, self.sent)
 
     def send(self, block: Block, count: int) -> None:
         """Send a block of count events over whatever connection works."""
@@ -898,11 +957,13 @@ class Resender:
             try:
                 self.connection.send(block, count)
             except SendError as exc:
-                self.count_sent(number, touched(
-                    block, self.connection.bytes - before))
+                taken = self.connection.bytes - before
+                self.count_bytes(number, count, taken, len(block))
+                self.count_sent(number, touched(block, taken))
                 self.lose(exc.reason)
                 continue
             with HOLD_INTERRUPTS:
+                self.count_bytes(number, count, len(block), len(block))
                 self.count_sent(number, count)
                 self.queue.popleft()
             ledger = self.connection.ledger
@@ -934,6 +995,17 @@ class Resender:
         self.connection.update_acked()
         return peer_gone(self.connection.sock)
 
+    def count_bytes(self, number: int, count: int, taken: int,
+                    size: int) -> None:
+        """Count the bytes of input a kernel took for the first time:
+        taken of the size bytes of the block of events number on."""
+        if number + count <= self.sent:
+            return  # a resend
+        # Only the block a lost connection cut short was partly out.
+        already = self.head_taken if number < self.sent else 0
+        self.sent_bytes += max(0, taken - already)
+        self.head_taken = 0 if taken >= size else max(already, taken)
+
     def count_sent(self, number: int, count: int) -> None:
         """Count events number to number + count as handed to a kernel;
         those handed over before count as resent."""
@@ -945,7 +1017,7 @@ class Resender:
         while True:
             self.backoff.wait()
             try:
-                sock = socket.create_connection(self.address, self.timeout)
+                sock = open_connection(self.address, self.timeout)
                 break
             except OSError as exc:
                 self.backoff.failed()
@@ -955,6 +1027,7 @@ class Resender:
                                  % (self.where, why))
         self.connection = Connection(sock, self.where)
         self.connection.ledger.keep = send_buffer(sock)
+        self.connected_at = time.monotonic()
         self.first = self.queue[0][2] if self.queue else self.taken
         took = self.outage.end()
         if took is not None:
@@ -982,15 +1055,37 @@ class Resender:
         window = connection.ledger.unacknowledged(self.first)
         self.queue.extendleft(reversed(window))
         self.first = self.queue[0][2] if self.queue else self.taken
-        # A connection that got something across earns a quick retry;
-        # one that got nowhere (accepted, then closed) backs off.
-        if connection.ledger.acked:
-            self.backoff.reset()
-        else:
-            self.backoff.failed()
         self.outage.restart(why)
         console.warn("connection to %s lost (%s) after %s; retrying" % (
             self.where, why, plural(self.sent, "event")))
+        self.back_off(connection)
+
+    def back_off(self, connection: Connection) -> None:
+        """Retry at once after a connection that held; back off after one
+        that got nowhere or ended soon (accepted, then dropped)."""
+        lasted = time.monotonic() - self.connected_at
+        if lasted >= HELD_SECONDS:
+            self.backoff.reset()
+            self.drops = 0
+            return
+        self.backoff.failed()
+        self.drops += 1
+        if self.drops == DROPS_WARNING:
+            console.warn(
+                "%s accepted and then dropped %d connections in a row, "
+                "each within %g s: what its TCP acknowledged may not have "
+                "been processed (a listener refusing this host does that); "
+                "backing off. --reply-back (without --reconnect) shows for "
+                "sure: CyberTrace answers each event it processed" % (
+                    self.where, self.drops, HELD_SECONDS))
+
+    def surely_acknowledged(self) -> int:
+        """Return how many events, in input order, precede the first one
+        the peer may not have: what a saved position may pass."""
+        if self.connection is None:
+            return self.first
+        self.connection.update_acked()
+        return self.connection.ledger.surely_delivered(self.first)
 
     def counts(self) -> tuple:
         """Return the events sent and acknowledged, outage or not."""
@@ -1023,17 +1118,26 @@ def send_buffer(sock: socket.socket) -> int:
 
 
 def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
-                      where: str, watch: Optional[tuple]) -> str:
+                      where: str, watch: Optional[tuple],
+                      connect_first: bool = False,
+                      follower=None) -> str:
     """Send with --reconnect; return the summary line.
 
-    watch: (tally, total) for a progress line, as Progress takes them.
+    watch: (tally, total) for a progress line, as Progress takes them;
+    connect_first: connect (waiting for the peer, saying so) before the
+    first read, as at a terminal; follower: --follow's, told what the
+    peer acknowledged.
     """
-    resender = Resender(args.connect, args.timeout, where)
+    resender = Resender(args.connect, args.timeout, where, args.retry_max)
+    if follower is not None:
+        follower.acknowledged = resender.surely_acknowledged
     if args.rate:
         blocks = paced(blocks, args.rate, resender.outage.clock)
     started = time.monotonic()
     progress = None
     try:
+        if connect_first:
+            resender.connect()
         if watch is not None:
             progress = Progress(resender, *watch)
         send_all(resender, blocks, args.verbose)
@@ -1043,6 +1147,9 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     finally:
         if progress is not None:
             progress.stop()
+        if follower is not None:
+            # Before the socket closes: its kernel still knows.
+            follower.close(resender.surely_acknowledged())
         resender.close()
     return resender.summary(time.monotonic() - started)
 
@@ -1203,16 +1310,18 @@ def ping(address: tuple, timeout: float) -> float:
 
 
 class Progress:
-    """A pv-like line on stderr: events, rate, and for files percent and ETA.
+    """A pv-like line on stderr: events and bytes sent, rate, events
+    acknowledged, and for files percent and ETA.
 
     A thread redraws it a few times a second from the sender's counters
-    (events, bytes), so the send loop pays nothing for it; stop() erases it.
+    (events, sent_bytes, acked_events: what went out, never what was only
+    read), so the send loop pays nothing for it; stop() erases it.
     """
 
     def __init__(self, counters, tally: list,
                  total: Optional[int]) -> None:
         self.counters = counters
-        self.base = counters.bytes  # the reply-back flags are no event
+        self.base = counters.sent_bytes  # the reply-back flags are no event
         self.tally = tally  # tally[0]: bytes read from files and not sent
         self.total = total  # bytes the sources hold, if known
         self.started = time.monotonic()
@@ -1223,12 +1332,18 @@ class Progress:
         self.thread.start()
 
     @staticmethod
+    def watched(args: argparse.Namespace, sources: list) -> bool:
+        """Return whether a send is watched on a terminal, alone."""
+        # Other lines (-v, answers, typing) would tear it.
+        return not (args.quiet or args.verbose or not console.on_stderr() or
+                    args.reply_back and sys.stdout.isatty() or
+                    reading_terminal(sources))
+
+    @staticmethod
     def wanted(args: argparse.Namespace, sources: list) -> bool:
         """Return whether a send is long enough and watched on a terminal."""
-        if args.quiet or args.verbose or not console.on_stderr() or \
-                args.reply_back and sys.stdout.isatty() or \
-                reading_terminal(sources):
-            return False  # other lines would tear it
+        if not Progress.watched(args, sources):
+            return False
         total = source_bytes(sources, args.repeat)
         return bool(args.rate) or total is None or \
             total >= PROGRESS_MIN_BYTES
@@ -1240,9 +1355,11 @@ class Progress:
 
     def line(self) -> str:
         now = time.monotonic()
-        events, size = self.counters.events, self.counters.bytes
+        events, size = self.counters.events, self.counters.sent_bytes
         # As the listener's live line, with pv's percentage and ETA.
         text = format_progress(events, size, self.meter.rate(now, events))
+        text += "  %s acknowledged" % format_count(
+            self.counters.acked_events)
         if not self.total:
             return text + "  " + format_duration(now - self.started)
         done = size - self.base + self.tally[0]
@@ -1337,19 +1454,12 @@ def cybertrace_hosts(host: str) -> list:
         found, key=lambda ip: (ip.version, ip))]
 
 
-def alert_name(event: str) -> Optional[str]:
-    """Return the service alert an event is (KL_ALERT_...), or None."""
-    found = _ALERT.search(event)
-    return found.group(1) if found else None
-
-
-_ALERT = re.compile(r"(?<![\w.])alert=(KL_ALERT_\w+)")
-
-
 def shown_addresses(server: socket.socket) -> List[str]:
     """Return where server can be reached, as the listener says it: a
     wildcard address is the host's addresses (see announce())."""
     host, port = server.getsockname()[:2]
+    if port is None:  # a named pipe
+        return [host]
     hosts = reachable_hosts(server)
     if hosts is None:
         return [format_address(host, port)]
@@ -1679,7 +1789,9 @@ class LabCheck:
             self.result_file = open_result_file(args.check_json)
         self.others = OtherEvents(args.output, args.format)
         self.arrivals = Arrivals(self.events, self.others.write)
-        allow = args.allow or cybertrace_hosts(args.connect[0])
+        # A pipe's CyberTrace runs on this host.
+        allow = args.allow or cybertrace_hosts(
+            LISTEN_ADDR if is_pipe(args.connect) else args.connect[0])
         # One listener per address, each telling the arrivals its number.
         self.listeners = [
             EmbeddedListener(address, functools.partial(
@@ -1983,13 +2095,6 @@ def result_json(result: CheckResult, status: int,
         "diagnosis": diagnosis}
 
 
-def format_latency(seconds: float) -> str:
-    """Return 2.2 ms below a second, 3.4 s above."""
-    if seconds < 1:
-        return "%.1f ms" % (seconds * 1000)
-    return "%.1f s" % seconds
-
-
 def probe_note(result: CheckResult) -> str:
     """Say what CyberTrace answered when asked directly."""
     total, probe = len(TEST_INDICATORS), result.probe
@@ -2132,6 +2237,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="files of events, one per line ('-' is stdin)")
     parser.add_argument("-e", "--event", action="append", metavar="TEXT",
                         help="send TEXT as an event (repeatable)")
+    parser.add_argument(
+        "--follow", nargs="+", metavar="FILE",
+        help="send what is appended to each FILE, for ever, as tail -F reads"
+        " it: across rotation by rename (the old file is finished first) or"
+        " copytruncate, files that appear later or are removed; a last line"
+        " waits for its newline. Starts at each file's end (as tail -n 0 -F)"
+        " unless --state has its position. Stop it with SIGTERM or Ctrl+C")
+    parser.add_argument(
+        "--state", metavar="FILE",
+        help="with --follow, keep in FILE how far into each followed file "
+        "the peer acknowledged (its TCP, or with --reply-back CyberTrace's "
+        "LookupFinished), with the file's device, inode and first bytes; "
+        "written atomically at most once a second and on exit. A restart "
+        "resumes there: every line is sent at least once, across restarts, "
+        "crashes and reboots (docs/sender.md)")
+    parser.add_argument(
+        "--from-start", action="store_true",
+        help="with --follow, start a file that has no usable saved position "
+        "at its start instead of its end")
     parser.add_argument("--test-events", action="store_true",
                         help="send one event per test indicator of "
                         "Kaspersky's test records (http://fakess123.nu, "
@@ -2213,14 +2337,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reconnect", action="store_true",
         help="ride out outages (CyberTrace restarting): when connecting "
-        "fails or the connection is lost, retry for ever (at once, then "
-        "after 0.5 s, doubling up to 30 s), then resend every event from "
-        "the first one the peer's TCP did not acknowledge, so events may "
-        "arrive twice but none the kernel could tell about is lost. Where "
-        "the kernel does not say what was acknowledged (Linux's TIOCOUTQ, "
-        "macOS's SO_NWRITE; Windows has neither), the events of the last "
-        "send buffer's worth of bytes are resent. Input is not read while "
-        "disconnected. Not with --ping, --reply-back or --check")
+        "fails or the connection is lost, retry for ever (at once after a "
+        "connection that lasted %g s, else after 0.5 s, doubling up to "
+        "--retry-max), then resend every event from the first one the "
+        "peer's TCP did not acknowledge, so events may arrive twice but "
+        "none the kernel could tell about is lost. Where the kernel does "
+        "not say what was acknowledged (Linux's TIOCOUTQ, macOS's "
+        "SO_NWRITE; Windows has neither), the events of the last send "
+        "buffer's worth of bytes are resent. A peer that keeps accepting "
+        "and dropping connections is warned of. Input is not read while "
+        "disconnected. Not with --ping, --reply-back or --check"
+        % HELD_SECONDS)
+    parser.add_argument(
+        "--retry-max", metavar="SECONDS", default=RECONNECT_MAX,
+        type=argument_type(bounded(float, 0.01, 3600), "seconds"),
+        help="with --reconnect, wait at most this long between attempts "
+        "(default: %g)" % RECONNECT_MAX)
     load = parser.add_argument_group("the capacity test (--load)")
     load.add_argument(
         "--connections", metavar="N", default=capacity.CONNECTIONS,
@@ -2289,9 +2421,28 @@ def refuse_ignored(parser: argparse.ArgumentParser,
             if given:
                 parser.error("argument --ping: not allowed with %s (a ping "
                              "sends no events)" % name)
+    if args.follow:
+        for name, given in (("FILE", args.files), ("-e/--event", args.event),
+                            ("--test-events", args.test_events),
+                            ("--demo", args.demo), ("--ping", args.ping),
+                            ("--check", args.check), ("--load", args.load),
+                            ("--repeat", args.repeat != 1)):
+            if given:
+                parser.error("argument --follow: not allowed with %s (it "
+                             "sends what its files are appended)" % name)
+        absolute = [os.path.abspath(name) for name in args.follow]
+        if len(set(absolute)) < len(absolute):
+            parser.error("argument --follow: a file given twice")
+    else:
+        for name, given in (("--state", args.state),
+                            ("--from-start", args.from_start)):
+            if given:
+                parser.error("argument %s: only with --follow" % name)
     if args.files.count("-") > 1:
         # The first '-' reads stdin to its end: the others would get nothing.
         parser.error("argument FILE: '-' (stdin) given more than once")
+    if args.retry_max != RECONNECT_MAX and not args.reconnect:
+        parser.error("argument --retry-max: only with --reconnect")
     if args.reconnect:
         for name in ("ping", "reply_back", "check"):
             if getattr(args, name, False):
@@ -2358,19 +2509,26 @@ def run(args: argparse.Namespace) -> str:
     if args.ping:
         took = ping(args.connect, args.timeout)
         return "PONG from %s in %.1f ms" % (where, took * 1000)
+    if args.follow:
+        return follow(args, where)
     sources = []
     try:
         sources = open_sources(args)
-        if reading_terminal(sources):
-            console.status(TERMINAL_NOTICE)
+        terminal = reading_terminal(sources)
         tally = [0]
         # Sizes are known before anything is read.
         watch = None
         if Progress.wanted(args, sources):
             watch = tally, source_bytes(sources, args.repeat) or None
-        blocks = some_events(event_blocks(sources, args.repeat, tally))
+        blocks = event_blocks(sources, args.repeat, tally)
+        if terminal:
+            # Connect first: a wrong -c shows at once, not once the user
+            # has typed an event.
+            blocks = typed_events(blocks)
+        else:
+            blocks = some_events(blocks)
         if args.reconnect:
-            return send_reconnecting(args, blocks, where, watch)
+            return send_reconnecting(args, blocks, where, watch, terminal)
         if args.rate:
             blocks = paced(blocks, args.rate)
         return send_once(args, blocks, where, watch)
@@ -2380,8 +2538,36 @@ def run(args: argparse.Namespace) -> str:
         close_sources(sources)
 
 
+def follow(args: argparse.Namespace, where: str) -> str:
+    """Send what is appended to --follow's files until stopped, keeping
+    the acknowledged positions in --state; return the summary line."""
+    try:
+        follower = follow_files.Follower(
+            args.follow, escape_line,
+            lambda: EventFramer(CYBERTRACE_EVENT_BYTES), drop_blank_lines,
+            console.warn, console.status, args.state, args.from_start)
+    except follow_files.StateError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        watch = None
+        if Progress.watched(args, []):  # it never ends
+            watch = [0], None
+        blocks = follower.blocks()
+        if args.reconnect:
+            return send_reconnecting(args, blocks, where, watch,
+                                     follower=follower)
+        return send_once(args, blocks, where, watch, follower)
+    except follow_files.StateError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        try:
+            follower.close()
+        except follow_files.StateError as exc:
+            console.warn(str(exc))
+
+
 def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
-              watch: Optional[tuple]) -> str:
+              watch: Optional[tuple], follower=None) -> str:
     """Send over one connection and wait until the peer acknowledged all
     (--reply-back: answered all); return the summary line."""
     started = time.monotonic()
@@ -2393,6 +2579,9 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
                 if args.reply_back:
                     connection.send(REPLY_BACK_FLAGS, 0)
                     replies = Replies(sock)
+                if follower is not None:
+                    follower.acknowledged = acknowledged_by(connection,
+                                                            replies)
                 if watch is not None:
                     progress = Progress(connection, *watch)
                 send_all(connection, blocks, args.verbose)
@@ -2412,6 +2601,9 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
                     progress.stop()
                 if replies is not None:
                     replies.stop()
+                if follower is not None:
+                    # Before the socket closes: its kernel still knows.
+                    follower.close(acknowledged_by(connection, replies)())
         except KeyboardInterrupt:
             # Here too when a signal cut the cleanup above short: the
             # counts are the connection's, whatever the stage.
@@ -2427,6 +2619,21 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
             plural(connection.events, "event"),
             replies.error or "connection closed by CyberTrace"))
     return summary + "; " + replies.summary()
+
+
+def acknowledged_by(connection: Connection,
+                    replies: Optional[Replies]) -> Callable[[], int]:
+    """Return a function that counts the events, in input order, that
+    the peer surely has: answered (--reply-back), or acknowledged by TCP."""
+    if replies is not None:
+        return lambda: replies.finished
+    # Where the kernel cannot say (Windows), a send buffer's worth is not.
+    connection.ledger.keep = send_buffer(connection.sock)
+
+    def acknowledged() -> int:
+        connection.update_acked()
+        return connection.ledger.surely_delivered()
+    return acknowledged
 
 
 def run_load(args: argparse.Namespace) -> int:

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socketserver
 import sys
 import tempfile
+import threading
 import unittest
 
-from support import (SENDER, Process, RecordingStandIn, address,
+from support import (SENDER, TIMEOUT, Process, RecordingStandIn, address,
                      run_sender)
+
+import cybertrace_capacity as capacity
 
 
 class LoadTest(unittest.TestCase):
@@ -95,6 +100,84 @@ class LoadTest(unittest.TestCase):
         self.assertRegex(out.splitlines()[-1], r"^CyberTrace at .*: "
                          r"interrupted in the first step \(100/s offered\)")
         self.assertIn("interrupted", out.splitlines()[1])
+
+
+class EchoDroppingPeer(socketserver.ThreadingTCPServer):
+    """A CyberTrace whose LookupFinished echoes the event (%REQ%) and
+    that drops every fifth event without an answer, as over EPSLimit."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), EchoDroppingHandler)
+        self.thread = threading.Thread(target=self.serve_forever,
+                                       kwargs={"poll_interval": 0.05})
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.thread.join(TIMEOUT)
+        self.server_close()
+
+
+class EchoDroppingHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.request.settimeout(TIMEOUT)
+        flags = b"X-KF-SendFinishedEventX-KF-ReplyBack"
+        if self.rfile.read(len(flags)) != flags:
+            return
+        number = 0
+        try:
+            for line in self.rfile:
+                number += 1
+                if number % 5:
+                    self.wfile.write(b"eventName=LookupFinished req=" +
+                                     line)
+                    self.wfile.flush()
+        except OSError:
+            pass
+
+
+class MatchingTest(unittest.TestCase):
+    def test_an_echoed_answer_skips_the_dropped_events_ahead(self):
+        # Matched in order alone, each answer after a drop would be taken
+        # for an older event's, and its latency would grow with the drops.
+        with tempfile.TemporaryDirectory() as folder, \
+                EchoDroppingPeer() as peer:
+            path = os.path.join(folder, "load.json")
+            done = run_sender("--load", "-c", "127.0.0.1:%d" %
+                              peer.server_address[1], "--json", path,
+                              "--connections", "2", "--start-rate", "200",
+                              "--max-rate", "200", "--step-seconds", "1",
+                              timeout=60)
+            with open(path, encoding="utf-8") as file:
+                step, = json.load(file)["steps"]
+        self.assertEqual(step["unanswered"], step["offered"] // 5,
+                         done.stdout)
+        self.assertEqual(step["answered"], step["offered"] -
+                         step["unanswered"])
+        self.assertLess(step["p99"], 0.1, done.stdout)
+
+
+class LatenciesTest(unittest.TestCase):
+    def test_percentiles_are_within_a_thousandth_in_bounded_memory(self):
+        latencies = capacity.Latencies()
+        exact = [random.lognormvariate(-6, 2) for _ in range(100000)]
+        for seconds in exact:
+            latencies.record(seconds)
+        exact.sort()
+        for share in (0.5, 0.9, 0.99, 0.999):
+            want = exact[int(share * len(exact))]
+            self.assertAlmostEqual(latencies.percentile(share), want,
+                                   delta=max(want * 0.001, 1e-6))
+        self.assertEqual(latencies.percentile(1.0), exact[-1])
+        # A thousandth wide: 2,303 buckets a decade of microseconds.
+        decades = len(str(int(exact[-1] * 1e6)))
+        self.assertLessEqual(len(latencies.buckets), 2303 * decades)
 
 
 if __name__ == "__main__":

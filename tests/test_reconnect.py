@@ -304,7 +304,8 @@ class ReconnectTest(unittest.TestCase):
     def test_without_tiocoutq_a_send_buffer_is_resent(self):
         rounds, per_round = 4, 20000
         with ResettingPeer() as peer, start_sender(
-                peer.address[1], python=WITHOUT_TIOCOUTQ) as sender:
+                peer.address[1], "--retry-max", "0.05",
+                python=WITHOUT_TIOCOUTQ) as sender:
             peer.take_rounds(sender, rounds, per_round)
             sender.proc.stdin.close()
             self.assertEqual(sender.finish(), 0, sender.stderr_text)
@@ -362,8 +363,10 @@ class ReconnectTest(unittest.TestCase):
         def after(number):
             if number == 4:  # warmed up: RSS from here on stays flat
                 warm.append(rss_kib(sender.proc.pid))
-        with ResettingPeer() as peer, start_sender(peer.address[1]) \
-                as sender:
+        # Each connection is short, so each retry backs off (a peer that
+        # accepts and drops): capped here, or 40 would take minutes.
+        with ResettingPeer() as peer, start_sender(
+                peer.address[1], "--retry-max", "0.05") as sender:
             peer.take_rounds(sender, rounds, per_round, after)
             end = rss_kib(sender.proc.pid)
             sender.proc.stdin.close()

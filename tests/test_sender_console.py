@@ -339,6 +339,40 @@ class TerminalTest(unittest.TestCase):
         self.assertTrue(screen.startswith(NOTICE), screen)
         self.assertRegex(screen, rb"\r\nSent 2 events, 25 bytes to .*\r\n$")
 
+    def test_a_wrong_connect_shows_at_once(self):
+        # Nothing typed: the error comes before the first line, alone.
+        with Server() as server:
+            port = server.address[1]  # closed: nothing listens there
+        with Console("-c", "127.0.0.1:%d" % port) as console:
+            self.assertEqual(console.finish(), 1)
+        self.assertEqual(console.visible(), [
+            b"send_events_cybertrace.py: error: cannot connect to "
+            b"127.0.0.1:%d: Connection refused" % port, b""])
+
+    def test_nothing_typed_sends_nothing(self):
+        with RecordingStandIn() as ct, Console("-c", address(ct)) as console:
+            console.wait_screen(re.escape(NOTICE + b"\r\n"))
+            console.type(b"\x04")
+            self.assertEqual(console.finish(), 1)
+            self.assertEqual(ct.received(), b"")
+        self.assertIn(b"no events to send", bytes(console.screen))
+
+    def test_reconnect_waits_for_the_peer_before_the_first_line(self):
+        with Server() as server:
+            port = server.address[1]
+        with Console("--reconnect", "-c", "127.0.0.1:%d" % port) as console:
+            # The peer is not there: it says so, and waits for it.
+            console.wait_screen(rb"warning: cannot connect to 127\.0\.0\.1:"
+                                rb"%d \(Connection refused\); retrying" % port)
+            self.assertNotIn(NOTICE, bytes(console.screen))
+            with RecordingStandIn(input=("127.0.0.1", port)) as ct:
+                console.wait_screen(rb"connected after [\d.]+ s")
+                console.wait_screen(re.escape(NOTICE + b"\r\n"))
+                console.type(b"typed\n\x04")
+                self.assertEqual(console.finish(), 0)
+                self.assertEqual(ct.received(), b"typed\n")
+        self.assertRegex(bytes(console.screen), rb"Sent 1 event")
+
     def test_no_notice_when_stdin_is_not_read_or_not_a_terminal(self):
         with tempfile.NamedTemporaryFile() as f:
             f.write(b"from a file\n")
@@ -370,7 +404,8 @@ INTERRUPTED = (rb"send_events_cybertrace\.py: interrupted: ([\d,]+) events?"
 
 
 # The progress line: events, bytes, rate, then a percentage and an ETA.
-PROGRESS = rb"\r([\d,]+ events?  [\d.,]+ (?:bytes?|KiB|MiB)  [\d,]+/s)"
+PROGRESS = (rb"\r([\d,]+ events?  [\d.,]+ (?:bytes?|KiB|MiB)  [\d,]+/s  "
+            rb"[\d,]+ acknowledged)")
 PERCENT_ETA = rb"  (\d+)%  ETA (?:\d+:\d\d:\d\d|[\d.]+ s)"
 
 
@@ -414,10 +449,12 @@ class InterruptTest(ConsoleTestCase):
                 self.assertEqual(self.interrupt(console), (0, 0))
 
     def test_while_typing_before_and_after_connecting(self):
+        # At a terminal the sender connects before the first line is
+        # typed, and only then says how to type events.
         with Server() as server, Console("-c", address(server)) as console:
             console.wait_screen(re.escape(NOTICE))
+            wait_until(server.connected, "the connection, before any line")
             self.assertEqual(self.interrupt(console), (0, 0))
-            self.assertFalse(server.connected())
         with RecordingStandIn() as ct, Console("-c", address(ct)) as console:
             console.wait_screen(re.escape(NOTICE))
             console.type(b"one\n")

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent.parent)]
 
 from fake_cybertrace import FakeCyberTrace  # noqa: E402
-from test_check import StandIn, free_port  # noqa: E402
+from test_check import STAND_IN, StandIn, free_port  # noqa: E402
 from support import (TUTORIAL_EVENTS, LISTENER, SENDER, TIMEOUT,  # noqa: E402
                      Listener, Process, user_env)
 
@@ -487,6 +487,319 @@ class SenderTest(WindowsTest):
                          rb"detected and delivered to 127\.0\.0\.1:%d "
                          % port)
         self.assertNoTraceback(done.stderr)
+
+
+_pipes = iter(range(1, 1000))
+
+
+def pipe_name(what: str) -> str:
+    """Return a pipe name no other test or run uses."""
+    return "\\\\.\\pipe\\cybertrace-test-%d-%s-%d" % (os.getpid(), what,
+                                                     next(_pipes))
+
+
+class PipeProcess(Process):
+    """A script serving a named pipe, once it says it does."""
+
+    def __init__(self, argv: list, ready: str, **kwargs) -> None:
+        super().__init__(argv, **kwargs)
+        try:
+            self.wait_stderr(ready)
+        except AssertionError:
+            self.close()
+            raise
+
+
+def pipe_listener(name: str, *args: str, **kwargs) -> PipeProcess:
+    return PipeProcess([sys.executable, str(LISTENER), "-l", name, *args],
+                       r"Waiting for CyberTrace \(OutputSettings > "
+                       r"ConnectionString = %s\)" % re.escape(name), **kwargs)
+
+
+def pipe_stand_in(*args: str) -> PipeProcess:
+    return PipeProcess([sys.executable, "-X", "dev", "-W", "error",
+                        str(STAND_IN), *args], r"Listening on \\\\\.\\pipe")
+
+
+class RawPipe:
+    """A pipe client on _winapi alone, blocking, as a C program is: a
+    write returns once the pipe holds its bytes."""
+
+    def __init__(self, name: str) -> None:
+        import _winapi
+        self.handle = _winapi.CreateFile(
+            name, _winapi.GENERIC_WRITE, 0, _winapi.NULL,
+            _winapi.OPEN_EXISTING, 0, _winapi.NULL)
+
+    def write(self, data: bytes) -> None:
+        import _winapi
+        view = memoryview(data)
+        while view:
+            written, err = _winapi.WriteFile(self.handle, view.tobytes())
+            view = view[written:]
+
+    def close(self) -> None:
+        import _winapi
+        _winapi.CloseHandle(self.handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PipeTest(WindowsTest):
+    """Named pipes: the listener, the sender, the stand-in and the check."""
+
+    def test_pipe_clients_one_after_another_byte_identical_to_linux(self):
+        if REFERENCE is None:
+            self.skipTest("no Linux run to compare with: run this module "
+                          "through tests/windows/run.py")
+        for fmt in ("raw", "text"):
+            with self.subTest(format=fmt):
+                name = pipe_name("formats")
+                with pipe_listener(name, "-f", fmt, "-n",
+                                   str(EVENTS)) as listener:
+                    done = 0
+                    for events in PEERS:
+                        with RawPipe(name) as pipe:
+                            pipe.write(b"".join(events))
+                        done += len(events) * LINES_PER_EVENT[fmt]
+                        listener.wait_stdout(done)
+                    self.assertEqual(listener.finish(), 0,
+                                     listener.stderr_text)
+                self.assertEqual(bytes(listener.out), read(
+                    os.path.join(REFERENCE, fmt + ".out")))
+                err = listener.stderr_text
+                for client in (1, 2, 3):
+                    self.assertRegex(err, r"(?m)^Connection from %s client "
+                                     r"%d\r?$" % (re.escape(name), client))
+                self.assertIn("Closed %s client 3: 2 events" % name, err)
+                self.assertIn("Stopped: %d events" % EVENTS, err)
+                self.assertNoTraceback(err)
+
+    def send_files(self, name: str, files: list, at_once: bool) -> None:
+        """Run a sender per file, all at once or one after another."""
+        def start(path):
+            return Process([sys.executable, str(SENDER), "-c", name, path])
+        senders = []
+        try:
+            for path in files:
+                senders.append(start(path))
+                if not at_once:
+                    self.assertEqual(senders[-1].finish(), 0,
+                                     senders[-1].stderr_text)
+            for sender in senders:
+                self.assertEqual(sender.finish(), 0, sender.stderr_text)
+                self.assertRegex(sender.stderr_text, r"^Sent 500 events\b")
+        finally:
+            for sender in senders:
+                sender.close()
+
+    def test_senders_at_once_and_in_turn_byte_exact(self):
+        name = pipe_name("senders")
+        with tempfile.TemporaryDirectory() as tmp:
+            files, expected = [], []
+            for number in range(6):
+                lines = [b"sender %d event %d key=%s | x=\"\\q\" \xd0\x96"
+                         % (number, index, b"v" * (index % 300))
+                         for index in range(500)]
+                expected.append(lines)
+                files.append(os.path.join(tmp, "events%d.log" % number))
+                with open(files[-1], "wb") as file:
+                    file.write(b"\r\n".join(lines) + b"\r\n")
+            with pipe_listener(name, "-f", "raw", "-n", "3000") as listener:
+                self.send_files(name, files[:3], at_once=True)
+                listener.wait_stdout(1500)
+                self.send_files(name, files[3:], at_once=False)
+                self.assertEqual(listener.finish(), 0, listener.stderr_text)
+        got = bytes(listener.out).split(b"\n")
+        self.assertEqual(got[-1], b"")
+        for number, lines in enumerate(expected):
+            mine = [line for line in got
+                    if line.startswith(b"sender %d " % number)]
+            self.assertEqual(mine, lines)  # whole, once, in order
+        self.assertEqual(len(got) - 1, 3000)
+        err = listener.stderr_text
+        self.assertEqual(err.count("Connection from %s client " % name), 6)
+        self.assertIn("Stopped: 3,000 events", err)
+        self.assertNoTraceback(err)
+
+    def test_clients_at_once_never_find_the_pipe_busy(self):
+        # Raw clients do not wait on ERROR_PIPE_BUSY as the sender does:
+        # an instance must be free for each, however they come together.
+        import threading
+        name = pipe_name("burst")
+        with pipe_listener(name, "-f", "raw") as listener:
+            failures = []
+
+            def client(start, line):
+                start.wait(TIMEOUT)
+                try:
+                    with RawPipe(name) as pipe:
+                        pipe.write(line)
+                except OSError as exc:
+                    failures.append(exc)
+            for round in range(5):
+                start = threading.Event()
+                threads = [threading.Thread(target=client, args=(
+                    start, b"round %d client %d\n" % (round, n)))
+                    for n in range(8)]
+                for thread in threads:
+                    thread.start()
+                start.set()
+                for thread in threads:
+                    thread.join(TIMEOUT)
+                self.assertEqual(failures, [])
+                listener.wait_stdout(8 * (round + 1))
+            listener.signal(signal.SIGTERM)
+            listener.finish()
+        self.assertEqual(sorted(bytes(listener.out).split(b"\n")[:-1]),
+                         sorted(b"round %d client %d" % (r, n)
+                                for r in range(5) for n in range(8)))
+
+    def test_json_to_a_file_with_stats_and_count_over_a_pipe(self):
+        import json
+        name = pipe_name("json")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "events.jsonl")
+            with pipe_listener(name, "-f", "json", "-o", path, "--stats",
+                               "0.2", "-n", "4") as listener:
+                with RawPipe(name) as pipe:
+                    pipe.write(b"one key=1\ntwo key=2\nthree key=3\n")
+                    listener.wait_for(lambda: len(re.findall(
+                        r"Stats after \S+ s: 3 events, 32 bytes received, "
+                        r"[\d,]+/s over the last \S+ s, 1 connection open",
+                        listener.stderr_text)) >= 2, what="two stats lines")
+                    pipe.write(b"four key=4\nfive key=5\n")
+                    # --count stops it at the fourth, the client connected.
+                    self.assertEqual(listener.finish(), 0,
+                                     listener.stderr_text)
+            events = [json.loads(line) for line in read(path).splitlines()]
+        self.assertEqual([e["event"] for e in events],
+                         ["one key=1", "two key=2", "three key=3",
+                          "four key=4"])
+        self.assertEqual({e["peer"] for e in events}, {name + " client 1"})
+        self.assertEqual(events[3]["fields"]["key"], "4")
+        self.assertIn("Stopped: 4 events", listener.stderr_text)
+        self.assertEqual(bytes(listener.out), b"")
+
+    def test_errors_of_pipes_are_one_line(self):
+        name = pipe_name("errors")
+        done = run_script(SENDER, "-c", name, "-e", "x")
+        self.assertOneErrorLine(done, 1, rb"error: cannot connect to "
+                                rb"\\\\\.\\pipe\\\S+: no program serves "
+                                rb"this pipe")
+        with pipe_listener(name, "-t", "30") as first:
+            done = run_script(LISTENER, "-l", name, "-t", "1")
+            self.assertOneErrorLine(done, 1, rb"error: cannot listen on "
+                                    rb"\\\\\.\\pipe\\\S+: another program "
+                                    rb"serves this pipe")
+            first.signal(signal.SIGTERM)
+            first.finish()
+        for bad in ("\\\\.\\pipe\\", "\\\\.\\pipe\\a\\b"):
+            with self.subTest(address=bad):
+                done = run_script(LISTENER, "-l", bad)
+                self.assertOneErrorLine(done, 2, rb"error: argument -l")
+
+    def test_stand_in_answers_and_delivers_over_pipes(self):
+        into, out = pipe_name("input"), pipe_name("output")
+        indicator = re.compile(rb"matchedIndicator=(\S+)")
+        # Its start alert and the 3 detections: -n stops it with a summary.
+        with pipe_listener(out, "-f", "raw", "-n", "4") as listener, \
+                pipe_stand_in("--input", into, "--output", out) as stand_in:
+            done = run_script(SENDER, "--ping", "-c", into)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertRegex(done.stderr, rb"^PONG from ")
+            # Reply-back over the duplex pipe: every answer comes back.
+            done = run_script(SENDER, "--demo", "--reply-back", "-c", into)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(done.stdout.count(b"LookupFinished"), 17)
+            answered = sorted(indicator.findall(done.stdout))
+            self.assertEqual(len(answered), 3, done.stdout)
+            # Sent plainly, their detections go to the output: the
+            # listener's pipe (after the stand-in's start alert).
+            done = run_script(SENDER, "--demo", "-c", into)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(listener.finish(), 0, listener.stderr_text)
+            stand_in.signal(signal.SIGTERM)
+            stand_in.finish()
+            self.assertNoTraceback(stand_in.err)
+        delivered = bytes(listener.out).split(b"\n")[:-1]
+        self.assertIn(b"alert=KL_ALERT_ServiceStarted", delivered[0])
+        self.assertEqual(sorted(indicator.search(line).group(1)
+                                for line in delivered[1:]), answered)
+        self.assertRegex(listener.stderr_text, r"(?m)^Connection from %s "
+                         r"client 1\r?$" % re.escape(out))
+
+    def test_stand_in_sends_alerts_to_their_own_pipe(self):
+        into, out, alerts = (pipe_name("input"), pipe_name("output"),
+                             pipe_name("alerts"))
+        with pipe_listener(alerts, "-f", "raw", "-n", "1") as listener, \
+                pipe_stand_in("--input", into, "--output", out,
+                              "--alert-output", alerts) as stand_in:
+            self.assertEqual(listener.finish(), 0, listener.stderr_text)
+            stand_in.signal(signal.SIGTERM)
+            stand_in.finish()
+            self.assertNoTraceback(stand_in.err)
+        self.assertRegex(bytes(listener.out),
+                         rb"^.* alert=KL_ALERT_ServiceStarted\n$")
+
+    def test_lab_check_on_pipes_gets_3_of_17(self):
+        into, out = pipe_name("input"), pipe_name("output")
+        with pipe_stand_in("--input", into, "--output", out) as stand_in:
+            done = run_script(SENDER, "--check", out, "-c", into)
+            stand_in.signal(signal.SIGTERM)
+            stand_in.finish()
+            self.assertNoTraceback(stand_in.err)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, rb"(?m)^3 of 17 test indicators "
+                         rb"detected and delivered to %s\b"
+                         % re.escape(out.encode()))
+        self.assertNoTraceback(done.stderr)
+
+    def drain_with(self, stop) -> None:
+        """Stop a listener (stop(listener)) right after a pipe client wrote
+        more than the pipe holds, the client still connected: every event
+        is written, then the summary."""
+        name = pipe_name("drain")
+        events = [b"drained %d %s\n" % (n, b"y" * 100) for n in range(2000)]
+        with pipe_listener(name, "-f", "raw") as listener:
+            with RawPipe(name) as pipe:
+                pipe.write(b"".join(events))  # returns once the pipe has all
+                stop(listener)
+                self.assertEqual(listener.finish(), 0, listener.stderr_text)
+        self.assertEqual(bytes(listener.out), b"".join(events))
+        self.assertIn("Stopped: 2,000 events", listener.stderr_text)
+        self.assertNoTraceback(listener.err)
+
+    def test_ctrl_c_drains_a_pipe_client(self):
+        self.drain_with(lambda _: self.console_event(CTRL_C_EVENT))
+
+    def test_ctrl_break_drains_a_pipe_client(self):
+        self.drain_with(lambda _: self.console_event(CTRL_BREAK_EVENT))
+
+    def test_sigbreak_drains_a_pipe_client(self):
+        # What Ctrl+Break raises, from inside (wine cannot send it).
+        name = pipe_name("sigbreak")
+        code = ("import sys, threading, signal\n"
+                "import listen_events_cybertrace as lec\n"
+                "def stop():\n"
+                "    sys.stdin.readline()\n"
+                "    signal.raise_signal(signal.SIGBREAK)\n"
+                "threading.Thread(target=stop, daemon=True).start()\n"
+                "sys.exit(lec.main(['-l', %r, '-f', 'raw']))\n" % name)
+        events = [b"drained %d %s\n" % (n, b"z" * 100) for n in range(2000)]
+        with PipeProcess([sys.executable, "-c", code], r"Waiting for",
+                         stdin=subprocess.PIPE) as proc:
+            with RawPipe(name) as pipe:
+                pipe.write(b"".join(events))
+                proc.proc.stdin.write(b"stop\n")
+                proc.proc.stdin.flush()
+                self.assertEqual(proc.finish(), 0, proc.stderr_text)
+        self.assertEqual(bytes(proc.out), b"".join(events))
+        self.assertIn("Stopped: 2,000 events", proc.stderr_text)
 
 
 if __name__ == "__main__":

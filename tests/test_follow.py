@@ -1,0 +1,682 @@
+"""--follow and --state: files followed as tail -F does, across rotation,
+and a position saved only for what the peer acknowledged."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+from support import SENDER, TIMEOUT, Listener, Process, wait_until
+
+import follow_files
+import send_events_cybertrace as sender_module
+
+try:
+    import fcntl
+    import pty
+    import termios
+except ImportError:
+    pty = None
+
+
+def line(stream: str, number: int) -> bytes:
+    """Return a numbered line of a stream, 64 bytes with its newline."""
+    return b"%s seq=%09d " % (stream.encode(), number) + b"x" * 47 + b"\n"
+
+
+def lines(stream: str, start: int, stop: int) -> bytes:
+    return b"".join(line(stream, number) for number in range(start, stop))
+
+
+def numbers(output: bytes, stream: str) -> list:
+    """Return the numbers of a stream's whole lines, in the order received."""
+    whole = output[:output.rfind(b"\n") + 1]
+    prefix = stream.encode() + b" seq="
+    return [int(each[len(prefix):len(prefix) + 9])
+            for each in whole.splitlines() if each.startswith(prefix)]
+
+
+def append(path: str, data: bytes) -> None:
+    with open(path, "ab") as file:
+        file.write(data)
+
+
+class Collector:
+    """A Follower of real files, read round by round without a peer."""
+
+    def __init__(self, paths: list, state: str | None = None,
+                 from_start: bool = False) -> None:
+        self.warnings = []
+        self.statuses = []
+        self.follower = follow_files.Follower(
+            paths, str,
+            lambda: sender_module.EventFramer(
+                sender_module.CYBERTRACE_EVENT_BYTES),
+            sender_module.drop_blank_lines, self.warnings.append,
+            self.statuses.append, state, from_start, poll=0)
+
+    def take(self) -> bytes:
+        """Return all the whole lines there are now, as the sender gets
+        them: read until a few rounds in a row bring nothing."""
+        got = []
+        quiet = 0
+        while quiet < 4:
+            blocks = [bytes(block) for block, count in self.follower.round()
+                      if count]
+            got += blocks
+            quiet = 0 if blocks else quiet + 1
+        return b"".join(got)
+
+    def acknowledge(self, events: int | None = None) -> None:
+        """Say that the peer acknowledged events (all so far if None)."""
+        self.follower.settle(self.follower.numbered if events is None
+                             else events)
+
+    def close(self, acked: int | None = None) -> None:
+        self.follower.close(acked)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.follower.close()
+
+
+class FollowFilesTest(unittest.TestCase):
+    """Rotation, truncation and positions, with real files."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.log = os.path.join(self.dir, "app.log")
+        self.state = os.path.join(self.dir, "state.json")
+
+    def saved(self) -> dict:
+        with open(self.state) as file:
+            return json.load(file)["files"][self.log]
+
+    def test_without_state_it_starts_at_the_end(self):
+        append(self.log, lines("a", 0, 10))
+        with Collector([self.log]) as follow:
+            self.assertEqual(follow.take(), b"")
+            append(self.log, lines("a", 10, 12))
+            self.assertEqual(follow.take(), lines("a", 10, 12))
+        with Collector([self.log], from_start=True) as follow:
+            self.assertEqual(follow.take(), lines("a", 0, 12))
+
+    def test_a_partial_last_line_waits_for_its_newline(self):
+        with Collector([self.log]) as follow:
+            append(self.log, b"one\ntw")
+            self.assertEqual(follow.take(), b"one\n")
+            append(self.log, b"o\r\n")
+            self.assertEqual(follow.take(), b"two\n")
+
+    def test_rename_rotation_finishes_the_old_file_first(self):
+        append(self.log, lines("a", 0, 5))
+        with Collector([self.log], from_start=True) as follow:
+            self.assertEqual(follow.take(), lines("a", 0, 5))
+            append(self.log, lines("a", 5, 8))
+            os.rename(self.log, self.log + ".1")
+            # Still written by a writer that has not reopened yet, and a
+            # last line without its newline.
+            append(self.log + ".1", lines("a", 8, 10) + b"last")
+            append(self.log, lines("a", 10, 13))
+            self.assertEqual(follow.take(), lines("a", 5, 10) + b"last\n" +
+                             lines("a", 10, 13))
+            self.assertTrue(any("rotated" in each
+                                for each in follow.statuses))
+
+    def test_copytruncate_sends_the_rest_from_the_copy_then_from_0(self):
+        append(self.log, lines("a", 0, 20))
+        with Collector([self.log], from_start=True) as follow:
+            self.assertEqual(follow.take(), lines("a", 0, 20))
+            # Written, not read yet, when logrotate copies and truncates.
+            append(self.log, lines("a", 20, 25))
+            shutil.copyfile(self.log, self.log + ".1")
+            os.truncate(self.log, 0)
+            append(self.log, lines("a", 25, 27))
+            self.assertEqual(follow.take(), lines("a", 20, 27))
+
+    def test_copytruncate_without_a_copy_warns_and_reads_from_0(self):
+        append(self.log, lines("a", 0, 20))
+        with Collector([self.log], from_start=True) as follow:
+            follow.take()
+            os.truncate(self.log, 0)
+            append(self.log, lines("a", 20, 22))
+            self.assertEqual(follow.take(), lines("a", 20, 22))
+        self.assertEqual(len(follow.warnings), 1, follow.warnings)
+        self.assertRegex(follow.warnings[0], r"was truncated and no copy")
+
+    def test_a_file_that_appears_later_or_comes_back(self):
+        with Collector([self.log]) as follow:
+            self.assertEqual(follow.take(), b"")
+            append(self.log, lines("a", 0, 3))
+            self.assertEqual(follow.take(), lines("a", 0, 3))
+            append(self.log, lines("a", 3, 4) + b"cut")
+            os.unlink(self.log)
+            self.assertEqual(follow.take(), lines("a", 3, 4) + b"cut\n")
+            append(self.log, lines("a", 4, 6))
+            self.assertEqual(follow.take(), lines("a", 4, 6))
+
+    def test_several_files_each_with_its_own_position(self):
+        other = os.path.join(self.dir, "other.log")
+        append(self.log, lines("a", 0, 3))
+        append(other, lines("b", 0, 4))
+        with Collector([self.log, other], self.state, True) as follow:
+            got = follow.take()
+            self.assertEqual(numbers(got, "a"), [0, 1, 2])
+            self.assertEqual(numbers(got, "b"), [0, 1, 2, 3])
+            follow.acknowledge()
+        with open(self.state) as file:
+            files = json.load(file)["files"]
+        self.assertEqual(files[self.log]["offset"], 3 * 64)
+        self.assertEqual(files[other]["offset"], 4 * 64)
+
+    def test_the_position_saved_is_the_first_event_not_acknowledged(self):
+        append(self.log, b"")
+        with Collector([self.log], self.state) as follow:
+            for start in range(0, 30, 10):  # three blocks of 10
+                append(self.log, lines("a", start, start + 10))
+                follow.take()
+            follow.acknowledge(25)  # inside the third block
+            follow.close()
+        self.assertEqual(self.saved()["offset"], 25 * 64)
+        append(self.log, lines("a", 30, 32))
+        with Collector([self.log], self.state) as follow:
+            self.assertEqual(follow.take(), lines("a", 25, 32))
+        self.assertTrue(any("from byte 1600" in each
+                            for each in follow.statuses), follow.statuses)
+
+    def test_an_appended_file_keeps_its_identity(self):
+        # Shorter than the head at first: the head grows with it.
+        append(self.log, b"short\n")
+        with Collector([self.log], self.state, True) as follow:
+            follow.take()
+            follow.acknowledge()
+        self.assertEqual(self.saved()["head_bytes"], 6)
+        append(self.log, lines("a", 0, 40))
+        with Collector([self.log], self.state) as follow:
+            self.assertEqual(follow.take(), lines("a", 0, 40))
+            follow.acknowledge()
+        self.assertEqual(self.saved()["head_bytes"], 1024)
+        self.assertEqual(follow.warnings, [])
+
+    def test_renamed_while_stopped_the_old_file_is_found_by_inode(self):
+        append(self.log, lines("a", 0, 5))
+        with Collector([self.log], self.state, True) as follow:
+            follow.take()
+            follow.acknowledge()
+        append(self.log, lines("a", 5, 7))
+        os.rename(self.log, self.log + ".1")
+        append(self.log, lines("a", 7, 9))
+        with Collector([self.log], self.state) as follow:
+            self.assertEqual(follow.take(), lines("a", 5, 9))
+        self.assertEqual(follow.warnings, [])
+
+    def test_copytruncated_while_stopped_the_copy_is_found_by_head(self):
+        append(self.log, lines("a", 0, 10))
+        with Collector([self.log], self.state, True) as follow:
+            follow.take()
+            follow.acknowledge()
+        append(self.log, lines("a", 10, 12))
+        shutil.copyfile(self.log, self.log + ".1")
+        os.truncate(self.log, 0)
+        append(self.log, lines("a", 12, 13))
+        with Collector([self.log], self.state) as follow:
+            self.assertEqual(follow.take(), lines("a", 10, 13))
+        self.assertEqual(follow.warnings, [])
+
+    def test_a_damaged_state_warns_and_starts_at_the_end(self):
+        append(self.log, lines("a", 0, 5))
+        for damage in (b"{\"version\": 1, \"fil", b"\xff\xfe",
+                       b"[]", b'{"version": 1, "files": {"%s": {"offset":'
+                       b' -4}}}' % self.log.encode()):
+            for from_start in (False, True):
+                with self.subTest(damage=damage, from_start=from_start):
+                    with open(self.state, "wb") as file:
+                        file.write(damage)
+                    with Collector([self.log], self.state,
+                                   from_start) as follow:
+                        got = follow.take()
+                    self.assertEqual(got, lines("a", 0, 5) if from_start
+                                     else b"")
+                    self.assertEqual(len(follow.warnings), 1)
+                    self.assertRegex(follow.warnings[0], r"--state .* is "
+                                     r"damaged \(.*\): starting each file at"
+                                     r" its %s" % ("start" if from_start
+                                                   else "end"))
+                    # Written again whole: the next start is clean.
+                    self.assertEqual(self.saved()["offset"],
+                                     0 if from_start else 5 * 64)
+
+    def test_a_state_of_another_file_warns_and_starts_at_the_end(self):
+        append(self.log, lines("a", 0, 5))
+        with Collector([self.log], self.state, True) as follow:
+            follow.take()
+            follow.acknowledge()
+        os.unlink(self.log)
+        # Another file at the path, as long or longer: not the one saved.
+        append(self.log, lines("z", 0, 9))
+        with Collector([self.log], self.state) as follow:
+            self.assertEqual(follow.take(), b"")
+            append(self.log, lines("z", 9, 10))
+            self.assertEqual(follow.take(), lines("z", 9, 10))
+        self.assertEqual(len(follow.warnings), 1, follow.warnings)
+        self.assertRegex(follow.warnings[0], r"holds the position of another "
+                         r"file than .*app\.log .*: starting at its end")
+
+    def test_the_state_is_replaced_atomically(self):
+        append(self.log, lines("a", 0, 5))
+        with Collector([self.log], self.state, True) as follow:
+            follow.take()
+            follow.acknowledge()
+            before = os.stat(self.state).st_ino
+            follow.close()
+        # A new file renamed over the old, and no temporary file left.
+        self.assertNotEqual(os.stat(self.state).st_ino, before)
+        self.assertEqual(sorted(os.listdir(self.dir)),
+                         ["app.log", "state.json"])
+        self.assertEqual(self.saved()["offset"], 5 * 64)
+
+    def test_a_state_that_cannot_be_written_fails_at_once(self):
+        missing = os.path.join(self.dir, "no", "state.json")
+        with self.assertRaisesRegex(follow_files.StateError,
+                                    r"cannot write .*: No such file"):
+            Collector([self.log], missing)
+
+
+def start_sender(port: int, *args: str) -> Process:
+    return Process([sys.executable, str(SENDER), "-c", "127.0.0.1:%d" % port,
+                    *args])
+
+
+class FollowCommandTest(unittest.TestCase):
+    """The sender's --follow and --state, as a user runs them."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.log = os.path.join(self.dir, "app.log")
+        self.state = os.path.join(self.dir, "state.json")
+
+    def test_sigterm_saves_what_was_acknowledged_and_a_restart_resumes(self):
+        append(self.log, lines("a", 0, 100))
+        with Listener("-f", "raw") as listener:
+            port = listener.address[1]
+            with start_sender(port, "--follow", self.log, "--state",
+                              self.state) as sender:
+                sender.wait_stderr(r"Following .*app\.log from its end")
+                append(self.log, lines("a", 100, 110))
+                listener.wait_stdout(10)
+                sender.signal(signal.SIGTERM)
+                self.assertEqual(sender.finish(), 143)
+            self.assertRegex(sender.stderr_text, r"terminated: 10 events "
+                             r"sent, 10 acknowledged\n$")
+            append(self.log, lines("a", 110, 120))
+            with start_sender(port, "--follow", self.log, "--state",
+                              self.state) as sender:
+                sender.wait_stderr(r"from byte 7040 \(saved in ")
+                listener.wait_stdout(20)
+                sender.signal(signal.SIGTERM)
+                self.assertEqual(sender.finish(), 143)
+            self.assertEqual(listener.stop(), 0)
+        self.assertEqual(numbers(bytes(listener.out), "a"),
+                         list(range(100, 120)))
+
+    @unittest.skipIf(pty is None, "needs FIONREAD")
+    def test_only_what_the_peer_acknowledged_is_saved(self):
+        # A peer that never reads, with a small receive buffer: most of
+        # what is sent stays unacknowledged in the sender's kernel.
+        with socket.socket() as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            append(self.log, b"")
+            with start_sender(server.getsockname()[1], "--follow",
+                              self.log, "--state", self.state, "-t",
+                              "60") as sender:
+                sender.wait_stderr(r"Following .*app\.log from its end")
+                append(self.log, lines("a", 0, 20000))
+                server.settimeout(TIMEOUT)
+                peer, _ = server.accept()
+                with peer:
+                    # The peer's kernel took some, and holds it unread.
+                    wait_until(lambda: int.from_bytes(fcntl.ioctl(
+                        peer.fileno(), termios.FIONREAD, b"\0" * 4),
+                        sys.byteorder) >= 2048, TIMEOUT, "data at the peer")
+                    sender.signal(signal.SIGTERM)
+                    self.assertEqual(sender.finish(), 143)
+        found = re.search(r"terminated: ([\d,]+) events sent, ([\d,]+) "
+                          r"acknowledged", sender.stderr_text)
+        sent, acked = (int(each.replace(",", "")) for each in found.groups())
+        with open(self.state) as file:
+            offset = json.load(file)["files"][self.log]["offset"]
+        self.assertLess(acked, sent)
+        self.assertLess(offset, 20000 * 64)
+        # Exactly the start of the first event not acknowledged.
+        self.assertEqual(offset, acked * 64, sender.stderr_text)
+
+    def saved_offset(self):
+        try:
+            with open(self.state) as file:
+                return json.load(file)["files"][self.log]["offset"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def test_a_damaged_state_is_a_warning_on_the_command_line(self):
+        append(self.log, lines("a", 0, 5))
+        with open(self.state, "w") as file:
+            file.write("{\"version\": 1, \"files\": ")
+        with Listener("-f", "raw") as listener:
+            with start_sender(listener.address[1], "-q", "--follow",
+                              self.log, "--state", self.state,
+                              "--from-start") as sender:
+                listener.wait_stdout(5)
+                sender.signal(signal.SIGTERM)
+                self.assertEqual(sender.finish(), 143)
+            self.assertEqual(listener.stop(), 0)
+        self.assertRegex(sender.stderr_text, r"^warning: --state .* is "
+                         r"damaged \(.*\): starting each file at its start "
+                         r"\(--from-start\)\n")
+        self.assertNotIn("Traceback", sender.stderr_text)
+
+    def test_what_it_refuses(self):
+        cases = [(("--state", self.state), r"--state: only with --follow"),
+                 (("--from-start",), r"--from-start: only with --follow"),
+                 (("--follow", self.log, "-e", "x"),
+                  r"--follow: not allowed with -e/--event"),
+                 (("--follow", self.log, "--repeat", "2"),
+                  r"--follow: not allowed with --repeat"),
+                 (("--follow", self.log, self.log),
+                  r"--follow: a file given twice"),
+                 (("--retry-max", "1"), r"--retry-max: only with "
+                  r"--reconnect")]
+        for args, pattern in cases:
+            with self.subTest(args=args):
+                proc = subprocess.run([sys.executable, str(SENDER), "-c",
+                                       "1", *args], capture_output=True,
+                                      timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertRegex(proc.stderr.decode(), pattern)
+
+    def test_a_state_folder_that_cannot_be_written_is_an_error(self):
+        proc = subprocess.run([sys.executable, str(SENDER), "-c", "1", "-q",
+                               "--follow", self.log, "--state",
+                               os.path.join(self.dir, "no", "s.json")],
+                              capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr.decode(), r"^send_events_cybertrace\.py"
+                         r": error: cannot write .*s\.json: No such file or "
+                         r"directory\n$")
+
+
+class RejectingPeerTest(unittest.TestCase):
+    def test_a_peer_that_accepts_and_drops_is_backed_off_and_warned(self):
+        # The real listener, refusing the sender's address after the
+        # handshake, as in the issue.
+        with Listener("-f", "raw", "--allow", "127.0.0.2/32") as listener:
+            with Process([sys.executable, str(SENDER), "--reconnect",
+                          "--retry-max", "2", "-c", "127.0.0.1:%d"
+                          % listener.address[1]],
+                         stdin=subprocess.PIPE) as sender:
+                # Events trickle in, as from tail -F: each next one finds
+                # the connection dropped.
+                stop = threading.Event()
+
+                def trickle():
+                    number = 0
+                    while not stop.wait(0.1):
+                        try:
+                            sender.proc.stdin.write(b"event %d\n" % number)
+                            sender.proc.stdin.flush()
+                        except OSError:
+                            return
+                        number += 1
+                thread = threading.Thread(target=trickle, daemon=True)
+                thread.start()
+                try:
+                    found = sender.wait_stderr(
+                        r"(?s)(reconnected after .*){5}", TIMEOUT * 2)
+                finally:
+                    stop.set()
+                    thread.join(TIMEOUT)
+                sender.signal(signal.SIGTERM)
+                self.assertEqual(sender.finish(), 143)
+            self.assertEqual(listener.stop(), 0)
+        err = sender.stderr_text
+        self.assertIsNotNone(found)
+        waits = [float(each) for each in
+                 re.findall(r"reconnected after (\d+\.\d) s", err)]
+        # No tight loop: 0.5 s (less jitter) then doubling, up to 2 s.
+        self.assertGreaterEqual(waits[0], 0.3, err)
+        for before, after in zip(waits, waits[1:4]):
+            self.assertGreaterEqual(after, min(before * 1.4, 1.4), err)
+        self.assertEqual(len(re.findall(r"accepted and then dropped", err)),
+                         1, err)
+        self.assertRegex(err, r"warning: 127\.0\.0\.1:\d+ accepted and then "
+                         r"dropped 3 connections in a row, each within 3 s: "
+                         r"what its TCP acknowledged may not have been "
+                         r"processed .*--reply-back")
+        self.assertEqual(listener.out, b"")
+
+
+@unittest.skipIf(pty is None, "no pseudo-terminals here")
+class ProgressDuringAnOutageTest(unittest.TestCase):
+    def test_the_line_counts_what_went_out_not_what_was_read(self):
+        from test_sender_console import Console
+        append(self.dir_log(), b"")
+        listener = Listener("-f", "raw")
+        port = listener.address[1]
+        try:
+            with Console("--follow", self.log, "--reconnect", "-c",
+                         "127.0.0.1:%d" % port) as console:
+                console.wait_screen(rb"0 events  0 bytes  0/s  0 "
+                                    rb"acknowledged")
+                append(self.log, lines("a", 0, 3))
+                listener.wait_stdout(3)
+                console.wait_screen(rb"\r3 events  192 bytes  [\d,]+/s  3 "
+                                    rb"acknowledged")
+                self.assertEqual(listener.stop(), 0)
+                # The next line finds the connection closed: none is sent.
+                append(self.log, lines("a", 3, 5))
+                console.wait_screen(rb"lost \(closed by the peer\)")
+                mark = len(console.screen)
+                # Read, held, not sent: the line still says 3 and 192.
+                wait_until(lambda: re.search(
+                    rb"\r3 events  192 bytes  [\d,]+/s  3 acknowledged",
+                    bytes(console.screen[mark:])), TIMEOUT, "a redraw")
+                self.assertNotRegex(bytes(console.screen[mark:]),
+                                    rb"\r[45] events|320 bytes|256 bytes")
+                console.type(b"\x03")
+                self.assertEqual(console.finish(), 130)
+        finally:
+            listener.close()
+        self.assertRegex(bytes(console.screen),
+                         rb"interrupted: 3 events sent, 3 acknowledged")
+
+    def dir_log(self) -> str:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.log = os.path.join(self.dir, "app.log")
+        return self.log
+
+
+class Writer:
+    """Append numbered lines to two logs at a steady rate, rotating them
+    when told (between two lines, as a logger and logrotate would)."""
+
+    def __init__(self, paths: dict, per_second: float) -> None:
+        self.paths = paths  # stream: path
+        self.pause = 1 / per_second
+        self.next = {stream: 0 for stream in paths}
+        self.written = []  # (monotonic time, count so far) samples
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.rotated = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                for stream, path in self.paths.items():
+                    append(path, line(stream, self.next[stream]))
+                    self.next[stream] += 1
+                self.written.append((time.monotonic(),
+                                     sum(self.next.values())))
+            self.stopping.wait(self.pause)
+
+    def rename(self, stream: str) -> None:
+        with self.lock:
+            self.rotated += 1
+            path = self.paths[stream]
+            os.rename(path, "%s.%d" % (path, self.rotated))
+
+    def copytruncate(self, stream: str) -> None:
+        with self.lock:
+            self.rotated += 1
+            path = self.paths[stream]
+            shutil.copyfile(path, "%s.%d" % (path, self.rotated))
+            os.truncate(path, 0)
+
+    def written_between(self, start: float, end: float) -> int:
+        """Return how many lines were written from start to end."""
+        before = [count for when, count in self.written if when < start]
+        upto = [count for when, count in self.written if when <= end]
+        return (upto[-1] if upto else 0) - (before[-1] if before else 0)
+
+    def stop(self) -> dict:
+        self.stopping.set()
+        self.thread.join(TIMEOUT)
+        return dict(self.next)
+
+
+class DoneWhenTest(unittest.TestCase):
+    """The issue's test: 30 s of logging, through sender kills, rotations
+    and a listener restart."""
+
+    def test_every_line_arrives_through_kills_rotations_and_restarts(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        paths = {"a": os.path.join(folder, "a.log"),
+                 "b": os.path.join(folder, "b.log")}
+        state = os.path.join(folder, "state.json")
+        for path in paths.values():
+            append(path, b"")
+        listener = Listener("-f", "raw")
+        port = listener.address[1]
+        outputs = []
+        senders = []
+        kills = []
+
+        def start():
+            sender = start_sender(port, "--follow", *paths.values(),
+                                  "--state", state, "--reconnect",
+                                  "--retry-max", "0.5")
+            senders.append(sender)
+            sender.wait_stderr(r"Following .*b\.log")
+            return sender
+
+        def kill(sender):
+            kills.append(time.monotonic())
+            sender.proc.kill()
+            sender.finish()
+
+        writer = None
+        try:
+            sender = start()
+            writer = Writer(paths, 100)  # 200 lines a second in all
+            began = time.monotonic()
+
+            def at(second):
+                left = began + second - time.monotonic()
+                if left > 0:
+                    time.sleep(left)
+            at(4)
+            kill(sender)
+            at(5)
+            sender = start()
+            at(8)
+            writer.rename("a")  # while the sender runs
+            at(11)
+            kill(sender)
+            writer.copytruncate("b")  # while the sender is down
+            at(12.5)
+            sender = start()
+            at(15)
+            writer.copytruncate("a")  # while the sender runs
+            at(19)
+            stopped = time.monotonic()
+            self.assertEqual(listener.stop(signal.SIGTERM), 0)
+            outputs.append(bytes(listener.out))
+            listener.close()
+            at(20)
+            listener = Listener("-f", "raw", listen="127.0.0.1:%d" % port)
+            at(23)
+            writer.rename("b")  # while the sender runs, again
+            at(30)
+            total = writer.stop()
+            last = [line(stream, count - 1)
+                    for stream, count in total.items()]
+            listener.wait_for(lambda: all(each in listener.out
+                                          for each in last),
+                              TIMEOUT * 2, "the last lines")
+            sender.signal(signal.SIGTERM)
+            self.assertEqual(sender.finish(), 143, sender.stderr_text)
+            self.assertEqual(listener.stop(), 0)
+            outputs.append(bytes(listener.out))
+        finally:
+            if writer is not None:
+                writer.stop()
+            listener.close()
+            for each in senders:
+                each.close()
+        errors = "".join(each.stderr_text for each in senders)
+        self.assertNotIn("Traceback", errors)
+        self.assertEqual([each.proc.returncode for each in senders],
+                         [-9, -9, 143], errors)
+        duplicates = 0
+        for stream, count in total.items():
+            received = [number for output in outputs
+                        for number in numbers(output, stream)]
+            # Every line at least once, and each first seen in order.
+            first_seen = list(dict.fromkeys(received))
+            self.assertEqual(first_seen, list(range(count)),
+                             "%s: lines missing or out of order" % stream)
+            duplicates += len(received) - count
+        # What a kill sends again: what was in flight or acknowledged
+        # since the last save (a second); the listener's SIGTERM costs
+        # what it had not acknowledged.  Bounded by what was written in
+        # the 2 s before each.
+        window = sum(writer.written_between(when - 2, when)
+                     for when in kills + [stopped])
+        self.assertLessEqual(duplicates, window, errors)
+        self.assertGreater(sum(total.values()), 5000)
+        # Each rotation was noticed and followed, none warned of: the
+        # warnings are the outages'.
+        self.assertEqual([each for each in errors.splitlines()
+                          if each.startswith("warning:") and not re.match(
+                              r"warning: (connection to .* lost|reconnected"
+                              r" after|cannot connect|connected after)",
+                              each)], [], errors)
+        self.assertRegex(errors, r"a\.log was rotated")
+        self.assertRegex(errors, r"b\.log was rotated")
+        self.assertRegex(errors, r"a\.log was truncated \(copytruncate\): "
+                         r"reading the rest from a\.log\.\d, then")
+        self.assertRegex(errors, r"Following .*b\.log from byte \d+ of "
+                         r"b\.log\.\d, where it was copied")
+        self.measured = (sum(total.values()), duplicates, window)
+
+
+if __name__ == "__main__":
+    unittest.main()
