@@ -71,9 +71,9 @@ RECV_SIZE = 512 * 1024
 JSON_RECV_SIZE = 64 * 1024
 MAX_EVENT_BYTES = 1024 * 1024
 # A lone busy peer keeps its turn while its reads fill the buffer and
-# nothing else waits; with several peers each gets one read a round (the
-# receive buffer, not the turn, keeps their reads large), and another
-# peer's events wait one read at most.
+# nothing else waits; with several peers each gets one read a round, sized
+# by what its bytes cost (FairShare), and another peer's events wait one
+# read at most.
 READS_PER_TURN = 8
 # The kernel sizes each connection's receive buffer by the rate it sees on
 # that connection alone: with several busy peers each stays near 128 KiB, a
@@ -1398,21 +1398,31 @@ class JsonFormatter:
     found for events with as many "=" (quick to count), then by the
     event's shape, its keys in order; at most max_plans are kept, the
     least recently used going first, and new ones are compiled at a
-    bounded rate.  So a peer sending ever-new shapes costs its own events
-    their general path, and nothing to anyone else's known templates.
+    bounded rate for each peer, and for a bounded time a batch.  So a
+    peer sending ever-new shapes costs its own events their general path,
+    and nothing to anyone else's known templates, nor their plans.
     """
 
     # Sites use a few dozen templates at most, of a few dozen fields and
     # well under a KiB: a plan's regular expression grows with its fields
-    # (one of 90,000 fields took 6 s to compile and 37 MB to keep).
+    # and keys, and so does the time to compile it (a template of 18
+    # fields: 1 ms; 64 fields of 8 bytes: 4 ms; 128 of 100 bytes: 35 ms).
     max_plans = 256
-    max_plan_fields = 128
+    max_plan_fields = 64
+    max_plan_keys_bytes = 1024  # the shape: every key with what precedes it
     max_plan_bytes = 16 * 1024
     plans_per_count = 4
-    # Compiling a plan costs about half a millisecond: at this rate, a
-    # stream of ever-new shapes costs under 1% of a core in compiling.
+    # Each peer may have this many plans compiled a second, after a first
+    # burst; a plan that took longer than build_seconds to compile counts
+    # as that many times more.  Per peer: one sending ever-new shapes must
+    # not use up what the templates of another need.
     builds_per_second = 16
     build_burst = 32
+    build_seconds = 0.001
+    # A batch (one read of one peer) stops compiling past this: the others
+    # wait for the batch.
+    batch_build_seconds = 0.002
+    max_buckets = 1024
 
     def __init__(self, escape_strings: bool = False) -> None:
         # --escape: control characters become visible \\xNN text inside
@@ -1420,8 +1430,9 @@ class JsonFormatter:
         self.escape_strings = escape_strings
         self.by_count = {}  # "=" count: the plans last found, newest first
         self.by_shape = collections.OrderedDict()  # least recent first
-        self.tokens = float(self.build_burst)
-        self.refilled = time.monotonic()
+        # Each peer's allowance of plans: peer -> (tokens, when counted).
+        self.buckets = {}
+        self.batch_built = 0.0  # seconds spent compiling in this batch
         # The kind of each peer's event whose pieces are coming, given to
         # every piece: only the first has the text that tells it.
         self.piece_kinds = {}
@@ -1450,6 +1461,7 @@ class JsonFormatter:
                                                 json_member(listen))
         head = (stamp.encode(), *names)
         batch = object()
+        self.batch_built = 0.0
         out = []
         by_count = self.by_count
         clean = not has_controls(data) and b'"' not in data and \
@@ -1485,7 +1497,7 @@ class JsonFormatter:
                 if found is not None:
                     break
             else:
-                plan = self.find(line)
+                plan = self.find(line, peer)
                 found = plan and plan.match(line)
                 if not found:
                     out.append(json_text(original[:-1].decode(), stamp,
@@ -1567,14 +1579,14 @@ class JsonFormatter:
             bucket.remove(plan)
             bucket.insert(0, plan)
 
-    def find(self, line: bytes) -> Optional[JsonPlan]:
-        """Return the plan for line's shape, compiling one if allowed."""
+    def find(self, line: bytes, peer: str = "") -> Optional[JsonPlan]:
+        """Return the plan for line's shape, compiling one if peer may."""
         if len(line) > self.max_plan_bytes:
             return None  # no template is that long: not worth a plan
         shape = b"".join(_SHAPE.findall(line))
         plan = self.by_shape.get(shape)
         if plan is None:
-            plan = self.build(line, shape)
+            plan = self.build(line, shape, peer)
             if plan is None:
                 return None
         bucket = self.by_count.setdefault(plan.count, [])
@@ -1583,20 +1595,25 @@ class JsonFormatter:
             del bucket[self.plans_per_count:]
         return plan
 
-    def build(self, line: bytes, shape: bytes) -> Optional[JsonPlan]:
-        """Compile and keep a plan for line, within the rate and the cap."""
-        now = time.monotonic()
-        self.tokens = min(self.build_burst, self.tokens + (
-            now - self.refilled) * self.builds_per_second)
-        self.refilled = now
-        if self.tokens < 1:
+    def build(self, line: bytes, shape: bytes,
+              peer: str = "") -> Optional[JsonPlan]:
+        """Compile and keep a plan for line, within peer's rate, the
+        batch's time and the caps."""
+        if shape.count(b"=") > self.max_plan_fields or \
+                len(shape) > self.max_plan_keys_bytes or \
+                self.batch_built >= self.batch_build_seconds:
             return None
-        if shape.count(b"=") > self.max_plan_fields:
+        tokens = self.tokens(peer)
+        if tokens < 1:
             return None
+        started = time.perf_counter()
         plan = JsonPlan.build(line)
+        took = time.perf_counter() - started
+        self.batch_built += took
         if plan is None:
             return None
-        self.tokens -= 1
+        self.buckets[peer] = (tokens - max(1.0, took / self.build_seconds),
+                              time.monotonic())
         plan.shape, plan.count = shape, line.count(b"=")
         self.by_shape[shape] = plan
         if len(self.by_shape) > self.max_plans:
@@ -1607,6 +1624,21 @@ class JsonFormatter:
                 if not bucket:
                     del self.by_count[old.count]
         return plan
+
+    def tokens(self, peer: str) -> float:
+        """Return how many plans peer may have compiled now."""
+        now = time.monotonic()
+        if len(self.buckets) > self.max_buckets:
+            # Peers long gone, or quiet long enough, have a full bucket,
+            # as a newcomer has: nothing to keep.
+            self.buckets = {key: (tokens, when) for key, (tokens, when) in
+                            self.buckets.items() if tokens + (now - when) *
+                            self.builds_per_second < self.build_burst}
+            if len(self.buckets) > self.max_buckets // 2:
+                self.buckets = {}  # thousands of peers compiling: start over
+        tokens, when = self.buckets.get(peer, (self.build_burst, now))
+        return min(self.build_burst,
+                   tokens + (now - when) * self.builds_per_second)
 
     def plans(self) -> int:
         """Return how many plans are kept."""
@@ -2796,6 +2828,11 @@ class Connection:
         # Given up its place (see Sweeper.retire): since when, and why.
         self.retired_at = None
         self.retired_for = ""
+        # What its reads cost (see FairShare): seconds and bytes, both
+        # decayed read by read, and the seconds it took beyond its share.
+        self.spent = 0.0
+        self.got = 0.0
+        self.debt = 0.0
 
     def read(self, buffer: bytearray, size: int):
         """Read once into buffer: return a block of whole events (maybe
@@ -2864,6 +2901,82 @@ class BufferBudget:
             return_freed_memory()
 
 
+class FairShare:
+    """Share the loop between busy peers by what their reads cost in time,
+    not by reads: a peer whose events are dear (JSON's general path, ever
+    new shapes, look-alikes, tiny events) gets fewer bytes a round.
+
+    Each peer's cost per byte is kept from its last few reads.  The
+    cheapest busy peer reads its full size; the others read as much as
+    costs about as long (slack times over), at least min_read; a read
+    that cost more than that anyway (one long dear event) is owed, and
+    the peer sits out rounds while others wait until it is paid (deficit
+    round robin, timed).  A lone peer reads at full size: nobody waits.
+    """
+
+    # Small enough that one dear read stays well under a millisecond or
+    # two (4 KiB of JSON's general path: 1.6 ms), large enough that a
+    # newcomer's first reads cost little more than the system call.
+    min_read = 4096
+    # A peer's read may cost this many times the cheapest's full read:
+    # within it, timing noise never shrinks the reads of equal peers.
+    slack = 1.5
+    # Never less than this a read: a peer whose bytes cost nothing (an
+    # unfinished event only copied) must not shrink everyone's reads to
+    # system calls.  Never more than longest, alone or not: a peer that
+    # connects waits for the read under way.  (A read of known templates
+    # costs well under both: 64 KiB of JSON, 0.8 ms; 512 KiB raw, 0.3 ms.)
+    least_quantum = 0.0002
+    longest = 0.002
+    # How much of its past a peer's cost keeps, read by read; and how
+    # fast the cheapest cost may rise back when dearer peers read.
+    decay = 0.75
+    drift = 1.01
+
+    def __init__(self, read_size: int) -> None:
+        self.read_size = read_size
+        self.per_byte = None  # the cheapest peer's seconds a byte
+
+    def quantum(self) -> float:
+        """Return how long a peer's read may take: the cheapest's full
+        read, with slack."""
+        if self.per_byte is None:
+            return self.longest
+        return min(self.longest, max(
+            self.least_quantum, self.per_byte * self.read_size * self.slack))
+
+    def size(self, conn: Connection, shared: bool) -> int:
+        """Return how many bytes conn may read now; shared: other peers
+        are connected."""
+        if not conn.got:
+            # Nothing known yet: start small where others may wait.
+            return self.min_read if shared else self.read_size
+        budget = self.quantum() if shared else self.longest
+        return max(self.min_read, min(self.read_size, int(
+            budget * conn.got / max(conn.spent, 1e-9))))
+
+    def charge(self, conn: Connection, seconds: float, size: int,
+               shared: bool) -> None:
+        """Count a read of size bytes that cost seconds."""
+        conn.spent = conn.spent * self.decay + seconds
+        conn.got = conn.got * self.decay + size
+        cost = conn.spent / conn.got
+        if self.per_byte is None or cost < self.per_byte:
+            self.per_byte = cost
+        else:
+            self.per_byte = min(cost, self.per_byte * self.drift)
+        if shared:
+            conn.debt = max(0.0, conn.debt + seconds - self.quantum())
+
+    def sits_out(self, conn: Connection) -> bool:
+        """Tell whether conn waits this round while others are served
+        (it owes time); a round sat out pays a share of its debt."""
+        if conn.debt <= 0.0:
+            return False
+        conn.debt = max(0.0, conn.debt - self.quantum())
+        return True
+
+
 def return_freed_memory() -> None:
     """Ask glibc to give the kernel back the free pages between live blocks."""
     trim = getattr(return_freed_memory, "trim", None)
@@ -2904,17 +3017,21 @@ class Reader:
             JSON_RECV_SIZE, settings.max_event_bytes * 64))
         self.buffer = bytearray(settings.max_event_bytes + 1 + RECV_SIZE)
         self.bytes = 0
+        self.share = FairShare(self.read_size)
         self.prefix = EventPrefix(settings.prefix) if settings.prefix \
             else None
 
     def receive(self, conn: Connection) -> bool:
-        """Read once from conn; return True if the read came full and
-        more may be waiting."""
+        """Read once from conn, as much as its share allows; return True
+        if the read came full and more may be waiting."""
+        shared = len(self.connections) > 1
+        read_size = self.share.size(conn, shared)
+        started = time.perf_counter()
         splits = conn.framer.split_events
         received = conn.framer.received
         held = conn.held
         try:
-            block = conn.read(self.buffer, self.read_size)
+            block = conn.read(self.buffer, read_size)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -2932,7 +3049,8 @@ class Reader:
             self.emit(block, conn)
         if self.budget.change(conn.held - held):
             self.keep_within_budget()
-        return size >= self.read_size and not self.sink.full()
+        self.share.charge(conn, time.perf_counter() - started, size, shared)
+        return size >= read_size and not self.sink.full()
 
     def finish(self, conn: Connection) -> None:
         """Write out conn's unfinished event: the peer is leaving."""
@@ -3868,6 +3986,9 @@ class Listener:
         # events, and bytes the kernel had acknowledged, never read.
         self.abandoned = self.unread = 0
         self.stop_asked = False
+        # How many sockets this round of the loop found ready: a peer that
+        # owes time sits out only while another waits.
+        self.ready = 0
         self.draining = False
         self.stop_now = False
         self.hung_up = False  # SIGHUP with events going to a terminal
@@ -3956,11 +4077,14 @@ class Listener:
             wait = min(max(0.0, min(due) - now), LONGEST_WAIT)
             if self.output.stalled():
                 self.wait_for_output(now + wait)
-            for key, _ in self.selector.select(
-                    0 if self.output.stalled() else wait):
+            ready = self.selector.select(
+                0 if self.output.stalled() else wait)
+            self.ready = len(ready)
+            for key, _ in ready:
                 key.data()
                 if self.stopping:
                     break
+            self.ready = 0
             self.run_timers(time.monotonic())
             if deadline is not None and time.monotonic() >= deadline:
                 self.stop_asked = timed_out = True
@@ -4023,7 +4147,13 @@ class Listener:
                 self.forget(conn)
 
     def take_turn(self, conn: Connection) -> None:
-        """Read from conn while its reads fill the buffer and none waits."""
+        """Read from conn while its reads fill the buffer and none waits;
+        not at all this round if it owes time and others wait."""
+        if self.ready > 1:
+            if self.reader.share.sits_out(conn):
+                return
+        else:
+            conn.debt = 0.0  # nobody waited for it
         for _ in range(READS_PER_TURN):
             if not self.reader.receive(conn) or self.others_waiting(conn):
                 return

@@ -86,7 +86,7 @@ HOSTILE_TARGET = 0.8
 HOSTILE_CONNECTIONS = 3000
 HOSTILE_PER_CONNECTION = 4
 PARTS = ("peers", "connections", "memory", "latency", "sender", "hostile",
-         "templates")
+         "templates", "floods")
 # --prefix's cost: the listener with every field, beside it without.
 PREFIX = "time,peer,listen"
 PREFIXED = ("raw", "text")
@@ -817,6 +817,155 @@ def hostile_run(args, data: bytes, last: bytes, line: bytes,
     return took
 
 
+# --- One peer floods, another sends: fairness by cost -------------------------
+
+FLOOD = """
+import socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as s, \\
+        open(sys.argv[2], "rb") as f:
+    print("ready", flush=True)
+    try:
+        while True:
+            s.sendfile(f, 0)
+    except OSError:
+        pass
+"""
+# (case, format): each flood against the same format's flood of normal
+# events: the victim's rate under it, and one event's delay.
+FLOODS = (("normal events", "json"), ("ever-new shapes", "json"),
+          ("look-alikes", "json"), ("14 KB lines of 128 keys", "json"),
+          ("normal events", "raw"), ("a\\n events", "raw"),
+          ("bare \\n events", "raw"), ("normal events", "text"),
+          ("a\\n events", "text"), ("bare \\n events", "text"))
+FLOOD_BYTES = 4 << 20
+FLOOD_SAMPLES = 5
+# The victim under any flood, against under a flood of normal events.
+FLOOD_TARGET = 0.5
+FLOOD_LATENCY_MS = 10.0
+
+
+def flood_data(case: str, data: bytes) -> bytes:
+    """Return about FLOOD_BYTES of a flooding peer's events for a case."""
+    lines = data[:data.index(b"\n", min(FLOOD_BYTES, len(data) - 1)) + 1] \
+        .splitlines(True)
+    if case == "normal events":
+        return b"".join(lines)
+    if case == "ever-new shapes":
+        return shapes_like(lines[0], 0, FLOOD_BYTES // len(
+            shapes_like(lines[0], 10 ** 6, 1)))
+    if case == "look-alikes":
+        # A template's keys but the last, renamed: plans that fail late.
+        out = []
+        for number, line in enumerate(lines):
+            cut = line.rindex(b" ") + 1
+            out.append(line[:cut] + b"x%d" % (number % 64) + line[cut:])
+        return b"".join(out)
+    if case.startswith("14 KB"):
+        # Ever-new shapes of 128 keys of 100 bytes: the dearest plans.
+        return b"".join(b"- " + b" ".join(
+            (b"k%d_%d_" % (number, key)).ljust(100, b"x") + b"=1"
+            for key in range(128)) + b"\n" for number in range(300))
+    if case.startswith("a"):
+        return b"a\n" * (FLOOD_BYTES // 2)
+    return b"\n" * FLOOD_BYTES
+
+
+def flood_marker(fmt: str, event: bytes) -> bytes:
+    """Return what shows event (no newline) in the output of fmt."""
+    if fmt == "json":
+        return b'"event":"%s"' % event
+    if fmt == "text":
+        return b"Received:\n%s\n" % event
+    return b"\n%s\n" % event
+
+
+def bench_floods(args, data: bytes, baseline: str, rounds: int) -> dict:
+    """Time a victim peer's events and one event's delay while another
+    peer floods, for each FLOODS case, today's listener and the
+    baseline's in the same rounds; return {(who, case, fmt): [(seconds,
+    [delays], events), ...]}."""
+    listeners = {"listener": LISTENER}
+    if baseline:
+        listeners["baseline"] = baseline
+    results = {(who, case, fmt): [] for who in listeners
+               for case, fmt in FLOODS}
+    with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        floods = {}
+        for case, _ in FLOODS:
+            if case not in floods:
+                floods[case] = os.path.join(workdir, "flood-%d" % len(floods))
+                with open(floods[case], "wb") as f:
+                    f.write(flood_data(case, data))
+        runs = [(who, case, fmt) for case, fmt in FLOODS
+                for who in listeners]
+        for number in range(rounds):
+            for who, case, fmt in runs if number % 2 == 0 else runs[::-1]:
+                results[(who, case, fmt)].append(flood_run(
+                    args, listeners[who], fmt, floods[case], data))
+            print("  flood round %d: %s" % (number + 1, ", ".join(
+                "%s %s %s %.2f" % (who, fmt, case, ratio_list(
+                    results, who, case, fmt)[-1])
+                for who, case, fmt in runs if case != "normal events")),
+                file=sys.stderr)
+    return results
+
+
+def ratio_list(results: dict, who: str, case: str, fmt: str) -> list:
+    """The victim's rate under a case's flood over its rate under a flood
+    of normal events, round by round."""
+    return [normal[0] / flooded[0] for normal, flooded in zip(
+        results[(who, "normal events", fmt)], results[(who, case, fmt)])]
+
+
+def flood_run(args, listener: str, fmt: str, flood_path: str,
+              data: bytes) -> tuple:
+    """Return (seconds the victim's events took, [one event's delays],
+    the victim's events) while a peer sends flood_path over and over."""
+    size = len(data) // (25 if fmt == "json" else 2)
+    victim = data[:data.index(b"\n", size) + 1]
+    last = victim[victim.rstrip(b"\n").rfind(b"\n") + 1:-1]
+    with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        port = free_port()
+        out_path = os.path.join(workdir, "out")
+        proc = Receiver("flood", [args.python, listener, "-q", "-l",
+                                  "127.0.0.1:PORT", "-f", fmt, "-o",
+                                  out_path]).start(workdir, port, os.devnull)
+        flooder = None
+        try:
+            wait_until(lambda: listening(port), 30, "the listener", proc)
+            flooder = subprocess.Popen(
+                [args.python, "-c", FLOOD, str(port), flood_path],
+                stdout=subprocess.PIPE, env=user_env())
+            if flooder.stdout.readline() != b"ready\n":
+                raise SystemExit("bench: the flooder did not connect")
+            wait_until(lambda: file_size(out_path) > 1 << 20, 60,
+                       "the flood", proc)
+            watch = FileWatch(out_path, flood_marker(fmt, last))
+            started = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(victim)
+                wait_until(watch.found, 600, "the victim's events", proc)
+            took = time.perf_counter() - started
+            delays = []
+            for number in range(FLOOD_SAMPLES):
+                event = b"single=event%d" % number
+                watch = FileWatch(out_path, flood_marker(fmt, event))
+                started = time.perf_counter()
+                with socket.create_connection(("127.0.0.1", port)) as s:
+                    s.sendall(event + b"\n")
+                    wait_until(watch.found, 60, "the single event", proc)
+                delays.append(time.perf_counter() - started)
+            if flooder.poll() is not None:
+                raise SystemExit("bench: the flood ended too soon")
+        finally:
+            if flooder is not None:
+                flooder.kill()
+                flooder.wait()
+                flooder.stdout.close()
+            stop(proc)
+    return took, delays, victim.count(b"\n")
+
+
 def hostile_stream(port: int, line: bytes, stop_stream) -> None:
     """Send ever-new shapes, 100 every 50 ms, until told to stop."""
     number = 10 ** 6
@@ -908,7 +1057,8 @@ def spread(values, unit: str = "{:,.0f}") -> str:
 
 def report(args, data: bytes, count: int, tools: dict, missing: dict,
            results: dict, big: Run, flood_kib: int, delays: dict,
-           send: dict, hostile: dict, templates: dict = None) -> int:
+           send: dict, hostile: dict, templates: dict = None,
+           floods: dict = None) -> int:
     """Print the tables (those of the parts that ran) and the targets;
     return 1 if a target is missed."""
     size = len(data)
@@ -1011,6 +1161,8 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
                 label, spread([count / t for t in hostile[case]]),
                 median(per), each(per)))
         out("")
+    if floods:
+        report_floods(out, floods)
     if templates:
         out("`-f json` on key=value events (the tutorial's detections) and "
             "on CEF events (Kaspersky's ArcSight templates, with escapes), "
@@ -1057,7 +1209,8 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
     if missing:
         out("")
     print("\n".join(lines))
-    checks = targets(args, results, one, big, flood_kib, hostile, templates)
+    checks = targets(args, results, one, big, flood_kib, hostile,
+                     templates) + flood_targets(floods or {})
     print("Targets:")
     print()
     print("```")
@@ -1126,6 +1279,54 @@ def targets(args, results: dict, one: dict, big: Run, flood_kib: int,
     return checks
 
 
+def report_floods(out, floods: dict) -> None:
+    """Print the victim's rate and one event's delay under each flood."""
+    old = any(who == "baseline" for who, _, _ in floods)
+    out("One peer floods (`sendfile` of the same file over and over) while "
+        "a victim sends half the benchmark's events (a 25th in `json`) on "
+        "one connection: the victim's events/s, its rate against under a "
+        "flood of normal events in the same format (each round's in "
+        "brackets), and one event's delay on a new connection (median and "
+        "max, %d a round)%s:" % (FLOOD_SAMPLES, ", beside the baseline in "
+                                 "the same rounds" if old else ""))
+    out("")
+    out("| flood | format | victim events/s | vs normal flood | delay |%s"
+        % (" baseline: vs normal flood | baseline: delay |" if old else ""))
+    out("| --- | --- | ---: | ---: | ---: |%s" % (" ---: | ---: |" if old
+                                                else ""))
+    for case, fmt in FLOODS:
+        cells = []
+        for who in ("listener", "baseline") if old else ("listener",):
+            runs = floods[(who, case, fmt)]
+            per = ratio_list(floods, who, case, fmt)
+            delays = [d for _, ds, _ in runs for d in ds]
+            if who == "listener":
+                cells.append("{:,.0f}".format(median(
+                    [events / t for t, _, events in runs])))
+            cells.append("%.2f (%s)" % (median(per), each(per)))
+            cells.append("%.1f ms, %.1f" % (median(delays) * 1000,
+                                            max(delays) * 1000))
+        out("| %s | %s | %s |" % (case, fmt, " | ".join(cells)))
+    out("")
+
+
+def flood_targets(floods: dict) -> list:
+    """Return (label, value, target, met) for the victim under floods."""
+    checks = []
+    for case, fmt in FLOODS:
+        if case == "normal events" or ("listener", case, fmt) not in floods:
+            continue
+        value = median(ratio_list(floods, "listener", case, fmt))
+        checks.append(("%s, victim under %s" % (fmt, case), "%.2f" % value,
+                       ">= %.1f" % FLOOD_TARGET, value >= FLOOD_TARGET))
+        delay = median([d for _, ds, _ in floods[("listener", case, fmt)]
+                        for d in ds]) * 1000
+        checks.append(("%s, one event's delay under %s" % (fmt, case),
+                       "%.1f ms" % delay, "< %g ms" % FLOOD_LATENCY_MS,
+                       delay < FLOOD_LATENCY_MS))
+    return checks
+
+
 def parts_list(text: str) -> tuple:
     parts = tuple(part.strip() for part in text.split(",") if part.strip())
     unknown = set(parts) - set(PARTS)
@@ -1175,7 +1376,7 @@ def main(argv: list | None = None) -> int:
         SENDERS += ("nc",)
     print("Generating %s events..." % "{:,}".format(count), file=sys.stderr)
     data = make_events(count)
-    big = flood_kib = delays = send = hostile = templates = None
+    big = flood_kib = delays = send = hostile = templates = floods = None
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         parts = write_parts(data, workdir)
         baseline = checkout(args.baseline, workdir) if args.baseline \
@@ -1201,13 +1402,16 @@ def main(argv: list | None = None) -> int:
         if "hostile" in args.parts:
             print("-f json and ever-new shapes...", file=sys.stderr)
             hostile = bench_hostile(args, data, args.rounds)
+        if "floods" in args.parts:
+            print("A victim peer beside a flooding one...", file=sys.stderr)
+            floods = bench_floods(args, data, baseline, args.rounds)
         if "templates" in args.parts:
             print("-f json on each template...", file=sys.stderr)
             templates = bench_templates(args, baseline, data,
                                         make_cef_events(count), workdir,
                                         count)
     return report(args, data, count, tools, missing, results, big, flood_kib,
-                  delays, send, hostile, templates)
+                  delays, send, hostile, templates, floods)
 
 
 if __name__ == "__main__":
