@@ -3676,16 +3676,26 @@ def socket_to_pipe(handle: int, sock: socket.socket,
             return  # the other end closed
 
 
-def bridge_pipe(handle: int, name: str, keep_alive: bool = False
+def bridge_pipe(handle: int, name: str, keep_alive: bool = False,
+                queued: Optional[Callable[[socket.socket], bool]] = None
                 ) -> socket.socket:
     """Return a socket whose peer threads copy to and from the pipe
     instance handle (its own), closing the handle when both are done.
 
     keep_alive: what was sent reaches the pipe even after the socket is
     closed and the program's main thread returned (a sender's last
-    events), as the kernel still delivers a closed TCP socket's."""
+    events), as the kernel still delivers a closed TCP socket's.
+    queued(socket): called before the copying starts; False: the socket
+    is not wanted (closed, with the pipe)."""
     import _winapi
     ours, theirs = socket.socketpair()
+    # A client's write returns once the copy took it: the socket must be
+    # where a stopping listener's drain finds it before then.
+    if queued is not None and not queued(ours):
+        ours.close()
+        theirs.close()
+        _winapi.CloseHandle(handle)
+        return ours
     ended = []
     lock = threading.Lock()
 
@@ -3848,21 +3858,22 @@ class PipeServer:
         with self.lock:
             self.clients += 1
             client = "%s client %d" % (self.name, self.clients)
+        def queue(sock: socket.socket) -> bool:
+            with self.lock:
+                if self.closed:
+                    return False
+                self.waiting.append((sock, (client, None)))
+            try:
+                self.ringer.send(b"\0")
+            except OSError:
+                pass
+            return True
+
         try:
-            sock = bridge_pipe(handle, client)
+            bridge_pipe(handle, client, queued=queue)
         except OSError:  # out of sockets: the client finds the pipe closed
             import _winapi
             _winapi.CloseHandle(handle)
-            return
-        with self.lock:
-            if self.closed:
-                sock.close()
-                return
-            self.waiting.append((sock, (client, None)))
-        try:
-            self.ringer.send(b"\0")
-        except OSError:
-            pass
 
     def fileno(self) -> int:
         return self.bell.fileno()

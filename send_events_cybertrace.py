@@ -2476,10 +2476,11 @@ def refuse_for_the_check(parser: argparse.ArgumentParser,
             parser.error("argument --check: not allowed with %s (the check "
                          "sends the test events)" % name)
     for number, (host, port) in enumerate(args.check):
-        if port is None:
+        if port is None and not is_pipe((host, port)):
             parser.error("argument --check: %s: the check listens on "
-                         "ADDR:PORT, as CyberTrace's OutputSettings > "
-                         "ConnectionString takes" % host)
+                         "ADDR:PORT or, on Windows, \\\\.\\pipe\\NAME, as "
+                         "CyberTrace's OutputSettings > ConnectionString "
+                         "takes" % host)
         if port and (host, port) in args.check[:number]:
             parser.error("argument --check: %s given twice"
                          % format_address(host, port))

@@ -55,7 +55,8 @@ PEERS = [
 EVENTS = sum(len(events) for events in PEERS)
 LINES_PER_EVENT = {"text": 2, "raw": 1, "json": 1}
 JSON_HEAD = re.compile(rb'^\{"time":"(\d{4}-\d\d-\d\dT[\d:]{8}\.\d{3}Z)",'
-                       rb'"peer":"127\.0\.0\.1:(\d+)"', re.M)
+                       rb'"peer":"127\.0\.0\.1:(\d+)",'
+                       rb'"listen":"127\.0\.0\.1:\d+"', re.M)
 
 
 def is_wine() -> bool:
@@ -92,12 +93,13 @@ def read(path: str) -> bytes:
 
 
 def normalize_json(out: bytes, ports: list) -> bytes:
-    """Put the n-th peer as PEERn and the reception time as TIME."""
+    """Put the n-th peer as PEERn, the reception time as TIME and the
+    listening address (its port 0 picked anew) as LISTEN."""
     def replace(found):
         port = int(found.group(2))
         peer = b"PEER%d" % ports.index(port) if port in ports else \
             found.group(0)
-        return b'{"time":"TIME","peer":"' + peer + b'"'
+        return b'{"time":"TIME","peer":"' + peer + b'","listen":"LISTEN"'
     return JSON_HEAD.sub(replace, out)
 
 
