@@ -420,6 +420,10 @@ def group_fields(keys: list, values: list) -> dict:
 FINISHED = b"LookupFinished"
 _FINISHED_TEXT = FINISHED.decode()
 _ALERT = re.compile(r"(?<![\w.])alert=(KL_ALERT_\w+)")
+# A shape (keys, as _SHAPE finds them) with a key that _ALERT's "alert="
+# can end: on the JSON fast path, where values hold no "=", only such a
+# key can make an event an alert.
+_ALERT_KEY = re.compile(rb"(?:^|[^\w.])alert=")
 # What a detection's template names its matched indicator: the default
 # template's key, and KUMA's.
 DETECTION_KEYS = ("matchedIndicator", "MatchedIndicator")
@@ -1362,9 +1366,9 @@ class JsonPlan:
             picks.extend(where)
         # Formatted twice: once a batch with its time and peer, then once
         # an event, with the groups that match() found, in the key order.
-        # Its events hold no CEF header, <PRI>, LookupFinished or
-        # KL_ALERT_ (format() sees to the last two), so their kind is
-        # their keys', the same for all.
+        # Its events hold no CEF header, <PRI>, alert key or LookupFinished
+        # (format() sees to the last), so their kind is their keys', the
+        # same for all.
         kind = read_event(event.decode("utf-8", "replace"))[0].encode()
         self.template = (b'{"time":"%s","peer":"%s","listen":"%s",'
                          b'"kind":"' + kind + b'","event":"%%s","fields":{'
@@ -1380,7 +1384,8 @@ class JsonPlan:
     def build(cls, line: bytes):
         """Return a plan for line's template, or None if none can serve."""
         event = line[:-1]
-        if event[:1] == b"<" or b"CEF:" in event:
+        if event[:1] == b"<" or b"CEF:" in event or \
+                _ALERT_KEY.search(b"".join(_SHAPE.findall(event))):
             return None  # read_event tells more than the keys
         parts = _FIELD_SPLIT_BYTES.split(event)
         if any(b"=" in text for text in parts[::2]):  # prefix and values
@@ -1471,16 +1476,15 @@ class JsonFormatter:
         # the general way.  Looked for once a batch, as a per-line look
         # ahead in the plan's prefix would slow every event.
         # (A CEF header has a "|" and a <PRI> a "<": one byte, found at
-        # memchr's speed, is looked for before the longer needle.)
-        # alert_name() needs "alert=KL_ALERT_": the longer needle is
-        # found faster than "KL_ALERT_" among "category=KL_..." values.
-        plain = FINISHED not in data and b"alert=KL_ALERT_" not in data and (
+        # memchr's speed, is looked for before the longer needle.  An
+        # alert needs an alert key, which no plan has: one scan less.)
+        plain = FINISHED not in data and (
             b"|" not in data or b"CEF:" not in data) and (
             b"<" not in data or data[:1] != b"<" and b"\n<" not in data)
         for original in lines:
             line = original
-            if not plain and (FINISHED in line or b"alert=KL_ALERT_" in line or
-                              b"CEF:" in line or line[:1] == b"<"):
+            if not plain and (FINISHED in line or b"CEF:" in line or
+                              line[:1] == b"<"):
                 out.append(self.general(line[:-1].decode(), stamp,
                                         peer, listen=listen).encode())
                 continue

@@ -137,6 +137,19 @@ class TemplateTest(unittest.TestCase):
                 "Apr 16 09:05:41 alert=ServiceStarted"], 2)
         self.assertEqual([r["kind"] for r in records], ["unknown"] * 6)
 
+    def test_an_alert_key_gives_its_value_the_kind(self):
+        # One shape, its alert key's value an alert or not: a plan made
+        # for the one must not give its kind to the other.
+        lines = ["- alert=KL_ALERT_UpdatedFeed context=%d" % n if n % 3 else
+                 "- alert=Nothing context=%d" % n for n in range(30)]
+        with Listener("-f", "json") as listener:
+            records = send_batches(listener, lines, 3)
+        self.assertEqual([r["kind"] for r in records],
+                         ["unknown" if n % 3 == 0 else "alert"
+                          for n in range(30)] * 3)
+        self.assertEqual(records[31]["fields"], {
+            "alert": "KL_ALERT_UpdatedFeed", "context": "1"})
+
     def test_escaped_output_has_kinds_and_fields_too(self):
         with Listener("-f", "json", "--escape") as listener:
             records = send_batches(listener, [FIXTURE[6], PRI_ALERT], 1)
