@@ -216,3 +216,34 @@ class PieceTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class LongEventTest(unittest.TestCase):
+    def test_fields_come_from_the_first_64_kib_of_a_long_event(self):
+        # 200 KiB of fields: the event is kept whole, its fields are those
+        # of its first 64 Ki characters but the last (whose value may run
+        # on past them), and its kind is still read from all of it.
+        pairs = ["key%05d=value%05d" % (n, n) for n in range(10000)]
+        event = " ".join(pairs) + " alert=KL_ALERT_UpdatedFeed"
+        head = event[:64 * 1024]
+        whole = head.count("=") - 1  # the fields wholly in the first 64 Ki
+        with Listener("-f", "json") as listener:
+            with listener.connect() as sock:
+                sock.sendall(event.encode() + b"\n" + b"short=1\n")
+            listener.wait_stdout(2)
+        long, short = records_of(listener)
+        self.assertEqual(long["event"], event)
+        self.assertEqual(long["kind"], "alert")
+        self.assertEqual(list(long["fields"]),
+                         ["key%05d" % n for n in range(whole)])
+        self.assertEqual(long["fields"]["key%05d" % (whole - 1)],
+                         "value%05d" % (whole - 1))
+        self.assertEqual(short["fields"], {"short": "1"})
+
+    def test_a_short_event_keeps_every_field(self):
+        pairs = ["k%d=v" % n for n in range(6000)]  # 52 KiB
+        with Listener("-f", "json") as listener:
+            with listener.connect() as sock:
+                sock.sendall(" ".join(pairs).encode() + b"\n")
+            listener.wait_stdout(1)
+        self.assertEqual(len(records_of(listener)[0]["fields"]), 6000)
