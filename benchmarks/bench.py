@@ -830,6 +830,7 @@ with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as s, \\
 # events: the victim's rate under it, and one event's delay.
 FLOODS = (("normal events", "json"), ("ever-new shapes", "json"),
           ("look-alikes", "json"), ("14 KB lines of 128 keys", "json"),
+          ("1 MiB events of k=v", "json"),
           ("normal events", "raw"), ("a\\n events", "raw"),
           ("bare \\n events", "raw"), ("normal events", "text"),
           ("a\\n events", "text"), ("bare \\n events", "text"))
@@ -861,6 +862,9 @@ def flood_data(case: str, data: bytes) -> bytes:
         return b"".join(b"- " + b" ".join(
             (b"k%d_%d_" % (number, key)).ljust(100, b"x") + b"=1"
             for key in range(128)) + b"\n" for number in range(300))
+    if case.startswith("1 MiB"):
+        # As long as --max-event-bytes lets an event be, all fields.
+        return (b"k=v " * (1 << 18) + b"\n") * 4
     if case.startswith("a"):
         return b"a\n" * (FLOOD_BYTES // 2)
     return b"\n" * FLOOD_BYTES
