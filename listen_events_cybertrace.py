@@ -1249,6 +1249,14 @@ def parse_event_prefix(text: str) -> tuple:
     return fields
 
 
+# In a --prefix field: white space, controls and "%" itself as %XX.
+_PREFIX_UNSAFE = re.compile(r"[\s%\x00-\x1f\x7f]")
+
+
+def _percent(found: re.Match) -> str:
+    return "".join("%%%02X" % byte for byte in found.group().encode())
+
+
 class EventPrefix:
     """Put --prefix's fields before each event of a block, each followed by
     one space: "2026-12-07T23:01:02.123Z 10.0.0.5:51234 0.0.0.0:9998 "."""
@@ -1259,7 +1267,10 @@ class EventPrefix:
     def head(self, peer: str, listen: str, when: float) -> bytes:
         """Return the prefix of events from peer by listen at when."""
         values = {"time": iso_time(when), "peer": peer, "listen": listen}
-        return "".join(values[field] + " " for field in self.fields).encode(
+        # A UNIX peer ("unix:/run/ct.sock (pid 812)"), a pipe's client or a
+        # path may hold a space: each field stays one word for cut and awk.
+        return "".join(_PREFIX_UNSAFE.sub(_percent, values[field]) + " "
+                       for field in self.fields).encode(
             "utf-8", "surrogateescape")
 
     def apply(self, block: Block, peer: str, listen: str,

@@ -189,6 +189,21 @@ class SeveralAddressesTest(unittest.TestCase):
         # The addresses opened before it are closed, the socket file gone.
         self.assertFalse(os.path.exists(path))
 
+    def test_prefix_fields_of_a_unix_peer_stay_one_word(self):
+        # The peer is "unix:PATH (pid N)", and this path has a space too.
+        path = os.path.join(self.dir, "c t.sock")
+        with listener("-f", "raw", "--prefix", "peer,listen",
+                      "-l", "unix:" + path) as proc:
+            proc.wait_stderr(r"Waiting for CyberTrace")
+            with connect("unix:" + path) as sock:
+                sock.sendall(b"one event\n")
+            proc.wait_stdout(1)
+            self.assertEqual(self.stop(proc), 0)
+        word = "unix:" + path.replace(" ", "%20")
+        self.assertRegex(proc.out.decode(), r"^%s%%20\(pid%%20%d\) %s one "
+                         r"event\n$" % (re.escape(word), os.getpid(),
+                                        re.escape(word)))
+
     def test_allow_does_not_apply_to_a_unix_socket(self):
         path = os.path.join(self.dir, "ct.sock")
         with listener("-f", "raw", "--allow", "192.0.2.0/24",
