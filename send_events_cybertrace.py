@@ -1499,13 +1499,14 @@ class OtherEvents:
     def where(self) -> str:
         return "stdout" if self.path is None else escape_line(self.path)
 
-    def write(self, lines: list, peer: str) -> None:
-        """Write lines (events with their b"\\n", from peer) whole."""
+    def write(self, lines: list, peer: str, listen: str = "") -> None:
+        """Write lines (events with their b"\\n", from peer, arrived at
+        listen) whole."""
         with self.lock:
             if self.error is not None:
                 return
             data = self.format(b"".join(lines), lines, peer, time.time(),
-                               self.escape)
+                               self.escape, listen=listen)
             try:
                 if self.file is None:
                     write_stdout(bytes(data))
@@ -1543,7 +1544,8 @@ class Arrivals:
     """The events that reach the check's listener, sorted as they come."""
 
     def __init__(self, sent: List[bytes],
-                 write: Optional[Callable[[list, str], None]] = None) -> None:
+                 write: Optional[Callable[[list, str, int], None]] = None
+                 ) -> None:
         self.cond = threading.Condition()
         self.sent = {event.decode() for event in sent}
         self.sent_at = None  # monotonic time the test events went out
@@ -1583,7 +1585,7 @@ class Arrivals:
                         arrival.categories.append(category)
             self.cond.notify_all()
         if others and self.write is not None:
-            self.write(others, peer)
+            self.write(others, peer, at)
 
     def note_other(self, event: str, at: int) -> None:
         """Count an event that is none of the check's answers."""
@@ -1792,7 +1794,7 @@ class LabCheck:
             # Opened first: a file that cannot be written is said at once.
             self.result_file = open_result_file(args.check_json)
         self.others = OtherEvents(args.output, args.format)
-        self.arrivals = Arrivals(self.events, self.others.write)
+        self.arrivals = Arrivals(self.events, self.write_others)
         # A pipe's CyberTrace runs on this host.
         allow = args.allow or cybertrace_hosts(
             LISTEN_ADDR if is_pipe(args.connect) else args.connect[0])
@@ -1802,6 +1804,7 @@ class LabCheck:
                 self.arrivals.take, at=number), allow)
             for number, address in enumerate(args.check)]
         self.addresses = []
+        self.bound = []  # each address as bound: the JSON's listen
         self.serving = []
         self.failure = []
         self.probe = None
@@ -1809,6 +1812,12 @@ class LabCheck:
     @property
     def here(self) -> str:
         return ", ".join(self.addresses)
+
+    def write_others(self, lines: list, peer: str, at: int) -> None:
+        """Write events that are not the check's answers, each saying at
+        which of its addresses it arrived, as the listener's do."""
+        self.others.write(lines, peer, self.bound[at]
+                          if at < len(self.bound) else "")
 
     def run(self) -> int:
         """Run the phases; print the table and diagnosis; return the exit
@@ -1860,6 +1869,7 @@ class LabCheck:
             shown = shown_addresses(listener.listener.admission.server)
             self.addresses.append(shown[0])
             named = format_address(*listener.listener.address())
+            self.bound.append(named)
             if shown != [named]:
                 named += " (this host: %s)" % ", ".join(shown[:6] + (
                     ["and %d more" % (len(shown) - 6)] if len(shown) > 6

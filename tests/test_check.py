@@ -307,6 +307,21 @@ class OutputsTest(unittest.TestCase):
         self.assertEqual({i["indicator"] for i in record["indicators"]
                           if i["confirmed"]}, DEMO_FEEDS)
 
+    def test_other_events_in_json_say_where_they_arrived(self):
+        detections, alerts = free_port(), free_port()
+        with StandIn("--output", "127.0.0.1:%d" % detections,
+                     "--alert-output", "127.0.0.1:%d" % alerts,
+                     "--noise", "--retries", "0") as stand_in:
+            proc, _ = run_check(
+                "--check", str(detections), "--check", str(alerts),
+                "-c", str(stand_in.port), "-f", "json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        records = [json.loads(line) for line in Table(
+            self, proc.stdout, several=True).before.splitlines()]
+        self.assertEqual(sorted((r["kind"], r["listen"]) for r in records), [
+            ("alert", "127.0.0.1:%d" % alerts),
+            ("detection", "127.0.0.1:%d" % detections)])
+
     def test_wildcard_is_shown_as_the_host_addresses(self):
         port = free_port()
         with StandIn("--output", "127.0.0.1:%d" % port) as stand_in:
