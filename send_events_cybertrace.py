@@ -2308,9 +2308,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=argument_type(lambda text: parse_address(text, LISTEN_ADDR),
                            "address"),
         help="the lab check: listen at ADDR:PORT (CyberTrace's OutputSettings"
-        " > ConnectionString, same syntax as the listener's --listen: 9998 "
-        "is 127.0.0.1:9998; 0.0.0.0:9998 when CyberTrace runs on another "
-        "host), send the test events to --connect and print which came back "
+        " > ConnectionString: 9998 is 127.0.0.1:9998; 0.0.0.0:9998 when "
+        "CyberTrace runs on another host; [::1]:9998; on Windows "
+        "\\\\.\\pipe\\NAME; not unix:/PATH: CyberTrace's outputs "
+        "take none), send the test events to --connect and print which came back "
         "detected, from where, with their latency; on failure, say which "
         "link is broken. Several addresses (or --check again) watch each "
         "output at once: a tenant's, the AlertConnectionString. Only "
