@@ -2445,7 +2445,7 @@ def refuse_ignored(parser: argparse.ArgumentParser,
                             ("--repeat", args.repeat != 1)):
             if given:
                 parser.error("argument --follow: not allowed with %s (it "
-                             "sends what its files are appended)" % name)
+                             "sends what is appended to its files)" % name)
         absolute = [os.path.abspath(name) for name in args.follow]
         if len(set(absolute)) < len(absolute):
             parser.error("argument --follow: a file given twice")

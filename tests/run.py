@@ -75,6 +75,11 @@ def run_class(name: str) -> tuple[str, int, str, float]:
         time.monotonic() - began)
 
 
+def skipped_tests(output: str) -> list:
+    """Return the "name ... skipped 'why'" lines of a unittest -v run."""
+    return re.findall(r"^(\S+) \(.*\) \.\.\. skipped (.*)$", output, re.M)
+
+
 def count_tests(output: str) -> int:
     """Return how many tests a unittest run says it ran."""
     found = re.search(r"^Ran (\d+) tests? in", output, re.M)
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         slow.index(name.split(".")[0]) if name.split(".")[0] in slow
         else len(slow)))
     began = time.monotonic()
-    failed, leaked, tests = [], [], 0
+    failed, leaked, skipped, tests = [], [], [], 0
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = [pool.submit(run_class, name) for name in classes]
         for run in as_completed(runs):
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 name, "ok" if status == 0 else "FAILED", took))
             sys.stdout.flush()
             tests += count_tests(output)
+            skipped += skipped_tests(output)
             if status != 0:
                 failed.append(name)
             if LEAKS.search(output):
@@ -118,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     print("=" * 70)
     print("Ran %d tests in %d classes in %.1f s, %d at a time" % (
         tests, len(classes), time.monotonic() - began, args.jobs))
+    # A skip is said where it happened too, but a long run buries it.
+    for name, why in sorted(skipped):
+        print("skipped: %s: %s" % (name, why))
     for name in failed:
         print("FAILED: %s" % name)
     for name in leaked:
