@@ -224,7 +224,7 @@ class Delivery:
         self.ages = collections.deque()
         self.queued = 0  # bytes in the queue
         self.order = itertools.count()
-        self.delivered = self.dropped = 0
+        self.delivered = self.dropped = self.given_up = 0
         self.cond = threading.Condition()
         self.closed = False
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -296,9 +296,18 @@ class Delivery:
                 self.push(time.monotonic() + self.interval, data,
                           attempts + 1)
             else:
+                self.given_up += events
                 self.failures.say("gave up", "gave up delivering %s to %s: "
                                   "%s" % (lec.plural(events, "event"),
                                           self.where, error))
+
+    def undelivered(self) -> int:
+        """Return how many events were not delivered: dropped, given up,
+        or still waiting to be tried (again)."""
+        with self.cond:
+            waiting = sum(entry[2].count(b"\n") for entry in self.queue
+                          if entry[2] is not None)
+        return waiting + self.dropped + self.given_up
 
     def send(self, data: bytes) -> Optional[str]:
         """Send data on the kept connection or a new one; return an error."""
@@ -809,11 +818,16 @@ def main(argv: Optional[list] = None) -> int:
         while not stop:
             time.sleep(0.1)
     dropped = stand_in.capacity.dropped if stand_in.capacity else 0
-    CONSOLE.status("Stopped: %s, %s delivered%s" % (
+    outputs = [output for output in {stand_in.delivery: 1,
+                                     stand_in.alerts: 1} if output]
+    # A stop drops what waits for a retry: said, as a CyberTrace's loss.
+    undelivered = sum(output.undelivered() for output in outputs)
+    CONSOLE.status("Stopped: %s, %s delivered%s%s" % (
         lec.plural(stand_in.accepted, "connection"),
-        lec.plural(stand_in.delivery.delivered + (
-            stand_in.alerts.delivered if args.alert_output else 0),
-            "event"), ", %s dropped (over --eps or its queue)"
+        lec.plural(sum(output.delivered for output in outputs), "event"),
+        ", %s not delivered (its output unreachable)"
+        % lec.format_count(undelivered) if undelivered else "",
+        ", %s dropped (over --eps or its queue)"
         % lec.format_count(dropped) if dropped else ""))
     return 0
 

@@ -591,6 +591,19 @@ class StandInTest(unittest.TestCase):
         matched = {re.match(template, line).group(1) for line in lines[1:]}
         self.assertEqual(matched, DEMO_FEEDS)
 
+    def test_a_stop_counts_what_was_not_delivered(self):
+        # Nothing listens at its output: the start-up alert and the three
+        # detections wait for a retry when it is stopped.
+        with StandIn("--output", "127.0.0.1:%d" % free_port(),
+                     "--retry-interval", "60") as stand_in:
+            proc, _ = run_check("--demo", "-c", str(stand_in.port))
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            stand_in.wait_stderr(r"cannot deliver 3 events")
+            self.assertEqual(stand_in.stop(), 0)
+        self.assertRegex(stand_in.stderr_text, r"Stopped: 1 connection, 0 "
+                         r"events delivered, 4 not delivered \(its output "
+                         r"unreachable\)\n$")
+
     def test_ping_reply_back_and_lookup_finished(self):
         with StandIn("--output", "127.0.0.1:%d" % free_port()) as stand_in:
             proc, _ = run_check("--ping", "-c", str(stand_in.port))
