@@ -611,6 +611,57 @@ def bench_flood(args) -> int:
     return rss
 
 
+# 64 peers each holding 1 MiB of \x01 (6 bytes each in JSON) when their
+# events time out, and nothing reads stdout: what waits to be written must
+# stay within --max-buffer-bytes (64 MiB) too, not grow with JSON's escapes.
+STALLED_PEERS = 64
+STALLED_MIB = 3 * 64
+
+
+def bench_stalled(args, script: str) -> int:
+    """Return the peak RSS in KiB of the listener at script in -f json,
+    its stdout a pipe nobody reads, when STALLED_PEERS peers' unfinished
+    events of 1 MiB time out."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [args.python, script, "-q", "-l", "127.0.0.1:%d" % port, "-f",
+         "json", "--event-timeout", "3"], stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, env=user_env())
+    peers = []
+    try:
+        wait_until(lambda: listening(port), 30, "the listener", proc)
+        for _ in range(STALLED_PEERS):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            peers.append([sock, memoryview(b"\x01" * FLOOD_EVENT)])
+        deadline = time.monotonic() + 120
+        while any(view for _, view in peers):
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the stalled case timed out")
+            for peer in peers:
+                if peer[1]:
+                    try:
+                        peer[1] = peer[1][peer[0].send(peer[1]):]
+                    except BlockingIOError:
+                        pass
+        # The events time out 3 s after their first byte; then the peak
+        # holds still once what can wait is waiting.
+        time.sleep(3)
+        peak, still = memory_kib(proc.pid), 0
+        while still < 10 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = memory_kib(proc.pid)
+            still = still + 1 if now == peak else 0
+            peak = now
+        return peak
+    finally:
+        for sock, _ in peers:
+            sock.close()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 MARKERS = {"text": b"Received:\nsingle=event\n",
            "json": b'"event":"single=event"'}
 
@@ -1058,7 +1109,7 @@ def spread(values, unit: str = "{:,.0f}") -> str:
 def report(args, data: bytes, count: int, tools: dict, missing: dict,
            results: dict, big: Run, flood_kib: int, delays: dict,
            send: dict, hostile: dict, templates: dict = None,
-           floods: dict = None) -> int:
+           floods: dict = None, stalled: dict = None) -> int:
     """Print the tables (those of the parts that ran) and the targets;
     return 1 if a target is missed."""
     size = len(data)
@@ -1191,6 +1242,12 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
                     "without a newline (median of %d, min-max) | %s MiB |" % (
                         FLOOD_PEERS, len(flood_kib), spread(
                             [kib / 1024 for kib in flood_kib], "{:.1f}")))
+    for who, peaks in (stalled or {}).items():
+        also.append("| %s peak RSS, `-f json`, %d peers' 1 MiB of `\\x01` "
+                    "timed out while stdout takes nothing (median of %d, "
+                    "min-max) | %s MiB |" % (who, STALLED_PEERS, len(peaks),
+                                             spread([kib / 1024 for kib in
+                                                     peaks], "{:.1f}")))
     for fmt, times in (delays or {}).items():
         also.append("| `-f %s`: one event's delay while another peer floods "
                     "(median of %d) | %.1f ms (%s) |" % (
@@ -1211,6 +1268,11 @@ def report(args, data: bytes, count: int, tools: dict, missing: dict,
     print("\n".join(lines))
     checks = targets(args, results, one, big, flood_kib, hostile,
                      templates) + flood_targets(floods or {})
+    if stalled:
+        rss = max(stalled["listener"]) / 1024
+        checks.append(("peak RSS, %d x 1 MiB timed out, stdout stalled"
+                       % STALLED_PEERS, "%.1f MiB" % rss,
+                       "< %d MiB" % STALLED_MIB, rss < STALLED_MIB))
     print("Targets:")
     print()
     print("```")
@@ -1377,6 +1439,7 @@ def main(argv: list | None = None) -> int:
     print("Generating %s events..." % "{:,}".format(count), file=sys.stderr)
     data = make_events(count)
     big = flood_kib = delays = send = hostile = templates = floods = None
+    stalled = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         parts = write_parts(data, workdir)
         baseline = checkout(args.baseline, workdir) if args.baseline \
@@ -1392,6 +1455,13 @@ def main(argv: list | None = None) -> int:
             print("Flood of %d peers x 1 MiB..." % FLOOD_PEERS,
                   file=sys.stderr)
             flood_kib = [bench_flood(args) for _ in range(args.rounds)]
+            print("%d peers x 1 MiB timed out, stdout stalled..."
+                  % STALLED_PEERS, file=sys.stderr)
+            stalled = {who: [bench_stalled(args, script)
+                             for _ in range(args.rounds)]
+                       for who, script in (("listener", LISTENER),
+                                           ("baseline", baseline))
+                       if script}
         if "latency" in args.parts:
             print("One event during a flood...", file=sys.stderr)
             delays = {fmt: bench_latency(args, fmt, parts[1][0],
@@ -1411,7 +1481,7 @@ def main(argv: list | None = None) -> int:
                                         make_cef_events(count), workdir,
                                         count)
     return report(args, data, count, tools, missing, results, big, flood_kib,
-                  delays, send, hostile, templates, floods)
+                  delays, send, hostile, templates, floods, stalled)
 
 
 if __name__ == "__main__":
