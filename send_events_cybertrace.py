@@ -1499,13 +1499,14 @@ class OtherEvents:
     def where(self) -> str:
         return "stdout" if self.path is None else escape_line(self.path)
 
-    def write(self, lines: list, peer: str) -> None:
-        """Write lines (events with their b"\\n", from peer) whole."""
+    def write(self, lines: list, peer: str, listen: str = "") -> None:
+        """Write lines (events with their b"\\n", from peer, arrived at
+        listen) whole."""
         with self.lock:
             if self.error is not None:
                 return
             data = self.format(b"".join(lines), lines, peer, time.time(),
-                               self.escape)
+                               self.escape, listen=listen)
             try:
                 if self.file is None:
                     write_stdout(bytes(data))
@@ -1543,7 +1544,8 @@ class Arrivals:
     """The events that reach the check's listener, sorted as they come."""
 
     def __init__(self, sent: List[bytes],
-                 write: Optional[Callable[[list, str], None]] = None) -> None:
+                 write: Optional[Callable[[list, str, str], None]] = None
+                 ) -> None:
         self.cond = threading.Condition()
         self.sent = {event.decode() for event in sent}
         self.sent_at = None  # monotonic time the test events went out
@@ -1556,6 +1558,9 @@ class Arrivals:
         # Where the other events go, whole (OtherEvents.write): a check in
         # the listener's place must drop nothing CyberTrace delivers.
         self.write = write
+        # Each address number's name, as the listener's JSON "listen" has
+        # it (the address as bound), once listening.
+        self.places = []
 
     def take(self, block: bytes, peer: str, at: int = 0) -> None:
         """Sort a block of events that arrived at the check's address
@@ -1583,7 +1588,8 @@ class Arrivals:
                         arrival.categories.append(category)
             self.cond.notify_all()
         if others and self.write is not None:
-            self.write(others, peer)
+            self.write(others, peer, self.places[at]
+                       if at < len(self.places) else "")
 
     def note_other(self, event: str, at: int) -> None:
         """Count an event that is none of the check's answers."""
@@ -1860,6 +1866,7 @@ class LabCheck:
             shown = shown_addresses(listener.listener.admission.server)
             self.addresses.append(shown[0])
             named = format_address(*listener.listener.address())
+            self.arrivals.places.append(named)
             if shown != [named]:
                 named += " (this host: %s)" % ", ".join(shown[:6] + (
                     ["and %d more" % (len(shown) - 6)] if len(shown) > 6

@@ -307,6 +307,23 @@ class OutputsTest(unittest.TestCase):
         self.assertEqual({i["indicator"] for i in record["indicators"]
                           if i["confirmed"]}, DEMO_FEEDS)
 
+    def test_json_others_say_at_which_address_they_arrived(self):
+        # As the listener's JSON does: "listen" is the address as bound.
+        detections, alerts = free_port(), free_port()
+        with StandIn("--output", "127.0.0.1:%d" % detections,
+                     "--alert-output", "127.0.0.1:%d" % alerts,
+                     "--noise", "--retries", "0") as stand_in:
+            proc, _ = run_check("--check", str(detections), str(alerts),
+                                "-c", str(stand_in.port), "-f", "json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        table = Table(self, proc.stdout, several=True)
+        records = [json.loads(line) for line in table.before.splitlines()]
+        self.assertEqual(sorted((r["kind"], r["listen"]) for r in records), [
+            ("alert", "127.0.0.1:%d" % alerts),
+            ("detection", "127.0.0.1:%d" % detections)], records)
+        self.assertIn({"event": STAND_IN_NOISE, "kind": "detection"},
+                      [{k: r[k] for k in ("event", "kind")} for r in records])
+
     def test_wildcard_is_shown_as_the_host_addresses(self):
         port = free_port()
         with StandIn("--output", "127.0.0.1:%d" % port) as stand_in:
