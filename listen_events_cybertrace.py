@@ -1236,7 +1236,10 @@ class EventPrefix:
     def head(self, peer: str, listen: str, when: float) -> bytes:
         """Return the prefix of events from peer by listen at when."""
         values = {"time": iso_time(when), "peer": peer, "listen": listen}
-        return "".join(values[field] + " " for field in self.fields).encode(
+        # A UNIX peer ("unix:/PATH (pid 9544)"), a pipe's client or a path
+        # may hold spaces: as "_", each field stays one word to cut or grep.
+        return "".join(values[field].replace(" ", "_") + " "
+                       for field in self.fields).encode(
             "utf-8", "surrogateescape")
 
     def apply(self, block: Block, peer: str, listen: str,
