@@ -699,9 +699,20 @@ class Recorder:
         self.sock.sendall(data)
 
 
+def output_address(text: str) -> tuple:
+    """Parse an address to deliver to, which has a real port."""
+    address = lec.parse_address(text)
+    if not isinstance(address, lec.UnixAddress) and address[1] == 0:
+        # "Any free port" means something only to a listener.
+        raise ValueError("port 0 is not a port to deliver to: give the "
+                         "port the listener listens on, e.g. 9998")
+    return address
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     address = lec.argument_type(lec.parse_address, "address")
+    delivery = lec.argument_type(output_address, "address")
     parser = lec.OneLineParser(
         description="A stand-in for Kaspersky CyberTrace: takes events on "
         "its input port, detects Kaspersky's test indicators in them and "
@@ -717,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stream socket, as the 5.0 web UI offers, mode %04o (default: %s)"
         % (lec.SOCKET_MODE, lec.format_address(*INPUT)))
     parser.add_argument(
-        "--output", metavar="ADDR:PORT", type=address, default=OUTPUT,
+        "--output", metavar="ADDR:PORT", type=delivery, default=OUTPUT,
         help="where to deliver detections and alerts (OutputSettings > "
         "ConnectionString), or unix:/PATH (default: %s)"
         % lec.format_address(*OUTPUT))
@@ -732,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
                        const="none", help="detect nothing, as when no feed "
                        "is loaded")
     parser.add_argument(
-        "--alert-output", metavar="ADDR:PORT", type=address,
+        "--alert-output", metavar="ADDR:PORT", type=delivery,
         help="deliver service alerts here instead (OutputSettings > "
         "AlertConnectionString; default: with the detections)")
     parser.add_argument(

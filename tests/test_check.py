@@ -556,12 +556,18 @@ class StandInTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 0)
         self.assertIn(b"--detect-all", proc.stdout)
         for args in (["--input", "nowhere"], ["--detect-all", "--no-feeds"],
-                     ["--retries", "-1"]):
+                     ["--retries", "-1"], ["--output", "0"],
+                     ["--alert-output", "127.0.0.1:0"]):
             with self.subTest(args=args):
                 proc = subprocess.run([sys.executable, str(STAND_IN), *args],
                                       capture_output=True, timeout=TIMEOUT)
                 self.assertEqual(proc.returncode, 2)
                 self.assertNotIn(b"Traceback", proc.stderr)
+                self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
+                if "output" in args[0]:
+                    # Port 0 is "any free port" only to a listener.
+                    self.assertIn(b"port 0 is not a port to deliver to",
+                                  proc.stderr)
 
     def test_input_in_use_is_exit_1(self):
         with StandIn() as first:

@@ -92,6 +92,29 @@ class ListenParsingTest(unittest.TestCase):
         self.assertIn("--allow does not apply to UNIX sockets", text)
         self.assertIn("LABEL=ADDR", text)
 
+    @unittest.skipIf(os.name == "nt", "named pipes exist there")
+    def test_a_named_pipe_off_windows_is_one_line_in_every_tool(self):
+        pipe = "\\\\.\\pipe\\cybertrace"
+        for script, args in ((LISTENER, ["-l", pipe]),
+                             (LISTENER, ["-l", "alerts=" + pipe]),
+                             (SENDER, ["-c", pipe, "-e", "x"]),
+                             (SENDER, ["--check", "9998", pipe]),
+                             (SENDER, ["--check", "9998", "-c", pipe]),
+                             (STAND_IN, ["--input", pipe]),
+                             (STAND_IN, ["--output", pipe]),
+                             (STAND_IN, ["--alert-output", pipe])):
+            with self.subTest(script=Path(script).name, args=args):
+                proc = subprocess.run([sys.executable, str(script), *args],
+                                      env=user_env(), capture_output=True,
+                                      stdin=subprocess.DEVNULL,
+                                      timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                err = proc.stderr.decode()
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertRegex(err, r"^%s: error: argument \S+: .*named "
+                                 r"pipes \(\\\\\.\\pipe\\NAME\) exist only on "
+                                 r"Windows\n$" % re.escape(Path(script).name))
+
     def test_a_label_or_address_given_twice_is_an_argument_error(self):
         for args, said in (
                 (["-l", "a=127.0.0.1:0", "-l", "a=127.0.0.1:0"],
