@@ -212,6 +212,47 @@ class SeveralAddressesTest(unittest.TestCase):
         # The addresses opened before it are closed, the socket file gone.
         self.assertFalse(os.path.exists(path))
 
+    def test_allow_limits_and_output_are_shared_by_all_addresses(self):
+        path = os.path.join(self.dir, "events.log")
+        with listener("-f", "raw", "-o", path, "--allow", "127.0.0.2/32",
+                      "--max-per-host", "1", "-l", "127.0.0.1:0",
+                      "-l", "b=127.0.0.1:0") as proc:
+            places = started(proc, 2)
+            first = next(p for p in places if p != "b")
+
+            def connect_from(host: str, where: str) -> socket.socket:
+                return socket.create_connection(
+                    lec.parse_address(where), TIMEOUT,
+                    source_address=(host, 0))
+            for where in places.values():  # --allow, at each address
+                with connect_from("127.0.0.1", where):
+                    pass
+            proc.wait_for(lambda: proc.stderr_text.count(
+                "Rejected connection from 127.0.0.1:") == 2)
+            with connect_from("127.0.0.2", places[first]) as one:
+                one.sendall(b"one\n")
+                proc.wait_stderr(r"Connection from 127\.0\.0\.2:\d+ at %s\n"
+                                 % re.escape(first))
+                # The host's one place is taken at the other address.
+                with connect_from("127.0.0.2", places["b"]):
+                    proc.wait_stderr(r"Rejected connection from 127\.0\.0\.2"
+                                     r":\d+ at b \(\S+\): 1 connection from "
+                                     r"127\.0\.0\.2 already")
+            proc.wait_stderr(r"Closed 127\.0\.0\.2:\d+ at %s: 1 event\n"
+                             % re.escape(first))
+            with connect_from("127.0.0.2", places["b"]) as two:
+                two.sendall(b"two\n")
+            proc.wait_for(lambda: os.path.exists(path) and
+                          os.path.getsize(path) == 8, what="both events")
+            self.assertEqual(self.stop(proc), 0)
+        with open(path, "rb") as file:
+            self.assertEqual(file.read(), b"one\ntwo\n")  # one file
+        err = proc.stderr_text
+        self.assertIn("\n  %s: 1 event, 1 connection, 1 rejected\n" % first,
+                      err)
+        self.assertIn("\n  b (%s): 1 event, 1 connection, 2 rejected\n"
+                      % places["b"], err)
+
     def test_allow_does_not_apply_to_a_unix_socket(self):
         path = os.path.join(self.dir, "ct.sock")
         with listener("-f", "raw", "--allow", "192.0.2.0/24",
