@@ -627,6 +627,40 @@ class StandInTest(unittest.TestCase):
                 stand_in.wait_stderr(r"delivered 1 event to 127\.0\.0\.1:%d "
                                      r"on retry \d of 3\n" % port)
 
+    def test_no_idle_close_and_counts_in_every_close_line(self):
+        # CyberTrace documents no idle timeout: a quiet input connection
+        # (tail -F | send --reconnect) must not look like an outage.
+        self.assertIsNone(fake_cybertrace.IDLE_TIMEOUT)
+        with fake_cybertrace.FakeCyberTrace(status=lambda line: None) as ct:
+            self.assertIsNone(ct.idle_timeout)
+        with Listener("-f", "raw") as listener, \
+                StandIn("--output", "%s:%d" % listener.address) as stand_in:
+            listener.wait_stdout(1)  # the start-up alert
+            with socket.create_connection(("127.0.0.1", stand_in.port),
+                                          TIMEOUT) as quiet:
+                quiet.sendall(b"src=192.0.2.1\n")
+                listener.wait_stdout(2)
+                with socket.create_connection(("127.0.0.1", stand_in.port),
+                                              TIMEOUT) as reset:
+                    reset.sendall(b"a\nb\n")
+                    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     b"\1\0\0\0\0\0\0\0")
+                stand_in.wait_stderr(r"127\.0\.0\.1:\d+: \d+ events?")
+                # Still open, and still served, after another came and went.
+                quiet.sendall(b"src=192.0.2.1\n")
+                listener.wait_stdout(3)
+            self.assertEqual(stand_in.stop(), 0)
+        lines = stand_in.stderr_text.splitlines()
+        closes = [line for line in lines if re.match(r"127\.0\.0\.1:\d+: ",
+                                                      line)]
+        self.assertEqual(len(closes), 2, lines)
+        # A reset may come before the stand-in read the events: counted
+        # either way, with the reason.
+        self.assertRegex(closes[0], r": [0-2] events? \([0-4] bytes?\), 0 "
+                                    r"detections(; Connection reset by peer)?$")
+        self.assertRegex(closes[1], r": 2 events \(28 bytes\), 2 detections$")
+        self.assertFalse([line for line in lines if "timed out" in line])
+
     def test_gives_up_after_the_retries(self):
         with StandIn("--output", "127.0.0.1:%d" % free_port(), "--retries",
                      "1", "--retry-interval", "0.1") as stand_in:
