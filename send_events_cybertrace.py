@@ -53,7 +53,7 @@ try:
         format_address, format_bytes, format_count, format_duration,
         format_latency, format_progress, formatter, interface_addresses,
         ip_of, is_pipe, keep_freed_memory, open_connection, parse_address,
-        parse_fields, parse_network, parse_response, peer_gone, plural,
+        parse_fields, parse_listen, parse_network, parse_response, peer_gone, plural,
         reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
         split_lines, stream_flags, to_text, write_now, write_stdout,
         __version__)
@@ -2224,6 +2224,17 @@ def peer_address(text: str) -> tuple:
     return address
 
 
+def check_address(text: str) -> tuple:
+    """Parse an address of --check: the listener's -l syntax, but for a
+    label."""
+    found = parse_listen(text)
+    if found.label:
+        # Else "alerts=127.0.0.1" would be a host name, failing late.
+        raise ValueError("LABEL= names a listener's -l address; the check "
+                         "names each address by itself: give ADDR:PORT")
+    return found.address
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     default = format_address(CYBERTRACE_ADDR, CYBERTRACE_PORT)
@@ -2302,8 +2313,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="check that CyberTrace is up: exit 0 on PONG")
     mode.add_argument(
         "--check", metavar="ADDR:PORT", nargs="+", action="extend",
-        type=argument_type(lambda text: parse_address(text, LISTEN_ADDR),
-                           "address"),
+        type=argument_type(check_address, "address"),
         help="the lab check: listen at ADDR:PORT (CyberTrace's OutputSettings"
         " > ConnectionString, same syntax as the listener's --listen: 9998 "
         "is 127.0.0.1:9998; 0.0.0.0:9998 when CyberTrace runs on another "

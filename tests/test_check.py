@@ -530,12 +530,16 @@ class ArgumentTest(unittest.TestCase):
                      ("--check", "9999"),
                      ("--check", "0.0.0.0:9999", "-c", "127.0.0.1:9999"),
                      ("--strict", "-e", "x"),
-                     ("--check", "nowhere")):
+                     ("--check", "nowhere"),
+                     # The listener's labels: a host "alerts=127.0.0.1" else.
+                     ("--check", "9998", "alerts=127.0.0.1:%d" % free_port(),
+                      "-t", "1")):
             with self.subTest(args=args):
                 proc, _ = run_check(*args)
                 self.assertEqual(proc.returncode, 2, proc.stderr)
                 self.assertNotIn(b"Traceback", proc.stderr)
                 self.assertEqual(proc.stdout, b"")
+                self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
 
     def test_help_documents_the_check_and_its_timeout(self):
         proc, _ = run_check("--help")
