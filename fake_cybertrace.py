@@ -72,6 +72,8 @@ MAX_CLIENTS = 128
 # taken, the connection silent longest gives its place to a new one, as
 # nginx frees keep-alive connections when out of them.
 IDLE_TIMEOUT = None
+# With --noise, how long a connection's events wait for its alert to be sent.
+NOISE_WAIT = 2.0
 # Detections waiting for an output that is down, at most.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 # With the output down and peers sending, every batch fails: so many lines
@@ -227,6 +229,7 @@ class Delivery:
         self.delivered = self.dropped = 0
         self.cond = threading.Condition()
         self.closed = False
+        self.sending = False  # a batch is out of the queue, being sent
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -254,7 +257,8 @@ class Delivery:
                 dropped += oldest[2].count(b"\n")
                 oldest[2] = None
             self.dropped += dropped
-            self.cond.notify()
+            # The sending thread, and any wait_sent(), wait on it.
+            self.cond.notify_all()
         if dropped:
             self.status("dropped %s for %s: %s wait already" % (
                 lec.plural(dropped, "event"), self.where,
@@ -278,27 +282,49 @@ class Delivery:
                 self.queued -= len(data)
                 while self.ages and self.ages[0][2] is None:
                     self.ages.popleft()
-            error = self.send(data)
-            events = data.count(b"\n")
-            if error is None:
-                self.delivered += events
-                self.failures.flush()
-                if attempts:
-                    self.status("delivered %s to %s on retry %d of %d" % (
-                        lec.plural(events, "event"), self.where, attempts,
-                        self.retries))
-            elif attempts < self.retries:
-                self.failures.say("failed", "cannot deliver %s to %s: %s; "
-                                  "retry %d of %d in %g s" % (
-                                      lec.plural(events, "event"),
-                                      self.where, error, attempts + 1,
-                                      self.retries, self.interval))
-                self.push(time.monotonic() + self.interval, data,
-                          attempts + 1)
-            else:
-                self.failures.say("gave up", "gave up delivering %s to %s: "
-                                  "%s" % (lec.plural(events, "event"),
-                                          self.where, error))
+                self.sending = True
+            try:
+                self.settle(data, attempts)
+            finally:
+                with self.cond:
+                    self.sending = False
+                    self.cond.notify_all()
+
+    def settle(self, data: bytes, attempts: int) -> None:
+        """Send a batch; count it, or queue its retry, or give it up."""
+        error = self.send(data)
+        events = data.count(b"\n")
+        if error is None:
+            self.delivered += events
+            self.failures.flush()
+            if attempts:
+                self.status("delivered %s to %s on retry %d of %d" % (
+                    lec.plural(events, "event"), self.where, attempts,
+                    self.retries))
+        elif attempts < self.retries:
+            self.failures.say("failed", "cannot deliver %s to %s: %s; "
+                              "retry %d of %d in %g s" % (
+                                  lec.plural(events, "event"),
+                                  self.where, error, attempts + 1,
+                                  self.retries, self.interval))
+            self.push(time.monotonic() + self.interval, data,
+                      attempts + 1)
+        else:
+            self.failures.say("gave up", "gave up delivering %s to %s: "
+                              "%s" % (lec.plural(events, "event"),
+                                      self.where, error))
+
+    def wait_sent(self, timeout: float) -> None:
+        """Wait until what is due now was tried (sent, or put off to a
+        retry), timeout seconds at most."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.closed and (self.sending or (
+                    self.queue and self.queue[0][0] <= time.monotonic())):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
 
     def send(self, data: bytes) -> Optional[str]:
         """Send data on the kept connection or a new one; return an error."""
@@ -322,7 +348,7 @@ class Delivery:
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            self.cond.notify()
+            self.cond.notify_all()
         self.thread.join(15)
         self.drop()
         self.failures.flush()
@@ -552,6 +578,9 @@ class FakeCyberTrace:
         if self.noise and self.delivery is not None and not reply_back:
             self.alerts.put([NOISE[0] % now_date()])
             self.delivery.put([NOISE[1]])
+            # The alert goes first, also to an output of its own: a lab
+            # check that ends once its detections are in must find it.
+            self.alerts.wait_sent(NOISE_WAIT)
         blocks = lec.receive_blocks(sock, rest, INBOUND_EVENT_BYTES,
                                     INBOUND_EVENT_BYTES)
         target = sock if reply_back else None

@@ -1853,7 +1853,9 @@ class LabCheck:
 
     def listen(self) -> None:
         """Listen where CyberTrace delivers, before anything is sent."""
-        for listener, address in zip(self.listeners, self.args.check):
+        # Every address first, as the listener does: one that cannot be
+        # bound is the only line, not one after the others' "Listening".
+        for listener in self.listeners:
             try:
                 listener.bind()
             except UserError as exc:
@@ -1863,6 +1865,7 @@ class LabCheck:
                                     "place and writes what is not its own "
                                     "to stdout or -o)" % exc)
                 raise
+        for listener, address in zip(self.listeners, self.args.check):
             shown = shown_addresses(listener.listener.admission.server)
             self.addresses.append(shown[0])
             named = format_address(*listener.listener.address())

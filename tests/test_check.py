@@ -324,6 +324,18 @@ class OutputsTest(unittest.TestCase):
         self.assertIn({"event": STAND_IN_NOISE, "kind": "detection"},
                       [{k: r[k] for k in ("event", "kind")} for r in records])
 
+    def test_an_address_in_use_is_the_only_line(self):
+        # As the listener: nothing said to listen before the one that fails.
+        with Listener() as busy:
+            proc, _ = run_check("--check", str(free_port()),
+                                str(busy.address[1]), "-c", str(free_port()))
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(proc.stderr.decode().splitlines(), [
+            "send_events_cybertrace.py: error: cannot listen on "
+            "127.0.0.1:%d: Address already in use (stop the listener there "
+            "while the check runs: the check listens in its place and "
+            "writes what is not its own to stdout or -o)" % busy.address[1]])
+
     def test_wildcard_is_shown_as_the_host_addresses(self):
         port = free_port()
         with StandIn("--output", "127.0.0.1:%d" % port) as stand_in:
