@@ -672,8 +672,9 @@ class StandInTest(unittest.TestCase):
         self.assertEqual(len(closes), 2, lines)
         # A reset may come before the stand-in read the events: counted
         # either way, with the reason.
-        self.assertRegex(closes[0], r": [0-2] events? \([0-4] bytes?\), 0 "
-                                    r"detections(; Connection reset by peer)?$")
+        self.assertRegex(closes[0], r": [0-2] events? \([0-4] bytes?\), "
+                                    r"0 detections(; Connection reset by "
+                                    r"peer)?$")
         self.assertRegex(closes[1], r": 2 events \(28 bytes\), 2 detections$")
         self.assertFalse([line for line in lines if "timed out" in line])
 
