@@ -54,9 +54,9 @@ try:
         format_latency, format_progress, formatter, interface_addresses,
         ip_of, is_pipe, keep_freed_memory, open_connection, parse_address,
         parse_fields, parse_listen, parse_network, parse_response, peer_gone,
-        plural, reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
-        split_lines, stream_flags, to_text, write_now, write_stdout,
-        __version__)
+        plural, reachable_hosts, receive_blocks, resolved_addresses,
+        silence_stdout, split_lines, stream_flags, to_text, write_now,
+        write_stdout, __version__)
     import cybertrace_capacity as capacity
     import follow_files
 except ModuleNotFoundError as exc:
