@@ -72,6 +72,8 @@ MAX_CLIENTS = 128
 # taken, the connection silent longest gives its place to a new one, as
 # nginx frees keep-alive connections when out of them.
 IDLE_TIMEOUT = None
+# With --noise, how long a connection's events wait for its alert to be sent.
+NOISE_WAIT = 2.0
 # Detections waiting for an output that is down, at most.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 # With the output down and peers sending, every batch fails: so many lines
@@ -227,6 +229,7 @@ class Delivery:
         self.delivered = self.dropped = self.given_up = 0
         self.cond = threading.Condition()
         self.closed = False
+        self.sending = False  # a batch is out of the queue, being sent
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -254,7 +257,8 @@ class Delivery:
                 dropped += oldest[2].count(b"\n")
                 oldest[2] = None
             self.dropped += dropped
-            self.cond.notify()
+            # The sending thread, and any wait_sent(), wait on it.
+            self.cond.notify_all()
         if dropped:
             self.status("dropped %s for %s: %s wait already" % (
                 lec.plural(dropped, "event"), self.where,
@@ -278,28 +282,50 @@ class Delivery:
                 self.queued -= len(data)
                 while self.ages and self.ages[0][2] is None:
                     self.ages.popleft()
-            error = self.send(data)
-            events = data.count(b"\n")
-            if error is None:
-                self.delivered += events
-                self.failures.flush()
-                if attempts:
-                    self.status("delivered %s to %s on retry %d of %d" % (
-                        lec.plural(events, "event"), self.where, attempts,
-                        self.retries))
-            elif attempts < self.retries:
-                self.failures.say("failed", "cannot deliver %s to %s: %s; "
-                                  "retry %d of %d in %g s" % (
-                                      lec.plural(events, "event"),
-                                      self.where, error, attempts + 1,
-                                      self.retries, self.interval))
-                self.push(time.monotonic() + self.interval, data,
-                          attempts + 1)
-            else:
-                self.given_up += events
-                self.failures.say("gave up", "gave up delivering %s to %s: "
-                                  "%s" % (lec.plural(events, "event"),
-                                          self.where, error))
+                self.sending = True
+            try:
+                self.settle(data, attempts)
+            finally:
+                with self.cond:
+                    self.sending = False
+                    self.cond.notify_all()
+
+    def settle(self, data: bytes, attempts: int) -> None:
+        """Send a batch; count it, or queue its retry, or give it up."""
+        error = self.send(data)
+        events = data.count(b"\n")
+        if error is None:
+            self.delivered += events
+            self.failures.flush()
+            if attempts:
+                self.status("delivered %s to %s on retry %d of %d" % (
+                    lec.plural(events, "event"), self.where, attempts,
+                    self.retries))
+        elif attempts < self.retries:
+            self.failures.say("failed", "cannot deliver %s to %s: %s; "
+                              "retry %d of %d in %g s" % (
+                                  lec.plural(events, "event"),
+                                  self.where, error, attempts + 1,
+                                  self.retries, self.interval))
+            self.push(time.monotonic() + self.interval, data,
+                      attempts + 1)
+        else:
+            self.given_up += events
+            self.failures.say("gave up", "gave up delivering %s to %s: "
+                              "%s" % (lec.plural(events, "event"),
+                                      self.where, error))
+
+    def wait_sent(self, timeout: float) -> None:
+        """Wait until what is due now was tried (sent, or put off to a
+        retry), timeout seconds at most."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.closed and (self.sending or (
+                    self.queue and self.queue[0][0] <= time.monotonic())):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
 
     def undelivered(self) -> int:
         """Return how many events were not delivered: dropped, given up,
@@ -331,7 +357,7 @@ class Delivery:
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            self.cond.notify()
+            self.cond.notify_all()
         self.thread.join(15)
         self.drop()
         self.failures.flush()
@@ -561,6 +587,9 @@ class FakeCyberTrace:
         if self.noise and self.delivery is not None and not reply_back:
             self.alerts.put([NOISE[0] % now_date()])
             self.delivery.put([NOISE[1]])
+            # The alert goes first, also to an output of its own: a lab
+            # check that ends once its detections are in must find it.
+            self.alerts.wait_sent(NOISE_WAIT)
         blocks = lec.receive_blocks(sock, rest, INBOUND_EVENT_BYTES,
                                     INBOUND_EVENT_BYTES)
         target = sock if reply_back else None
@@ -708,9 +737,20 @@ class Recorder:
         self.sock.sendall(data)
 
 
+def output_address(text: str) -> tuple:
+    """Parse an address to deliver to, which has a real port."""
+    address = lec.parse_address(text)
+    if not isinstance(address, lec.UnixAddress) and address[1] == 0:
+        # "Any free port" means something only to a listener.
+        raise ValueError("port 0 is not a port to deliver to: give the "
+                         "port the listener listens on, e.g. 9998")
+    return address
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     address = lec.argument_type(lec.parse_address, "address")
+    delivery = lec.argument_type(output_address, "address")
     parser = lec.OneLineParser(
         description="A stand-in for Kaspersky CyberTrace: takes events on "
         "its input port, detects Kaspersky's test indicators in them and "
@@ -726,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stream socket, as the 5.0 web UI offers, mode %04o (default: %s)"
         % (lec.SOCKET_MODE, lec.format_address(*INPUT)))
     parser.add_argument(
-        "--output", metavar="ADDR:PORT", type=address, default=OUTPUT,
+        "--output", metavar="ADDR:PORT", type=delivery, default=OUTPUT,
         help="where to deliver detections and alerts (OutputSettings > "
         "ConnectionString), or unix:/PATH (default: %s)"
         % lec.format_address(*OUTPUT))
@@ -741,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
                        const="none", help="detect nothing, as when no feed "
                        "is loaded")
     parser.add_argument(
-        "--alert-output", metavar="ADDR:PORT", type=address,
+        "--alert-output", metavar="ADDR:PORT", type=delivery,
         help="deliver service alerts here instead (OutputSettings > "
         "AlertConnectionString; default: with the detections)")
     parser.add_argument(

@@ -3538,23 +3538,33 @@ def announce(server: socket.socket, console: Console,
 
 
 def unmatched_allow(server: socket.socket, allow: Optional[list]) -> list:
-    """Return (never, why) for each --allow network that no peer of server
-    can come from (never), or none from another host."""
+    """Return (network, never, why) for each --allow network that no peer
+    of server can come from (never), or only a program on this host."""
     versions = peer_ip_versions(server)
     where = format_peer(server.getsockname())
     loopback = ip_of(server.getsockname()[0]).is_loopback
+    local = None  # this host's addresses, asked once if needed
     found = []
     for network in allow or ():
         if network.version not in versions:
-            found.append((True, "%s can never match: this socket (%s) only "
-                          "takes IPv%d peers" % (network, where,
-                                                 min(versions))))
+            found.append((network, True, "%s can never match: this socket "
+                          "(%s) only takes IPv%d peers" % (
+                              network, where, min(versions))))
         elif loopback and not network.overlaps(ipaddress.ip_network(
                 "127.0.0.0/8" if network.version == 4 else "::1")):
-            # Not never: a program here may connect from another of this
-            # host's addresses.
-            found.append((False, "%s can never match: this socket (%s) "
-                          "only takes peers on this host" % (network, where)))
+            # A program here may connect to loopback from another of this
+            # host's addresses: only a network holding none is never.
+            if local is None:
+                local = interface_addresses()
+            if local and not any(ip in network for ip in local):
+                found.append((network, True, "%s can never match: this "
+                              "socket (%s) only takes peers on this host, "
+                              "and none of this host's addresses is in it"
+                              % (network, where)))
+            else:
+                found.append((network, False, "%s matches only programs on "
+                              "this host: this socket (%s) takes no peer "
+                              "from another host" % (network, where)))
     return found
 
 
@@ -4082,10 +4092,11 @@ class Listener:
         self.admission.open(self.places, self.accept)
         allow = self.settings.allow
         tcp = [place for place in self.places if place.takes_allow]
-        for place in tcp:
-            for never, why in unmatched_allow(place.server, allow):
-                if never and self.allow_must_match and len(tcp) == 1:
-                    raise ArgumentError("argument --allow: " + why)
+        unmatched = [unmatched_allow(place.server, allow) for place in tcp]
+        if self.allow_must_match:
+            self.refuse_impossible_allow(unmatched)
+        for found in unmatched:
+            for _, _, why in found:
                 self.console.warn("--allow " + why)
         if allow and len(tcp) < len(self.places):
             self.console.warn("--allow does not apply to UNIX sockets: "
@@ -4095,6 +4106,21 @@ class Listener:
         self.console.status("Waiting for CyberTrace (OutputSettings > "
                             "ConnectionString = %s); Ctrl+C to stop"
                             % ", ".join(wheres))
+
+    def refuse_impossible_allow(self, unmatched: list) -> None:
+        """Raise an ArgumentError for an --allow that would refuse every
+        peer for ever: a network that no address can match, or an address
+        that no network can (unmatched: unmatched_allow() of each)."""
+        allow = self.settings.allow or []
+        for network in allow:
+            whys = [why for found in unmatched for net, never, why in found
+                    if net == network and never]
+            if whys and len(whys) == len(unmatched):
+                raise ArgumentError("argument --allow: " + whys[0])
+        for found in unmatched:
+            whys = [why for _, never, why in found if never]
+            if allow and len(whys) == len(allow):
+                raise ArgumentError("argument --allow: " + "; ".join(whys))
 
     def announce(self, place: Place) -> str:
         """Say where place listens; return what to set in CyberTrace."""

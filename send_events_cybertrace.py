@@ -53,10 +53,10 @@ try:
         format_address, format_bytes, format_count, format_duration,
         format_latency, format_progress, formatter, interface_addresses,
         ip_of, is_pipe, keep_freed_memory, open_connection, parse_address,
-        parse_fields, parse_network, parse_response, peer_gone, plural,
-        reachable_hosts, receive_blocks, resolved_addresses, silence_stdout,
-        split_lines, stream_flags, to_text, write_now, write_stdout,
-        __version__)
+        parse_fields, parse_listen, parse_network, parse_response, peer_gone,
+        plural, reachable_hosts, receive_blocks, resolved_addresses,
+        silence_stdout, split_lines, stream_flags, to_text, write_now,
+        write_stdout, __version__)
     import cybertrace_capacity as capacity
     import follow_files
 except ModuleNotFoundError as exc:
@@ -1544,7 +1544,7 @@ class Arrivals:
     """The events that reach the check's listener, sorted as they come."""
 
     def __init__(self, sent: List[bytes],
-                 write: Optional[Callable[[list, str, int], None]] = None
+                 write: Optional[Callable[[list, str, str], None]] = None
                  ) -> None:
         self.cond = threading.Condition()
         self.sent = {event.decode() for event in sent}
@@ -1558,6 +1558,9 @@ class Arrivals:
         # Where the other events go, whole (OtherEvents.write): a check in
         # the listener's place must drop nothing CyberTrace delivers.
         self.write = write
+        # Each address number's name, as the listener's JSON "listen" has
+        # it (the address as bound), once listening.
+        self.places = []
 
     def take(self, block: bytes, peer: str, at: int = 0) -> None:
         """Sort a block of events that arrived at the check's address
@@ -1585,7 +1588,8 @@ class Arrivals:
                         arrival.categories.append(category)
             self.cond.notify_all()
         if others and self.write is not None:
-            self.write(others, peer, at)
+            self.write(others, peer, self.places[at]
+                       if at < len(self.places) else "")
 
     def note_other(self, event: str, at: int) -> None:
         """Count an event that is none of the check's answers."""
@@ -1794,7 +1798,7 @@ class LabCheck:
             # Opened first: a file that cannot be written is said at once.
             self.result_file = open_result_file(args.check_json)
         self.others = OtherEvents(args.output, args.format)
-        self.arrivals = Arrivals(self.events, self.write_others)
+        self.arrivals = Arrivals(self.events, self.others.write)
         # A pipe's CyberTrace runs on this host.
         allow = args.allow or cybertrace_hosts(
             LISTEN_ADDR if is_pipe(args.connect) else args.connect[0])
@@ -1804,7 +1808,6 @@ class LabCheck:
                 self.arrivals.take, at=number), allow)
             for number, address in enumerate(args.check)]
         self.addresses = []
-        self.bound = []  # each address as bound: the JSON's listen
         self.serving = []
         self.failure = []
         self.probe = None
@@ -1812,12 +1815,6 @@ class LabCheck:
     @property
     def here(self) -> str:
         return ", ".join(self.addresses)
-
-    def write_others(self, lines: list, peer: str, at: int) -> None:
-        """Write events that are not the check's answers, each saying at
-        which of its addresses it arrived, as the listener's do."""
-        self.others.write(lines, peer, self.bound[at]
-                          if at < len(self.bound) else "")
 
     def run(self) -> int:
         """Run the phases; print the table and diagnosis; return the exit
@@ -1856,7 +1853,9 @@ class LabCheck:
 
     def listen(self) -> None:
         """Listen where CyberTrace delivers, before anything is sent."""
-        for listener, address in zip(self.listeners, self.args.check):
+        # Every address first, as the listener does: one that cannot be
+        # bound is the only line, not one after the others' "Listening".
+        for listener in self.listeners:
             try:
                 listener.bind()
             except UserError as exc:
@@ -1866,10 +1865,11 @@ class LabCheck:
                                     "place and writes what is not its own "
                                     "to stdout or -o)" % exc)
                 raise
+        for listener, address in zip(self.listeners, self.args.check):
             shown = shown_addresses(listener.listener.admission.server)
             self.addresses.append(shown[0])
             named = format_address(*listener.listener.address())
-            self.bound.append(named)
+            self.arrivals.places.append(named)
             if shown != [named]:
                 named += " (this host: %s)" % ", ".join(shown[:6] + (
                     ["and %d more" % (len(shown) - 6)] if len(shown) > 6
@@ -2227,6 +2227,17 @@ def peer_address(text: str) -> tuple:
     return address
 
 
+def check_address(text: str) -> tuple:
+    """Parse an address of --check: the listener's -l syntax, but for a
+    label."""
+    found = parse_listen(text)
+    if found.label:
+        # Else "alerts=127.0.0.1" would be a host name, failing late.
+        raise ValueError("LABEL= names a listener's -l address; the check "
+                         "names each address by itself: give ADDR:PORT")
+    return found.address
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Describe the command line."""
     default = format_address(CYBERTRACE_ADDR, CYBERTRACE_PORT)
@@ -2305,14 +2316,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="check that CyberTrace is up: exit 0 on PONG")
     mode.add_argument(
         "--check", metavar="ADDR:PORT", nargs="+", action="extend",
-        type=argument_type(lambda text: parse_address(text, LISTEN_ADDR),
-                           "address"),
+        type=argument_type(check_address, "address"),
         help="the lab check: listen at ADDR:PORT (CyberTrace's OutputSettings"
         " > ConnectionString: 9998 is 127.0.0.1:9998; 0.0.0.0:9998 when "
         "CyberTrace runs on another host; [::1]:9998; on Windows "
         "\\\\.\\pipe\\NAME; not unix:/PATH: CyberTrace's outputs "
-        "take none), send the test events to --connect and print which came back "
-        "detected, from where, with their latency; on failure, say which "
+        "take none), send the test events to --connect and print which "
+        "came back detected, from where, with their latency; on failure, say which "
         "link is broken. Several addresses (or --check again) watch each "
         "output at once: a tenant's, the AlertConnectionString. Only "
         "CyberTrace's host (-c) may deliver, and only what CyberTrace "

@@ -307,20 +307,34 @@ class OutputsTest(unittest.TestCase):
         self.assertEqual({i["indicator"] for i in record["indicators"]
                           if i["confirmed"]}, DEMO_FEEDS)
 
-    def test_other_events_in_json_say_where_they_arrived(self):
+    def test_json_others_say_at_which_address_they_arrived(self):
+        # As the listener's JSON does: "listen" is the address as bound.
         detections, alerts = free_port(), free_port()
         with StandIn("--output", "127.0.0.1:%d" % detections,
                      "--alert-output", "127.0.0.1:%d" % alerts,
                      "--noise", "--retries", "0") as stand_in:
-            proc, _ = run_check(
-                "--check", str(detections), "--check", str(alerts),
-                "-c", str(stand_in.port), "-f", "json")
+            proc, _ = run_check("--check", str(detections), str(alerts),
+                                "-c", str(stand_in.port), "-f", "json")
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        records = [json.loads(line) for line in Table(
-            self, proc.stdout, several=True).before.splitlines()]
+        table = Table(self, proc.stdout, several=True)
+        records = [json.loads(line) for line in table.before.splitlines()]
         self.assertEqual(sorted((r["kind"], r["listen"]) for r in records), [
             ("alert", "127.0.0.1:%d" % alerts),
-            ("detection", "127.0.0.1:%d" % detections)])
+            ("detection", "127.0.0.1:%d" % detections)], records)
+        self.assertIn({"event": STAND_IN_NOISE, "kind": "detection"},
+                      [{k: r[k] for k in ("event", "kind")} for r in records])
+
+    def test_an_address_in_use_is_the_only_line(self):
+        # As the listener: nothing said to listen before the one that fails.
+        with Listener() as busy:
+            proc, _ = run_check("--check", str(free_port()),
+                                str(busy.address[1]), "-c", str(free_port()))
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(proc.stderr.decode().splitlines(), [
+            "send_events_cybertrace.py: error: cannot listen on "
+            "127.0.0.1:%d: Address already in use (stop the listener there "
+            "while the check runs: the check listens in its place and "
+            "writes what is not its own to stdout or -o)" % busy.address[1]])
 
     def test_wildcard_is_shown_as_the_host_addresses(self):
         port = free_port()
@@ -528,12 +542,16 @@ class ArgumentTest(unittest.TestCase):
                      ("--check", "9999"),
                      ("--check", "0.0.0.0:9999", "-c", "127.0.0.1:9999"),
                      ("--strict", "-e", "x"),
-                     ("--check", "nowhere")):
+                     ("--check", "nowhere"),
+                     # The listener's labels: a host "alerts=127.0.0.1" else.
+                     ("--check", "9998", "alerts=127.0.0.1:%d" % free_port(),
+                      "-t", "1")):
             with self.subTest(args=args):
                 proc, _ = run_check(*args)
                 self.assertEqual(proc.returncode, 2, proc.stderr)
                 self.assertNotIn(b"Traceback", proc.stderr)
                 self.assertEqual(proc.stdout, b"")
+                self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
 
     def test_help_documents_the_check_and_its_timeout(self):
         proc, _ = run_check("--help")
@@ -554,12 +572,18 @@ class StandInTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 0)
         self.assertIn(b"--detect-all", proc.stdout)
         for args in (["--input", "nowhere"], ["--detect-all", "--no-feeds"],
-                     ["--retries", "-1"]):
+                     ["--retries", "-1"], ["--output", "0"],
+                     ["--alert-output", "127.0.0.1:0"]):
             with self.subTest(args=args):
                 proc = subprocess.run([sys.executable, str(STAND_IN), *args],
                                       capture_output=True, timeout=TIMEOUT)
                 self.assertEqual(proc.returncode, 2)
                 self.assertNotIn(b"Traceback", proc.stderr)
+                self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
+                if "output" in args[0]:
+                    # Port 0 is "any free port" only to a listener.
+                    self.assertIn(b"port 0 is not a port to deliver to",
+                                  proc.stderr)
 
     def test_input_in_use_is_exit_1(self):
         with StandIn() as first:
@@ -632,6 +656,41 @@ class StandInTest(unittest.TestCase):
                 stand_in.wait_stderr(r"delivered 1 event to 127\.0\.0\.1:%d "
                                      r"on retry \d of 3\n" % port)
 
+    def test_no_idle_close_and_counts_in_every_close_line(self):
+        # CyberTrace documents no idle timeout: a quiet input connection
+        # (tail -F | send --reconnect) must not look like an outage.
+        self.assertIsNone(fake_cybertrace.IDLE_TIMEOUT)
+        with fake_cybertrace.FakeCyberTrace(status=lambda line: None) as ct:
+            self.assertIsNone(ct.idle_timeout)
+        with Listener("-f", "raw") as listener, \
+                StandIn("--output", "%s:%d" % listener.address) as stand_in:
+            listener.wait_stdout(1)  # the start-up alert
+            with socket.create_connection(("127.0.0.1", stand_in.port),
+                                          TIMEOUT) as quiet:
+                quiet.sendall(b"src=192.0.2.1\n")
+                listener.wait_stdout(2)
+                with socket.create_connection(("127.0.0.1", stand_in.port),
+                                              TIMEOUT) as reset:
+                    reset.sendall(b"a\nb\n")
+                    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     b"\1\0\0\0\0\0\0\0")
+                stand_in.wait_stderr(r"127\.0\.0\.1:\d+: \d+ events?")
+                # Still open, and still served, after another came and went.
+                quiet.sendall(b"src=192.0.2.1\n")
+                listener.wait_stdout(3)
+            self.assertEqual(stand_in.stop(), 0)
+        lines = stand_in.stderr_text.splitlines()
+        closes = [line for line in lines if re.match(r"127\.0\.0\.1:\d+: ",
+                                                      line)]
+        self.assertEqual(len(closes), 2, lines)
+        # A reset may come before the stand-in read the events: counted
+        # either way, with the reason.
+        self.assertRegex(closes[0], r": [0-2] events? \([0-4] bytes?\), "
+                                    r"0 detections(; Connection reset by "
+                                    r"peer)?$")
+        self.assertRegex(closes[1], r": 2 events \(28 bytes\), 2 detections$")
+        self.assertFalse([line for line in lines if "timed out" in line])
+
     def test_gives_up_after_the_retries(self):
         with StandIn("--output", "127.0.0.1:%d" % free_port(), "--retries",
                      "1", "--retry-interval", "0.1") as stand_in:
@@ -671,8 +730,11 @@ class CapacityTest(unittest.TestCase):
             self.assertEqual(stand_in.stop(), 0)
         self.assertGreater(len(lines), 0)
         self.assertEqual(len(lines) + int(found.group(1)), 20)
+        # (Its start-up alert waits for a retry, unless 9998 listens.)
         self.assertRegex(stand_in.stderr_text, r"Stopped: 1 connection, 0 "
-                                               r"events delivered, \d+ "
+                                               r"events delivered, (1 not "
+                                               r"delivered \(its output "
+                                               r"unreachable\), )?\d+ "
                                                r"dropped")
 
     def test_lookup_ms_and_scanners(self):

@@ -42,6 +42,46 @@ class ReadmeTest(unittest.TestCase):
     def test_troubleshooting_is_a_top_level_section(self):
         self.assertIn("Address already in use", section("Troubleshooting"))
 
+    def test_quick_start_and_platforms_show_each_connection_string(self):
+        # Each form CyberTrace takes, beside the setting it matches.
+        platforms = (ROOT / "docs" / "platforms.md").read_text(
+            encoding="utf-8")
+        forms = platforms[platforms.index("## ConnectionStrings"):]
+        for text in (section("Quick start (only Python 3 needed)"), forms):
+            for words in ("OutputSettings > ConnectionString", "tenant",
+                          "AlertConnectionString",
+                          "InputSettings > ConnectionString",
+                          "192.0.2.105:9998", "[2001:db8::5]:9998",
+                          "\\\\.\\pipe\\", "unix:/", "alerts="):
+                with self.subTest(words=words):
+                    self.assertIn(words, text)
+
+    def test_troubleshooting_has_the_errors_of_places(self):
+        rows = section("Troubleshooting")
+        for words in ("named pipes (\\\\.\\pipe\\NAME) exist only on Windows",
+                      "cannot listen on unix:PATH: another program listens "
+                      "on it", "With several `-l`, the line names the one",
+                      "can never match", "unix:/PATH"):
+            with self.subTest(words=words):
+                self.assertIn(words, rows)
+
+    def test_one_figure_for_the_suite_s_time(self):
+        # README rounds what TESTING.md measured on an idle machine.
+        said = re.search(r"about (\d+) s on an idle 2-core machine",
+                         section("Development"))
+        testing = (ROOT / "TESTING.md").read_text(encoding="utf-8")
+        measured = re.findall(r"\(\d+ tests\) ([\d.]+) s idle", testing)
+        self.assertIsNotNone(said)
+        self.assertEqual(len(measured), 1, measured)
+        self.assertEqual(int(said.group(1)), round(float(measured[0])))
+
+    def test_the_stand_in_log_the_readme_writes_is_ignored(self):
+        written = re.findall(r"2>(\S+)", section("Try it without CyberTrace"))
+        self.assertTrue(written)
+        ignored = (ROOT / ".gitignore").read_text().split()
+        for name in written:
+            self.assertIn(name, ignored)
+
     def test_speed_speaks_to_a_user(self):
         speed = section("Speed")
         for word in ("target", "MISSED", "issue"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import pty
 import re
@@ -330,14 +331,72 @@ class AllowFamilyTest(unittest.TestCase):
                          r"::1/128 can never match: this socket "
                          r"\(127\.0\.0\.1:\d+\) only takes IPv4 peers\n$")
 
-    def test_a_network_elsewhere_on_loopback_is_a_warning(self):
-        # A program on this host may connect from another of its addresses.
-        with Listener("--allow", "192.0.2.0/24") as listener:
+    def test_a_network_holding_no_address_of_this_host_on_loopback(self):
+        # Only a program on this host reaches a loopback socket, from one
+        # of this host's addresses: a network holding none never matches.
+        local = lec.interface_addresses()
+        if not local:
+            self.skipTest("this host's addresses are unknown here")
+        network = next(net for net in map(ipaddress.ip_network, (
+            "198.51.100.0/24", "203.0.113.0/24", "192.0.2.0/24"))
+            if not any(ip in net for ip in local))
+        proc = self.run_listener("127.0.0.1:0", "--allow", "127.0.0.1",
+                                 "--allow", str(network))
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertRegex(proc.stderr, r"^\S+: error: argument --allow: "
+                         r"%s can never match: this socket \(127\.0\.0\.1:"
+                         r"\d+\) only takes peers on this host, and none of "
+                         r"this host's addresses is in it\n$"
+                         % re.escape(str(network)))
+
+    def test_a_network_holding_an_address_of_this_host_is_a_warning(self):
+        # A program here may connect to loopback from that address.
+        mine = [ip for ip in lec.interface_addresses()
+                if ip.version == 4 and not ip.is_loopback]
+        if not mine:
+            self.skipTest("no IPv4 address but loopback")
+        network = ipaddress.ip_network("%s/32" % mine[0])
+        with Listener("--allow", str(network)) as listener:
             listener.wait_stderr(WAITING % r"\S+")
-            self.assertIn("warning: --allow 192.0.2.0/24 can never match: "
-                          "this socket (127.0.0.1:%d) only takes peers on "
-                          "this host\n" % listener.address[1],
+            self.assertIn("warning: --allow %s matches only programs on this "
+                          "host: this socket (127.0.0.1:%d) takes no peer "
+                          "from another host\n" % (network,
+                                                   listener.address[1]),
                           listener.stderr_text)
+            self.assertEqual(listener.stop(), 0)
+
+    def test_with_several_addresses_any_that_refuses_all_is_an_error(self):
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 loopback")
+        for args, words in (
+                # The network matches at neither address.
+                (["-l", "127.0.0.1:0", "-l", "[::1]:0", "--allow",
+                  "2001:db8::/32"], r"2001:db8::/32 can never match: "),
+                # 0.0.0.0 would take it, 127.0.0.1 would refuse everyone.
+                (["-l", "0.0.0.0:0", "-l", "127.0.0.1:0", "--allow",
+                  "::1"], r"::1/128 can never match: this socket "
+                  r"\(0\.0\.0\.0:\d+\) only takes IPv4 peers\n")):
+            with self.subTest(args=args):
+                proc = subprocess.run(
+                    [sys.executable, str(LISTENER), "-t", "0.5", *args],
+                    capture_output=True, text=True, timeout=TIMEOUT,
+                    env=user_env())
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertEqual(len(proc.stderr.splitlines()), 1,
+                                 proc.stderr)
+                self.assertRegex(proc.stderr, r"^\S+: error: argument "
+                                 r"--allow: " + words)
+        # Each address takes one of the networks: warnings only.
+        with Listener("-l", "[::1]:0", "--allow", "127.0.0.1",
+                      "--allow", "::1") as listener:
+            listener.wait_stderr(r"Waiting for CyberTrace")
+            self.assertIn("warning: --allow ::1/128 can never match: this "
+                          "socket (127.0.0.1:%d) only takes IPv4 peers\n"
+                          % listener.address[1], listener.stderr_text)
+            self.assertEqual(listener.stop(), 0)
 
     @unittest.skipUnless(socket.has_ipv6, "no IPv6")
     def test_ipv6_sockets(self):

@@ -88,7 +88,11 @@ class PipeTest(unittest.TestCase):
                     sock.sendall(b"first\n")
                     self.assertEqual(head.stdout.readline(), b"first\n")
                     head.wait(TIMEOUT)
+                    gone = time.monotonic()
                     self.assertEqual(listener.finish(), 1)
+                    # As coreutils' tail -f: within a second, no write
+                    # needed to find out.
+                    self.assertLess(time.monotonic() - gone, 1.0)
                 err = listener.stderr_text
                 self.assertIn("Stopped: 1 event, 6 bytes received", err)
                 self.assertRegex(err.splitlines()[-1], r"^\S+: error: cannot "

@@ -92,6 +92,29 @@ class ListenParsingTest(unittest.TestCase):
         self.assertIn("--allow does not apply to UNIX sockets", text)
         self.assertIn("LABEL=ADDR", text)
 
+    @unittest.skipIf(os.name == "nt", "named pipes exist there")
+    def test_a_named_pipe_off_windows_is_one_line_in_every_tool(self):
+        pipe = "\\\\.\\pipe\\cybertrace"
+        for script, args in ((LISTENER, ["-l", pipe]),
+                             (LISTENER, ["-l", "alerts=" + pipe]),
+                             (SENDER, ["-c", pipe, "-e", "x"]),
+                             (SENDER, ["--check", "9998", pipe]),
+                             (SENDER, ["--check", "9998", "-c", pipe]),
+                             (STAND_IN, ["--input", pipe]),
+                             (STAND_IN, ["--output", pipe]),
+                             (STAND_IN, ["--alert-output", pipe])):
+            with self.subTest(script=Path(script).name, args=args):
+                proc = subprocess.run([sys.executable, str(script), *args],
+                                      env=user_env(), capture_output=True,
+                                      stdin=subprocess.DEVNULL,
+                                      timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                err = proc.stderr.decode()
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertRegex(err, r"^%s: error: argument \S+: .*named "
+                                 r"pipes \(\\\\\.\\pipe\\NAME\) exist only on "
+                                 r"Windows\n$" % re.escape(Path(script).name))
+
     def test_a_label_or_address_given_twice_is_an_argument_error(self):
         for args, said in (
                 (["-l", "a=127.0.0.1:0", "-l", "a=127.0.0.1:0"],
@@ -189,20 +212,46 @@ class SeveralAddressesTest(unittest.TestCase):
         # The addresses opened before it are closed, the socket file gone.
         self.assertFalse(os.path.exists(path))
 
-    def test_prefix_fields_of_a_unix_peer_stay_one_word(self):
-        # The peer is "unix:PATH (pid N)", and this path has a space too.
-        path = os.path.join(self.dir, "c t.sock")
-        with listener("-f", "raw", "--prefix", "peer,listen",
-                      "-l", "unix:" + path) as proc:
-            proc.wait_stderr(r"Waiting for CyberTrace")
-            with connect("unix:" + path) as sock:
-                sock.sendall(b"one event\n")
-            proc.wait_stdout(1)
+    def test_allow_limits_and_output_are_shared_by_all_addresses(self):
+        path = os.path.join(self.dir, "events.log")
+        with listener("-f", "raw", "-o", path, "--allow", "127.0.0.2/32",
+                      "--max-per-host", "1", "-l", "127.0.0.1:0",
+                      "-l", "b=127.0.0.1:0") as proc:
+            places = started(proc, 2)
+            first = next(p for p in places if p != "b")
+
+            def connect_from(host: str, where: str) -> socket.socket:
+                return socket.create_connection(
+                    lec.parse_address(where), TIMEOUT,
+                    source_address=(host, 0))
+            for where in places.values():  # --allow, at each address
+                with connect_from("127.0.0.1", where):
+                    pass
+            proc.wait_for(lambda: proc.stderr_text.count(
+                "Rejected connection from 127.0.0.1:") == 2)
+            with connect_from("127.0.0.2", places[first]) as one:
+                one.sendall(b"one\n")
+                proc.wait_stderr(r"Connection from 127\.0\.0\.2:\d+ at %s\n"
+                                 % re.escape(first))
+                # The host's one place is taken at the other address.
+                with connect_from("127.0.0.2", places["b"]):
+                    proc.wait_stderr(r"Rejected connection from 127\.0\.0\.2"
+                                     r":\d+ at b \(\S+\): 1 connection from "
+                                     r"127\.0\.0\.2 already")
+            proc.wait_stderr(r"Closed 127\.0\.0\.2:\d+ at %s: 1 event\n"
+                             % re.escape(first))
+            with connect_from("127.0.0.2", places["b"]) as two:
+                two.sendall(b"two\n")
+            proc.wait_for(lambda: os.path.exists(path) and
+                          os.path.getsize(path) == 8, what="both events")
             self.assertEqual(self.stop(proc), 0)
-        word = "unix:" + path.replace(" ", "%20")
-        self.assertRegex(proc.out.decode(), r"^%s%%20\(pid%%20%d\) %s one "
-                         r"event\n$" % (re.escape(word), os.getpid(),
-                                        re.escape(word)))
+        with open(path, "rb") as file:
+            self.assertEqual(file.read(), b"one\ntwo\n")  # one file
+        err = proc.stderr_text
+        self.assertIn("\n  %s: 1 event, 1 connection, 1 rejected\n" % first,
+                      err)
+        self.assertIn("\n  b (%s): 1 event, 1 connection, 2 rejected\n"
+                      % places["b"], err)
 
     def test_allow_does_not_apply_to_a_unix_socket(self):
         path = os.path.join(self.dir, "ct.sock")

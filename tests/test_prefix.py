@@ -12,7 +12,7 @@ import tempfile
 import threading
 import unittest
 
-from support import LISTENER, TIMEOUT, Listener, user_env
+from support import LISTENER, TIMEOUT, Listener, Process, user_env
 
 PEERS = 4
 EVENTS_PER_PEER = 3000
@@ -155,6 +155,26 @@ class PrefixTest(unittest.TestCase):
         self.assertEqual(out, b"".join(peer.encode() + b" " + piece + b"\n"
                                        for piece in (b"abcd", b"efgh", b"ij",
                                                      b"last")))
+
+    @unittest.skipUnless(hasattr(socket, "AF_UNIX"), "UNIX sockets")
+    def test_no_field_holds_a_space_not_even_a_unix_peer(self):
+        # "unix:/PATH (pid N)" names a UNIX peer; the path has a space.
+        with tempfile.TemporaryDirectory(prefix="a b") as tmp:
+            path = os.path.join(tmp, "ct.sock")
+            with Process([sys.executable, str(LISTENER), "-l", "unix:" + path,
+                          "-f", "raw", "--prefix", "peer,listen", "-n", "1"]
+                         ) as listener:
+                listener.wait_stderr("Waiting for CyberTrace")
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(TIMEOUT)
+                    sock.connect(path)
+                    sock.sendall(b"event=1\n")
+                self.assertEqual(listener.finish(), 0, listener.stderr_text)
+        named = ("unix:" + path).replace(" ", "%20")
+        peer = "%s%%20(pid%%20%d)" % (named, os.getpid()) \
+            if hasattr(socket, "SO_PEERCRED") else named
+        self.assertEqual(bytes(listener.out),
+                         ("%s %s event=1\n" % (peer, named)).encode())
 
     def test_escape_shows_the_event_controls_not_the_prefix(self):
         out, peer, _ = self.run_listener("-f", "raw", "--escape", "--prefix",

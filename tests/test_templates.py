@@ -214,6 +214,56 @@ class PieceTest(unittest.TestCase):
         self.assertEqual(records[0]["fields"]["deviceEventClassId"], "2")
 
 
+def documented_samples() -> tuple:
+    """Return docs/listener.md's JSON samples: ([(line, its JSON)], [the
+    JSON of pieces])."""
+    page = (ROOT / "docs" / "listener.md").read_text(encoding="utf-8")
+    part = page[page.index("### Kinds and templates"):
+                page.index("### Prefixes")]
+    shown = [line[4:] for line in part.splitlines()
+             if line.startswith("    ")]
+    pairs = [(line, after) for line, after in zip(shown, shown[1:])
+             if not line.startswith("{") and after.startswith("{") and
+             '"piece":' not in after]
+    pieces = [line for line in shown if line.startswith("{") and
+              '"piece":' in line]
+    return pairs, pieces
+
+
+class DocumentedSamplesTest(unittest.TestCase):
+    """What docs/listener.md shows is what the listener writes today."""
+
+    LEFT_OUT = {"time", "peer", "listen", "event"}  # as the page says
+
+    def assert_shown(self, shown: str, record: dict, left_out: set) -> None:
+        kept = {key: value for key, value in record.items()
+                if key not in left_out}
+        # Compared as text: the members' order and escapes are shown too.
+        self.assertEqual(json.dumps(kept, ensure_ascii=False,
+                                    separators=(",", ":")), shown)
+
+    def test_each_sample_is_the_listener_s_json(self):
+        pairs, pieces = documented_samples()
+        self.assertGreaterEqual(len(pairs), 7)
+        self.assertEqual(len(pieces), 3)
+        with Listener("-f", "json") as listener:
+            records = send_batches(listener, [line for line, _ in pairs], 1)
+            self.assertEqual(listener.stop(), 0)
+        for (line, shown), record in zip(pairs, records):
+            with self.subTest(line):
+                self.assertEqual(record["event"], line)
+                self.assertEqual(list(record)[:4],
+                                 ["time", "peer", "listen", "kind"])
+                self.assert_shown(shown, record, self.LEFT_OUT)
+        with Listener("-f", "json", "--max-event-bytes", "100") as listener:
+            records = send_batches(listener, [FIXTURE[0]], 1)
+            self.assertEqual(listener.stop(), 0)
+        self.assertEqual(len(records), 5)
+        for shown, record in zip(pieces, [records[0], records[1],
+                                          records[-1]]):
+            self.assert_shown(shown, record, {"time", "peer", "listen"})
+
+
 if __name__ == "__main__":
     unittest.main()
 
