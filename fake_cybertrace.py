@@ -218,10 +218,12 @@ class Delivery:
         self.failures = lec.Throttle(status, FAILURE_LINES, FAILURE_WINDOW,
                                      say_failures)
         self.sock = None
-        self.queue = []  # heap of [when due, order, data, attempts so far]
-        # The same entries oldest first, for drops; a dropped entry's data
-        # becomes None and the run loop skips it (no search, no heapify).
-        self.ages = collections.deque()
+        # Heap of [when due, order first queued, data, attempts so far].
+        self.queue = []
+        # The same entries by when first queued, for drops, as (order,
+        # attempts, entry): a dropped entry's data becomes None and the run
+        # loop skips it (no search, no heapify of the queue).
+        self.ages = []
         self.queued = 0  # bytes in the queue
         self.order = itertools.count()
         self.delivered = self.dropped = 0
@@ -232,22 +234,22 @@ class Delivery:
 
     def put(self, lines: list) -> None:
         data = "".join(line + "\n" for line in lines).encode()
-        self.push(time.monotonic(), data, 0)
+        self.push(time.monotonic(), data, 0, next(self.order))
 
-    def push(self, due: float, data: bytes, attempts: int) -> None:
-        """Queue data; past MAX_QUEUED_BYTES, drop the oldest first."""
+    def push(self, due: float, data: bytes, attempts: int,
+             order: int) -> None:
+        """Queue data, first queued as number order; past
+        MAX_QUEUED_BYTES, drop the oldest first."""
         with self.cond:
-            entry = [due, next(self.order), data, attempts]
+            entry = [due, order, data, attempts]
             heapq.heappush(self.queue, entry)
-            # A retry is as old as its first try: it goes by its order.
-            if attempts:
-                self.ages.appendleft(entry)
-            else:
-                self.ages.append(entry)
+            # A retry is as old as its first try: a batch that just failed
+            # must not be the first to go (it kept the oldest 16 MiB).
+            heapq.heappush(self.ages, (order, attempts, entry))
             self.queued += len(data)
             dropped = 0
             while self.queued > MAX_QUEUED_BYTES and len(self.ages) > 1:
-                oldest = self.ages.popleft()
+                oldest = heapq.heappop(self.ages)[2]
                 if oldest[2] is None:
                     continue  # sent already
                 self.queued -= len(oldest[2])
@@ -271,13 +273,13 @@ class Delivery:
                 if self.closed:
                     return
                 entry = heapq.heappop(self.queue)
-                _, _, data, attempts = entry
+                _, order, data, attempts = entry
                 if data is None:
                     continue  # dropped for newer ones
                 entry[2] = None
                 self.queued -= len(data)
-                while self.ages and self.ages[0][2] is None:
-                    self.ages.popleft()
+                while self.ages and self.ages[0][2][2] is None:
+                    heapq.heappop(self.ages)
             error = self.send(data)
             events = data.count(b"\n")
             if error is None:
@@ -294,7 +296,7 @@ class Delivery:
                                       self.where, error, attempts + 1,
                                       self.retries, self.interval))
                 self.push(time.monotonic() + self.interval, data,
-                          attempts + 1)
+                          attempts + 1, order)
             else:
                 self.failures.say("gave up", "gave up delivering %s to %s: "
                                   "%s" % (lec.plural(events, "event"),
