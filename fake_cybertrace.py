@@ -217,6 +217,12 @@ class Delivery:
         self.status = status
         self.failures = lec.Throttle(status, FAILURE_LINES, FAILURE_WINDOW,
                                      say_failures)
+        # Drops too: a flood to a down output dropped a line's worth a
+        # batch, hundreds of lines a second.  Pushed from every connection's
+        # thread, hence the lock.
+        self.drops = lec.Throttle(status, FAILURE_LINES, FAILURE_WINDOW,
+                                  self.say_drops)
+        self.drops_lock = threading.Lock()
         self.sock = None
         # Heap of [when due, order first queued, data, attempts so far].
         self.queue = []
@@ -258,9 +264,20 @@ class Delivery:
             self.dropped += dropped
             self.cond.notify()
         if dropped:
-            self.status("dropped %s for %s: %s wait already" % (
-                lec.plural(dropped, "event"), self.where,
-                lec.format_bytes(MAX_QUEUED_BYTES)))
+            with self.drops_lock:
+                self.drops.say("dropped", "dropped %s for %s: %s wait "
+                               "already" % (lec.plural(dropped, "event"),
+                                            self.where,
+                                            lec.format_bytes(
+                                                MAX_QUEUED_BYTES)),
+                               dropped)
+
+    def say_drops(self, counts: dict, seconds: float) -> str:
+        return "%s dropped for %s (%s wait already) in the last %s (not " \
+            "shown one by one)" % (
+                lec.plural(counts["dropped"], "more event"), self.where,
+                lec.format_bytes(MAX_QUEUED_BYTES),
+                lec.format_duration(seconds))
 
     def run(self) -> None:
         while True:
@@ -328,6 +345,8 @@ class Delivery:
         self.thread.join(15)
         self.drop()
         self.failures.flush()
+        with self.drops_lock:
+            self.drops.flush()
 
 
 def say_failures(counts: dict, seconds: float) -> str:
@@ -811,12 +830,16 @@ def main(argv: Optional[list] = None) -> int:
         while not stop:
             time.sleep(0.1)
     dropped = stand_in.capacity.dropped if stand_in.capacity else 0
-    CONSOLE.status("Stopped: %s, %s delivered%s" % (
+    lost = stand_in.delivery.dropped + (
+        stand_in.alerts.dropped if args.alert_output else 0)
+    CONSOLE.status("Stopped: %s, %s delivered%s%s" % (
         lec.plural(stand_in.accepted, "connection"),
         lec.plural(stand_in.delivery.delivered + (
             stand_in.alerts.delivered if args.alert_output else 0),
             "event"), ", %s dropped (over --eps or its queue)"
-        % lec.format_count(dropped) if dropped else ""))
+        % lec.format_count(dropped) if dropped else "",
+        ", %s dropped for an output that was down" % lec.format_count(lost)
+        if lost else ""))
     return 0
 
 

@@ -2520,7 +2520,8 @@ class Throttle:
         self.shown = 0
         self.hidden = collections.Counter()
 
-    def say(self, kind: str, line: str) -> None:
+    def say(self, kind: str, line: str, count: int = 1) -> None:
+        """Print line, or count it as count of kind."""
         now = time.monotonic()
         if now >= self.ends:
             self.flush(now)
@@ -2530,7 +2531,7 @@ class Throttle:
             self.shown += 1
             self.show(line)
         else:
-            self.hidden[kind] += 1
+            self.hidden[kind] += count
 
     def due(self) -> Optional[float]:
         """Return when fire() has a line to print, or None."""

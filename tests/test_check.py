@@ -784,10 +784,11 @@ class BacklogTest(unittest.TestCase):
         self.addCleanup(setattr, fake_cybertrace, "MAX_QUEUED_BYTES",
                         fake_cybertrace.MAX_QUEUED_BYTES)
         fake_cybertrace.MAX_QUEUED_BYTES = 10000 * 100
+        lines = []
         with socket.socket() as output:
             output.bind(("127.0.0.1", 0))
             delivery = fake_cybertrace.Delivery(output.getsockname(), 100,
-                                                60.0, lambda line: None)
+                                                60.0, lines.append)
             try:
                 later = time.monotonic() + 3600  # none is due meanwhile
                 started = time.monotonic()
@@ -798,6 +799,12 @@ class BacklogTest(unittest.TestCase):
                 delivery.close()
         self.assertEqual(delivery.dropped, 10000)
         self.assertLess(took, 2.0)
+        # A line a drop was 10,000 lines: a few, then one that counts.
+        self.assertEqual(len(lines), fake_cybertrace.FAILURE_LINES + 1,
+                         lines[:8])
+        self.assertRegex(lines[-1], r"^9,995 more events dropped for "
+                         r"127\.0\.0\.1:\d+ \(976\.6 KiB wait already\) "
+                         r"in the last [\d.]+ s \(not shown one by one\)$")
 
 if __name__ == "__main__":
     unittest.main()
