@@ -2557,10 +2557,15 @@ def say_rejected(counts: dict, seconds: float) -> str:
 
 
 def say_splits(counts: dict, seconds: float) -> str:
-    return "%s longer than --max-event-bytes split in the last %s (not " \
-        "shown one by one)" % (plural(counts["split"], "more event",
-                                      "more events"),
-                               format_duration(seconds))
+    why = []
+    if counts.get("split"):
+        why.append("%s longer than --max-event-bytes" % plural(
+            counts["split"], "more event"))
+    if counts.get("budget"):
+        why.append("%s past --max-buffer-bytes" % plural(
+            counts["budget"], "more event"))
+    return "%s split in the last %s (not shown one by one)" % (
+        " and ".join(why), format_duration(seconds))
 
 
 def say_connections(counts: dict, seconds: float) -> str:
@@ -3068,9 +3073,11 @@ class Reader:
         for conn, piece, first in self.budget.pieces(
                 self.connections.values(), self.sink.full):
             if first:
-                self.console.warn(
-                    "event from %s split into pieces: unfinished events "
-                    "held reached --max-buffer-bytes (%s)"
+                # Throttled as the other splits: peers holding events
+                # past the budget, one after another, flood the log too.
+                self.splits.say(
+                    "budget", "event from %s split into pieces: unfinished "
+                    "events held reached --max-buffer-bytes (%s)"
                     % (conn.where, format_bytes(self.budget.limit)))
             self.emit(piece, conn)
 
