@@ -230,6 +230,7 @@ class Delivery:
         # attempts, entry): a dropped entry's data becomes None and the run
         # loop skips it (no search, no heapify of the queue).
         self.ages = []
+        self.live = 0  # entries neither sent nor dropped
         self.queued = 0  # bytes in the queue
         self.order = itertools.count()
         self.delivered = self.dropped = 0
@@ -252,6 +253,7 @@ class Delivery:
             # A retry is as old as its first try: a batch that just failed
             # must not be the first to go (it kept the oldest 16 MiB).
             heapq.heappush(self.ages, (order, attempts, entry))
+            self.live += 1
             self.queued += len(data)
             dropped = 0
             while self.queued > MAX_QUEUED_BYTES and len(self.ages) > 1:
@@ -261,7 +263,9 @@ class Delivery:
                 self.queued -= len(oldest[2])
                 dropped += oldest[2].count(b"\n")
                 oldest[2] = None
+                self.live -= 1
             self.dropped += dropped
+            self.compact()
             self.cond.notify()
         if dropped:
             with self.drops_lock:
@@ -271,6 +275,20 @@ class Delivery:
                                             lec.format_bytes(
                                                 MAX_QUEUED_BYTES)),
                                dropped)
+
+    def compact(self) -> None:
+        """Rebuild both heaps without what was sent or dropped, once that
+        is most of them (under the lock)."""
+        # Each stays until it comes up: a dropped retry until due (an hour
+        # with --retry-interval 3600), a sent batch while an older retry
+        # waits, hundreds a second in a flood.  Rebuilt only past 4 times
+        # the live entries: O(1) amortised.
+        if len(self.queue) + len(self.ages) <= 4 * self.live + 1024:
+            return
+        self.queue = [entry for entry in self.queue if entry[2] is not None]
+        heapq.heapify(self.queue)
+        self.ages = [age for age in self.ages if age[2][2] is not None]
+        heapq.heapify(self.ages)
 
     def say_drops(self, counts: dict, seconds: float) -> str:
         return "%s dropped for %s (%s wait already) in the last %s (not " \
@@ -294,6 +312,7 @@ class Delivery:
                 if data is None:
                     continue  # dropped for newer ones
                 entry[2] = None
+                self.live -= 1
                 self.queued -= len(data)
                 while self.ages and self.ages[0][2][2] is None:
                     heapq.heappop(self.ages)

@@ -806,5 +806,27 @@ class BacklogTest(unittest.TestCase):
                          r"127\.0\.0\.1:\d+ \(976\.6 KiB wait already\) "
                          r"in the last [\d.]+ s \(not shown one by one\)$")
 
+    def test_what_was_dropped_or_sent_leaves_the_queue(self):
+        # A dropped retry stayed in the heap until due (an hour, with
+        # --retry-interval 3600), a sent batch as long as an older retry
+        # waited: hundreds a second in a flood to a down output.
+        self.addCleanup(setattr, fake_cybertrace, "MAX_QUEUED_BYTES",
+                        fake_cybertrace.MAX_QUEUED_BYTES)
+        fake_cybertrace.MAX_QUEUED_BYTES = 100 * 100
+        with socket.socket() as output:
+            output.bind(("127.0.0.1", 0))
+            delivery = fake_cybertrace.Delivery(output.getsockname(), 100,
+                                                3600.0, lambda line: None)
+            try:
+                later = time.monotonic() + 3600
+                for order in range(20000):
+                    delivery.push(later, b"x" * 99 + b"\n", 1, order)
+                with delivery.cond:
+                    held = len(delivery.queue) + len(delivery.ages)
+            finally:
+                delivery.close()
+        self.assertEqual(delivery.dropped, 19900)
+        self.assertLess(held, 3000)
+
 if __name__ == "__main__":
     unittest.main()
