@@ -219,50 +219,87 @@ class Delivery:
         self.status = status
         self.failures = lec.Throttle(status, FAILURE_LINES, FAILURE_WINDOW,
                                      say_failures)
+        # Drops too: a flood to a down output dropped a line's worth a
+        # batch, hundreds of lines a second.  Pushed from every connection's
+        # thread, hence the lock.
+        self.drops = lec.Throttle(status, FAILURE_LINES, FAILURE_WINDOW,
+                                  self.say_drops)
+        self.drops_lock = threading.Lock()
         self.sock = None
-        self.queue = []  # heap of [when due, order, data, attempts so far]
-        # The same entries oldest first, for drops; a dropped entry's data
-        # becomes None and the run loop skips it (no search, no heapify).
-        self.ages = collections.deque()
+        # Heap of [when due, order first queued, data, attempts so far].
+        self.queue = []
+        # The same entries by when first queued, for drops, as (order,
+        # attempts, entry): a dropped entry's data becomes None and the run
+        # loop skips it (no search, no heapify of the queue).
+        self.ages = []
+        self.live = 0  # entries neither sent nor dropped
         self.queued = 0  # bytes in the queue
         self.order = itertools.count()
         self.delivered = self.dropped = self.given_up = 0
+        self.sending = False  # a batch is out of the queue, being sent
         self.cond = threading.Condition()
         self.closed = False
-        self.sending = False  # a batch is out of the queue, being sent
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def put(self, lines: list) -> None:
         data = "".join(line + "\n" for line in lines).encode()
-        self.push(time.monotonic(), data, 0)
+        self.push(time.monotonic(), data, 0, next(self.order))
 
-    def push(self, due: float, data: bytes, attempts: int) -> None:
-        """Queue data; past MAX_QUEUED_BYTES, drop the oldest first."""
+    def push(self, due: float, data: bytes, attempts: int,
+             order: int) -> None:
+        """Queue data, first queued as number order; past
+        MAX_QUEUED_BYTES, drop the oldest first."""
         with self.cond:
-            entry = [due, next(self.order), data, attempts]
+            entry = [due, order, data, attempts]
             heapq.heappush(self.queue, entry)
-            # A retry is as old as its first try: it goes by its order.
-            if attempts:
-                self.ages.appendleft(entry)
-            else:
-                self.ages.append(entry)
+            # A retry is as old as its first try: a batch that just failed
+            # must not be the first to go (it kept the oldest 16 MiB).
+            heapq.heappush(self.ages, (order, attempts, entry))
+            self.live += 1
             self.queued += len(data)
             dropped = 0
             while self.queued > MAX_QUEUED_BYTES and len(self.ages) > 1:
-                oldest = self.ages.popleft()
+                oldest = heapq.heappop(self.ages)[2]
                 if oldest[2] is None:
                     continue  # sent already
                 self.queued -= len(oldest[2])
                 dropped += oldest[2].count(b"\n")
                 oldest[2] = None
+                self.live -= 1
             self.dropped += dropped
+            self.compact()
             # The sending thread, and any wait_sent(), wait on it.
             self.cond.notify_all()
         if dropped:
-            self.status("dropped %s for %s: %s wait already" % (
-                lec.plural(dropped, "event"), self.where,
-                lec.format_bytes(MAX_QUEUED_BYTES)))
+            with self.drops_lock:
+                self.drops.say("dropped", "dropped %s for %s: %s wait "
+                               "already" % (lec.plural(dropped, "event"),
+                                            self.where,
+                                            lec.format_bytes(
+                                                MAX_QUEUED_BYTES)),
+                               dropped)
+
+    def compact(self) -> None:
+        """Rebuild both heaps without what was sent or dropped, once that
+        is most of them (under the lock)."""
+        # Each stays until it comes up: a dropped retry until due (an hour
+        # with --retry-interval 3600), a sent batch while an older retry
+        # waits, hundreds a second in a flood.  Rebuilt only past 4 times
+        # the live entries: O(1) amortised.
+        if len(self.queue) + len(self.ages) <= 4 * self.live + 1024:
+            return
+        self.queue = [entry for entry in self.queue if entry[2] is not None]
+        heapq.heapify(self.queue)
+        self.ages = [age for age in self.ages if age[2][2] is not None]
+        heapq.heapify(self.ages)
+
+    def say_drops(self, counts: dict, seconds: float) -> str:
+        return "%s dropped for %s (%s wait already) in the last %s (not " \
+            "shown one by one)" % (
+                lec.plural(counts["dropped"], "more event"), self.where,
+                lec.format_bytes(MAX_QUEUED_BYTES),
+                lec.format_duration(seconds))
 
     def run(self) -> None:
         while True:
@@ -275,22 +312,23 @@ class Delivery:
                 if self.closed:
                     return
                 entry = heapq.heappop(self.queue)
-                _, _, data, attempts = entry
+                _, order, data, attempts = entry
                 if data is None:
                     continue  # dropped for newer ones
                 entry[2] = None
+                self.live -= 1
                 self.queued -= len(data)
-                while self.ages and self.ages[0][2] is None:
-                    self.ages.popleft()
+                while self.ages and self.ages[0][2][2] is None:
+                    heapq.heappop(self.ages)
                 self.sending = True
             try:
-                self.settle(data, attempts)
+                self.settle(data, attempts, order)
             finally:
                 with self.cond:
                     self.sending = False
                     self.cond.notify_all()
 
-    def settle(self, data: bytes, attempts: int) -> None:
+    def settle(self, data: bytes, attempts: int, order: int) -> None:
         """Send a batch; count it, or queue its retry, or give it up."""
         error = self.send(data)
         events = data.count(b"\n")
@@ -308,7 +346,7 @@ class Delivery:
                                   self.where, error, attempts + 1,
                                   self.retries, self.interval))
             self.push(time.monotonic() + self.interval, data,
-                      attempts + 1)
+                      attempts + 1, order)
         else:
             self.given_up += events
             self.failures.say("gave up", "gave up delivering %s to %s: "
@@ -328,12 +366,13 @@ class Delivery:
                 self.cond.wait(left)
 
     def undelivered(self) -> int:
-        """Return how many events were not delivered: dropped, given up,
-        or still waiting to be tried (again)."""
+        """Return how many events were given up or still wait to be tried
+        (again): not delivered, not dropped."""
         with self.cond:
             waiting = sum(entry[2].count(b"\n") for entry in self.queue
                           if entry[2] is not None)
-        return waiting + self.dropped + self.given_up
+        return waiting + self.given_up
+
 
     def send(self, data: bytes) -> Optional[str]:
         """Send data on the kept connection or a new one; return an error."""
@@ -361,6 +400,8 @@ class Delivery:
         self.thread.join(15)
         self.drop()
         self.failures.flush()
+        with self.drops_lock:
+            self.drops.flush()
 
 
 def say_failures(counts: dict, seconds: float) -> str:
@@ -862,13 +903,16 @@ def main(argv: Optional[list] = None) -> int:
                                      stand_in.alerts: 1} if output]
     # A stop drops what waits for a retry: said, as a CyberTrace's loss.
     undelivered = sum(output.undelivered() for output in outputs)
-    CONSOLE.status("Stopped: %s, %s delivered%s%s" % (
+    lost = sum(output.dropped for output in outputs)
+    CONSOLE.status("Stopped: %s, %s delivered%s%s%s" % (
         lec.plural(stand_in.accepted, "connection"),
         lec.plural(sum(output.delivered for output in outputs), "event"),
         ", %s not delivered (its output unreachable)"
         % lec.format_count(undelivered) if undelivered else "",
         ", %s dropped (over --eps or its queue)"
-        % lec.format_count(dropped) if dropped else ""))
+        % lec.format_count(dropped) if dropped else "",
+        ", %s dropped for an output that was down" % lec.format_count(lost)
+        if lost else ""))
     return 0
 
 

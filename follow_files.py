@@ -148,7 +148,8 @@ class Follower:
 
     warn and status print a line for the user; make_framer returns a fresh
     framer (the sender's, so that lines are cut as for any file);
-    frame(block) returns (block, events) as the sender counts them.
+    frame(block) returns (block, events) as the sender counts them;
+    split(shown) is told of a file whose framer cut a long line.
     """
 
     def __init__(self, paths: List[str], shown: Callable[[str], str],
@@ -157,8 +158,10 @@ class Follower:
                  status: Callable[[str], None],
                  state_path: Optional[str] = None,
                  from_start: bool = False,
-                 poll: float = POLL_SECONDS) -> None:
+                 poll: float = POLL_SECONDS,
+                 split: Callable[[str], None] = lambda shown: None) -> None:
         self.make_framer = make_framer
+        self.split = split
         self.frame = frame
         self.warn = warn
         self.status = status
@@ -462,6 +465,8 @@ class Follower:
             opening.offset += len(data)
             opening.identity.grow(opening.fd)
             block, count = self.frame(opening.framer.feed(data))
+            if opening.framer.split_events:
+                self.split(followed.shown)
             yield self.hand_out(followed, opening, block, count)
             return
         if len(followed.openings) > 1:

@@ -2561,7 +2561,8 @@ class Throttle:
         self.shown = 0
         self.hidden = collections.Counter()
 
-    def say(self, kind: str, line: str) -> None:
+    def say(self, kind: str, line: str, count: int = 1) -> None:
+        """Print line, or count it as count of kind."""
         now = time.monotonic()
         if now >= self.ends:
             self.flush(now)
@@ -2571,7 +2572,7 @@ class Throttle:
             self.shown += 1
             self.show(line)
         else:
-            self.hidden[kind] += 1
+            self.hidden[kind] += count
 
     def due(self) -> Optional[float]:
         """Return when fire() has a line to print, or None."""
@@ -2597,10 +2598,15 @@ def say_rejected(counts: dict, seconds: float) -> str:
 
 
 def say_splits(counts: dict, seconds: float) -> str:
-    return "%s longer than --max-event-bytes split in the last %s (not " \
-        "shown one by one)" % (plural(counts["split"], "more event",
-                                      "more events"),
-                               format_duration(seconds))
+    why = []
+    if counts.get("split"):
+        why.append("%s longer than --max-event-bytes" % plural(
+            counts["split"], "more event"))
+    if counts.get("budget"):
+        why.append("%s past --max-buffer-bytes" % plural(
+            counts["budget"], "more event"))
+    return "%s split in the last %s (not shown one by one)" % (
+        " and ".join(why), format_duration(seconds))
 
 
 def say_connections(counts: dict, seconds: float) -> str:
@@ -3108,9 +3114,11 @@ class Reader:
         for conn, piece, first in self.budget.pieces(
                 self.connections.values(), self.sink.full):
             if first:
-                self.console.warn(
-                    "event from %s split into pieces: unfinished events "
-                    "held reached --max-buffer-bytes (%s)"
+                # Throttled as the other splits: peers holding events
+                # past the budget, one after another, flood the log too.
+                self.splits.say(
+                    "budget", "event from %s split into pieces: unfinished "
+                    "events held reached --max-buffer-bytes (%s)"
                     % (conn.where, format_bytes(self.budget.limit)))
             self.emit(piece, conn)
 

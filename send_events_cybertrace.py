@@ -343,6 +343,8 @@ def frame_file(name: str, source: BinaryIO, sniff: bool = True,
                 console.warn("%s looks binary (NUL bytes in its first %d "
                              "KiB); sending it as it is"
                              % (name, RECV_SIZE // 1024))
+        if framer.split_events:
+            warn_split(escape_line(name))
         block, count = drop_blank_lines(block)
         dropped = framer.received - before - len(block)
         if count:
@@ -354,14 +356,24 @@ def frame_file(name: str, source: BinaryIO, sniff: bool = True,
         yield block, count
     tally[0] -= len(block)  # the newline added to the last line
     if framer.split_events:
-        # One line per file, however many: a file of long lines must not
-        # become a flood of warnings.
-        console.warn("%s: %s longer than %d KiB sent in pieces of %d KiB, "
-                     "as CyberTrace splits them" % (
-                         escape_line(name),
-                         plural(framer.split_events, "event"),
-                         CYBERTRACE_EVENT_BYTES // 1024,
-                         CYBERTRACE_EVENT_BYTES // 1024))
+        warn_split(escape_line(name))
+
+
+# The files whose long lines were cut, each said once: a file of long lines,
+# or one sent again by --repeat, must not become a flood of warnings.
+_SPLIT_SAID: set = set()
+
+
+def warn_split(name: str) -> None:
+    """Say at once, the first time only, that a line of name went out in
+    pieces: a pipe or a followed file may never reach its end."""
+    if name in _SPLIT_SAID:
+        return
+    _SPLIT_SAID.add(name)
+    console.warn("%s: a line longer than %d KiB sent in pieces of %d KiB, "
+                 "as CyberTrace splits them (said once per file)" % (
+                     name, CYBERTRACE_EVENT_BYTES // 1024,
+                     CYBERTRACE_EVENT_BYTES // 1024))
 
 
 class Spool:
@@ -2576,7 +2588,8 @@ def follow(args: argparse.Namespace, where: str) -> str:
         follower = follow_files.Follower(
             args.follow, escape_line,
             lambda: EventFramer(CYBERTRACE_EVENT_BYTES), drop_blank_lines,
-            console.warn, console.status, args.state, args.from_start)
+            console.warn, console.status, args.state, args.from_start,
+            split=warn_split)
     except follow_files.StateError as exc:
         raise UserError(str(exc)) from None
     try:

@@ -34,7 +34,9 @@ LEAKS = re.compile(r"ResourceWarning|Exception ignored")
 
 def find_classes(names: list[str]) -> list[str]:
     """Return MODULE.CLASS for every test class the names cover."""
-    sys.path.insert(0, str(HERE))
+    # The root too: a module that imports a script before support (as
+    # test_sender does) could not be loaded by name.
+    sys.path[:0] = [str(HERE), str(HERE.parent)]
     loader = unittest.TestLoader()
     if names:
         suite = loader.loadTestsFromNames(names)

@@ -174,6 +174,24 @@ class SplitWarningTest(unittest.TestCase):
         self.assertIn("7 more events longer than --max-event-bytes split",
                       listener.stderr_text)
 
+    def test_budget_split_warnings_are_few_and_counted_too(self):
+        # Past --max-buffer-bytes each event's first piece was a line of
+        # its own: 200 peers over the budget wrote 200 lines in 5 s.
+        with Listener("-f", "raw", "--max-buffer-bytes", "1000") as listener:
+            for n in range(1, 13):
+                with listener.connect() as peer:
+                    # A piece is written before its end comes.
+                    peer.sendall(b"x" * 2000)
+                    listener.wait_for(
+                        lambda: listener.out.count(b"x") > 2000 * n - 1000,
+                        what="a piece of event %d" % n)
+                    peer.sendall(b"\n")
+            self.assertEqual(listener.stop(), 0)
+        err = listener.stderr_text
+        self.assertEqual(err.count("reached --max-buffer-bytes"),
+                         lec.SPLIT_LINES, err)
+        self.assertIn("7 more events past --max-buffer-bytes split", err)
+
 
 class SlowPeerTest(unittest.TestCase):
     def test_an_event_trickled_byte_by_byte_has_a_deadline(self):

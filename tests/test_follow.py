@@ -373,6 +373,26 @@ class FollowCommandTest(unittest.TestCase):
         except (OSError, ValueError, KeyError):
             return None
 
+    def test_a_long_line_in_a_followed_file_is_warned_of_at_once(self):
+        # A followed file never ends: a warning kept for its end never
+        # came, and its long lines went out cut, unsaid.
+        append(self.log, b"")
+        with Listener("-f", "raw") as listener:
+            with start_sender(listener.address[1], "--follow",
+                              self.log) as sender:
+                sender.wait_stderr(r"Following .*app\.log from its end")
+                append(self.log, b"z" * 200000 + b"\n")
+                listener.wait_stdout(4)
+                sender.wait_stderr(r"warning: .*app\.log: a line longer "
+                                   r"than 64 KiB sent in pieces of 64 KiB")
+                append(self.log, b"y" * 200000 + b"\n")
+                listener.wait_stdout(8)
+                sender.signal(signal.SIGTERM)
+                self.assertEqual(sender.finish(), 143)
+            self.assertEqual(listener.stop(), 0)
+        self.assertEqual(sender.stderr_text.count("warning"), 1,
+                         sender.stderr_text)
+
     def test_a_damaged_state_is_a_warning_on_the_command_line(self):
         append(self.log, lines("a", 0, 5))
         with open(self.state, "w") as file:

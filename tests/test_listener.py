@@ -641,6 +641,21 @@ class HelperTest(unittest.TestCase):
         self.assertEqual(lec.format_peer(("::ffff:192.0.2.7", 5, 0, 0)),
                          "192.0.2.7:5")
 
+    def test_a_host_is_an_ipv4_address_or_an_ipv6_64(self):
+        # One IPv6 machine commonly holds a whole /64: counted by address,
+        # its peers could each stay under --max-per-host (issue 25).
+        key = lec.host_key
+        self.assertEqual(key("2001:db8:1::5"), key("2001:db8:1::6:7"))
+        self.assertEqual(key("2001:db8:1::5"), "2001:db8:1::/64")
+        self.assertNotEqual(key("2001:db8:1::5"), key("2001:db8:1:2::5"))
+        self.assertNotEqual(key("192.0.2.5"), key("192.0.2.6"))
+        # An IPv4 peer of a dual-stack socket is its IPv4 address, not
+        # one of a /64 that every IPv4 peer shares.
+        self.assertEqual(key("::ffff:192.0.2.5"), "192.0.2.5")
+        self.assertEqual(key("192.0.2.5", (24, 48)), "192.0.2.0/24")
+        self.assertEqual(key("2001:db8:1:2::5", (24, 48)),
+                         key("2001:db8:1::", (24, 48)))
+
 
 class FramerTest(unittest.TestCase):
     """The framing shared with the sender, fed byte by byte and at once."""

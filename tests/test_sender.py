@@ -143,7 +143,18 @@ class FramingTest(unittest.TestCase):
         self.assertEqual({len(p) for p in pieces[:-3]}, {64 * 1024})
         err = proc.stderr.decode()
         self.assertEqual(len(re.findall("warning", err)), 1, err)
-        self.assertIn("stdin: 1 event longer than 64 KiB sent in pieces", err)
+        self.assertIn("stdin: a line longer than 64 KiB sent in pieces", err)
+
+    def test_a_long_line_is_warned_of_once_however_often_repeated(self):
+        line = b"q" * 100000 + b"\n"
+        with Sink() as sink:
+            proc = run_sender("-c", address(sink), "--repeat", "20",
+                              stdin=line)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertTrue(sink.done.wait(TIMEOUT))
+        self.assertEqual(len(bytes(sink.data)), 20 * (len(line) + 1))
+        err = proc.stderr.decode()
+        self.assertEqual(len(re.findall("warning", err)), 1, err)
 
     def test_a_large_file_arrives_byte_exact(self):
         lines = [b"event=%d %s" % (i, b"x" * (i % 500)) for i in range(20000)]
