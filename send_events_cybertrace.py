@@ -2438,6 +2438,11 @@ def refuse_ignored(parser: argparse.ArgumentParser,
         absolute = [os.path.abspath(name) for name in args.follow]
         if len(set(absolute)) < len(absolute):
             parser.error("argument --follow: a file given twice")
+        if args.state is not None and any(
+                same_path(args.state, name) for name in args.follow):
+            # The state written over it would replace the log itself.
+            parser.error("argument --state: %s is a file --follow reads; "
+                         "give the state its own file" % args.state)
     else:
         for name, given in (("--state", args.state),
                             ("--from-start", args.from_start)):
@@ -2453,6 +2458,17 @@ def refuse_ignored(parser: argparse.ArgumentParser,
             if getattr(args, name, False):
                 parser.error("argument --reconnect: not allowed with --%s"
                              % name.replace("_", "-"))
+
+
+def same_path(one: str, other: str) -> bool:
+    """Tell whether two paths name the same file, by name or, when both
+    exist, by device and inode (a link)."""
+    if os.path.realpath(one) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
 
 
 def refuse_for_the_check(parser: argparse.ArgumentParser,

@@ -391,6 +391,9 @@ class FollowCommandTest(unittest.TestCase):
         self.assertNotIn("Traceback", sender.stderr_text)
 
     def test_what_it_refuses(self):
+        append(self.log, b"a line of the log\n")
+        link = os.path.join(self.dir, "link")
+        os.symlink(self.log, link)
         cases = [(("--state", self.state), r"--state: only with --follow"),
                  (("--from-start",), r"--from-start: only with --follow"),
                  (("--follow", self.log, "-e", "x"),
@@ -400,7 +403,11 @@ class FollowCommandTest(unittest.TestCase):
                  (("--follow", self.log, self.log),
                   r"--follow: a file given twice"),
                  (("--retry-max", "1"), r"--retry-max: only with "
-                  r"--reconnect")]
+                  r"--reconnect"),
+                 (("--follow", self.log, "--state", self.log),
+                  r"--state: .*app\.log is a file --follow reads"),
+                 (("--follow", self.log, "--state", link),
+                  r"--state: .*link is a file --follow reads")]
         for args, pattern in cases:
             with self.subTest(args=args):
                 proc = subprocess.run([sys.executable, str(SENDER), "-c",
@@ -408,6 +415,9 @@ class FollowCommandTest(unittest.TestCase):
                                       timeout=TIMEOUT)
                 self.assertEqual(proc.returncode, 2, proc.stderr)
                 self.assertRegex(proc.stderr.decode(), pattern)
+        # The state written over the log would have replaced it.
+        with open(self.log, "rb") as file:
+            self.assertEqual(file.read(), b"a line of the log\n")
 
     def test_a_state_folder_that_cannot_be_written_is_an_error(self):
         proc = subprocess.run([sys.executable, str(SENDER), "-c", "1", "-q",
