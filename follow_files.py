@@ -175,6 +175,10 @@ class Follower:
         self.done: Dict[str, Optional[tuple]] = {}
         self.carried = {}  # entries of the state for paths not followed
         self.acknowledged: Optional[Callable[[], int]] = None
+        # Called while no file has anything new: raises (or reconnects)
+        # once the peer is gone, which otherwise shows only at the next
+        # line, maybe hours away.
+        self.check: Optional[Callable[[], None]] = None
         self.acked = 0
         self.saved_at = 0.0
         self.changed = False
@@ -428,6 +432,8 @@ class Follower:
                 if count:
                     yield block, count
             if idle:
+                if self.check is not None:
+                    self.check()
                 time.sleep(self.poll)
 
     def round(self) -> Iterator[tuple]:
@@ -552,7 +558,7 @@ class Follower:
         try:
             if acked is not None:
                 self.acked = max(self.acked, acked)
-            self.acknowledged = None
+            self.acknowledged = self.check = None
             self.settle()
             self.save(force=True)
         finally:

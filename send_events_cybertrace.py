@@ -1079,6 +1079,18 @@ class Resender:
                 "sure: CyberTrace answers each event it processed" % (
                     self.where, self.drops, HELD_SECONDS))
 
+    def check_peer(self) -> None:
+        """While input waits: notice a lost connection now, and connect
+        again (resending what may not have arrived) before reading on."""
+        if self.connection is None:
+            return
+        why = self.connection_lost()
+        if why:
+            self.lose(why)
+            if not self.queue:
+                self.connect()
+            self.flush()
+
     def surely_acknowledged(self) -> int:
         """Return how many events, in input order, precede the first one
         the peer may not have: what a saved position may pass."""
@@ -1099,12 +1111,15 @@ class Resender:
             self.connection.sock.close()
 
     def summary(self, took: float) -> str:
-        line = sent_summary(self.taken, self.bytes, self.where, took)
-        if self.reconnects:
-            line += "; %s, %s resent" % (
-                plural(self.reconnects, "reconnect"),
-                plural(self.resent, "event"))
-        return line
+        return sent_summary(self.taken, self.bytes, self.where, took) + \
+            self.say_reconnects()
+
+    def say_reconnects(self) -> str:
+        """Say how many reconnects and resends it took, if any."""
+        if not self.reconnects:
+            return ""
+        return "; %s, %s resent" % (plural(self.reconnects, "reconnect"),
+                                    plural(self.resent, "event"))
 
 
 def touched(block: Block, sent: int) -> int:
@@ -1131,6 +1146,7 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     resender = Resender(args.connect, args.timeout, where, args.retry_max)
     if follower is not None:
         follower.acknowledged = resender.surely_acknowledged
+        follower.check = resender.check_peer
     if args.rate:
         blocks = paced(blocks, args.rate, resender.outage.clock)
     started = time.monotonic()
@@ -1143,7 +1159,9 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
         send_all(resender, blocks, args.verbose)
         resender.finish()
     except KeyboardInterrupt:
-        raise Interrupted(say_sent(*resender.counts())) from None
+        # --follow ends only so: its last line counts the outages too.
+        raise Interrupted(say_sent(*resender.counts()) +
+                          resender.say_reconnects()) from None
     finally:
         if progress is not None:
             progress.stop()
@@ -2608,6 +2626,7 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
                 if follower is not None:
                     follower.acknowledged = acknowledged_by(connection,
                                                             replies)
+                    follower.check = watch_peer(connection, replies)
                 if watch is not None:
                     progress = Progress(connection, *watch)
                 send_all(connection, blocks, args.verbose)
@@ -2660,6 +2679,22 @@ def acknowledged_by(connection: Connection,
         connection.update_acked()
         return connection.ledger.surely_delivered()
     return acknowledged
+
+
+def watch_peer(connection: Connection,
+               replies: Optional[Replies]) -> Callable[[], None]:
+    """Return a check for --follow's quiet spells: SendError once the peer
+    closed or reset the connection."""
+    def check() -> None:
+        if replies is not None:
+            # Its thread reads the socket: it knows.
+            why = replies.closed and (replies.error or
+                                      "closed by CyberTrace")
+        else:
+            why = peer_gone(connection.sock)
+        if why:
+            raise connection.lost(why)
+    return check
 
 
 def run_load(args: argparse.Namespace) -> int:

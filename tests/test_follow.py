@@ -16,7 +16,8 @@ import threading
 import time
 import unittest
 
-from support import SENDER, TIMEOUT, Listener, Process, wait_until
+from support import (SENDER, TIMEOUT, Listener, Process, RecordingStandIn,
+                     address, wait_until)
 
 import follow_files
 import send_events_cybertrace as sender_module
@@ -428,6 +429,126 @@ class FollowCommandTest(unittest.TestCase):
         self.assertRegex(proc.stderr.decode(), r"^send_events_cybertrace\.py"
                          r": error: cannot write .*s\.json: No such file or "
                          r"directory\n$")
+
+
+class ReplyBackStateTest(unittest.TestCase):
+    """With --reply-back, a position passes an event only once CyberTrace
+    answered it (LookupFinished), however much its TCP acknowledged."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.log = os.path.join(self.dir, "app.log")
+        self.state = os.path.join(self.dir, "state.json")
+        append(self.log, b"")
+
+    def follow(self, stand_in, answered: bool, start: int) -> Process:
+        """Append 3 lines, following with --reply-back; stop once all the
+        lines not passed yet are in."""
+        with Process([sys.executable, str(SENDER), "-c", address(stand_in),
+                      "--follow", self.log, "--state", self.state,
+                      "--reply-back"]) as sender:
+            sender.wait_stderr(r"Following .*app\.log from")
+            append(self.log, lines("a", start, start + 3))
+            wait_until(lambda: stand_in.received().count(b"\n") >=
+                       start + 3, what="the lines at the stand-in")
+            if answered:
+                sender.wait_stdout(start + 3)
+            sender.signal(signal.SIGTERM)
+            self.assertEqual(sender.finish(), 143)
+        return sender
+
+    def offset(self) -> int:
+        with open(self.state) as file:
+            return json.load(file)["files"][self.log]["offset"]
+
+    def test_unanswered_events_are_not_passed_then_answered_ones_are(self):
+        with RecordingStandIn(answer=False) as stand_in:
+            sender = self.follow(stand_in, False, 0)
+        self.assertRegex(sender.stderr_text, r"terminated: 3 events sent, 3 "
+                         r"acknowledged; 0 events answered")
+        self.assertEqual(self.offset(), 0)
+        # The next run sends them again, to a CyberTrace that answers.
+        with RecordingStandIn() as stand_in:
+            sender = self.follow(stand_in, True, 3)
+            self.assertEqual(numbers(stand_in.received(), "a"),
+                             list(range(6)))
+        self.assertRegex(sender.stderr_text, r"from byte 0 \(saved in")
+        self.assertEqual(sender.out.count(b"LookupFinished"), 6)
+        self.assertEqual(self.offset(), 6 * 64)
+
+    def test_cybertrace_closing_the_connection_ends_it(self):
+        with RecordingStandIn() as stand_in:
+            with Process([sys.executable, str(SENDER), "-c",
+                          address(stand_in), "--follow", self.log, "--state",
+                          self.state, "--reply-back"]) as sender:
+                sender.wait_stderr(r"Following .*app\.log from")
+                append(self.log, lines("a", 0, 2))
+                sender.wait_stdout(2)
+                stand_in.close()
+                self.assertEqual(sender.finish(), 1, sender.stderr_text)
+        self.assertRegex(sender.stderr_text, r"error: connection to .* lost"
+                         r": closed by CyberTrace \(2 events sent, 2 "
+                         r"acknowledged by the peer\)\n$")
+        self.assertEqual(self.offset(), 2 * 64)
+
+
+class LostPeerTest(unittest.TestCase):
+    """A peer that goes while the followed file is quiet is noticed then,
+    not at the next line, which might be hours away."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.log = os.path.join(self.dir, "app.log")
+        self.state = os.path.join(self.dir, "state.json")
+        append(self.log, b"")
+
+    def test_without_reconnect_it_exits_1_with_the_state_saved(self):
+        with Listener("-f", "raw") as listener:
+            with start_sender(listener.address[1], "--follow", self.log,
+                              "--state", self.state) as sender:
+                sender.wait_stderr(r"Following .*app\.log from its end")
+                append(self.log, lines("a", 0, 2))
+                listener.wait_stdout(2)
+                self.assertEqual(listener.stop(), 0)
+                # No line comes after: systemd's Restart=on-failure must
+                # still see the failure.
+                self.assertEqual(sender.finish(), 1, sender.stderr_text)
+        self.assertRegex(sender.stderr_text, r"error: connection to "
+                         r"127\.0\.0\.1:\d+ lost: closed by the peer \(2 "
+                         r"events sent, 2 acknowledged by the peer\)\n$")
+        with open(self.state) as file:
+            self.assertEqual(json.load(file)["files"][self.log]["offset"],
+                             2 * 64)
+
+    def test_with_reconnect_it_reconnects_and_its_last_line_counts_it(self):
+        listener = Listener("-f", "raw")
+        port = listener.address[1]
+        try:
+            with start_sender(port, "--follow", self.log, "--state",
+                              self.state, "--reconnect", "--retry-max",
+                              "0.5") as sender:
+                sender.wait_stderr(r"Following .*app\.log from its end")
+                append(self.log, lines("a", 0, 2))
+                listener.wait_stdout(2)
+                self.assertEqual(listener.stop(), 0)
+                sender.wait_stderr(r"lost \(closed by the peer\) after 2 "
+                                   r"events; retrying")
+                listener.close()
+                listener = Listener("-f", "raw", listen="127.0.0.1:%d"
+                                    % port)
+                sender.wait_stderr(r"reconnected after")
+                append(self.log, lines("a", 2, 3))
+                listener.wait_stdout(1)
+                sender.signal(signal.SIGTERM)
+                self.assertEqual(sender.finish(), 143)
+            self.assertEqual(listener.stop(), 0)
+        finally:
+            listener.close()
+        self.assertEqual(numbers(bytes(listener.out), "a"), [2])
+        self.assertRegex(sender.stderr_text, r"terminated: 3 events sent, 3 "
+                         r"acknowledged; 1 reconnect, 0 events resent\n$")
 
 
 class RejectingPeerTest(unittest.TestCase):
