@@ -2,7 +2,8 @@
 --state of send_events_cybertrace.py).
 
 Each followed path is read as it grows, across rotation by rename (the old
-file is read to its end, then the new one from its start), copytruncate
+file is read until its writer has moved on, then the new one from its
+start), copytruncate
 (the file shrinks below the position read: read again from 0), files that
 appear later and files removed.  Only whole lines go out; a last line
 waits for its newline.
@@ -39,6 +40,12 @@ MATCH_HEAD_BYTES = 256
 READ_SIZE = 256 * 1024
 POLL_SECONDS = 0.2
 SAVE_SECONDS = 1.0
+# A file renamed away is read on until its writer has moved on: until the
+# new file gets a line, or the old one is removed, or it has had nothing
+# new for this long.  logrotate's `create` makes the new file before the
+# writer reopens (postrotate), and what it writes meanwhile goes to the
+# old one; Filebeat keeps reading a renamed file for 5 minutes idle.
+ROTATED_QUIET_SECONDS = 60.0
 STATE_VERSION = 1
 
 
@@ -115,6 +122,7 @@ class Opening:
         self.start = offset  # where the framer's count starts
         self.handed = offset  # where the next block handed out starts
         self.closed = False
+        self.active = time.monotonic()  # when it last had something new
 
     @property
     def framed(self) -> int:
@@ -157,7 +165,8 @@ class Follower:
                  status: Callable[[str], None],
                  state_path: Optional[str] = None,
                  from_start: bool = False,
-                 poll: float = POLL_SECONDS) -> None:
+                 poll: float = POLL_SECONDS,
+                 rotated_quiet: float = ROTATED_QUIET_SECONDS) -> None:
         self.make_framer = make_framer
         self.frame = frame
         self.warn = warn
@@ -165,6 +174,7 @@ class Follower:
         self.state_path = state_path
         self.from_start = from_start
         self.poll = poll
+        self.rotated_quiet = rotated_quiet
         self.paths = [FollowedPath(os.path.abspath(path), shown(path))
                       for path in paths]
         # Events handed out, numbered from 0 as the sender counts them.
@@ -459,6 +469,10 @@ class Follower:
             self.mark(followed, identity, 0)
             self.add(followed, fd, identity, 0)
             return
+        # Asked before the read: all that the writer put in the old file
+        # before it wrote to the new one is read by then.
+        moved_on = len(followed.openings) > 1 and \
+            self.moved_on(opening, followed.openings[1])
         try:
             data = os.read(opening.fd, READ_SIZE)
         except OSError as exc:
@@ -466,19 +480,34 @@ class Follower:
             data = b""
         if data:
             opening.offset += len(data)
+            opening.active = time.monotonic()
             opening.identity.grow(opening.fd)
             block, count = self.frame(opening.framer.feed(data))
             yield self.hand_out(followed, opening, block, count)
             return
-        if len(followed.openings) > 1:
-            # Read to its end, and a newer file is there: this one is done.
+        if moved_on:
+            # Read to its end, and its writer writes the newer file: this
+            # one is done.
             yield from self.finish(followed, opening)
             followed.openings.pop(0)
             opening.close()
             self.mark(followed, followed.openings[0].identity,
                       followed.openings[0].offset)
             return
-        yield from self.look(followed, opening)
+        if len(followed.openings) == 1:
+            yield from self.look(followed, opening)
+
+    def moved_on(self, old: Opening, new: Opening) -> bool:
+        """Tell whether a file rotated away will get nothing more: the
+        file after it has something, or it was removed, or it has been
+        quiet for rotated_quiet seconds."""
+        try:
+            if os.fstat(new.fd).st_size > new.offset or \
+                    os.fstat(old.fd).st_nlink == 0:
+                return True
+        except OSError:
+            return True
+        return time.monotonic() - old.active >= self.rotated_quiet
 
     def look(self, followed: FollowedPath, opening: Opening) -> Iterator:
         """At the end of the current file: notice truncation, rotation

@@ -2456,6 +2456,14 @@ def refuse_ignored(parser: argparse.ArgumentParser,
         absolute = [os.path.abspath(name) for name in args.follow]
         if len(set(absolute)) < len(absolute):
             parser.error("argument --follow: a file given twice")
+        for name in args.follow:
+            kind = not_a_file(name)
+            if kind:
+                parser.error("argument --follow: %s is %s; it follows "
+                             "regular files%s" % (name, kind, (
+                                 ": name the logs in it" if kind ==
+                                 "a directory" else " (a pipe's events: "
+                                 "give it as FILE, or on stdin)")))
         if args.state is not None and any(
                 same_path(args.state, name) for name in args.follow):
             # The state written over it would replace the log itself.
@@ -2476,6 +2484,17 @@ def refuse_ignored(parser: argparse.ArgumentParser,
             if getattr(args, name, False):
                 parser.error("argument --reconnect: not allowed with --%s"
                              % name.replace("_", "-"))
+
+
+def not_a_file(path: str) -> str:
+    """Say what a path is when it exists and is not a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""  # not there yet, or not ours to see: followed, said then
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "" if stat.S_ISREG(mode) else "a pipe, socket or device"
 
 
 def same_path(one: str, other: str) -> bool:

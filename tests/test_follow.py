@@ -56,7 +56,9 @@ class Collector:
     """A Follower of real files, read round by round without a peer."""
 
     def __init__(self, paths: list, state: str | None = None,
-                 from_start: bool = False) -> None:
+                 from_start: bool = False,
+                 rotated_quiet: float = follow_files.ROTATED_QUIET_SECONDS
+                 ) -> None:
         self.warnings = []
         self.statuses = []
         self.follower = follow_files.Follower(
@@ -64,7 +66,8 @@ class Collector:
             lambda: sender_module.EventFramer(
                 sender_module.CYBERTRACE_EVENT_BYTES),
             sender_module.drop_blank_lines, self.warnings.append,
-            self.statuses.append, state, from_start, poll=0)
+            self.statuses.append, state, from_start, poll=0,
+            rotated_quiet=rotated_quiet)
 
     def take(self) -> bytes:
         """Return all the whole lines there are now, as the sender gets
@@ -136,6 +139,38 @@ class FollowFilesTest(unittest.TestCase):
                              lines("a", 10, 13))
             self.assertTrue(any("rotated" in each
                                 for each in follow.statuses))
+
+    def test_lines_written_before_the_writer_reopens_are_not_lost(self):
+        # logrotate's `create`: rename, a new empty file, and only then
+        # (postrotate) the writer reopens; meanwhile it writes the old one.
+        append(self.log, lines("a", 0, 5))
+        with Collector([self.log], from_start=True) as follow:
+            self.assertEqual(follow.take(), lines("a", 0, 5))
+            os.rename(self.log, self.log + ".1")
+            append(self.log, b"")
+            self.assertEqual(follow.take(), b"")
+            append(self.log + ".1", lines("a", 5, 8))
+            self.assertEqual(follow.take(), lines("a", 5, 8))
+            # Reopened: once the new file has a line, the old one is done.
+            append(self.log + ".1", lines("a", 8, 9))
+            append(self.log, lines("a", 9, 11))
+            self.assertEqual(follow.take(), lines("a", 8, 11))
+            append(self.log + ".1", b"too late\n")
+            append(self.log, lines("a", 11, 12))
+            self.assertEqual(follow.take(), lines("a", 11, 12))
+
+    def test_a_renamed_file_quiet_for_long_is_finished(self):
+        append(self.log, lines("a", 0, 2))
+        with Collector([self.log], from_start=True,
+                       rotated_quiet=0.2) as follow:
+            follow.take()
+            append(self.log, b"cut")
+            os.rename(self.log, self.log + ".1")
+            append(self.log, b"")
+            self.assertEqual(follow.take(), b"")
+            # Its last line, without a newline, goes once it is quiet.
+            wait_until(lambda: follow.take() == b"cut\n", what="the last "
+                       "line of the renamed file")
 
     def test_copytruncate_sends_the_rest_from_the_copy_then_from_0(self):
         append(self.log, lines("a", 0, 20))
@@ -408,7 +443,9 @@ class FollowCommandTest(unittest.TestCase):
                  (("--follow", self.log, "--state", self.log),
                   r"--state: .*app\.log is a file --follow reads"),
                  (("--follow", self.log, "--state", link),
-                  r"--state: .*link is a file --follow reads")]
+                  r"--state: .*link is a file --follow reads"),
+                 (("--follow", self.log, self.dir),
+                  r"--follow: .* is a directory; it follows regular files")]
         for args, pattern in cases:
             with self.subTest(args=args):
                 proc = subprocess.run([sys.executable, str(SENDER), "-c",
