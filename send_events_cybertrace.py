@@ -2265,7 +2265,9 @@ def build_parser() -> argparse.ArgumentParser:
         " it: across rotation by rename (the old file is finished first) or"
         " copytruncate, files that appear later or are removed; a last line"
         " waits for its newline. Starts at each file's end (as tail -n 0 -F)"
-        " unless --state has its position. Stop it with SIGTERM or Ctrl+C")
+        " unless --state has its position. It never ends by itself: stop it"
+        " with SIGTERM (exit 143) or Ctrl+C (130); a lost connection ends "
+        "it with exit 1 unless --reconnect")
     parser.add_argument(
         "--state", metavar="FILE",
         help="with --follow, keep in FILE how far into each followed file "
@@ -2273,7 +2275,10 @@ def build_parser() -> argparse.ArgumentParser:
         "LookupFinished), with the file's device, inode and first bytes; "
         "written atomically at most once a second and on exit. A restart "
         "resumes there: every line is sent at least once, across restarts, "
-        "crashes and reboots (docs/sender.md)")
+        "crashes and reboots; twice, only what was in flight (after a kill "
+        "or crash, up to a second more). A damaged state, or one of another "
+        "file, is a warning and the file starts at its end (--from-start: "
+        "its start). Its folder must be writable (docs/sender.md)")
     parser.add_argument(
         "--from-start", action="store_true",
         help="with --follow, start a file that has no usable saved position "
