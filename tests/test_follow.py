@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
 from support import (SENDER, TIMEOUT, Listener, Process, RecordingStandIn,
                      address, wait_until)
@@ -323,6 +324,38 @@ class FollowFilesTest(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(self.dir)),
                          ["app.log", "state.json"])
         self.assertEqual(self.saved()["offset"], 5 * 64)
+
+    def test_the_state_is_saved_at_most_once_a_second_synced_first(self):
+        calls = []
+        real = os.fsync, os.replace
+
+        def fsync(fd):
+            calls.append("fsync")
+            return real[0](fd)
+
+        def replace(source, target):
+            calls.append("rename")
+            return real[1](source, target)
+        append(self.log, b"")
+        with unittest.mock.patch.object(os, "fsync", fsync), \
+                unittest.mock.patch.object(os, "replace", replace):
+            with Collector([self.log], self.state) as follow:
+                started = time.monotonic()
+                number = 0
+                # Acknowledged at every round, for 2.5 s.
+                while time.monotonic() - started < 2.5:
+                    append(self.log, line("a", number))
+                    number += 1
+                    follow.take()
+                    follow.acknowledge()
+                    time.sleep(0.01)
+                saves = calls.count("rename")
+            # The first at the start, then one a second, and one on exit.
+        self.assertIn(saves, (3, 4), calls)
+        self.assertEqual(calls.count("rename"), saves + 1)
+        # Each written to disk (file, then folder) around its rename.
+        self.assertEqual(calls, ["fsync", "rename", "fsync"] * (saves + 1))
+        self.assertEqual(self.saved()["offset"], number * 64)
 
     def test_a_state_that_cannot_be_written_fails_at_once(self):
         missing = os.path.join(self.dir, "no", "state.json")
