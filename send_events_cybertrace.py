@@ -2622,8 +2622,10 @@ def follow(args: argparse.Namespace, where: str) -> str:
             watch = [0], None
         blocks = follower.blocks()
         if args.reconnect:
-            return send_reconnecting(args, blocks, where, watch,
-                                     follower=follower)
+            # Connected first, as without --reconnect: a CyberTrace that is
+            # not there shows when the service starts, not at its first line.
+            return send_reconnecting(args, blocks, where, watch, True,
+                                     follower)
         return send_once(args, blocks, where, watch, follower)
     except follow_files.StateError as exc:
         raise UserError(str(exc)) from None

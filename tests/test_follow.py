@@ -621,6 +621,25 @@ class LostPeerTest(unittest.TestCase):
                          r"acknowledged; 1 reconnect, 0 events resent\n$")
 
 
+    def test_with_reconnect_a_peer_not_there_is_said_at_the_start(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with start_sender(port, "--follow", self.log, "--reconnect",
+                          "--retry-max", "0.5") as sender:
+            # Before any line: a wrong -c shows when the service starts.
+            sender.wait_stderr(r"warning: cannot connect to 127\.0\.0\.1:%d "
+                               r"\(Connection refused\); retrying" % port)
+            with Listener("-f", "raw", listen="127.0.0.1:%d" % port) \
+                    as listener:
+                sender.wait_stderr(r"connected after")
+                append(self.log, lines("a", 0, 1))
+                listener.wait_stdout(1)
+                sender.signal(signal.SIGTERM)
+                self.assertEqual(sender.finish(), 143)
+                self.assertEqual(listener.stop(), 0)
+
+
 class RejectingPeerTest(unittest.TestCase):
     def test_a_peer_that_accepts_and_drops_is_backed_off_and_warned(self):
         # The real listener, refusing the sender's address after the
