@@ -31,6 +31,11 @@ import stat
 import time
 from typing import Callable, Dict, Iterator, List, Optional
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one sender per state is on trust
+    fcntl = None
+
 # How much of a file's start tells it from another: enough for a few log
 # lines with their timestamps.
 HEAD_BYTES = 1024
@@ -193,8 +198,9 @@ class Follower:
         self.saved_at = 0.0
         self.changed = False
         self.closed = False
-        saved = self.load()
+        self.lock_fd = lock_state(state_path)
         try:
+            saved = self.load()
             for followed in self.paths:
                 self.begin(followed, saved)
             if self.state_path is not None:
@@ -598,6 +604,33 @@ class Follower:
             for opening in followed.openings:
                 opening.close()
             followed.openings = []
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def lock_state(path: Optional[str]) -> Optional[int]:
+    """Lock a state file for this sender (beside it, STATE.lock); return
+    the lock's fd, or None where there is nothing to lock or no flock."""
+    # Two senders on one state would each write over the other's
+    # positions, and the next start would not know them: as Filebeat
+    # locks its registry, the second one stops.
+    if path is None or fcntl is None:
+        return None
+    name = path + ".lock"
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        # Named as the user gave it: its folder is what is wrong.
+        raise StateError("cannot write %s: %s" % (path, exc.strerror)) \
+            from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StateError("--state %s is in use by another sender: give "
+                         "each its own state file" % path) from None
+    return fd
 
 
 def find_rotated(path: str, identity: Identity, offset: int,

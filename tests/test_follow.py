@@ -322,7 +322,7 @@ class FollowFilesTest(unittest.TestCase):
         # A new file renamed over the old, and no temporary file left.
         self.assertNotEqual(os.stat(self.state).st_ino, before)
         self.assertEqual(sorted(os.listdir(self.dir)),
-                         ["app.log", "state.json"])
+                         ["app.log", "state.json", "state.json.lock"])
         self.assertEqual(self.saved()["offset"], 5 * 64)
 
     def test_the_state_is_saved_at_most_once_a_second_synced_first(self):
@@ -356,6 +356,17 @@ class FollowFilesTest(unittest.TestCase):
         # Each written to disk (file, then folder) around its rename.
         self.assertEqual(calls, ["fsync", "rename", "fsync"] * (saves + 1))
         self.assertEqual(self.saved()["offset"], number * 64)
+
+    @unittest.skipIf(follow_files.fcntl is None, "no flock here")
+    def test_a_state_in_use_by_another_sender_is_an_error(self):
+        append(self.log, lines("a", 0, 1))
+        with Collector([self.log], self.state):
+            with self.assertRaisesRegex(follow_files.StateError, r"^--state "
+                                        r".*state\.json is in use by another"
+                                        r" sender: give each its own"):
+                Collector([self.log], self.state)
+        # Free again once the first one is done.
+        Collector([self.log], self.state).close()
 
     def test_a_state_that_cannot_be_written_fails_at_once(self):
         missing = os.path.join(self.dir, "no", "state.json")
