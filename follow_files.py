@@ -343,9 +343,24 @@ class Follower:
                       % followed.shown)
             self.done[followed.path] = None
             return
+        if info.st_dev == identity.device:
+            # The file there was replaced (rotated, and the old one
+            # compressed or removed, while we were stopped): all of the
+            # new one came after, as Filebeat and imfile read a new inode.
+            self.warn("%s was replaced since its position was saved, and "
+                      "the file that position is in is not beside it "
+                      "(compressed or removed?): reading the new one from "
+                      "its start; what the old one had after byte %d is "
+                      "not sent" % (followed.shown, offset))
+            identity = Identity.of(fd)
+            self.done[followed.path] = (identity, 0)
+            self.changed = True
+            self.add(followed, fd, identity, 0)
+            return
         self.start_at(followed, fd, "--state %s holds the position of "
-                      "another file than %s (device, inode or first bytes "
-                      "differ)" % (self.state_path, followed.shown), "")
+                      "another file than %s (its device differs: a state "
+                      "from another host or disk?)" % (self.state_path,
+                                                      followed.shown), "")
 
     def start_at(self, followed: FollowedPath, fd: int,
                  warning: Optional[str], why: str) -> None:

@@ -296,21 +296,44 @@ class FollowFilesTest(unittest.TestCase):
                     self.assertEqual(self.saved()["offset"],
                                      0 if from_start else 5 * 64)
 
+    def test_a_file_replaced_while_stopped_is_read_from_its_start(self):
+        append(self.log, lines("a", 0, 5))
+        with Collector([self.log], self.state, True) as follow:
+            follow.take()
+            follow.acknowledge()
+        # Rotated, the old file compressed (gone), and a new one written,
+        # as long or longer, while the sender was down.
+        os.unlink(self.log)
+        append(self.log, lines("z", 0, 9))
+        with Collector([self.log], self.state) as follow:
+            self.assertEqual(follow.take(), lines("z", 0, 9))
+            follow.acknowledge()
+        self.assertEqual(len(follow.warnings), 1, follow.warnings)
+        self.assertRegex(follow.warnings[0], r"app\.log was replaced since "
+                         r"its position was saved, .*: reading the new one "
+                         r"from its start; what the old one had after byte "
+                         r"320 is not sent")
+        self.assertEqual(self.saved()["offset"], 9 * 64)
+
     def test_a_state_of_another_file_warns_and_starts_at_the_end(self):
         append(self.log, lines("a", 0, 5))
         with Collector([self.log], self.state, True) as follow:
             follow.take()
             follow.acknowledge()
-        os.unlink(self.log)
-        # Another file at the path, as long or longer: not the one saved.
-        append(self.log, lines("z", 0, 9))
+        # Brought from another host: its device is not this file's.
+        with open(self.state) as file:
+            record = json.load(file)
+        record["files"][self.log]["device"] += 1
+        with open(self.state, "w") as file:
+            json.dump(record, file)
         with Collector([self.log], self.state) as follow:
             self.assertEqual(follow.take(), b"")
-            append(self.log, lines("z", 9, 10))
-            self.assertEqual(follow.take(), lines("z", 9, 10))
+            append(self.log, lines("a", 5, 6))
+            self.assertEqual(follow.take(), lines("a", 5, 6))
         self.assertEqual(len(follow.warnings), 1, follow.warnings)
         self.assertRegex(follow.warnings[0], r"holds the position of another "
-                         r"file than .*app\.log .*: starting at its end")
+                         r"file than .*app\.log \(its device differs: .*\): "
+                         r"starting at its end")
 
     def test_the_state_is_replaced_atomically(self):
         append(self.log, lines("a", 0, 5))
