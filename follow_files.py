@@ -303,8 +303,11 @@ class Follower:
         if entry is None:
             self.done[followed.path] = None
             if fd is None:
-                self.status("Following %s: it does not exist yet; read from "
-                            "its start once it does" % followed.shown)
+                self.status("Following %s: %s; read from its start once "
+                            "it %s" % ((followed.shown,) + (
+                                ("it cannot be read", "can")
+                                if followed.error_said else
+                                ("it does not exist yet", "does"))))
                 return
             if saved is not None and self.state_path is not None and \
                     not self.from_start:
@@ -338,9 +341,11 @@ class Follower:
                 self.add(followed, fd, Identity.of(fd), 0)
             return
         if fd is None:
-            self.warn("%s does not exist, nor the file its saved position "
-                      "is of: reading it from its start once it exists"
-                      % followed.shown)
+            self.warn("%s %s, nor the file its saved position is of: "
+                      "reading it from its start once it %s" % (
+                          (followed.shown,) + (("cannot be read", "can")
+                                               if followed.error_said else
+                                               ("does not exist", "does"))))
             self.done[followed.path] = None
             return
         if info.st_dev == identity.device:

@@ -205,6 +205,19 @@ class FollowFilesTest(unittest.TestCase):
             append(self.log, lines("a", 4, 6))
             self.assertEqual(follow.take(), lines("a", 4, 6))
 
+    def test_a_file_that_cannot_be_read_yet_is_not_called_missing(self):
+        os.symlink(self.log, self.log)  # a loop: open() fails, not ENOENT
+        with Collector([self.log]) as follow:
+            self.assertEqual(follow.take(), b"")
+            self.assertRegex(follow.warnings[0], r"cannot read .*app\.log: "
+                             r"Too many levels of symbolic links; trying")
+            self.assertRegex(follow.statuses[0], r"app\.log: it cannot be "
+                             r"read; read from its start once it can$")
+            os.unlink(self.log)
+            append(self.log, lines("a", 0, 2))
+            self.assertEqual(follow.take(), lines("a", 0, 2))
+        self.assertEqual(len(follow.warnings), 1, follow.warnings)
+
     def test_several_files_each_with_its_own_position(self):
         other = os.path.join(self.dir, "other.log")
         append(self.log, lines("a", 0, 3))
