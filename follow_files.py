@@ -242,10 +242,15 @@ class Follower:
                 self.carried[path] = entry
         except (ValueError, UnicodeError, AttributeError) as exc:
             self.carried = {}
-            self.warn("--state %s is damaged (%s): starting each file at "
-                      "its %s" % (self.state_path, exc,
-                                  "start (--from-start)" if self.from_start
-                                  else "end (--from-start: at its start)"))
+            # It is written over next: what it held stays there to look at
+            # (a file given as --state by mistake too).
+            kept = self.state_path + ".damaged"
+            write_atomically(kept, data)
+            self.warn("--state %s is damaged (%s; kept as %s): starting "
+                      "each file at its %s" % (
+                          self.state_path, exc, kept,
+                          "start (--from-start)" if self.from_start
+                          else "end (--from-start: at its start)"))
             return None
         for followed in self.paths:
             self.carried.pop(followed.path, None)

@@ -302,12 +302,16 @@ class FollowFilesTest(unittest.TestCase):
                                      else b"")
                     self.assertEqual(len(follow.warnings), 1)
                     self.assertRegex(follow.warnings[0], r"--state .* is "
-                                     r"damaged \(.*\): starting each file at"
+                                     r"damaged \(.*; kept as .*state\.json"
+                                     r"\.damaged\): starting each file at"
                                      r" its %s" % ("start" if from_start
                                                    else "end"))
-                    # Written again whole: the next start is clean.
+                    # Written again whole: the next start is clean; what
+                    # it held is kept beside it.
                     self.assertEqual(self.saved()["offset"],
                                      0 if from_start else 5 * 64)
+                    with open(self.state + ".damaged", "rb") as file:
+                        self.assertEqual(file.read(), damage)
 
     def test_a_file_replaced_while_stopped_is_read_from_its_start(self):
         append(self.log, lines("a", 0, 5))
