@@ -2276,9 +2276,11 @@ def build_parser() -> argparse.ArgumentParser:
         "written atomically at most once a second and on exit. A restart "
         "resumes there: every line is sent at least once, across restarts, "
         "crashes and reboots; twice, only what was in flight (after a kill "
-        "or crash, up to a second more). A damaged state, or one of another "
-        "file, is a warning and the file starts at its end (--from-start: "
-        "its start). Its folder must be writable (docs/sender.md)")
+        "or crash, up to a second more). A damaged state, or one from another "
+        "host or disk, is a warning and each file starts at its end "
+        "(--from-start: its start); a file replaced meanwhile (rotated, the "
+        "old one gone) is read from its start. Its folder must be writable "
+        "(docs/sender.md)")
     parser.add_argument(
         "--from-start", action="store_true",
         help="with --follow, start a file that has no usable saved position "
