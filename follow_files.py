@@ -2,7 +2,8 @@
 --state of send_events_cybertrace.py).
 
 Each followed path is read as it grows, across rotation by rename (the old
-file is read to its end, then the new one from its start), copytruncate
+file is read until its writer has moved on, then the new one from its
+start), copytruncate
 (the file shrinks below the position read: read again from 0), files that
 appear later and files removed.  Only whole lines go out; a last line
 waits for its newline.
@@ -30,6 +31,11 @@ import stat
 import time
 from typing import Callable, Dict, Iterator, List, Optional
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one sender per state is on trust
+    fcntl = None
+
 # How much of a file's start tells it from another: enough for a few log
 # lines with their timestamps.
 HEAD_BYTES = 1024
@@ -39,6 +45,12 @@ MATCH_HEAD_BYTES = 256
 READ_SIZE = 256 * 1024
 POLL_SECONDS = 0.2
 SAVE_SECONDS = 1.0
+# A file renamed away is read on until its writer has moved on: until the
+# new file gets a line, or the old one is removed, or it has had nothing
+# new for this long.  logrotate's `create` makes the new file before the
+# writer reopens (postrotate), and what it writes meanwhile goes to the
+# old one; Filebeat keeps reading a renamed file for 5 minutes idle.
+ROTATED_QUIET_SECONDS = 60.0
 STATE_VERSION = 1
 
 
@@ -115,6 +127,7 @@ class Opening:
         self.start = offset  # where the framer's count starts
         self.handed = offset  # where the next block handed out starts
         self.closed = False
+        self.active = time.monotonic()  # when it last had something new
 
     @property
     def framed(self) -> int:
@@ -159,7 +172,8 @@ class Follower:
                  state_path: Optional[str] = None,
                  from_start: bool = False,
                  poll: float = POLL_SECONDS,
-                 split: Callable[[str], None] = lambda shown: None) -> None:
+                 split: Callable[[str], None] = lambda shown: None,
+                 rotated_quiet: float = ROTATED_QUIET_SECONDS) -> None:
         self.make_framer = make_framer
         self.split = split
         self.frame = frame
@@ -168,6 +182,7 @@ class Follower:
         self.state_path = state_path
         self.from_start = from_start
         self.poll = poll
+        self.rotated_quiet = rotated_quiet
         self.paths = [FollowedPath(os.path.abspath(path), shown(path))
                       for path in paths]
         # Events handed out, numbered from 0 as the sender counts them.
@@ -178,12 +193,17 @@ class Follower:
         self.done: Dict[str, Optional[tuple]] = {}
         self.carried = {}  # entries of the state for paths not followed
         self.acknowledged: Optional[Callable[[], int]] = None
+        # Called while no file has anything new: raises (or reconnects)
+        # once the peer is gone, which otherwise shows only at the next
+        # line, maybe hours away.
+        self.check: Optional[Callable[[], None]] = None
         self.acked = 0
         self.saved_at = 0.0
         self.changed = False
         self.closed = False
-        saved = self.load()
+        self.lock_fd = lock_state(state_path)
         try:
+            saved = self.load()
             for followed in self.paths:
                 self.begin(followed, saved)
             if self.state_path is not None:
@@ -225,10 +245,15 @@ class Follower:
                 self.carried[path] = entry
         except (ValueError, UnicodeError, AttributeError) as exc:
             self.carried = {}
-            self.warn("--state %s is damaged (%s): starting each file at "
-                      "its %s" % (self.state_path, exc,
-                                  "start (--from-start)" if self.from_start
-                                  else "end (--from-start: at its start)"))
+            # It is written over next: what it held stays there to look at
+            # (a file given as --state by mistake too).
+            kept = self.state_path + ".damaged"
+            write_atomically(kept, data)
+            self.warn("--state %s is damaged (%s; kept as %s): starting "
+                      "each file at its %s" % (
+                          self.state_path, exc, kept,
+                          "start (--from-start)" if self.from_start
+                          else "end (--from-start: at its start)"))
             return None
         for followed in self.paths:
             self.carried.pop(followed.path, None)
@@ -286,8 +311,11 @@ class Follower:
         if entry is None:
             self.done[followed.path] = None
             if fd is None:
-                self.status("Following %s: it does not exist yet; read from "
-                            "its start once it does" % followed.shown)
+                self.status("Following %s: %s; read from its start once "
+                            "it %s" % ((followed.shown,) + (
+                                ("it cannot be read", "can")
+                                if followed.error_said else
+                                ("it does not exist yet", "does"))))
                 return
             if saved is not None and self.state_path is not None and \
                     not self.from_start:
@@ -321,14 +349,31 @@ class Follower:
                 self.add(followed, fd, Identity.of(fd), 0)
             return
         if fd is None:
-            self.warn("%s does not exist, nor the file its saved position "
-                      "is of: reading it from its start once it exists"
-                      % followed.shown)
+            self.warn("%s %s, nor the file its saved position is of: "
+                      "reading it from its start once it %s" % (
+                          (followed.shown,) + (("cannot be read", "can")
+                                               if followed.error_said else
+                                               ("does not exist", "does"))))
             self.done[followed.path] = None
             return
+        if info.st_dev == identity.device:
+            # The file there was replaced (rotated, and the old one
+            # compressed or removed, while we were stopped): all of the
+            # new one came after, as Filebeat and imfile read a new inode.
+            self.warn("%s was replaced since its position was saved, and "
+                      "the file that position is in is not beside it "
+                      "(compressed or removed?): reading the new one from "
+                      "its start; what the old one had after byte %d is "
+                      "not sent" % (followed.shown, offset))
+            identity = Identity.of(fd)
+            self.done[followed.path] = (identity, 0)
+            self.changed = True
+            self.add(followed, fd, identity, 0)
+            return
         self.start_at(followed, fd, "--state %s holds the position of "
-                      "another file than %s (device, inode or first bytes "
-                      "differ)" % (self.state_path, followed.shown), "")
+                      "another file than %s (its device differs: a state "
+                      "from another host or disk?)" % (self.state_path,
+                                                      followed.shown), "")
 
     def start_at(self, followed: FollowedPath, fd: int,
                  warning: Optional[str], why: str) -> None:
@@ -431,6 +476,8 @@ class Follower:
                 if count:
                     yield block, count
             if idle:
+                if self.check is not None:
+                    self.check()
                 time.sleep(self.poll)
 
     def round(self) -> Iterator[tuple]:
@@ -456,6 +503,10 @@ class Follower:
             self.mark(followed, identity, 0)
             self.add(followed, fd, identity, 0)
             return
+        # Asked before the read: all that the writer put in the old file
+        # before it wrote to the new one is read by then.
+        moved_on = len(followed.openings) > 1 and \
+            self.moved_on(opening, followed.openings[1])
         try:
             data = os.read(opening.fd, READ_SIZE)
         except OSError as exc:
@@ -463,21 +514,36 @@ class Follower:
             data = b""
         if data:
             opening.offset += len(data)
+            opening.active = time.monotonic()
             opening.identity.grow(opening.fd)
             block, count = self.frame(opening.framer.feed(data))
             if opening.framer.split_events:
                 self.split(followed.shown)
             yield self.hand_out(followed, opening, block, count)
             return
-        if len(followed.openings) > 1:
-            # Read to its end, and a newer file is there: this one is done.
+        if moved_on:
+            # Read to its end, and its writer writes the newer file: this
+            # one is done.
             yield from self.finish(followed, opening)
             followed.openings.pop(0)
             opening.close()
             self.mark(followed, followed.openings[0].identity,
                       followed.openings[0].offset)
             return
-        yield from self.look(followed, opening)
+        if len(followed.openings) == 1:
+            yield from self.look(followed, opening)
+
+    def moved_on(self, old: Opening, new: Opening) -> bool:
+        """Tell whether a file rotated away will get nothing more: the
+        file after it has something, or it was removed, or it has been
+        quiet for rotated_quiet seconds."""
+        try:
+            if os.fstat(new.fd).st_size > new.offset or \
+                    os.fstat(old.fd).st_nlink == 0:
+                return True
+        except OSError:
+            return True
+        return time.monotonic() - old.active >= self.rotated_quiet
 
     def look(self, followed: FollowedPath, opening: Opening) -> Iterator:
         """At the end of the current file: notice truncation, rotation
@@ -557,7 +623,7 @@ class Follower:
         try:
             if acked is not None:
                 self.acked = max(self.acked, acked)
-            self.acknowledged = None
+            self.acknowledged = self.check = None
             self.settle()
             self.save(force=True)
         finally:
@@ -568,6 +634,33 @@ class Follower:
             for opening in followed.openings:
                 opening.close()
             followed.openings = []
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def lock_state(path: Optional[str]) -> Optional[int]:
+    """Lock a state file for this sender (beside it, STATE.lock); return
+    the lock's fd, or None where there is nothing to lock or no flock."""
+    # Two senders on one state would each write over the other's
+    # positions, and the next start would not know them: as Filebeat
+    # locks its registry, the second one stops.
+    if path is None or fcntl is None:
+        return None
+    name = path + ".lock"
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        # Named as the user gave it: its folder is what is wrong.
+        raise StateError("cannot write %s: %s" % (path, exc.strerror)) \
+            from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StateError("--state %s is in use by another sender: give "
+                         "each its own state file" % path) from None
+    return fd
 
 
 def find_rotated(path: str, identity: Identity, offset: int,

@@ -1091,6 +1091,18 @@ class Resender:
                 "sure: CyberTrace answers each event it processed" % (
                     self.where, self.drops, HELD_SECONDS))
 
+    def check_peer(self) -> None:
+        """While input waits: notice a lost connection now, and connect
+        again (resending what may not have arrived) before reading on."""
+        if self.connection is None:
+            return
+        why = self.connection_lost()
+        if why:
+            self.lose(why)
+            if not self.queue:
+                self.connect()
+            self.flush()
+
     def surely_acknowledged(self) -> int:
         """Return how many events, in input order, precede the first one
         the peer may not have: what a saved position may pass."""
@@ -1111,12 +1123,15 @@ class Resender:
             self.connection.sock.close()
 
     def summary(self, took: float) -> str:
-        line = sent_summary(self.taken, self.bytes, self.where, took)
-        if self.reconnects:
-            line += "; %s, %s resent" % (
-                plural(self.reconnects, "reconnect"),
-                plural(self.resent, "event"))
-        return line
+        return sent_summary(self.taken, self.bytes, self.where, took) + \
+            self.say_reconnects()
+
+    def say_reconnects(self) -> str:
+        """Say how many reconnects and resends it took, if any."""
+        if not self.reconnects:
+            return ""
+        return "; %s, %s resent" % (plural(self.reconnects, "reconnect"),
+                                    plural(self.resent, "event"))
 
 
 def touched(block: Block, sent: int) -> int:
@@ -1143,6 +1158,7 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
     resender = Resender(args.connect, args.timeout, where, args.retry_max)
     if follower is not None:
         follower.acknowledged = resender.surely_acknowledged
+        follower.check = resender.check_peer
     if args.rate:
         blocks = paced(blocks, args.rate, resender.outage.clock)
     started = time.monotonic()
@@ -1155,7 +1171,9 @@ def send_reconnecting(args: argparse.Namespace, blocks: Iterable[tuple],
         send_all(resender, blocks, args.verbose)
         resender.finish()
     except KeyboardInterrupt:
-        raise Interrupted(say_sent(*resender.counts())) from None
+        # --follow ends only so: its last line counts the outages too.
+        raise Interrupted(say_sent(*resender.counts()) +
+                          resender.say_reconnects()) from None
     finally:
         if progress is not None:
             progress.stop()
@@ -2280,7 +2298,9 @@ def build_parser() -> argparse.ArgumentParser:
         " it: across rotation by rename (the old file is finished first) or"
         " copytruncate, files that appear later or are removed; a last line"
         " waits for its newline. Starts at each file's end (as tail -n 0 -F)"
-        " unless --state has its position. Stop it with SIGTERM or Ctrl+C")
+        " unless --state has its position. It never ends by itself: stop it"
+        " with SIGTERM (exit 143) or Ctrl+C (130); a lost connection ends "
+        "it with exit 1 unless --reconnect")
     parser.add_argument(
         "--state", metavar="FILE",
         help="with --follow, keep in FILE how far into each followed file "
@@ -2288,7 +2308,12 @@ def build_parser() -> argparse.ArgumentParser:
         "LookupFinished), with the file's device, inode and first bytes; "
         "written atomically at most once a second and on exit. A restart "
         "resumes there: every line is sent at least once, across restarts, "
-        "crashes and reboots (docs/sender.md)")
+        "crashes and reboots; twice, only what was in flight (after a kill "
+        "or crash, up to a second more). A damaged state, or one from another "
+        "host or disk, is a warning and each file starts at its end "
+        "(--from-start: its start); a file replaced meanwhile (rotated, the "
+        "old one gone) is read from its start. Its folder must be writable "
+        "(docs/sender.md)")
     parser.add_argument(
         "--from-start", action="store_true",
         help="with --follow, start a file that has no usable saved position "
@@ -2471,6 +2496,19 @@ def refuse_ignored(parser: argparse.ArgumentParser,
         absolute = [os.path.abspath(name) for name in args.follow]
         if len(set(absolute)) < len(absolute):
             parser.error("argument --follow: a file given twice")
+        for name in args.follow:
+            kind = not_a_file(name)
+            if kind:
+                parser.error("argument --follow: %s is %s; it follows "
+                             "regular files%s" % (name, kind, (
+                                 ": name the logs in it" if kind ==
+                                 "a directory" else " (a pipe's events: "
+                                 "give it as FILE, or on stdin)")))
+        if args.state is not None and any(
+                same_path(args.state, name) for name in args.follow):
+            # The state written over it would replace the log itself.
+            parser.error("argument --state: %s is a file --follow reads; "
+                         "give the state its own file" % args.state)
     else:
         for name, given in (("--state", args.state),
                             ("--from-start", args.from_start)):
@@ -2486,6 +2524,28 @@ def refuse_ignored(parser: argparse.ArgumentParser,
             if getattr(args, name, False):
                 parser.error("argument --reconnect: not allowed with --%s"
                              % name.replace("_", "-"))
+
+
+def not_a_file(path: str) -> str:
+    """Say what a path is when it exists and is not a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""  # not there yet, or not ours to see: followed, said then
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "" if stat.S_ISREG(mode) else "a pipe, socket or device"
+
+
+def same_path(one: str, other: str) -> bool:
+    """Tell whether two paths name the same file, by name or, when both
+    exist, by device and inode (a link)."""
+    if os.path.realpath(one) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
 
 
 def refuse_for_the_check(parser: argparse.ArgumentParser,
@@ -2598,8 +2658,10 @@ def follow(args: argparse.Namespace, where: str) -> str:
             watch = [0], None
         blocks = follower.blocks()
         if args.reconnect:
-            return send_reconnecting(args, blocks, where, watch,
-                                     follower=follower)
+            # Connected first, as without --reconnect: a CyberTrace that is
+            # not there shows when the service starts, not at its first line.
+            return send_reconnecting(args, blocks, where, watch, True,
+                                     follower)
         return send_once(args, blocks, where, watch, follower)
     except follow_files.StateError as exc:
         raise UserError(str(exc)) from None
@@ -2626,6 +2688,7 @@ def send_once(args: argparse.Namespace, blocks: Iterable[tuple], where: str,
                 if follower is not None:
                     follower.acknowledged = acknowledged_by(connection,
                                                             replies)
+                    follower.check = watch_peer(connection, replies)
                 if watch is not None:
                     progress = Progress(connection, *watch)
                 send_all(connection, blocks, args.verbose)
@@ -2678,6 +2741,22 @@ def acknowledged_by(connection: Connection,
         connection.update_acked()
         return connection.ledger.surely_delivered()
     return acknowledged
+
+
+def watch_peer(connection: Connection,
+               replies: Optional[Replies]) -> Callable[[], None]:
+    """Return a check for --follow's quiet spells: SendError once the peer
+    closed or reset the connection."""
+    def check() -> None:
+        if replies is not None:
+            # Its thread reads the socket: it knows.
+            why = replies.closed and (replies.error or
+                                      "closed by CyberTrace")
+        else:
+            why = peer_gone(connection.sock)
+        if why:
+            raise connection.lost(why)
+    return check
 
 
 def run_load(args: argparse.Namespace) -> int:

@@ -15,8 +15,10 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
-from support import SENDER, TIMEOUT, Listener, Process, wait_until
+from support import (SENDER, TIMEOUT, Listener, Process, RecordingStandIn,
+                     address, wait_until)
 
 import follow_files
 import send_events_cybertrace as sender_module
@@ -55,7 +57,9 @@ class Collector:
     """A Follower of real files, read round by round without a peer."""
 
     def __init__(self, paths: list, state: str | None = None,
-                 from_start: bool = False) -> None:
+                 from_start: bool = False,
+                 rotated_quiet: float = follow_files.ROTATED_QUIET_SECONDS
+                 ) -> None:
         self.warnings = []
         self.statuses = []
         self.follower = follow_files.Follower(
@@ -63,7 +67,8 @@ class Collector:
             lambda: sender_module.EventFramer(
                 sender_module.CYBERTRACE_EVENT_BYTES),
             sender_module.drop_blank_lines, self.warnings.append,
-            self.statuses.append, state, from_start, poll=0)
+            self.statuses.append, state, from_start, poll=0,
+            rotated_quiet=rotated_quiet)
 
     def take(self) -> bytes:
         """Return all the whole lines there are now, as the sender gets
@@ -136,6 +141,38 @@ class FollowFilesTest(unittest.TestCase):
             self.assertTrue(any("rotated" in each
                                 for each in follow.statuses))
 
+    def test_lines_written_before_the_writer_reopens_are_not_lost(self):
+        # logrotate's `create`: rename, a new empty file, and only then
+        # (postrotate) the writer reopens; meanwhile it writes the old one.
+        append(self.log, lines("a", 0, 5))
+        with Collector([self.log], from_start=True) as follow:
+            self.assertEqual(follow.take(), lines("a", 0, 5))
+            os.rename(self.log, self.log + ".1")
+            append(self.log, b"")
+            self.assertEqual(follow.take(), b"")
+            append(self.log + ".1", lines("a", 5, 8))
+            self.assertEqual(follow.take(), lines("a", 5, 8))
+            # Reopened: once the new file has a line, the old one is done.
+            append(self.log + ".1", lines("a", 8, 9))
+            append(self.log, lines("a", 9, 11))
+            self.assertEqual(follow.take(), lines("a", 8, 11))
+            append(self.log + ".1", b"too late\n")
+            append(self.log, lines("a", 11, 12))
+            self.assertEqual(follow.take(), lines("a", 11, 12))
+
+    def test_a_renamed_file_quiet_for_long_is_finished(self):
+        append(self.log, lines("a", 0, 2))
+        with Collector([self.log], from_start=True,
+                       rotated_quiet=0.2) as follow:
+            follow.take()
+            append(self.log, b"cut")
+            os.rename(self.log, self.log + ".1")
+            append(self.log, b"")
+            self.assertEqual(follow.take(), b"")
+            # Its last line, without a newline, goes once it is quiet.
+            wait_until(lambda: follow.take() == b"cut\n", what="the last "
+                       "line of the renamed file")
+
     def test_copytruncate_sends_the_rest_from_the_copy_then_from_0(self):
         append(self.log, lines("a", 0, 20))
         with Collector([self.log], from_start=True) as follow:
@@ -167,6 +204,19 @@ class FollowFilesTest(unittest.TestCase):
             self.assertEqual(follow.take(), lines("a", 3, 4) + b"cut\n")
             append(self.log, lines("a", 4, 6))
             self.assertEqual(follow.take(), lines("a", 4, 6))
+
+    def test_a_file_that_cannot_be_read_yet_is_not_called_missing(self):
+        os.symlink(self.log, self.log)  # a loop: open() fails, not ENOENT
+        with Collector([self.log]) as follow:
+            self.assertEqual(follow.take(), b"")
+            self.assertRegex(follow.warnings[0], r"cannot read .*app\.log: "
+                             r"Too many levels of symbolic links; trying")
+            self.assertRegex(follow.statuses[0], r"app\.log: it cannot be "
+                             r"read; read from its start once it can$")
+            os.unlink(self.log)
+            append(self.log, lines("a", 0, 2))
+            self.assertEqual(follow.take(), lines("a", 0, 2))
+        self.assertEqual(len(follow.warnings), 1, follow.warnings)
 
     def test_several_files_each_with_its_own_position(self):
         other = os.path.join(self.dir, "other.log")
@@ -252,28 +302,55 @@ class FollowFilesTest(unittest.TestCase):
                                      else b"")
                     self.assertEqual(len(follow.warnings), 1)
                     self.assertRegex(follow.warnings[0], r"--state .* is "
-                                     r"damaged \(.*\): starting each file at"
+                                     r"damaged \(.*; kept as .*state\.json"
+                                     r"\.damaged\): starting each file at"
                                      r" its %s" % ("start" if from_start
                                                    else "end"))
-                    # Written again whole: the next start is clean.
+                    # Written again whole: the next start is clean; what
+                    # it held is kept beside it.
                     self.assertEqual(self.saved()["offset"],
                                      0 if from_start else 5 * 64)
+                    with open(self.state + ".damaged", "rb") as file:
+                        self.assertEqual(file.read(), damage)
+
+    def test_a_file_replaced_while_stopped_is_read_from_its_start(self):
+        append(self.log, lines("a", 0, 5))
+        with Collector([self.log], self.state, True) as follow:
+            follow.take()
+            follow.acknowledge()
+        # Rotated, the old file compressed (gone), and a new one written,
+        # as long or longer, while the sender was down.
+        os.unlink(self.log)
+        append(self.log, lines("z", 0, 9))
+        with Collector([self.log], self.state) as follow:
+            self.assertEqual(follow.take(), lines("z", 0, 9))
+            follow.acknowledge()
+        self.assertEqual(len(follow.warnings), 1, follow.warnings)
+        self.assertRegex(follow.warnings[0], r"app\.log was replaced since "
+                         r"its position was saved, .*: reading the new one "
+                         r"from its start; what the old one had after byte "
+                         r"320 is not sent")
+        self.assertEqual(self.saved()["offset"], 9 * 64)
 
     def test_a_state_of_another_file_warns_and_starts_at_the_end(self):
         append(self.log, lines("a", 0, 5))
         with Collector([self.log], self.state, True) as follow:
             follow.take()
             follow.acknowledge()
-        os.unlink(self.log)
-        # Another file at the path, as long or longer: not the one saved.
-        append(self.log, lines("z", 0, 9))
+        # Brought from another host: its device is not this file's.
+        with open(self.state) as file:
+            record = json.load(file)
+        record["files"][self.log]["device"] += 1
+        with open(self.state, "w") as file:
+            json.dump(record, file)
         with Collector([self.log], self.state) as follow:
             self.assertEqual(follow.take(), b"")
-            append(self.log, lines("z", 9, 10))
-            self.assertEqual(follow.take(), lines("z", 9, 10))
+            append(self.log, lines("a", 5, 6))
+            self.assertEqual(follow.take(), lines("a", 5, 6))
         self.assertEqual(len(follow.warnings), 1, follow.warnings)
         self.assertRegex(follow.warnings[0], r"holds the position of another "
-                         r"file than .*app\.log .*: starting at its end")
+                         r"file than .*app\.log \(its device differs: .*\): "
+                         r"starting at its end")
 
     def test_the_state_is_replaced_atomically(self):
         append(self.log, lines("a", 0, 5))
@@ -285,8 +362,51 @@ class FollowFilesTest(unittest.TestCase):
         # A new file renamed over the old, and no temporary file left.
         self.assertNotEqual(os.stat(self.state).st_ino, before)
         self.assertEqual(sorted(os.listdir(self.dir)),
-                         ["app.log", "state.json"])
+                         ["app.log", "state.json", "state.json.lock"])
         self.assertEqual(self.saved()["offset"], 5 * 64)
+
+    def test_the_state_is_saved_at_most_once_a_second_synced_first(self):
+        calls = []
+        real = os.fsync, os.replace
+
+        def fsync(fd):
+            calls.append("fsync")
+            return real[0](fd)
+
+        def replace(source, target):
+            calls.append("rename")
+            return real[1](source, target)
+        append(self.log, b"")
+        with unittest.mock.patch.object(os, "fsync", fsync), \
+                unittest.mock.patch.object(os, "replace", replace):
+            with Collector([self.log], self.state) as follow:
+                started = time.monotonic()
+                number = 0
+                # Acknowledged at every round, for 2.5 s.
+                while time.monotonic() - started < 2.5:
+                    append(self.log, line("a", number))
+                    number += 1
+                    follow.take()
+                    follow.acknowledge()
+                    time.sleep(0.01)
+                saves = calls.count("rename")
+            # The first at the start, then one a second, and one on exit.
+        self.assertIn(saves, (3, 4), calls)
+        self.assertEqual(calls.count("rename"), saves + 1)
+        # Each written to disk (file, then folder) around its rename.
+        self.assertEqual(calls, ["fsync", "rename", "fsync"] * (saves + 1))
+        self.assertEqual(self.saved()["offset"], number * 64)
+
+    @unittest.skipIf(follow_files.fcntl is None, "no flock here")
+    def test_a_state_in_use_by_another_sender_is_an_error(self):
+        append(self.log, lines("a", 0, 1))
+        with Collector([self.log], self.state):
+            with self.assertRaisesRegex(follow_files.StateError, r"^--state "
+                                        r".*state\.json is in use by another"
+                                        r" sender: give each its own"):
+                Collector([self.log], self.state)
+        # Free again once the first one is done.
+        Collector([self.log], self.state).close()
 
     def test_a_state_that_cannot_be_written_fails_at_once(self):
         missing = os.path.join(self.dir, "no", "state.json")
@@ -411,6 +531,9 @@ class FollowCommandTest(unittest.TestCase):
         self.assertNotIn("Traceback", sender.stderr_text)
 
     def test_what_it_refuses(self):
+        append(self.log, b"a line of the log\n")
+        link = os.path.join(self.dir, "link")
+        os.symlink(self.log, link)
         cases = [(("--state", self.state), r"--state: only with --follow"),
                  (("--from-start",), r"--from-start: only with --follow"),
                  (("--follow", self.log, "-e", "x"),
@@ -420,7 +543,13 @@ class FollowCommandTest(unittest.TestCase):
                  (("--follow", self.log, self.log),
                   r"--follow: a file given twice"),
                  (("--retry-max", "1"), r"--retry-max: only with "
-                  r"--reconnect")]
+                  r"--reconnect"),
+                 (("--follow", self.log, "--state", self.log),
+                  r"--state: .*app\.log is a file --follow reads"),
+                 (("--follow", self.log, "--state", link),
+                  r"--state: .*link is a file --follow reads"),
+                 (("--follow", self.log, self.dir),
+                  r"--follow: .* is a directory; it follows regular files")]
         for args, pattern in cases:
             with self.subTest(args=args):
                 proc = subprocess.run([sys.executable, str(SENDER), "-c",
@@ -428,6 +557,9 @@ class FollowCommandTest(unittest.TestCase):
                                       timeout=TIMEOUT)
                 self.assertEqual(proc.returncode, 2, proc.stderr)
                 self.assertRegex(proc.stderr.decode(), pattern)
+        # The state written over the log would have replaced it.
+        with open(self.log, "rb") as file:
+            self.assertEqual(file.read(), b"a line of the log\n")
 
     def test_a_state_folder_that_cannot_be_written_is_an_error(self):
         proc = subprocess.run([sys.executable, str(SENDER), "-c", "1", "-q",
@@ -438,6 +570,145 @@ class FollowCommandTest(unittest.TestCase):
         self.assertRegex(proc.stderr.decode(), r"^send_events_cybertrace\.py"
                          r": error: cannot write .*s\.json: No such file or "
                          r"directory\n$")
+
+
+class ReplyBackStateTest(unittest.TestCase):
+    """With --reply-back, a position passes an event only once CyberTrace
+    answered it (LookupFinished), however much its TCP acknowledged."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.log = os.path.join(self.dir, "app.log")
+        self.state = os.path.join(self.dir, "state.json")
+        append(self.log, b"")
+
+    def follow(self, stand_in, answered: bool, start: int) -> Process:
+        """Append 3 lines, following with --reply-back; stop once all the
+        lines not passed yet are in."""
+        with Process([sys.executable, str(SENDER), "-c", address(stand_in),
+                      "--follow", self.log, "--state", self.state,
+                      "--reply-back"]) as sender:
+            sender.wait_stderr(r"Following .*app\.log from")
+            append(self.log, lines("a", start, start + 3))
+            wait_until(lambda: stand_in.received().count(b"\n") >=
+                       start + 3, what="the lines at the stand-in")
+            if answered:
+                sender.wait_stdout(start + 3)
+            sender.signal(signal.SIGTERM)
+            self.assertEqual(sender.finish(), 143)
+        return sender
+
+    def offset(self) -> int:
+        with open(self.state) as file:
+            return json.load(file)["files"][self.log]["offset"]
+
+    def test_unanswered_events_are_not_passed_then_answered_ones_are(self):
+        with RecordingStandIn(answer=False) as stand_in:
+            sender = self.follow(stand_in, False, 0)
+        self.assertRegex(sender.stderr_text, r"terminated: 3 events sent, 3 "
+                         r"acknowledged; 0 events answered")
+        self.assertEqual(self.offset(), 0)
+        # The next run sends them again, to a CyberTrace that answers.
+        with RecordingStandIn() as stand_in:
+            sender = self.follow(stand_in, True, 3)
+            self.assertEqual(numbers(stand_in.received(), "a"),
+                             list(range(6)))
+        self.assertRegex(sender.stderr_text, r"from byte 0 \(saved in")
+        self.assertEqual(sender.out.count(b"LookupFinished"), 6)
+        self.assertEqual(self.offset(), 6 * 64)
+
+    def test_cybertrace_closing_the_connection_ends_it(self):
+        with RecordingStandIn() as stand_in:
+            with Process([sys.executable, str(SENDER), "-c",
+                          address(stand_in), "--follow", self.log, "--state",
+                          self.state, "--reply-back"]) as sender:
+                sender.wait_stderr(r"Following .*app\.log from")
+                append(self.log, lines("a", 0, 2))
+                sender.wait_stdout(2)
+                stand_in.close()
+                self.assertEqual(sender.finish(), 1, sender.stderr_text)
+        self.assertRegex(sender.stderr_text, r"error: connection to .* lost"
+                         r": closed by CyberTrace \(2 events sent, 2 "
+                         r"acknowledged by the peer\)\n$")
+        self.assertEqual(self.offset(), 2 * 64)
+
+
+class LostPeerTest(unittest.TestCase):
+    """A peer that goes while the followed file is quiet is noticed then,
+    not at the next line, which might be hours away."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.log = os.path.join(self.dir, "app.log")
+        self.state = os.path.join(self.dir, "state.json")
+        append(self.log, b"")
+
+    def test_without_reconnect_it_exits_1_with_the_state_saved(self):
+        with Listener("-f", "raw") as listener:
+            with start_sender(listener.address[1], "--follow", self.log,
+                              "--state", self.state) as sender:
+                sender.wait_stderr(r"Following .*app\.log from its end")
+                append(self.log, lines("a", 0, 2))
+                listener.wait_stdout(2)
+                self.assertEqual(listener.stop(), 0)
+                # No line comes after: systemd's Restart=on-failure must
+                # still see the failure.
+                self.assertEqual(sender.finish(), 1, sender.stderr_text)
+        self.assertRegex(sender.stderr_text, r"error: connection to "
+                         r"127\.0\.0\.1:\d+ lost: closed by the peer \(2 "
+                         r"events sent, 2 acknowledged by the peer\)\n$")
+        with open(self.state) as file:
+            self.assertEqual(json.load(file)["files"][self.log]["offset"],
+                             2 * 64)
+
+    def test_with_reconnect_it_reconnects_and_its_last_line_counts_it(self):
+        listener = Listener("-f", "raw")
+        port = listener.address[1]
+        try:
+            with start_sender(port, "--follow", self.log, "--state",
+                              self.state, "--reconnect", "--retry-max",
+                              "0.5") as sender:
+                sender.wait_stderr(r"Following .*app\.log from its end")
+                append(self.log, lines("a", 0, 2))
+                listener.wait_stdout(2)
+                self.assertEqual(listener.stop(), 0)
+                sender.wait_stderr(r"lost \(closed by the peer\) after 2 "
+                                   r"events; retrying")
+                listener.close()
+                listener = Listener("-f", "raw", listen="127.0.0.1:%d"
+                                    % port)
+                sender.wait_stderr(r"reconnected after")
+                append(self.log, lines("a", 2, 3))
+                listener.wait_stdout(1)
+                sender.signal(signal.SIGTERM)
+                self.assertEqual(sender.finish(), 143)
+            self.assertEqual(listener.stop(), 0)
+        finally:
+            listener.close()
+        self.assertEqual(numbers(bytes(listener.out), "a"), [2])
+        self.assertRegex(sender.stderr_text, r"terminated: 3 events sent, 3 "
+                         r"acknowledged; 1 reconnect, 0 events resent\n$")
+
+
+    def test_with_reconnect_a_peer_not_there_is_said_at_the_start(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with start_sender(port, "--follow", self.log, "--reconnect",
+                          "--retry-max", "0.5") as sender:
+            # Before any line: a wrong -c shows when the service starts.
+            sender.wait_stderr(r"warning: cannot connect to 127\.0\.0\.1:%d "
+                               r"\(Connection refused\); retrying" % port)
+            with Listener("-f", "raw", listen="127.0.0.1:%d" % port) \
+                    as listener:
+                sender.wait_stderr(r"connected after")
+                append(self.log, lines("a", 0, 1))
+                listener.wait_stdout(1)
+                sender.signal(signal.SIGTERM)
+                self.assertEqual(sender.finish(), 143)
+                self.assertEqual(listener.stop(), 0)
 
 
 class RejectingPeerTest(unittest.TestCase):
