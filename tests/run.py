@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs must be 1 or more")
     # Longest first, so the slow classes do not start last: the modules
     # whose classes took longest on a 2-core machine lead.
-    slow = ("test_abuse", "test_reconnect", "test_sender_stops", "test_check",
-            "test_faults")
+    slow = ("test_follow", "test_abuse", "test_reconnect", "test_sender_stops",
+            "test_check", "test_faults")
     classes = sorted(find_classes(args.names), key=lambda name: (
         slow.index(name.split(".")[0]) if name.split(".")[0] in slow
         else len(slow)))
