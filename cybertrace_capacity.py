@@ -142,7 +142,8 @@ class Step:
         return self.seconds > 0 and self.cpu / self.seconds > BUSY
 
     def as_dict(self) -> dict:
-        return {"rate": self.rate, "answered_in_step": self.in_time, "seconds": round(self.seconds, 3),
+        return {"rate": self.rate, "answered_in_step": self.in_time,
+                "seconds": round(self.seconds, 3),
                 "offered": self.due, "sent": self.sent,
                 "answered": self.answered, "detections": self.detections,
                 "unanswered": self.unanswered, "capped": self.capped,
@@ -483,14 +484,17 @@ class CapacityTest:
             format_rate(step.rate), format_rate(step.answered_rate()),
             format_count(step.due),
             format_count(step.answered), format_count(step.detections),
-            format_latency(step.percentile(0.5)), format_latency(step.percentile(0.9)),
+            format_latency(step.percentile(0.5)),
+            format_latency(step.percentile(0.9)),
             format_latency(step.percentile(0.99)),
-            format_latency(step.percentile(1.0)), format_count(step.unanswered),
+            format_latency(step.percentile(1.0)),
+            format_count(step.unanswered),
             step.verdict)
 
     def table(self) -> List[str]:
         rows = ["%10s %10s %10s %10s %10s %9s %9s %9s %9s %10s  %s" % (
-            "offered/s", "answered/s", "offered", "answered", "detections", "p50", "p90",
+            "offered/s", "answered/s", "offered", "answered", "detections",
+            "p50", "p90",
             "p99", "max", "unanswered", "")]
         return rows + [self.format_row(step) for step in self.steps]
 

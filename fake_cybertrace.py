@@ -29,8 +29,9 @@ default only the 3 of them that the demo feeds carry (--demo-feeds), or
 none (--no-feeds: feeds not loaded).  Status goes to stderr; Ctrl+C stops.
 It serves 128 connections at once (with all taken, the one silent longest
 gives its place; none is closed for being idle) and rides out running out
-of file descriptors.  --eps, --scanners and --lookup-ms give it a capacity.  The tests import FakeCyberTrace
-to run it in-process on a free port.
+of file descriptors.  --eps, --scanners and --lookup-ms give it a
+capacity.  The tests import FakeCyberTrace to run it in-process on a free
+port.
 """
 
 from __future__ import annotations

@@ -864,7 +864,7 @@ def hostile_run(args, data: bytes, last: bytes, line: bytes,
     return took
 
 
-# --- One peer floods, another sends: fairness by cost -------------------------
+# --- One peer floods, another sends: fairness by cost ------------------------
 
 FLOOD = """
 import socket, sys
