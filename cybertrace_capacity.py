@@ -167,8 +167,6 @@ class Lane:
         self.closed = ""
 
 
-
-
 def format_rate(rate: float) -> str:
     return format_count(int(round(rate)))
 

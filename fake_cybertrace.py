@@ -374,7 +374,6 @@ class Delivery:
                           if entry[2] is not None)
         return waiting + self.given_up
 
-
     def send(self, data: bytes) -> Optional[str]:
         """Send data on the kept connection or a new one; return an error."""
         try:

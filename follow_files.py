@@ -436,7 +436,6 @@ class Follower:
         if found is None:
             self.mark(followed, opening.identity, 0)
 
-
     def open(self, followed: FollowedPath) -> Optional[int]:
         """Open the file at a path; None if it is not there (said once)."""
         try:

@@ -221,7 +221,6 @@ class HoldInterrupts:
         else:
             raise KeyboardInterrupt
 
-
     @staticmethod
     def exit_soon() -> None:
         """Exit within STOP_GRACE s with the first signal's status."""

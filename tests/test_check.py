@@ -918,5 +918,6 @@ class BacklogTest(unittest.TestCase):
         self.assertEqual(delivery.dropped, 19900)
         self.assertLess(held, 3000)
 
+
 if __name__ == "__main__":
     unittest.main()

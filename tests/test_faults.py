@@ -18,7 +18,6 @@ from support import (LISTENER, ROOT, SENDER, TIMEOUT, Listener, Process,
                      queue_peers, user_env)
 
 
-
 @contextlib.contextmanager
 def descriptor_limited_listener(soft: int, hard: int):
     """Run the listener with RLIMIT_NOFILE (soft, hard); give its address."""
@@ -151,6 +150,7 @@ class PeerFaultTest(unittest.TestCase):
             self.assertEqual(listener.finish(), 0)
         self.assertEqual(sorted(bytes(listener.out).splitlines()),
                          sorted(b"peer %d" % i for i in range(12)))
+
 
 class SignalMidStreamTest(unittest.TestCase):
     def test_every_byte_received_before_the_signal_is_written(self):

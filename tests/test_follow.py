@@ -691,7 +691,6 @@ class LostPeerTest(unittest.TestCase):
         self.assertRegex(sender.stderr_text, r"terminated: 3 events sent, 3 "
                          r"acknowledged; 1 reconnect, 0 events resent\n$")
 
-
     def test_with_reconnect_a_peer_not_there_is_said_at_the_start(self):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))

@@ -476,7 +476,6 @@ class SenderTest(WindowsTest):
             done = run_script(SENDER, "--ping", "-c", "%s:%d" % ct.address)
             self.assertOneErrorLine(done, 1, rb"error: no PONG from ")
 
-
     def test_lab_check_against_the_stand_in(self):
         port = free_port()
         with StandIn("--detect-all", "--output",
