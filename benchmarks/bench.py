@@ -586,29 +586,49 @@ def bench_flood(args) -> int:
         peers = []
         try:
             wait_until(lambda: listening(port), 30, "the listener", proc)
-            chunk = b"x" * FLOOD_EVENT
-            for _ in range(FLOOD_PEERS):
-                sock = socket.create_connection(("127.0.0.1", port))
-                sock.setblocking(False)
-                peers.append([sock, memoryview(chunk)])
-            deadline = time.monotonic() + 300
-            while any(view for _, view in peers):
-                if time.monotonic() > deadline:
-                    raise SystemExit("bench: the flood timed out")
-                for peer in peers:
-                    if peer[1]:
-                        try:
-                            peer[1] = peer[1][peer[0].send(peer[1]):]
-                        except BlockingIOError:
-                            pass
+            send_unfinished(port, FLOOD_PEERS, b"x" * FLOOD_EVENT, 300,
+                            peers)
             wait_until(lambda: unread_bytes(port) == 0, 300,
                        "the listener to read the flood", proc)
             rss = memory_kib(proc.pid)
         finally:
-            for sock, _ in peers:
+            for sock in peers:
                 sock.close()
             stop(proc)
     return rss
+
+
+def send_unfinished(port: int, count: int, event: bytes, seconds: float,
+                    peers: list) -> None:
+    """Connect count peers (into peers) and send event, without its
+    newline, on each, all at once."""
+    views = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        peers.append(sock)
+        views.append(memoryview(event))
+    deadline = time.monotonic() + seconds
+    while any(views):
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: sending the unfinished events timed "
+                             "out")
+        for number, sock in enumerate(peers):
+            if views[number]:
+                try:
+                    views[number] = views[number][sock.send(views[number]):]
+                except BlockingIOError:
+                    pass
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Tell whether the listener closed this (non-blocking) connection."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 # 64 peers each holding 1 MiB of \x01 (6 bytes each in JSON) when their
@@ -630,23 +650,14 @@ def bench_stalled(args, script: str) -> int:
     peers = []
     try:
         wait_until(lambda: listening(port), 30, "the listener", proc)
-        for _ in range(STALLED_PEERS):
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.setblocking(False)
-            peers.append([sock, memoryview(b"\x01" * FLOOD_EVENT)])
+        send_unfinished(port, STALLED_PEERS, b"\x01" * FLOOD_EVENT, 120,
+                        peers)
         deadline = time.monotonic() + 120
-        while any(view for _, view in peers):
-            if time.monotonic() > deadline:
-                raise SystemExit("bench: the stalled case timed out")
-            for peer in peers:
-                if peer[1]:
-                    try:
-                        peer[1] = peer[1][peer[0].send(peer[1]):]
-                    except BlockingIOError:
-                        pass
-        # The events time out 3 s after their first byte; then the peak
-        # holds still once what can wait is waiting.
-        time.sleep(3)
+        # The events time out 3 s after their first byte, and their
+        # connections close; then the peak holds still once what can wait
+        # is waiting.
+        wait_until(lambda: all(closed_by_peer(sock) for sock in peers), 60,
+                   "the events to time out", proc)
         peak, still = memory_kib(proc.pid), 0
         while still < 10 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -655,7 +666,7 @@ def bench_stalled(args, script: str) -> int:
             peak = now
         return peak
     finally:
-        for sock, _ in peers:
+        for sock in peers:
             sock.close()
         proc.kill()
         proc.wait()
