@@ -97,14 +97,18 @@ class Collector:
         self.follower.close()
 
 
-class FollowFilesTest(unittest.TestCase):
-    """Rotation, truncation and positions, with real files."""
+class FollowedFileCase(unittest.TestCase):
+    """A test with a folder of its own: app.log, and state.json for it."""
 
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.dir)
         self.log = os.path.join(self.dir, "app.log")
         self.state = os.path.join(self.dir, "state.json")
+
+
+class FollowFilesTest(FollowedFileCase):
+    """Rotation, truncation and positions, with real files."""
 
     def saved(self) -> dict:
         with open(self.state) as file:
@@ -420,14 +424,8 @@ def start_sender(port: int, *args: str) -> Process:
                     *args])
 
 
-class FollowCommandTest(unittest.TestCase):
+class FollowCommandTest(FollowedFileCase):
     """The sender's --follow and --state, as a user runs them."""
-
-    def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir)
-        self.log = os.path.join(self.dir, "app.log")
-        self.state = os.path.join(self.dir, "state.json")
 
     def test_sigterm_saves_what_was_acknowledged_and_a_restart_resumes(self):
         append(self.log, lines("a", 0, 100))
@@ -572,15 +570,12 @@ class FollowCommandTest(unittest.TestCase):
                          r"directory\n$")
 
 
-class ReplyBackStateTest(unittest.TestCase):
+class ReplyBackStateTest(FollowedFileCase):
     """With --reply-back, a position passes an event only once CyberTrace
     answered it (LookupFinished), however much its TCP acknowledged."""
 
     def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir)
-        self.log = os.path.join(self.dir, "app.log")
-        self.state = os.path.join(self.dir, "state.json")
+        super().setUp()
         append(self.log, b"")
 
     def follow(self, stand_in, answered: bool, start: int) -> Process:
@@ -634,15 +629,12 @@ class ReplyBackStateTest(unittest.TestCase):
         self.assertEqual(self.offset(), 2 * 64)
 
 
-class LostPeerTest(unittest.TestCase):
+class LostPeerTest(FollowedFileCase):
     """A peer that goes while the followed file is quiet is noticed then,
     not at the next line, which might be hours away."""
 
     def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir)
-        self.log = os.path.join(self.dir, "app.log")
-        self.state = os.path.join(self.dir, "state.json")
+        super().setUp()
         append(self.log, b"")
 
     def test_without_reconnect_it_exits_1_with_the_state_saved(self):
