@@ -361,8 +361,9 @@ class Follower:
             # compressed or removed, while we were stopped): all of the
             # new one came after, as Filebeat and imfile read a new inode.
             self.warn("%s was replaced since its position was saved, and "
-                      "the file that position is in is not beside it "
-                      "(compressed or removed?): reading the new one from "
+                      "no file beside it is surely the one that position "
+                      "is in (compressed, removed, or several copies "
+                      "alike?): reading the new one from "
                       "its start; what the old one had after byte %d is "
                       "not sent" % (followed.shown, offset))
             identity = Identity.of(fd)
@@ -672,6 +673,10 @@ def find_rotated(path: str, identity: Identity, offset: int,
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError:
         return None
+    # A head shorter than MATCH_HEAD_BYTES (a small file) tells a copy
+    # only when no other file beside it starts alike: two could be copies
+    # of a file that starts with the same header line.
+    alike = []
     for entry in entries:
         if not entry.name.startswith(name) or entry.name == name:
             continue
@@ -682,14 +687,21 @@ def find_rotated(path: str, identity: Identity, offset: int,
         if not stat.S_ISREG(info.st_mode) or info.st_size < offset:
             continue
         by_inode = identity.same_inode(info) and not copied
-        if not by_inode and identity.head_bytes < MATCH_HEAD_BYTES:
-            continue
         try:
             fd = os.open(entry.path, os.O_RDONLY)
         except OSError:
             continue
-        if identity.same_head(fd):
+        if not identity.same_head(fd):
+            os.close(fd)
+        elif by_inode or identity.head_bytes >= MATCH_HEAD_BYTES:
+            for other, _, _ in alike:
+                os.close(other)
             return fd, entry.name, by_inode
+        else:
+            alike.append((fd, entry.name, by_inode))
+    if len(alike) == 1:
+        return alike[0]
+    for fd, _, _ in alike:
         os.close(fd)
     return None
 

@@ -290,6 +290,42 @@ class FollowFilesTest(FollowedFileCase):
             self.assertEqual(follow.take(), lines("a", 10, 13))
         self.assertEqual(follow.warnings, [])
 
+    def test_a_small_file_copytruncated_is_found_by_its_whole_head(self):
+        # 18 bytes: under the head that tells files apart, but the only
+        # file beside it that starts so.
+        small = b"".join(b"%d\n" % number for number in range(10, 20))
+        append(self.log, small[:18])
+        with Collector([self.log], self.state, True) as follow:
+            follow.take()
+            follow.acknowledge()
+        append(self.log, small[18:])
+        shutil.copyfile(self.log, self.log + ".1")
+        os.truncate(self.log, 0)
+        append(self.log, b"20\n")
+        with Collector([self.log], self.state) as follow:
+            self.assertEqual(follow.take(), small[18:] + b"20\n")
+            # And while it runs.
+            append(self.log, b"21\n")
+            shutil.copyfile(self.log, self.log + ".2")
+            os.truncate(self.log, 0)
+            append(self.log, b"22\n")
+            self.assertEqual(follow.take(), b"21\n22\n")
+        self.assertEqual(follow.warnings, [])
+
+    def test_two_small_copies_alike_are_not_guessed_between(self):
+        append(self.log, b"head\n")
+        with Collector([self.log], self.state, True) as follow:
+            follow.take()
+            follow.acknowledge()
+        append(self.log, b"one\n")
+        for suffix in (".1", ".2"):
+            shutil.copyfile(self.log, self.log + suffix)
+        os.truncate(self.log, 0)
+        append(self.log, b"two\n")
+        with Collector([self.log], self.state) as follow:
+            self.assertEqual(follow.take(), b"two\n")
+        self.assertEqual(len(follow.warnings), 1, follow.warnings)
+
     def test_a_damaged_state_warns_and_starts_at_the_end(self):
         append(self.log, lines("a", 0, 5))
         for damage in (b"{\"version\": 1, \"fil", b"\xff\xfe",
