@@ -824,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--alert-output", metavar="ADDR:PORT", type=delivery,
         help="deliver service alerts here instead (OutputSettings > "
-        "AlertConnectionString; default: with the detections)")
+        "AlertConnectionString), or to unix:/PATH (default: with the "
+        "detections)")
     parser.add_argument(
         "--noise", action="store_true",
         help="with each connection's detections, also deliver a service "
@@ -833,14 +834,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retries", metavar="N",
         type=lec.argument_type(lec.bounded(int, 0, 100), "N"),
-        default=RETRIES, help="try a failed delivery again N times "
-        "(default: %d)" % RETRIES)
+        default=RETRIES, help="try a failed delivery again N times, 0 to "
+        "100 (default: %d)" % RETRIES)
     parser.add_argument(
         "--retry-interval", metavar="SECONDS",
         type=lec.argument_type(lec.bounded(float, 0.01, 3600),
                                "seconds"),
         default=RETRY_INTERVAL,
-        help="between tries (default: %g)" % RETRY_INTERVAL)
+        help="between tries, 0.01 to 3600 (default: %g)" % RETRY_INTERVAL)
     parser.add_argument(
         "--eps", metavar="N",
         type=lec.argument_type(lec.bounded(float, 1, 10000000), "N"),

@@ -2438,7 +2438,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--format", choices=FORMATS, default="text",
         help="text: 'Received:' lines, as Kaspersky's tutorial prints them; "
         "raw: one event per line, nothing else; json: JSON Lines with "
-        "time, peer, event and its key=value fields (default: text)")
+        "time, peer, listen, kind, event and its fields (default: text)")
     parser.add_argument(
         "-o", "--output", metavar="FILE",
         type=_file_name,
@@ -2462,9 +2462,10 @@ def build_parser() -> argparse.ArgumentParser:
         "text) with these fields, comma-separated, in the order given, each "
         "followed by a space: time (when it was received, ISO 8601 UTC: "
         "2026-12-07T23:01:02.123Z), peer (who sent it: 10.0.0.5:51234, "
-        "[2001:db8::5]:51234), listen (the address it came in by, as -l "
-        "bound it: 0.0.0.0:9998); e.g. --prefix time,peer; not with -f "
-        "json, whose lines have time and peer members")
+        "[2001:db8::5]:51234), listen (where it came in: the label of its "
+        "-l, or the address as bound: 0.0.0.0:9998); white space and %% in a "
+        "field as %%XX; e.g. --prefix time,peer; not with -f json, whose "
+        "lines have time, peer and listen members")
     parser.add_argument(
         "--allow", metavar="CIDR", action="append",
         type=argument_type(parse_network, "network"),
@@ -4110,9 +4111,21 @@ class Listener:
                               "their peers are local processes, let in by "
                               "the socket's permissions (--socket-mode)")
         wheres = [self.announce(place) for place in self.places]
-        self.console.status("Waiting for CyberTrace (OutputSettings > "
-                            "ConnectionString = %s); Ctrl+C to stop"
-                            % ", ".join(wheres))
+        # CyberTrace's outputs take an address or a pipe: a UNIX socket
+        # is for programs on this host (a relay, the stand-in).
+        remote = [where for place, where in zip(self.places, wheres)
+                  if not isinstance(place, UnixPlace)]
+        local = [where for where in wheres if where not in remote]
+        if remote:
+            line = "Waiting for CyberTrace (OutputSettings > " \
+                "ConnectionString = %s)" % ", ".join(remote)
+            if local:
+                line += ", and programs here at %s" % ", ".join(local)
+        else:
+            line = "Waiting for programs here at %s (CyberTrace's outputs " \
+                "take ADDR:PORT or a pipe, not a UNIX socket)" % ", ".join(
+                    local)
+        self.console.status(line + "; Ctrl+C to stop")
 
     def refuse_impossible_allow(self, unmatched: list) -> None:
         """Raise an ArgumentError for an --allow that would refuse every
@@ -4536,7 +4549,8 @@ def main(argv: Optional[list] = None) -> int:
     settings = Settings.from_arguments(args)
     if settings.prefix and settings.format == "json":
         parser.error("argument --prefix: not with -f json: its lines have "
-                     "\"time\" and \"peer\" members (-f raw or text takes "
+                     "\"time\", \"peer\" and \"listen\" members (-f raw or "
+                     "text takes "
                      "--prefix)")
     prog = parser.prog
     try:

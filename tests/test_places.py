@@ -35,7 +35,7 @@ def listener(*args: str) -> Process:
 def started(proc: Process, count: int) -> dict:
     """Wait for count addresses to be announced; return {label or
     address: address}."""
-    proc.wait_stderr(r"Waiting for CyberTrace")
+    proc.wait_stderr(r"Waiting for ")
     found = re.findall(STARTED, proc.stderr_text)
     if len(found) != count:
         raise AssertionError("expected %d addresses: %r"
@@ -145,6 +145,11 @@ class SeveralAddressesTest(unittest.TestCase):
             places = started(proc, 3)
             self.assertIn("alerts", places)
             self.assertIn("unix:" + path, places)
+            # CyberTrace is told of the TCP addresses; the socket is local.
+            self.assertRegex(proc.stderr_text, r"Waiting for CyberTrace "
+                             r"\(OutputSettings > ConnectionString = [^)]*"
+                             r"\), and programs here at %s; Ctrl\+C"
+                             % re.escape("unix:" + path))
             # Each place's events name the listen value they must carry.
             peers = 3
             events = 200
@@ -259,6 +264,9 @@ class SeveralAddressesTest(unittest.TestCase):
                       "-l", "unix:" + path) as proc:
             proc.wait_stderr("--allow does not apply to UNIX sockets")
             started(proc, 1)
+            self.assertIn("Waiting for programs here at unix:%s (CyberTrace's "
+                          "outputs take ADDR:PORT or a pipe, not a UNIX "
+                          "socket); Ctrl+C to stop" % path, proc.stderr_text)
             with connect("unix:" + path) as sock:
                 sock.sendall(b"let in\n")
             proc.wait_stdout(1)

@@ -164,7 +164,7 @@ class PrefixTest(unittest.TestCase):
             with Process([sys.executable, str(LISTENER), "-l", "unix:" + path,
                           "-f", "raw", "--prefix", "peer,listen", "-n", "1"]
                          ) as listener:
-                listener.wait_stderr("Waiting for CyberTrace")
+                listener.wait_stderr("Waiting for programs here at unix:")
                 with socket.socket(socket.AF_UNIX) as sock:
                     sock.settimeout(TIMEOUT)
                     sock.connect(path)
@@ -220,8 +220,9 @@ class PrefixTest(unittest.TestCase):
         text = " ".join(done.stdout.decode().split())
         self.assertIn("--prefix FIELDS", text)
         for words in ("time (when it was received, ISO 8601 UTC",
-                      "peer (who sent it", "listen (the address it came "
-                      "in by", "not with -f json"):
+                      "peer (who sent it", "listen (where it came in: the "
+                      "label of its -l, or the address", "white space and % "
+                      "in a field as %XX", "not with -f json"):
             self.assertIn(words, text)
 
 
