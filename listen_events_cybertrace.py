@@ -2421,7 +2421,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        LISTEN_PORT))
     parser.add_argument(
         "--socket-mode", metavar="MODE",
-        type=argument_type(parse_mode, "mode"), default=SOCKET_MODE,
+        type=argument_type(parse_mode, "mode"), default=None,
         help="permissions of a unix:/PATH socket, in octal, whatever the "
         "umask: who may connect and send events (default: %04o, any local "
         "user, as syslog-ng's unix-stream() and as the loopback TCP "
@@ -2446,7 +2446,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(not on Windows)")
     parser.add_argument(
         "--file-mode", metavar="MODE",
-        type=argument_type(parse_mode, "mode"), default=FILE_MODE,
+        type=argument_type(parse_mode, "mode"), default=None,
         help="permissions of a FILE that -o or a reopen creates, in octal, "
         "whatever the umask; a file that exists keeps its own (default: "
         "%04o: owner and group)" % FILE_MODE)
@@ -2487,7 +2487,7 @@ def build_parser() -> argparse.ArgumentParser:
         "refused (default: as many as --max-connections)")
     parser.add_argument(
         "--per-host-prefix", metavar="V4/V6",
-        default=PER_HOST_PREFIX,
+        default=None,
         type=argument_type(parse_prefixes, "prefix lengths"),
         help="what --max-per-host counts as one host: peers whose addresses "
         "share this many leading bits (default: %d/%d, one IPv4 address, "
@@ -4541,11 +4541,36 @@ def check_listen(parser: argparse.ArgumentParser,
         addresses.add(address)
 
 
+def refuse_unused(parser: argparse.ArgumentParser,
+                  args: argparse.Namespace) -> None:
+    """Exit 2 on an option that would do nothing here, as the sender does
+    (a slip: a -o forgotten, a unix: meant); else give it its default."""
+    unix = any(isinstance(address, UnixAddress) for _, address in args.listen)
+    pipe = any(is_pipe(address) for _, address in args.listen)
+    for given, name, needed, what in (
+            (args.file_mode is not None, "--file-mode", args.output,
+             "-o/--output FILE"),
+            (args.socket_mode is not None, "--socket-mode", unix,
+             "-l unix:/PATH"),
+            (args.remote_pipe_clients, "--remote-pipe-clients", pipe,
+             "-l \\\\.\\pipe\\NAME"),
+            (args.per_host_prefix is not None, "--per-host-prefix",
+             args.max_per_host, "--max-per-host N")):
+        if given and not needed:
+            parser.error("argument %s: only with %s" % (name, what))
+    for name, default in (("file_mode", FILE_MODE),
+                          ("socket_mode", SOCKET_MODE),
+                          ("per_host_prefix", PER_HOST_PREFIX)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the listener; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_listen(parser, args)
+    refuse_unused(parser, args)
     settings = Settings.from_arguments(args)
     if settings.prefix and settings.format == "json":
         parser.error("argument --prefix: not with -f json: its lines have "

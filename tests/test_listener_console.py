@@ -457,6 +457,21 @@ class ArgumentWordsTest(unittest.TestCase):
                 self.assertRegex(proc.stderr, r"^\S+: error: argument "
                                  r"--file-mode: .*%s" % words)
 
+    def test_options_that_would_do_nothing_are_argument_errors(self):
+        # As the sender's: a -o forgotten, a unix: address meant.
+        for args, needed in ((("--file-mode", "0600"), "-o/--output FILE"),
+                             (("--socket-mode", "0660"), "-l unix:/PATH"),
+                             (("--remote-pipe-clients",),
+                              "-l \\\\.\\pipe\\NAME"),
+                             (("--per-host-prefix", "24/48"),
+                              "--max-per-host N")):
+            with self.subTest(args=args):
+                proc = self.run_listener(*args, "-t", "5")
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertEqual(proc.stderr.splitlines(), [
+                    "listen_events_cybertrace.py: error: argument %s: only "
+                    "with %s" % (args[0], needed)])
+
     def test_empty_output_file_name_is_a_usage_error(self):
         proc = self.run_listener("-o", "", "-t", "5")
         self.assertEqual(proc.returncode, 2, proc.stderr)
