@@ -2072,8 +2072,12 @@ def report(result: CheckResult) -> str:
     else:
         took = max(arrivals.found[i].latency for i in confirmed) if found \
             else result.waited
+        # Where they came, of the addresses watched (all, if none came).
+        came = sorted({arrivals.found[i].at for i in confirmed})
+        where = ", ".join(result.addresses[at] for at in came) \
+            if came else result.here
         lines.append("%d of %d test indicators detected and delivered to %s"
-                     " in %s" % (found, len(TEST_INDICATORS), result.here,
+                     " in %s" % (found, len(TEST_INDICATORS), where,
                                  format_latency(took)))
     lines.append(say_others(result))
     return "".join(line + "\n" for line in lines)

@@ -286,6 +286,10 @@ class OutputsTest(unittest.TestCase):
             mode = os.stat(events).st_mode & 0o777
         self.assertEqual(table.before, "")  # all in -o
         self.assertEqual(table.found, 3)
+        # The summary names where they came, not every address watched.
+        self.assertRegex(proc.stdout.decode(), r"(?m)^3 of 17 test "
+                         r"indicators detected and delivered to "
+                         r"127\.0\.0\.1:%d in " % detections)
         for indicator in DEMO_FEEDS:
             self.assertEqual(table.rows[indicator][4],
                              "127.0.0.1:%d" % detections)
