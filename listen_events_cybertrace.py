@@ -3627,8 +3627,11 @@ PIPE_BUFFER = 64 * 1024
 # How often a bridge waiting on its pipe looks whether its socket closed.
 PIPE_POLL_MS = 100
 # Instances that wait for clients at any time: as many clients may
-# connect in the same instant without one finding the pipe busy.
-PIPE_SPARE_INSTANCES = 16
+# connect in the same instant without one finding the pipe busy (16 let
+# 32 raw clients at once find it busy).  62: with the stop event, all that
+# one _winapi.WaitForMultipleObjects takes (63: it keeps one of Windows'
+# 64 for Ctrl+C).
+PIPE_SPARE_INSTANCES = 62
 # Not in _winapi: winbase.h's values.
 PIPE_REJECT_REMOTE_CLIENTS = 0x00000008
 ERROR_FILE_NOT_FOUND = 2

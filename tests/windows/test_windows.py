@@ -37,6 +37,8 @@ REFERENCE = os.environ.get("CYBERTRACE_LINUX_REFERENCE")
 CTRL_C_EVENT, CTRL_BREAK_EVENT = 0, 1
 # A sender still busy when the test interrupts it: 1,000 events at 20/s.
 SLOW_SEND = ["-e", "slow event", "--repeat", "1000", "--rate", "20"]
+# Raw pipe clients started in the same instant, five times over.
+CLIENTS_AT_ONCE = 32
 
 # Each peer's events, sent on a connection of its own, one peer after the
 # other so that the output's order is fixed.  They hold what a platform
@@ -646,19 +648,19 @@ class PipeTest(WindowsTest):
                 start = threading.Event()
                 threads = [threading.Thread(target=client, args=(
                     start, b"round %d client %d\n" % (round, n)))
-                    for n in range(8)]
+                    for n in range(CLIENTS_AT_ONCE)]
                 for thread in threads:
                     thread.start()
                 start.set()
                 for thread in threads:
                     thread.join(TIMEOUT)
                 self.assertEqual(failures, [])
-                listener.wait_stdout(8 * (round + 1))
+                listener.wait_stdout(CLIENTS_AT_ONCE * (round + 1))
             listener.signal(signal.SIGTERM)
             listener.finish()
         self.assertEqual(sorted(bytes(listener.out).split(b"\n")[:-1]),
                          sorted(b"round %d client %d" % (r, n)
-                                for r in range(5) for n in range(8)))
+                                for r in range(5) for n in range(CLIENTS_AT_ONCE)))
 
     def test_json_to_a_file_with_stats_and_count_over_a_pipe(self):
         import json
