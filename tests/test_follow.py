@@ -637,8 +637,9 @@ class ReplyBackStateTest(FollowedFileCase):
     def test_unanswered_events_are_not_passed_then_answered_ones_are(self):
         with RecordingStandIn(answer=False) as stand_in:
             sender = self.follow(stand_in, False, 0)
-        self.assertRegex(sender.stderr_text, r"terminated: 3 events sent, 3 "
-                         r"acknowledged; 0 events answered")
+        # (TCP's acknowledgement of the last may still be on its way.)
+        self.assertRegex(sender.stderr_text, r"terminated: 3 events sent, "
+                         r"[23] acknowledged; 0 events answered")
         self.assertEqual(self.offset(), 0)
         # The next run sends them again, to a CyberTrace that answers.
         with RecordingStandIn() as stand_in:
@@ -716,8 +717,11 @@ class LostPeerTest(FollowedFileCase):
         finally:
             listener.close()
         self.assertEqual(numbers(bytes(listener.out), "a"), [2])
-        self.assertRegex(sender.stderr_text, r"terminated: 3 events sent, 3 "
-                         r"acknowledged; 1 reconnect, 0 events resent\n$")
+        # The last event may be in the listener's output before its TCP
+        # acknowledgement is back (a delayed ACK): 2 or 3 acknowledged.
+        self.assertRegex(sender.stderr_text, r"terminated: 3 events sent, "
+                         r"[23] acknowledged; 1 reconnect, 0 events "
+                         r"resent\n$")
 
     def test_with_reconnect_a_peer_not_there_is_said_at_the_start(self):
         with socket.socket() as probe:
