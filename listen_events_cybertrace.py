@@ -385,9 +385,16 @@ _WHITE = " \t\n\r\x0b\x0c"
 
 def parse_fields(event: str) -> dict:
     """Return the event's key=value pairs; a repeated key gets a list."""
-    parts = _FIELD_SPLIT.split(event)
-    return group_fields(parts[1::2], [value.rstrip(_WHITE)
-                                      for value in parts[2::2]])
+    return group_fields(*split_pairs(event))
+
+
+def split_pairs(text: str, cut: bool = False) -> tuple:
+    """Return (keys, values) of text's key=value pairs; cut: text is the
+    start of an event, and its last pair may run on past it (left out)."""
+    parts = _FIELD_SPLIT.split(text)
+    end = len(parts) - 2 * cut
+    return parts[1:end:2], [value.rstrip(_WHITE)
+                            for value in parts[2:end + 1:2]]
 
 
 def group_fields(keys: list, values: list) -> dict:
@@ -480,18 +487,10 @@ def read_event(event: str) -> tuple:
     if pri:
         text = text[pri.end():]
     header = _CEF.match(text) if "CEF:" in text else None
-    if pri is None and header is None:
-        parts = _FIELD_SPLIT.split(text)
-        fields = group_fields(parts[1:len(parts) - 2 * cut:2], [
-            value.rstrip(_WHITE) for value in parts[2:len(parts) - cut:2]])
-        return event_kind(event, fields), fields
     keys, values = (["pri"], [pri.group(1)]) if pri else ([], [])
     if header is None:
-        parts = _FIELD_SPLIT.split(text)
-        keys += parts[1:len(parts) - 2 * cut:2]
-        values += [value.rstrip(_WHITE)
-                   for value in parts[2:len(parts) - cut:2]]
-        fields = group_fields(keys, values)
+        pairs = split_pairs(text, cut)
+        fields = group_fields(keys + pairs[0], values + pairs[1])
         return event_kind(event, fields), fields
     head = [_CEF_HEADER_ESCAPE.sub(r"\1", value) for value in header.groups()]
     parts = _CEF_KEY.split(text[header.end():])
