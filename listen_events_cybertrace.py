@@ -1416,11 +1416,13 @@ class JsonPlan:
         self.count = 0
 
     @classmethod
-    def build(cls, line: bytes):
-        """Return a plan for line's template, or None if none can serve."""
+    def build(cls, line: bytes, shape: Optional[bytes] = None):
+        """Return a plan for line's template (its shape, if known), or
+        None if none can serve."""
         event = line[:-1]
-        if event[:1] == b"<" or b"CEF:" in event or \
-                _ALERT_KEY.search(b"".join(_SHAPE.findall(event))):
+        if shape is None:
+            shape = b"".join(_SHAPE.findall(event))
+        if event[:1] == b"<" or b"CEF:" in event or _ALERT_KEY.search(shape):
             return None  # read_event tells more than the keys
         parts = _FIELD_SPLIT_BYTES.split(event)
         if any(b"=" in text for text in parts[::2]):  # prefix and values
@@ -1646,7 +1648,7 @@ class JsonFormatter:
         if tokens < 1:
             return None
         started = time.perf_counter()
-        plan = JsonPlan.build(line)
+        plan = JsonPlan.build(line, shape)
         took = time.perf_counter() - started
         self.batch_built += took
         if plan is None:
